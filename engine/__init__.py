@@ -1,0 +1,14 @@
+"""Tiered offload inference engine for quantized LLMs (GGUF), CPU and CUDA."""
+from __future__ import annotations
+
+from .errors import EngineError, ModelFormatError
+
+__all__ = ["load", "EngineError", "ModelFormatError"]
+__version__ = "0.1.0"
+
+
+def load(path, config=None):
+    """Load a GGUF model and return an `engine.model.Model` ready to generate."""
+    from .model import Model
+
+    return Model.load(path, config=config)
