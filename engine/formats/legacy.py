@@ -1,0 +1,67 @@
+"""The 32-element block formats: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+Each float32 value is produced with the same operations, in the same order, as gguf-py:
+`d * q` for the symmetric formats, `(d * q) + m` for the *_1 formats (never a fused multiply-add),
+with d and m the block's fp16 fields converted exactly to float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import QuantFormat
+from .unpack import bits_bytewise, f16_field, nibbles
+
+
+class Q8_0(QuantFormat):
+    """Block: d (fp16), 32 x int8."""
+
+    __slots__ = ()
+
+    def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        q = blocks[:, 2:].view(torch.int8).to(torch.float32)  # (m, 32)
+        torch.mul(q, f16_field(blocks, 0), out=out)
+
+
+class Q4_0(QuantFormat):
+    """Block: d (fp16), 16 bytes of nibbles (elements 0-15 low, 16-31 high); value d * (q - 8)."""
+
+    __slots__ = ()
+
+    def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        q = nibbles(blocks[:, 2:]).to(torch.float32).sub_(8)  # (m, 32), exact small integers
+        torch.mul(f16_field(blocks, 0), q, out=out)
+
+
+class Q4_1(QuantFormat):
+    """Block: d (fp16), m (fp16), 16 bytes of nibbles; value d * q + m."""
+
+    __slots__ = ()
+
+    def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        q = nibbles(blocks[:, 4:]).to(torch.float32)  # (m, 32)
+        torch.mul(f16_field(blocks, 0), q, out=out).add_(f16_field(blocks, 2))
+
+
+class Q5_0(QuantFormat):
+    """Block: d (fp16), 32 high bits (u32 LE), 16 bytes of low nibbles; value d * (q - 16)."""
+
+    __slots__ = ()
+
+    def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        q = _five_bit(blocks[:, 2:6], blocks[:, 6:]).to(torch.float32).sub_(16)  # (m, 32)
+        torch.mul(f16_field(blocks, 0), q, out=out)
+
+
+class Q5_1(QuantFormat):
+    """Block: d (fp16), m (fp16), 32 high bits (u32 LE), 16 bytes of low nibbles; value d * q + m."""
+
+    __slots__ = ()
+
+    def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        q = _five_bit(blocks[:, 4:8], blocks[:, 8:]).to(torch.float32)  # (m, 32)
+        torch.mul(f16_field(blocks, 0), q, out=out).add_(f16_field(blocks, 2))
+
+
+def _five_bit(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """(m, 4) high-bit bytes + (m, 16) nibble bytes -> (m, 32) uint8 values 0..31."""
+    return nibbles(qs) | (bits_bytewise(qh) << 4)
