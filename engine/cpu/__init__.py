@@ -1,0 +1,39 @@
+"""Fast CPU linear layers on raw GGUF weight bytes: out = x @ dequant(W)^T, fp32 accumulation.
+
+The C++ kernels (qlinear.cpp) are compiled on first use and cached (see build.py). Results are
+deterministic and independent of the thread count and of how many rows of x are passed at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import KernelError
+from .launcher import FORMAT_NAMES, default_kernels
+
+SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
+
+__all__ = ["SUPPORTED", "available", "linear", "set_num_threads"]
+
+
+def available() -> bool:
+    """False if the kernel library cannot be built or loaded (callers then fall back to torch)."""
+    try:
+        default_kernels()
+    except KernelError:
+        return False
+    return True
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, K) float32 contiguous, w raw GGUF bytes of an (N, K) `fmt` matrix -> (T, N) float32.
+
+    `out`, if given, must be a contiguous (T, N) float32 tensor not overlapping x or w.
+    Raises KernelError on bad arguments or if the kernels are unavailable.
+    """
+    return default_kernels().linear(x, w, fmt, n, k, out)
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by `linear` (the calling thread counts as one)."""
+    default_kernels().set_num_threads(n)

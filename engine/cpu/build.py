@@ -1,0 +1,94 @@
+"""Compile qlinear.cpp into a shared library on first use, cached per (source, flags, compiler, CPU).
+
+The cache lives under $ENGINE_CACHE_DIR (default ~/.cache/engine)/cpu. A build writes to a temporary
+file in the same directory and renames it into place, so concurrent processes never see a partial
+library; the loser of a race simply overwrites an identical file.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KernelError
+
+SOURCE = Path(__file__).with_name("qlinear.cpp")
+BASE_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread",
+              "-fvisibility=hidden", "-fno-math-errno", "-ffp-contract=fast", "-DNDEBUG")
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSpec:
+    compiler: str
+    flags: tuple[str, ...] = BASE_FLAGS
+    source: Path = SOURCE
+
+    @staticmethod
+    def default(extra_flags: tuple[str, ...] = ()) -> "BuildSpec":
+        return BuildSpec(compiler=os.environ.get("CXX", "g++"), flags=BASE_FLAGS + tuple(extra_flags))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ENGINE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "engine")
+    return Path(root) / "cpu"
+
+
+def _cpu_flags() -> str:
+    """-march=native depends on the host CPU: key the cache on its feature flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        res = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelError(f"C++ compiler {compiler!r} is not usable: {exc}") from exc
+    if res.returncode != 0:
+        raise KernelError(f"C++ compiler {compiler!r} --version failed: {res.stderr.strip()[:500]}")
+    return res.stdout
+
+
+def library_path(spec: BuildSpec) -> Path:
+    h = hashlib.sha256()
+    for part in (spec.source.read_bytes(), "\0".join(spec.flags).encode(),
+                 _compiler_version(spec.compiler).encode(), _cpu_flags().encode()):
+        h.update(hashlib.sha256(part).digest())
+    return cache_dir() / f"qlinear-{h.hexdigest()[:20]}.so"
+
+
+def build(spec: BuildSpec) -> Path:
+    """Return the path of the compiled library, compiling it if it is not cached yet."""
+    if shutil.which(spec.compiler) is None:
+        raise KernelError(f"C++ compiler {spec.compiler!r} not found (set CXX)")
+    target = library_path(spec)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    os.close(fd)
+    try:
+        try:
+            res = subprocess.run([spec.compiler, *spec.flags, str(spec.source), "-o", tmp],
+                                 capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KernelError(f"compiling {spec.source.name} failed: {exc}") from exc
+        if res.returncode != 0:
+            raise KernelError(f"compiling {spec.source.name} failed:\n{res.stderr.strip()[-4000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

@@ -1,0 +1,812 @@
+// Fused dequantize + matmul on raw GGUF weight blocks: out(T, N) = x(T, K) @ W(N, K)^T.
+//
+// Numerics (identical in every code path, so results never depend on T tiling, thread count or
+// which thread computed what):
+//   * each weight is dequantized to its exact fp32 value (d*q, d*q+m, ... as one fp32 expression);
+//   * each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
+//     order, it does acc = fma(x[0:16], w[0:16], acc) then acc = fma(x[16:32], w[16:32], acc);
+//   * the 16 lanes are summed with one fixed pairwise tree (lane i + lane i+8, then +4, +2, +1).
+// The AVX-512 path and the portable path (GCC vector extensions, any ISA) follow this contract
+// exactly, so on an FMA machine they are bit-identical.
+//
+// Work: rows of W are split into groups of kRows; groups are handed out dynamically to a small
+// persistent thread pool (caller thread included). Small T decodes each weight chunk into registers
+// and uses it for every row of x; larger T decodes a group of rows once into an fp32 scratch panel
+// and runs a register-tiled microkernel over all of x.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__F16C__) && !defined(QL_PORTABLE)
+#define QL_AVX512 1
+#else
+#define QL_AVX512 0
+#endif
+
+#define QL_EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+using i64 = int64_t;
+
+// GGML type ids (the numbers stored in GGUF tensor infos).
+enum TypeId : int {
+    kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
+    kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers
+// ---------------------------------------------------------------------------------------------
+inline uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t load_u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = uint32_t(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  // subnormal half: normalise
+        int e = -1;
+        do { man <<= 1; ++e; } while (!(man & 0x400));
+        bits = sign | (uint32_t(112 - e) << 23) | ((man & 0x3FF) << 13);
+    }
+    float f; std::memcpy(&f, &bits, 4); return f;
+#endif
+}
+inline float half_at(const uint8_t* p) { return half_to_float(load_u16(p)); }
+
+inline float bf16_to_float(uint16_t b) { uint32_t bits = uint32_t(b) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
+
+inline float fmadd(float a, float b, float c) {
+#if defined(__FMA__)
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// 6-bit sub-block scale and min of a Q4_K / Q5_K super-block (12 packed bytes), sub-block j in 0..7.
+inline void kquant_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
+    if (j < 4) {
+        sc = s[j] & 63;
+        mn = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-lane fp32 vector
+// ---------------------------------------------------------------------------------------------
+#if QL_AVX512
+using V = __m512;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float a) { return _mm512_set1_ps(a); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(V a) {
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+#else
+typedef float V __attribute__((vector_size(64)));
+inline V vzero() { return V{}; }
+inline V vset(float a) { return V{} + a; }
+inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+inline V vload_n(const float* p, int n) { V v = V{}; for (int i = 0; i < n; ++i) v[i] = p[i]; return v; }
+inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+inline V vfma(V a, V b, V c) {
+#if defined(__FMA__)
+    V r;
+    for (int i = 0; i < 16; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return r;
+#else
+    return a * b + c;
+#endif
+}
+inline float vsum(V a) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
+    for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Formats. Each decodes 32-element chunk c of one row into (lo = elements 0..15, hi = 16..31).
+// Float formats also decode a final partial chunk of n < 32 elements (zero-filled).
+// ---------------------------------------------------------------------------------------------
+#if !QL_AVX512
+// Portable decoding: scalar per element into a float[32], exactly the contract's fp32 expressions.
+template <class F>
+inline void decode_via_array(const uint8_t* row, i64 c, V& lo, V& hi) {
+    float w[32];
+    F::scalar(row, c, w);
+    lo = vload(w);
+    hi = vload(w + 16);
+}
+#endif
+
+struct FmtF32 {
+    static constexpr int kBlock = 1, kBytes = 4;
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+        const float* p = reinterpret_cast<const float*>(row) + c * 32;
+#if QL_AVX512
+        lo = _mm512_loadu_ps(p);
+        hi = _mm512_loadu_ps(p + 16);
+#else
+        lo = vload(p);
+        hi = vload(p + 16);
+#endif
+    }
+    static void decode_tail(const uint8_t* row, i64 c, int n, V& lo, V& hi) {
+        const float* p = reinterpret_cast<const float*>(row) + c * 32;
+        lo = vload_n(p, n < 16 ? n : 16);
+        hi = n > 16 ? vload_n(p + 16, n - 16) : vzero();
+    }
+};
+
+struct FmtF16 {
+    static constexpr int kBlock = 1, kBytes = 2;
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+        const uint8_t* p = row + c * 64;
+#if QL_AVX512
+        lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+#else
+        for (int i = 0; i < 16; ++i) { lo[i] = half_at(p + 2 * i); hi[i] = half_at(p + 32 + 2 * i); }
+#endif
+    }
+    static void decode_tail(const uint8_t* row, i64 c, int n, V& lo, V& hi) {
+        const uint8_t* p = row + c * 64;
+        float w[32] = {};
+        for (int i = 0; i < n; ++i) w[i] = half_at(p + 2 * i);
+        lo = vload(w);
+        hi = vload(w + 16);
+    }
+};
+
+struct FmtBF16 {
+    static constexpr int kBlock = 1, kBytes = 2;
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+        const uint8_t* p = row + c * 64;
+#if QL_AVX512
+        const auto widen = [](const uint8_t* q) {
+            const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+            return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+        };
+        lo = widen(p);
+        hi = widen(p + 32);
+#else
+        for (int i = 0; i < 16; ++i) { lo[i] = bf16_to_float(load_u16(p + 2 * i)); hi[i] = bf16_to_float(load_u16(p + 32 + 2 * i)); }
+#endif
+    }
+    static void decode_tail(const uint8_t* row, i64 c, int n, V& lo, V& hi) {
+        const uint8_t* p = row + c * 64;
+        float w[32] = {};
+        for (int i = 0; i < n; ++i) w[i] = bf16_to_float(load_u16(p + 2 * i));
+        lo = vload(w);
+        hi = vload(w + 16);
+    }
+};
+
+#if QL_AVX512
+inline __m512 bcast_half(const uint8_t* p) { return _mm512_set1_ps(half_at(p)); }
+inline __m512i bytes_u32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512i bytes_s32(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+// 4-bit codes: a 16-entry table of dequantized values, looked up with vpermps (uses index bits 0..3).
+inline void lookup4(const uint8_t* qs, __m512 table, V& lo, V& hi) {
+    const __m512i b = bytes_u32(qs);
+    lo = _mm512_permutexvar_ps(b, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+}
+// 5-bit codes: nibble from qs, bit 4 from a 16-bit mask per half; 32-entry table (t0 | t1).
+inline __m512 lookup5(__m512i nib, __mmask16 high, __m512 t0, __m512 t1) {
+    const __m512i idx = _mm512_mask_or_epi32(nib, high, nib, _mm512_set1_epi32(16));
+    return _mm512_permutex2var_ps(t0, idx, t1);
+}
+#endif
+
+struct FmtQ8_0 {
+    static constexpr int kBlock = 32, kBytes = 34;
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* b = row + c * kBytes;
+        const float d = half_at(b);
+        for (int i = 0; i < 32; ++i) w[i] = float(int8_t(b[2 + i])) * d;
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* b = row + c * kBytes;
+        const __m512 d = bcast_half(b);
+        lo = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(b + 2)), d);
+        hi = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(b + 18)), d);
+#else
+        decode_via_array<FmtQ8_0>(row, c, lo, hi);
+#endif
+    }
+};
+
+struct FmtQ4_0 {
+    static constexpr int kBlock = 32, kBytes = 18;
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* b = row + c * kBytes;
+        const float d = half_at(b);
+        for (int i = 0; i < 16; ++i) {
+            w[i] = float((b[2 + i] & 15) - 8) * d;
+            w[i + 16] = float((b[2 + i] >> 4) - 8) * d;
+        }
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* b = row + c * kBytes;
+        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)), bcast_half(b));
+        lookup4(b + 2, table, lo, hi);
+#else
+        decode_via_array<FmtQ4_0>(row, c, lo, hi);
+#endif
+    }
+};
+
+struct FmtQ4_1 {
+    static constexpr int kBlock = 32, kBytes = 20;
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* b = row + c * kBytes;
+        const float d = half_at(b), m = half_at(b + 2);
+        for (int i = 0; i < 16; ++i) {
+            w[i] = fmadd(float(b[4 + i] & 15), d, m);
+            w[i + 16] = fmadd(float(b[4 + i] >> 4), d, m);
+        }
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* b = row + c * kBytes;
+        const __m512 table = _mm512_fmadd_ps(iota(), bcast_half(b), bcast_half(b + 2));
+        lookup4(b + 4, table, lo, hi);
+#else
+        decode_via_array<FmtQ4_1>(row, c, lo, hi);
+#endif
+    }
+};
+
+struct FmtQ5_0 {
+    static constexpr int kBlock = 32, kBytes = 22;
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* b = row + c * kBytes;
+        const float d = half_at(b);
+        const uint32_t qh = load_u32(b + 2);
+        for (int i = 0; i < 16; ++i) {
+            w[i] = float(int((b[6 + i] & 15) | (((qh >> i) & 1) << 4)) - 16) * d;
+            w[i + 16] = float(int((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16) * d;
+        }
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* b = row + c * kBytes;
+        const __m512 d = bcast_half(b);
+        const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(16.0f)), d);
+        const __m512 t1 = _mm512_mul_ps(iota(), d);
+        const uint32_t qh = load_u32(b + 2);
+        const __m512i q = bytes_u32(b + 6);
+        lo = lookup5(_mm512_and_si512(q, _mm512_set1_epi32(15)), __mmask16(qh), t0, t1);
+        hi = lookup5(_mm512_srli_epi32(q, 4), __mmask16(qh >> 16), t0, t1);
+#else
+        decode_via_array<FmtQ5_0>(row, c, lo, hi);
+#endif
+    }
+};
+
+struct FmtQ5_1 {
+    static constexpr int kBlock = 32, kBytes = 24;
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* b = row + c * kBytes;
+        const float d = half_at(b), m = half_at(b + 2);
+        const uint32_t qh = load_u32(b + 4);
+        for (int i = 0; i < 16; ++i) {
+            w[i] = fmadd(float((b[8 + i] & 15) | (((qh >> i) & 1) << 4)), d, m);
+            w[i + 16] = fmadd(float((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)), d, m);
+        }
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* b = row + c * kBytes;
+        const __m512 d = bcast_half(b), m = bcast_half(b + 2);
+        const __m512 t0 = _mm512_fmadd_ps(iota(), d, m);
+        const __m512 t1 = _mm512_fmadd_ps(_mm512_add_ps(iota(), _mm512_set1_ps(16.0f)), d, m);
+        const uint32_t qh = load_u32(b + 4);
+        const __m512i q = bytes_u32(b + 8);
+        lo = lookup5(_mm512_and_si512(q, _mm512_set1_epi32(15)), __mmask16(qh), t0, t1);
+        hi = lookup5(_mm512_srli_epi32(q, 4), __mmask16(qh >> 16), t0, t1);
+#else
+        decode_via_array<FmtQ5_1>(row, c, lo, hi);
+#endif
+    }
+};
+
+// K-quants: 256-element super-blocks, chunk c = super-block c / 8, sub-block j = c % 8.
+struct FmtQ4_K {
+    static constexpr int kBlock = 256, kBytes = 144;
+    static void scales(const uint8_t* sb, int j, float& ds, float& dm) {
+        int sc, mn;
+        kquant_scale_min(sb + 4, j, sc, mn);
+        ds = half_at(sb) * float(sc);
+        dm = half_at(sb + 2) * float(mn);
+    }
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7);
+        float ds, dm;
+        scales(sb, j, ds, dm);
+        const uint8_t* qs = sb + 16 + (j >> 1) * 32;
+        const int shift = (j & 1) * 4;
+        for (int i = 0; i < 32; ++i) w[i] = fmadd(float((qs[i] >> shift) & 15), ds, -dm);
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7);
+        float ds, dm;
+        scales(sb, j, ds, dm);
+        const __m512 table = _mm512_fmsub_ps(iota(), _mm512_set1_ps(ds), _mm512_set1_ps(dm));
+        const uint8_t* qs = sb + 16 + (j >> 1) * 32;
+        __m512i a = bytes_u32(qs), b = bytes_u32(qs + 16);
+        if (j & 1) { a = _mm512_srli_epi32(a, 4); b = _mm512_srli_epi32(b, 4); }
+        lo = _mm512_permutexvar_ps(a, table);
+        hi = _mm512_permutexvar_ps(b, table);
+#else
+        decode_via_array<FmtQ4_K>(row, c, lo, hi);
+#endif
+    }
+};
+
+struct FmtQ5_K {
+    static constexpr int kBlock = 256, kBytes = 176;
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7);
+        float ds, dm;
+        FmtQ4_K::scales(sb, j, ds, dm);
+        const uint8_t* qh = sb + 16;
+        const uint8_t* qs = sb + 48 + (j >> 1) * 32;
+        const int shift = (j & 1) * 4;
+        for (int i = 0; i < 32; ++i) w[i] = fmadd(float(((qs[i] >> shift) & 15) | (((qh[i] >> j) & 1) << 4)), ds, -dm);
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7);
+        float ds, dm;
+        FmtQ4_K::scales(sb, j, ds, dm);
+        const __m512 vds = _mm512_set1_ps(ds), vdm = _mm512_set1_ps(dm);
+        const __m512 t0 = _mm512_fmsub_ps(iota(), vds, vdm);
+        const __m512 t1 = _mm512_fmsub_ps(_mm512_add_ps(iota(), _mm512_set1_ps(16.0f)), vds, vdm);
+        const uint8_t* qh = sb + 16;
+        const uint8_t* qs = sb + 48 + (j >> 1) * 32;
+        const __m128i bit = _mm_set1_epi8(char(1 << j));
+        const __mmask16 hlo = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh)), bit);
+        const __mmask16 hhi = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16)), bit);
+        const __m512i m15 = _mm512_set1_epi32(15);
+        __m512i a = bytes_u32(qs), b = bytes_u32(qs + 16);
+        if (j & 1) { a = _mm512_srli_epi32(a, 4); b = _mm512_srli_epi32(b, 4); }
+        lo = lookup5(_mm512_and_si512(a, m15), hlo, t0, t1);
+        hi = lookup5(_mm512_and_si512(b, m15), hhi, t0, t1);
+#else
+        decode_via_array<FmtQ5_K>(row, c, lo, hi);
+#endif
+    }
+};
+
+struct FmtQ6_K {
+    static constexpr int kBlock = 256, kBytes = 210;
+    // Chunk j of a super-block: low 4 bits from ql (byte, nibble), high 2 bits from qh.
+    struct Where { const uint8_t* ql; const uint8_t* qh; int lshift, hshift; float dlo, dhi; };
+    static Where where(const uint8_t* row, i64 c) {
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7), h = j >> 2, jj = j & 3;
+        const float d = half_at(sb + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
+        return {sb + h * 64 + (jj & 1) * 32, sb + 128 + h * 32, (jj >> 1) * 4, jj * 2,
+                d * float(sc[2 * j]), d * float(sc[2 * j + 1])};
+    }
+    static void scalar(const uint8_t* row, i64 c, float* w) {
+        const Where p = where(row, c);
+        for (int i = 0; i < 32; ++i) {
+            const int q = ((p.ql[i] >> p.lshift) & 15) | (((p.qh[i] >> p.hshift) & 3) << 4);
+            w[i] = float(q - 32) * (i < 16 ? p.dlo : p.dhi);
+        }
+    }
+    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+#if QL_AVX512
+        const Where p = where(row, c);
+        const __m128i ls = _mm_cvtsi32_si128(p.lshift), hs = _mm_cvtsi32_si128(p.hshift);
+        const auto half = [&](int o, float d) {
+            const __m512i l = _mm512_and_si512(_mm512_srl_epi32(bytes_u32(p.ql + o), ls), _mm512_set1_epi32(15));
+            const __m512i h = _mm512_and_si512(_mm512_srl_epi32(bytes_u32(p.qh + o), hs), _mm512_set1_epi32(3));
+            const __m512i q = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32(h, 4)), _mm512_set1_epi32(32));
+            return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d));
+        };
+        lo = half(0, p.dlo);
+        hi = half(16, p.dhi);
+#else
+        decode_via_array<FmtQ6_K>(row, c, lo, hi);
+#endif
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+struct Problem {
+    const float* x;    // (T, K)
+    const uint8_t* w;  // N rows of row_bytes
+    float* out;        // (T, N)
+    i64 T, N, K, row_bytes;
+};
+
+constexpr int kRows = 4;        // rows of W per work item
+constexpr int kDirectMaxT = 4;  // T up to this: decode into registers; above: fp32 panel + microkernel
+constexpr int kPanelT = 6;      // rows of x per microkernel tile
+
+template <class F> constexpr bool kHasTail = F::kBlock == 1;
+
+// Direct path: R rows of W times TT rows of x, weights decoded straight into registers.
+template <class F, int R, int TT>
+void direct_tile(const Problem& p, i64 n0, i64 t0) {
+    V acc[R][TT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = p.w + (n0 + r) * p.row_bytes;
+    const float* xs = p.x + t0 * p.K;
+    const i64 chunks = p.K / 32;
+    for (i64 c = 0; c < chunks; ++c) {
+        for (int r = 0; r < R; ++r) {
+            V lo, hi;
+            F::decode(rows[r], c, lo, hi);
+            for (int t = 0; t < TT; ++t) {
+                const float* xc = xs + t * p.K + c * 32;
+                acc[r][t] = vfma(vload(xc), lo, acc[r][t]);
+                acc[r][t] = vfma(vload(xc + 16), hi, acc[r][t]);
+            }
+        }
+    }
+    if constexpr (kHasTail<F>) {
+        const int tail = int(p.K - chunks * 32);
+        if (tail) {
+            for (int r = 0; r < R; ++r) {
+                V lo, hi;
+                F::decode_tail(rows[r], chunks, tail, lo, hi);
+                for (int t = 0; t < TT; ++t) {
+                    const float* xc = xs + t * p.K + chunks * 32;
+                    const V xl = vload_n(xc, tail < 16 ? tail : 16);
+                    const V xh = tail > 16 ? vload_n(xc + 16, tail - 16) : vzero();
+                    acc[r][t] = vfma(xl, lo, acc[r][t]);
+                    acc[r][t] = vfma(xh, hi, acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]);
+}
+
+template <class F, int R>
+void direct_rows(const Problem& p, i64 n0) {
+    i64 t0 = 0;
+    for (; t0 + kDirectMaxT <= p.T; t0 += kDirectMaxT) direct_tile<F, R, kDirectMaxT>(p, n0, t0);
+    switch (p.T - t0) {
+        case 1: direct_tile<F, R, 1>(p, n0, t0); break;
+        case 2: direct_tile<F, R, 2>(p, n0, t0); break;
+        case 3: direct_tile<F, R, 3>(p, n0, t0); break;
+        default: break;
+    }
+}
+
+// Panel path: decode R rows into fp32 scratch (zero-padded to whole chunks), then a
+// format-independent microkernel. Per-element FMA order is the same as the direct path.
+template <class F>
+void decode_rows(const Problem& p, i64 n0, int nrows, float* panel, i64 kpad) {
+    const i64 chunks = p.K / 32;
+    for (int r = 0; r < nrows; ++r) {
+        const uint8_t* row = p.w + (n0 + r) * p.row_bytes;
+        float* dst = panel + r * kpad;
+        for (i64 c = 0; c < chunks; ++c) {
+            V lo, hi;
+            F::decode(row, c, lo, hi);
+            vstore(dst + c * 32, lo);
+            vstore(dst + c * 32 + 16, hi);
+        }
+        if constexpr (kHasTail<F>) {
+            if (kpad > chunks * 32) {
+                V lo, hi;
+                F::decode_tail(row, chunks, int(p.K - chunks * 32), lo, hi);
+                vstore(dst + chunks * 32, lo);
+                vstore(dst + chunks * 32 + 16, hi);
+            }
+        }
+    }
+}
+
+template <int R, int TT>
+void panel_tile(const Problem& p, const float* panel, i64 kpad, i64 n0, i64 t0) {
+    V acc[R][TT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
+    const float* xs = p.x + t0 * p.K;
+    const i64 full = p.K / 16;
+    for (i64 s = 0; s < full; ++s) {
+        V wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = vload(panel + r * kpad + s * 16);
+        for (int t = 0; t < TT; ++t) {
+            const V xv = vload(xs + t * p.K + s * 16);
+            for (int r = 0; r < R; ++r) acc[r][t] = vfma(xv, wv[r], acc[r][t]);
+        }
+    }
+    for (i64 s = full; s < kpad / 16; ++s) {  // partial / zero steps of a padded last chunk
+        const int n = int(p.K - s * 16 > 0 ? p.K - s * 16 : 0);
+        for (int t = 0; t < TT; ++t) {
+            const V xv = n ? vload_n(xs + t * p.K + s * 16, n) : vzero();
+            for (int r = 0; r < R; ++r) acc[r][t] = vfma(xv, vload(panel + r * kpad + s * 16), acc[r][t]);
+        }
+    }
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]);
+}
+
+template <int R>
+void panel_rows(const Problem& p, const float* panel, i64 kpad, i64 n0) {
+    i64 t0 = 0;
+    for (; t0 + kPanelT <= p.T; t0 += kPanelT) panel_tile<R, kPanelT>(p, panel, kpad, n0, t0);
+    switch (p.T - t0) {
+        case 1: panel_tile<R, 1>(p, panel, kpad, n0, t0); break;
+        case 2: panel_tile<R, 2>(p, panel, kpad, n0, t0); break;
+        case 3: panel_tile<R, 3>(p, panel, kpad, n0, t0); break;
+        case 4: panel_tile<R, 4>(p, panel, kpad, n0, t0); break;
+        case 5: panel_tile<R, 5>(p, panel, kpad, n0, t0); break;
+        default: break;
+    }
+}
+
+// Rows [g0*kRows, g1*kRows) clipped to N; a final short group is done row by row.
+template <class F>
+void run_groups(const Problem& p, i64 g0, i64 g1) {
+    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
+    if (p.T <= kDirectMaxT) {
+        i64 n = g0 * kRows;
+        for (; n + kRows <= n_end; n += kRows) direct_rows<F, kRows>(p, n);
+        for (; n < n_end; ++n) direct_rows<F, 1>(p, n);
+        return;
+    }
+    thread_local std::vector<float> scratch;
+    const i64 kpad = (p.K + 31) / 32 * 32;
+    if (scratch.size() < size_t(kRows * kpad)) scratch.resize(size_t(kRows * kpad));
+    float* panel = scratch.data();
+    for (i64 n = g0 * kRows; n < n_end; n += kRows) {
+        const int nrows = n + kRows <= n_end ? kRows : int(n_end - n);
+        decode_rows<F>(p, n, nrows, panel, kpad);
+        if (nrows == kRows) {
+            panel_rows<kRows>(p, panel, kpad, n);
+        } else {
+            for (int r = 0; r < nrows; ++r) panel_rows<1>(p, panel + r * kpad, kpad, n + r);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: persistent workers that spin briefly, then sleep. The caller thread takes part.
+// Work items are claimed dynamically; each item is computed entirely by the thread that claims it.
+// A worker joins a job only by checking in before the caller closes it, and the caller waits for
+// exactly the workers that checked in, so no worker touches a job after run() returns.
+// ---------------------------------------------------------------------------------------------
+class Pool {
+public:
+    using Fn = void (*)(const void* ctx, i64 begin, i64 end);
+
+    explicit Pool(int threads) { start(threads); }
+    ~Pool() { stop(); }
+    Pool(const Pool&) = delete;
+    Pool& operator=(const Pool&) = delete;
+
+    int threads() const { return int(workers_.size()) + 1; }
+
+    void set_threads(int threads) {
+        std::lock_guard<std::mutex> g(dispatch_);
+        stop();
+        start(threads);
+    }
+
+    void run(Fn fn, const void* ctx, i64 items, i64 grain) {
+        std::lock_guard<std::mutex> g(dispatch_);
+        if (workers_.empty() || items <= grain) {
+            fn(ctx, 0, items);
+            return;
+        }
+        fn_ = fn;
+        ctx_ = ctx;
+        items_ = items;
+        grain_ = grain;
+        next_.store(0, std::memory_order_relaxed);
+        finished_.store(0, std::memory_order_relaxed);
+        state_.store(uint64_t(++gen_) << 32, std::memory_order_seq_cst);  // open, nobody checked in
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+            std::lock_guard<std::mutex> lk(sleep_mu_);
+            wake_.notify_all();
+        }
+        work();
+        const uint64_t closed = state_.fetch_or(kClosed, std::memory_order_acq_rel);
+        const uint32_t joined = uint32_t(closed & kCountMask);
+        while (finished_.load(std::memory_order_acquire) != joined) cpu_relax();
+    }
+
+private:
+    static constexpr uint64_t kClosed = 1ull << 31;
+    static constexpr uint64_t kCountMask = kClosed - 1;
+    static constexpr auto kSpin = std::chrono::microseconds(100);
+
+    void start(int threads) {
+        stopping_.store(false);
+        for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+    }
+
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lk(sleep_mu_);
+            stopping_.store(true, std::memory_order_seq_cst);
+            wake_.notify_all();
+        }
+        for (auto& t : workers_) t.join();
+        workers_.clear();
+    }
+
+    void work() {
+        for (;;) {
+            const i64 b = next_.fetch_add(grain_, std::memory_order_relaxed);
+            if (b >= items_) return;
+            fn_(ctx_, b, b + grain_ < items_ ? b + grain_ : items_);
+        }
+    }
+
+    uint32_t gen_of(uint64_t s) const { return uint32_t(s >> 32); }
+
+    void loop() {
+        uint32_t seen = gen_of(state_.load(std::memory_order_acquire));
+        for (;;) {
+            uint64_t s = state_.load(std::memory_order_acquire);
+            if (gen_of(s) == seen) {
+                const auto deadline = std::chrono::steady_clock::now() + kSpin;
+                for (int i = 0; gen_of(s) == seen && !stopping_.load(std::memory_order_relaxed); ++i) {
+                    cpu_relax();
+                    if ((i & 63) == 63 && std::chrono::steady_clock::now() > deadline) break;
+                    s = state_.load(std::memory_order_acquire);
+                }
+            }
+            if (gen_of(s) == seen && !stopping_.load(std::memory_order_relaxed)) {
+                std::unique_lock<std::mutex> lk(sleep_mu_);
+                sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                wake_.wait(lk, [&] {
+                    s = state_.load(std::memory_order_seq_cst);
+                    return gen_of(s) != seen || stopping_.load(std::memory_order_seq_cst);
+                });
+                sleepers_.fetch_sub(1, std::memory_order_relaxed);
+            }
+            if (stopping_.load(std::memory_order_acquire)) return;
+            seen = gen_of(s);
+            while (gen_of(s) == seen && !(s & kClosed)) {  // check in
+                if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+                    work();
+                    finished_.fetch_add(1, std::memory_order_release);
+                    break;
+                }
+            }
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    std::mutex dispatch_;  // one job at a time
+    std::mutex sleep_mu_;
+    std::condition_variable wake_;
+    std::atomic<uint64_t> state_{0};  // generation << 32 | closed bit | workers checked in
+    std::atomic<int> sleepers_{0};
+    std::atomic<bool> stopping_{false};
+    std::atomic<i64> next_{0};
+    std::atomic<uint32_t> finished_{0};
+    uint32_t gen_ = 0;
+    Fn fn_ = nullptr;
+    const void* ctx_ = nullptr;
+    i64 items_ = 0, grain_ = 1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Format table and dispatch
+// ---------------------------------------------------------------------------------------------
+struct FormatEntry {
+    int type, block, bytes;
+    Pool::Fn run;
+};
+
+template <class F>
+FormatEntry entry(int type) {
+    return {type, F::kBlock, F::kBytes,
+            [](const void* ctx, i64 g0, i64 g1) { run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1); }};
+}
+
+const FormatEntry* find_format(int type) {
+    static const FormatEntry table[] = {
+        entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry<FmtQ8_0>(kQ8_0),
+        entry<FmtQ4_0>(kQ4_0), entry<FmtQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
+        entry<FmtQ4_K>(kQ4_K), entry<FmtQ5_K>(kQ5_K), entry<FmtQ6_K>(kQ6_K),
+    };
+    for (const auto& e : table)
+        if (e.type == type) return &e;
+    return nullptr;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape.
+// ---------------------------------------------------------------------------------------------
+QL_EXPORT int ql_abi_version() { return 1; }
+
+QL_EXPORT int ql_isa() { return QL_AVX512 ? 512 : 0; }
+
+// Block size and bytes per block of a GGML type id; 0 if the type is not supported.
+QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
+    const FormatEntry* e = find_format(type);
+    if (!e) return 0;
+    *block = e->block;
+    *bytes = e->bytes;
+    return 1;
+}
+
+QL_EXPORT void* ql_pool_new(int threads) { return new Pool(threads < 1 ? 1 : threads); }
+QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
+QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
+QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->threads(); }
+
+QL_EXPORT int ql_linear(void* pool, int type, const float* x, const uint8_t* w, float* out, i64 T, i64 N, i64 K) {
+    const FormatEntry* e = find_format(type);
+    if (!e) return 1;
+    if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
+    if (T == 0) return 0;
+    const Problem p{x, w, out, T, N, K, K / e->block * e->bytes};
+    Pool* pl = static_cast<Pool*>(pool);
+    const i64 groups = (N + kRows - 1) / kRows;
+    // Claim about 16 KiB of weights (or at least one group) at a time, finer when there are few.
+    const i64 group_bytes = p.row_bytes * kRows;
+    i64 grain = (i64(16) << 10) / (group_bytes > 0 ? group_bytes : 1);
+    const i64 fair = groups / (i64(pl->threads()) * 4);
+    if (grain > fair) grain = fair;
+    if (grain < 1) grain = 1;
+    pl->run(e->run, &p, groups, grain);
+    return 0;
+}

