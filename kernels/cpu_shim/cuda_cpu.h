@@ -361,24 +361,27 @@ struct Worker {
         return -1;
     }
 
+    // Separate (and not inlined) because getcontext returns twice: keeps the caller's loop state safe.
+    __attribute__((noinline)) static void init_fiber(Fiber& f, unsigned linear, uint3 tid) {
+        f.linear = linear;
+        f.tid = tid;
+        f.state = State::Ready;
+        f.asan_fake = nullptr;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, &Worker::fiber_entry, 0);
+    }
+
     // Runs one block to completion; returns false on error (message in `error`).
     bool run_block(const uint3& bidx) {
         block_idx = bidx;
         barrier_arrived = 0;
         for (auto& ops : warps) ops.clear();
         const unsigned bx = block_dim.x, by = block_dim.y;
-        for (unsigned i = 0; i < fibers.size(); ++i) {
-            Fiber& f = fibers[i];
-            f.linear = i;
-            f.tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
-            f.state = State::Ready;
-            f.asan_fake = nullptr;
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = f.stack.get();
-            f.ctx.uc_stack.ss_size = kStackBytes;
-            f.ctx.uc_link = nullptr;
-            makecontext(&f.ctx, &Worker::fiber_entry, 0);
-        }
+        for (unsigned i = 0; i < fibers.size(); ++i)
+            init_fiber(fibers[i], i, uint3{i % bx, (i / bx) % by, i / (bx * by)});
         for (;;) {
             if (!error.empty()) return false;
             const int i = pick_ready();
@@ -625,7 +628,7 @@ inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask, int width = warpSize
 }
 
 // ctypes-facing entry points of a CPU-built kernel library.
-extern "C" inline const char* cuda_cpu_last_error() { return ::cuda_cpu::detail::last_error().c_str(); }
+extern "C" __attribute__((used)) inline const char* cuda_cpu_last_error() { return ::cuda_cpu::detail::last_error().c_str(); }
 
 #define CUDA_CPU_UNPAREN(...) __VA_ARGS__
 // Defines `extern "C" int NAME(void* kernel, const LaunchConfig* cfg, PARAMS)` that launches the
