@@ -1,0 +1,201 @@
+"""The user-facing model: load a GGUF, run prefill/decode, tokenize, generate text."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .device import CpuDevice
+from .errors import EngineError, ModelFormatError
+from .gguf_file import GGUFFile
+from .models.llama import KVCache, Llama
+from .sampling import Sampler, SamplingParams
+from .spec import ModelSpec
+from .weights import LayerLayout, global_weights, layer_layout
+
+DEFAULT_CTX = 4096
+
+
+class MappedWeights:
+    """Every layer resident as zero-copy views of the memory-mapped file (the all-resident plan)."""
+
+    def __init__(self, f: GGUFFile, layouts: Sequence[LayerLayout]):
+        self._layers = [lay.bind(lambda info, _packed: f.view(info)) for lay in layouts]
+
+    def layer(self, i: int):
+        return self._layers[i]
+
+    def release(self, i: int) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM), in bytes."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Model:
+    def __init__(self, f: GGUFFile, spec: ModelSpec, device, weights, tokenizer, n_ctx: int, load_s: float):
+        self.file, self.spec, self.device, self.weights = f, spec, device, weights
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.net = Llama(spec, global_weights(f, spec), device, n_ctx)
+        self.stats = GenerationStats(load_s=load_s)
+        self._cache: KVCache | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None) -> "Model":
+        from .tokenizer import Tokenizer
+
+        t0 = time.perf_counter()
+        f = GGUFFile(path)
+        spec = ModelSpec.from_gguf(f)
+        layouts = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+        extra = f.n_layers_in_index()
+        if extra > spec.n_layers:
+            raise ModelFormatError(f"file has tensors for {extra} blocks, metadata says {spec.n_layers}",
+                                   path=f.path, field=f"{spec.architecture}.block_count")
+        tok = Tokenizer.from_metadata(f.metadata, f.path)
+        n_ctx = min(n_ctx or DEFAULT_CTX, spec.context_length)
+        device = CpuDevice(threads)
+        weights = MappedWeights(f, layouts)
+        return cls(f, spec, device, weights, tok, n_ctx, time.perf_counter() - t0)
+
+    # -- raw forward ---------------------------------------------------------------------------
+    def _kv(self, batch: int) -> KVCache:
+        if self._cache is None or self._cache.batch != batch:
+            self._cache = KVCache(self.spec, batch, self.n_ctx)
+        return self._cache
+
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
+            raise EngineError(f"token id out of range [0, {self.spec.vocab_size})", field="token_ids")
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions start.. -> logits (B, T or 1, vocab) float32 (KV cache kept)."""
+        B, T = tokens.shape
+        if start + T > self.n_ctx:
+            raise EngineError(f"context of {self.n_ctx} tokens exceeded ({start} + {T})", field="n_ctx")
+        self._check_ids(tokens)
+        return self.net.forward(tokens, start, self._kv(B), self.weights, last_only)
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Fresh prefill of one sequence (or a (B, T) batch) -> float32 logits (T, vocab) / (B, T, vocab)."""
+        ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
+        if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+            raise EngineError(f"expected a non-empty (T,) or (B, T) array of token ids, got shape {tuple(ids.shape)}",
+                              field="token_ids")
+        out = self.forward(ids.reshape(-1, ids.shape[-1]), 0)
+        return out.reshape(*ids.shape, -1).numpy()
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def prompt_ids(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if not chat:
+            return self.tokenize(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special=True)
+        bos = self.tokenizer.bos_id
+        if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:  # template already wrote BOS
+            ids = ids[1:]
+        return ids
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, chat: bool = False,
+                 system: str | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated. Sampling keywords: see SamplingParams."""
+        params = SamplingParams(**sampling)
+        ids = list(prompt) if not isinstance(prompt, str) else self.prompt_ids(prompt, chat, system)
+        if not ids:
+            raise EngineError("the prompt is empty (no tokens)", field="prompt")
+        if len(ids) >= self.n_ctx:
+            raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}", field="prompt")
+        yield from _Generation(self, ids, params, max_tokens).run()
+
+
+@dataclass(slots=True)
+class _Generation:
+    model: Model
+    ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    history: list[int] = field(default_factory=list)
+
+    def run(self) -> Iterator[str]:
+        m, p = self.model, self.params
+        st = m.stats
+        sampler, dec = Sampler(p), m.tokenizer.decoder()
+        stops, stop_ids = p.stop, m.tokenizer.stop_ids
+        hold = max((len(s) for s in stops), default=1) - 1  # chars held back while a stop may be forming
+        self.history = list(self.ids)
+        t0 = time.perf_counter()
+        logits = m.forward(torch.tensor([self.ids]), 0, last_only=True)[0, -1]
+        st.prompt_tokens, st.prompt_s = len(self.ids), time.perf_counter() - t0
+        st.decode_tokens, st.decode_s, st.finish_reason = 0, 0.0, "length"
+        pos, pending = len(self.ids), ""
+        t1 = time.perf_counter()
+        try:
+            for _ in range(self.max_tokens):
+                tok = sampler(logits, self.history)
+                st.decode_tokens += 1
+                if tok in stop_ids:
+                    st.finish_reason = "stop"
+                    break
+                self.history.append(tok)
+                pending += dec.push(tok)
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    st.finish_reason = "stop"
+                    pending = pending[:cut]
+                    break
+                if len(pending) > hold:
+                    out, pending = (pending[:len(pending) - hold], pending[len(pending) - hold:]) if hold else (pending, "")
+                    yield out
+                if pos + 1 >= m.n_ctx:
+                    st.finish_reason = "context"
+                    break
+                logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
+                pos += 1
+            if st.finish_reason != "stop" or not stops:
+                pending += dec.flush()
+            if pending:
+                yield pending
+        finally:
+            st.decode_s = time.perf_counter() - t1

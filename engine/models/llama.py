@@ -1,0 +1,108 @@
+"""The Llama block as llama.cpp runs it from GGUF: RMSNorm, adjacent-pair rope (GGUF stores Q/K
+permuted for it), grouped-query attention, SwiGLU, tied embeddings when output.weight is absent.
+
+The model owns no weights: each step asks the weight provider for layer i and calls the device's
+format-aware `linear` for every projection.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..spec import ModelSpec
+from ..weights import GlobalWeights, LayerWeights
+
+
+class RopeTable:
+    """cos/sin for adjacent-pair rotation, (n_ctx, rope_dim/2), fp32, computed once in float64."""
+
+    def __init__(self, spec: ModelSpec, n_ctx: int, freq_factors: torch.Tensor | None):
+        half = spec.rope_dim // 2
+        inv = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.rope_dim)
+        if freq_factors is not None:
+            inv = inv / freq_factors.to(torch.float64)
+        pos = torch.arange(n_ctx, dtype=torch.float64) / spec.rope_scale
+        ang = torch.outer(pos, inv)  # (n_ctx, half)
+        self.cos = ang.cos().to(torch.float32)
+        self.sin = ang.sin().to(torch.float32)
+        self.rope_dim = spec.rope_dim
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x (B, T, H, D) in place over its first rope_dim dims for positions start..start+T-1."""
+        T = x.shape[1]
+        cos = self.cos[start:start + T, None, :]  # (T, 1, half)
+        sin = self.sin[start:start + T, None, :]
+        xr = x[..., :self.rope_dim].unflatten(-1, (-1, 2))  # (B, T, H, half, 2)
+        x0, x1 = xr[..., 0].clone(), xr[..., 1]
+        xr[..., 0] = x0 * cos - x1 * sin
+        xr[..., 1] = x0 * sin + x1 * cos
+        return x
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layers, B, n_kv_heads, n_ctx, head_dim) fp32.
+
+    torch.empty reserves address space only; pages are touched as positions are written.
+    """
+
+    def __init__(self, spec: ModelSpec, batch: int, n_ctx: int):
+        shape = (spec.n_layers, batch, spec.n_kv_heads, n_ctx, spec.head_dim)
+        self.k = torch.empty(shape, dtype=torch.float32)
+        self.v = torch.empty(shape, dtype=torch.float32)
+        self.batch, self.n_ctx = batch, n_ctx
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class Llama:
+    def __init__(self, spec: ModelSpec, glob: GlobalWeights, device, n_ctx: int):
+        self.spec, self.glob, self.device = spec, glob, device
+        self.n_ctx = n_ctx
+        self.rope = RopeTable(spec, n_ctx, glob.rope_freqs)
+        self.scale = 1.0 / math.sqrt(spec.head_dim)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        return self.glob.token_embd.rows(tokens).view(B, T, self.spec.dim)  # (B, T, dim)
+
+    def block(self, x: torch.Tensor, w: LayerWeights, layer: int, cache: KVCache, start: int) -> torch.Tensor:
+        s, lin = self.spec, self.device.linear
+        B, T, _ = x.shape
+        h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
+        q = lin(h, w.attn_q).view(B, T, s.n_heads, s.head_dim)  # (B, T, H, hd)
+        k = lin(h, w.attn_k).view(B, T, s.n_kv_heads, s.head_dim)  # (B, T, Hkv, hd)
+        v = lin(h, w.attn_v).view(B, T, s.n_kv_heads, s.head_dim)
+        self.rope.apply(q, start)
+        self.rope.apply(k, start)
+        end = start + T
+        cache.k[layer, :, :, start:end] = k.transpose(1, 2)
+        cache.v[layer, :, :, start:end] = v.transpose(1, 2)
+        keys = cache.k[layer, :, :, :end]  # (B, Hkv, L, hd)
+        vals = cache.v[layer, :, :, :end]
+        mask = None
+        if T > 1:
+            mask = torch.ones(T, end, dtype=torch.bool).tril(start)  # query t sees keys <= start + t
+        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=True)  # (B, H, T, hd)
+        x = x + lin(att.transpose(1, 2).reshape(B, T, s.q_dim), w.attn_output)
+        h = F.rms_norm(x, (s.dim,), w.ffn_norm, s.rms_eps)
+        a = F.silu(lin(h, w.ffn_gate)) * lin(h, w.ffn_up)  # (B, T, ffn)
+        return x + lin(a, w.ffn_down)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(x, (self.spec.dim,), self.glob.output_norm, self.spec.rms_eps)
+        return self.device.linear(h, self.glob.output)  # (B, T, vocab)
+
+    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, weights, last_only: bool) -> torch.Tensor:
+        """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T or 1, vocab) fp32."""
+        x = self.embed(tokens)
+        for i in range(self.spec.n_layers):
+            x = self.block(x, weights.layer(i), i, cache, start)
+            weights.release(i)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)

@@ -1,0 +1,69 @@
+"""Token sampling: repetition penalty, then top-k, top-p, min-p on the penalised logits, then
+temperature, as llama.cpp's default chain orders them. Temperature 0 is greedy (argmax)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.05  # 0.0 = off
+    repeat_penalty: float = 1.0  # 1.0 = off
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        checks = {
+            "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p < 1,
+            "repeat_penalty": self.repeat_penalty > 0,
+            "repeat_last_n": self.repeat_last_n >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"invalid value {getattr(self, name)!r}", field=name)
+        self.stop = tuple(s for s in self.stop if s)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        self.gen = torch.Generator()
+        self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits (vocab,) fp32 -> the next token id."""
+        p = self.p
+        if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
+            logits = logits.clone()
+            ids = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
+            sel = logits[ids]
+            logits[ids] = torch.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        k = p.top_k if 0 < p.top_k < logits.numel() else logits.numel()
+        vals, ids = torch.topk(logits, k)  # sorted, descending
+        probs = torch.softmax(vals, dim=0)
+        keep = k
+        if p.top_p < 1.0:
+            cum = torch.cumsum(probs, dim=0)
+            keep = min(keep, int(torch.searchsorted(cum, torch.tensor([p.top_p])).item()) + 1)
+        if p.min_p > 0:
+            keep = min(keep, max(1, int((probs >= p.min_p * probs[0]).sum())))
+        vals, ids = vals[:keep], ids[:keep]
+        probs = torch.softmax(vals / p.temperature, dim=0)
+        return int(ids[torch.multinomial(probs, 1, generator=self.gen)])

@@ -1,0 +1,123 @@
+"""ModelSpec: the validated hyper-parameters of a model, read from GGUF metadata."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ModelFormatError, UnsupportedModelError
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    architecture: str
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_base: float
+    rope_dim: int
+    rope_scale: float = 1.0  # linear position scaling (positions are divided by it)
+    has_rope_freqs: bool = False  # per-dimension frequency divisors (llama3 scaling), tensor rope_freqs.weight
+    tied_output: bool = False  # no output.weight: the embedding matrix is the output head
+    source: str | None = None  # file the spec was read from, for error messages
+
+    def __post_init__(self):
+        def bad(field: str, msg: str):
+            raise ModelFormatError(msg, path=self.source, field=field)
+
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+                path=self.source, field="general.architecture")
+        a = self.architecture
+        for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
+                     "context_length", "rope_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                bad(f"{a}.{_KEYS.get(name, name)}", f"must be a positive integer, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            bad(f"{a}.attention.head_count_kv",
+                f"{self.n_kv_heads} KV heads do not divide {self.n_heads} attention heads")
+        if self.rope_dim > self.head_dim or self.rope_dim % 2:
+            bad(f"{a}.rope.dimension_count", f"{self.rope_dim} must be even and <= head dim {self.head_dim}")
+        if not (0 < self.rms_eps < 1):
+            bad(f"{a}.attention.layer_norm_rms_epsilon", f"{self.rms_eps!r} is not in (0, 1)")
+        if not self.rope_base > 0:
+            bad(f"{a}.rope.freq_base", f"{self.rope_base!r} must be positive")
+        if not self.rope_scale > 0:
+            bad(f"{a}.rope.scaling.factor", f"{self.rope_scale!r} must be positive")
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_gguf(cls, f) -> "ModelSpec":
+        """Build from an `engine.gguf_file.GGUFFile` (metadata plus a few tensor shapes)."""
+        arch = f.require("general.architecture", str)
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+                path=f.path, field="general.architecture")
+
+        def req(key, kind=int):
+            return f.require(f"{arch}.{key}", kind)
+
+        def opt(key, default):
+            return f.get(f"{arch}.{key}", default)
+
+        dim = req("embedding_length")
+        n_heads = req("attention.head_count")
+        if isinstance(n_heads, list):
+            raise UnsupportedModelError("per-layer head counts are not supported", path=f.path,
+                                        field=f"{arch}.attention.head_count")
+        head_dim = opt("attention.key_length", dim // n_heads if n_heads else 0)
+        embd = f.tensor("token_embd.weight")
+        vocab = opt("vocab_size", None)
+        if vocab is None:
+            vocab = len(f.get("tokenizer.ggml.tokens", ())) or embd.shape[0]
+        scaling_type = opt("rope.scaling.type", "none")
+        if scaling_type not in ("none", "linear"):
+            raise UnsupportedModelError(f"rope scaling {scaling_type!r} is not supported (none, linear)",
+                                        path=f.path, field=f"{arch}.rope.scaling.type")
+        scale = float(opt("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
+        spec = cls(
+            architecture=arch,
+            n_layers=req("block_count"),
+            dim=dim,
+            n_heads=n_heads,
+            n_kv_heads=opt("attention.head_count_kv", n_heads),
+            head_dim=head_dim,
+            ffn_dim=req("feed_forward_length"),
+            vocab_size=vocab,
+            context_length=req("context_length"),
+            rms_eps=float(req("attention.layer_norm_rms_epsilon", (int, float))),
+            rope_base=float(opt("rope.freq_base", 10000.0)),
+            rope_dim=opt("rope.dimension_count", head_dim),
+            rope_scale=scale or 1.0,
+            has_rope_freqs="rope_freqs.weight" in f.tensors,
+            tied_output="output.weight" not in f.tensors,
+            source=f.path,
+        )
+        if embd.shape != (spec.vocab_size, spec.dim):
+            raise ModelFormatError(f"shape {embd.shape} does not match (vocab {spec.vocab_size}, dim {spec.dim})",
+                                   path=f.path, field="token_embd.weight")
+        return spec
+
+
+_KEYS = {
+    "n_layers": "block_count", "dim": "embedding_length", "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+    "ffn_dim": "feed_forward_length", "vocab_size": "vocab_size", "context_length": "context_length",
+    "rope_dim": "rope.dimension_count",
+}

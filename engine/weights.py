@@ -1,0 +1,153 @@
+"""Typed views of a model's weights: quantized matrices stay raw GGUF bytes until a kernel reads them.
+
+`LayerLayout` says where each tensor of a block sits inside the layer's packed byte buffer (the
+concatenation of the layer's coalesced file runs), so the same code binds weights from a memory map,
+a resident copy or a streamed staging buffer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import ModelFormatError, UnsupportedModelError
+from .formats import QuantFormat
+from .gguf_file import GGUFFile, TensorInfo
+from .spec import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class QWeight:
+    """A (N, K) matrix in its file format: `data` holds N rows of fmt.row_nbytes(K) raw bytes."""
+
+    name: str
+    fmt: QuantFormat
+    shape: tuple[int, int]  # (N out features, K in features)
+    data: torch.Tensor  # uint8, contiguous
+
+    def dequantize(self) -> torch.Tensor:
+        return self.fmt.dequantize(self.data, self.shape)  # (N, K) float32
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the given rows (embedding lookup)."""
+        row_bytes = self.fmt.row_nbytes(self.shape[1])
+        raw = self.data.view(self.shape[0], row_bytes).index_select(0, ids.reshape(-1))
+        return self.fmt.dequantize(raw, (raw.shape[0], self.shape[1]))  # (len(ids), K)
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    attn_norm: torch.Tensor  # (dim,) float32
+    attn_q: QWeight  # (q_dim, dim)
+    attn_k: QWeight  # (kv_dim, dim)
+    attn_v: QWeight  # (kv_dim, dim)
+    attn_output: QWeight  # (dim, q_dim)
+    ffn_norm: torch.Tensor  # (dim,) float32
+    ffn_gate: QWeight  # (ffn, dim)
+    ffn_up: QWeight  # (ffn, dim)
+    ffn_down: QWeight  # (dim, ffn)
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalWeights:
+    token_embd: QWeight  # (vocab, dim)
+    output_norm: torch.Tensor  # (dim,) float32
+    output: QWeight  # (vocab, dim); the embedding matrix when tied
+    rope_freqs: torch.Tensor | None  # (rope_dim/2,) float32 frequency divisors, or None
+
+
+NORM_ROLES = ("attn_norm", "ffn_norm")
+
+
+def expected_layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    d, q, kv, f = spec.dim, spec.q_dim, spec.kv_dim, spec.ffn_dim
+    return {
+        "attn_norm": (d,), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
+        "ffn_norm": (d,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LayerLayout:
+    """Where a block's tensors live: file runs, and each tensor's offset inside the packed runs."""
+
+    index: int
+    runs: tuple[tuple[int, int], ...]  # (absolute file offset, length), sorted
+    tensors: tuple[tuple[str, TensorInfo, int], ...]  # (role, info, offset in the packed buffer)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.runs)
+
+    def bind(self, view: Callable[[TensorInfo, int], torch.Tensor]) -> LayerWeights:
+        """Build LayerWeights; `view(info, packed_offset)` returns the tensor's raw uint8 bytes."""
+        parts = {}
+        for role, info, packed in self.tensors:
+            raw = view(info, packed)
+            if role in NORM_ROLES:
+                parts[role] = _vector(info, raw)
+            else:
+                parts[role] = QWeight(info.name, info.fmt, info.shape, raw)
+        return LayerWeights(**parts)
+
+    def bind_packed(self, buf: torch.Tensor) -> LayerWeights:
+        """Bind over a packed buffer holding this layer's runs back to back."""
+        return self.bind(lambda info, packed: buf[packed:packed + info.nbytes])
+
+
+def _vector(info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
+    if info.fmt.name == "F32":
+        return raw.view(torch.float32)
+    return info.fmt.dequantize(raw, info.shape)
+
+
+def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
+    """Validate block i's tensors against the spec and locate them in the packed run buffer."""
+    expected = expected_layer_shapes(spec)
+    found: dict[str, TensorInfo] = {}
+    for t in f.layer_tensors(i):
+        role = t.name.split(".", 2)[2].removesuffix(".weight")
+        if role not in expected or not t.name.endswith(".weight"):
+            raise UnsupportedModelError(f"unexpected tensor in a {spec.architecture} block", path=f.path, field=t.name)
+        if t.shape != expected[role]:
+            raise ModelFormatError(f"shape {t.shape} does not match the metadata, expected {expected[role]}",
+                                   path=f.path, field=t.name)
+        found[role] = t
+    for role in expected:
+        if role not in found:
+            raise ModelFormatError("required tensor is missing", path=f.path, field=f"blk.{i}.{role}.weight")
+    runs = f.layer_runs(i)
+    bases, acc = [], 0
+    for off, n in runs:
+        bases.append((off, n, acc))
+        acc += n
+    placed = []
+    for role in expected:
+        t = found[role]
+        off, _, base = next(r for r in bases if r[0] <= t.offset < r[0] + r[1])
+        placed.append((role, t, base + t.offset - off))
+    return LayerLayout(i, runs, tuple(placed))
+
+
+def global_weights(f: GGUFFile, spec: ModelSpec) -> GlobalWeights:
+    def q(name: str) -> QWeight:
+        t = f.tensor(name)
+        if len(t.shape) != 2:
+            raise ModelFormatError(f"expected a matrix, got shape {t.shape}", path=f.path, field=name)
+        return QWeight(name, t.fmt, t.shape, f.view(t))
+
+    embd = q("token_embd.weight")
+    out = embd if spec.tied_output else q("output.weight")
+    if out.shape != (spec.vocab_size, spec.dim):
+        raise ModelFormatError(f"shape {out.shape} does not match (vocab, dim)", path=f.path, field=out.name)
+    norm = f.tensor("output_norm.weight")
+    if norm.shape != (spec.dim,):
+        raise ModelFormatError(f"shape {norm.shape} does not match dim {spec.dim}", path=f.path, field=norm.name)
+    freqs = None
+    if spec.has_rope_freqs:
+        t = f.tensor("rope_freqs.weight")
+        if t.shape != (spec.rope_dim // 2,):
+            raise ModelFormatError(f"shape {t.shape}, expected ({spec.rope_dim // 2},)", path=f.path, field=t.name)
+        freqs = _vector(t, f.view(t)).clone()
+    return GlobalWeights(embd, _vector(norm, f.view(norm)).clone(), out, freqs)
