@@ -17,6 +17,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -142,31 +143,58 @@ inline float vsum(V a) {
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Formats. Each decodes 32-element chunk c of one row into (lo = elements 0..15, hi = 16..31).
+// Formats. decode() turns 32-element chunk c of one row into two 16-lane vectors: lo holds
+// elements 0..15 of the chunk, hi elements 16..31. Formats with kPermuted put element kSigma[L]
+// in lane L of each half (x is permuted the same way before the call, so the dot product and
+// its rounding are unchanged in meaning, only the lane assignment differs). Formats with
+// kScales > 0 first convert each row's per-block fp16 fields once, in prepare(), into
+// kScales floats per chunk; decode() reads them from there.
 // Float formats also decode a final partial chunk of n < 32 elements (zero-filled).
 // ---------------------------------------------------------------------------------------------
+constexpr int kSigma[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};  // 4x4 transpose
+
 #if !QL_AVX512
-// Portable decoding: scalar per element into a float[32], exactly the contract's fp32 expressions.
+// Portable decoding: each format's scalar() writes the chunk's 32 values in element order using
+// exactly the contract's fp32 expressions; here they are placed into lanes.
 template <class F>
 inline void decode_via_array(const uint8_t* row, i64 c, V& lo, V& hi) {
     float w[32];
     F::scalar(row, c, w);
-    lo = vload(w);
-    hi = vload(w + 16);
+    for (int l = 0; l < 16; ++l) {
+        const int e = F::kPermuted ? kSigma[l] : l;
+        lo[l] = w[e];
+        hi[l] = w[16 + e];
+    }
 }
 #endif
 
-struct FmtF32 {
-    static constexpr int kBlock = 1, kBytes = 4;
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
-        const float* p = reinterpret_cast<const float*>(row) + c * 32;
+// Scale prepass of the legacy 32-blocks: s[2c], s[2c+1] = the fp16 values at bytes 0 and 2 of
+// block c (d and m, or d and whatever follows it, which is then unused).
+template <int kBytes>
+void prepare_halves(const uint8_t* row, i64 chunks, float* s) {
+    i64 c = 0;
 #if QL_AVX512
-        lo = _mm512_loadu_ps(p);
-        hi = _mm512_loadu_ps(p + 16);
-#else
+    const __m512i offsets = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(kBytes));
+    for (; c + 16 <= chunks; c += 16) {
+        const __m512i g = _mm512_i32gather_epi32(offsets, row + c * kBytes, 1);  // 16 x (half1 << 16 | half0)
+        _mm512_storeu_ps(s + 2 * c, _mm512_cvtph_ps(_mm512_castsi512_si256(g)));
+        _mm512_storeu_ps(s + 2 * c + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(g, 1)));
+    }
+#endif
+    for (; c < chunks; ++c) {
+        s[2 * c] = half_at(row + c * kBytes);
+        s[2 * c + 1] = half_at(row + c * kBytes + 2);
+    }
+}
+
+struct FmtF32 {
+    static constexpr int kBlock = 1, kBytes = 4, kScales = 0;
+    static constexpr bool kPermuted = false;
+    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
+        const float* p = reinterpret_cast<const float*>(row) + c * 32;
         lo = vload(p);
         hi = vload(p + 16);
-#endif
     }
     static void decode_tail(const uint8_t* row, i64 c, int n, V& lo, V& hi) {
         const float* p = reinterpret_cast<const float*>(row) + c * 32;
@@ -176,8 +204,9 @@ struct FmtF32 {
 };
 
 struct FmtF16 {
-    static constexpr int kBlock = 1, kBytes = 2;
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static constexpr int kBlock = 1, kBytes = 2, kScales = 0;
+    static constexpr bool kPermuted = false;
+    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
         const uint8_t* p = row + c * 64;
 #if QL_AVX512
         lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -196,8 +225,9 @@ struct FmtF16 {
 };
 
 struct FmtBF16 {
-    static constexpr int kBlock = 1, kBytes = 2;
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static constexpr int kBlock = 1, kBytes = 2, kScales = 0;
+    static constexpr bool kPermuted = false;
+    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
         const uint8_t* p = row + c * 64;
 #if QL_AVX512
         const auto widen = [](const uint8_t* q) {
@@ -220,44 +250,55 @@ struct FmtBF16 {
 };
 
 #if QL_AVX512
-inline __m512 bcast_half(const uint8_t* p) { return _mm512_set1_ps(half_at(p)); }
-inline __m512i bytes_u32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m512i bytes_s32(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512i bytes_u32(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-// 4-bit codes: a 16-entry table of dequantized values, looked up with vpermps (uses index bits 0..3).
-inline void lookup4(const uint8_t* qs, __m512 table, V& lo, V& hi) {
-    const __m512i b = bytes_u32(qs);
-    lo = _mm512_permutexvar_ps(b, table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+// 16 bytes repeated in all four 128-bit lanes: dword lane L holds bytes 4*(L%4) .. 4*(L%4)+3.
+inline __m512i bcast16(const uint8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// Per-lane right shifts bringing byte kSigma[L] of a bcast16() to bits 0..7 of lane L (plus `extra`).
+inline __m512i sigma_shift(int extra) {
+    return _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24),
+                            _mm512_set1_epi32(extra));
 }
-// 5-bit codes: nibble from qs, bit 4 from a 16-bit mask per half; 32-entry table (t0 | t1).
-inline __m512 lookup5(__m512i nib, __mmask16 high, __m512 t0, __m512 t1) {
-    const __m512i idx = _mm512_mask_or_epi32(nib, high, nib, _mm512_set1_epi32(16));
+// 4-bit codes of 16 bytes (nibble at `shift`) looked up in a 16-entry table; vpermps reads index
+// bits 0..3 only, so no masking is needed. Lanes come out in kSigma order.
+inline __m512 lookup4(const uint8_t* qs, int shift, __m512 table) {
+    return _mm512_permutexvar_ps(_mm512_srlv_epi32(bcast16(qs), sigma_shift(shift)), table);
+}
+// 5-bit codes: nibble as above, bit 4 from bit `hbit` of `hi_bytes` (also kSigma-ordered);
+// vpermt2ps reads index bits 0..4 of (nibble | bit << 4) from the 32-entry table (t0 | t1).
+inline __m512 lookup5(__m512i nib, __m512i high, __m512 t0, __m512 t1) {
+    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_set1_epi32(15), nib, _mm512_slli_epi32(high, 4), 0xCA);
     return _mm512_permutex2var_ps(t0, idx, t1);
 }
 #endif
 
 struct FmtQ8_0 {
-    static constexpr int kBlock = 32, kBytes = 34;
+    static constexpr int kBlock = 32, kBytes = 34, kScales = 2;
+    static constexpr bool kPermuted = false;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* b = row + c * kBytes;
         const float d = half_at(b);
         for (int i = 0; i < 32; ++i) w[i] = float(int8_t(b[2 + i])) * d;
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
-        const __m512 d = bcast_half(b);
+        const __m512 d = _mm512_set1_ps(s[2 * c]);
         lo = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(b + 2)), d);
         hi = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(b + 18)), d);
 #else
+        (void)s;
         decode_via_array<FmtQ8_0>(row, c, lo, hi);
 #endif
     }
 };
 
 struct FmtQ4_0 {
-    static constexpr int kBlock = 32, kBytes = 18;
+    static constexpr int kBlock = 32, kBytes = 18, kScales = 2;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* b = row + c * kBytes;
         const float d = half_at(b);
@@ -266,19 +307,23 @@ struct FmtQ4_0 {
             w[i + 16] = float((b[2 + i] >> 4) - 8) * d;
         }
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
-        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)), bcast_half(b));
-        lookup4(b + 2, table, lo, hi);
+        const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(8.0f)), _mm512_set1_ps(s[2 * c]));
+        lo = lookup4(b + 2, 0, table);
+        hi = lookup4(b + 2, 4, table);
 #else
+        (void)s;
         decode_via_array<FmtQ4_0>(row, c, lo, hi);
 #endif
     }
 };
 
 struct FmtQ4_1 {
-    static constexpr int kBlock = 32, kBytes = 20;
+    static constexpr int kBlock = 32, kBytes = 20, kScales = 2;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* b = row + c * kBytes;
         const float d = half_at(b), m = half_at(b + 2);
@@ -287,19 +332,34 @@ struct FmtQ4_1 {
             w[i + 16] = fmadd(float(b[4 + i] >> 4), d, m);
         }
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
-        const __m512 table = _mm512_fmadd_ps(iota(), bcast_half(b), bcast_half(b + 2));
-        lookup4(b + 4, table, lo, hi);
+        const __m512 table = _mm512_fmadd_ps(iota(), _mm512_set1_ps(s[2 * c]), _mm512_set1_ps(s[2 * c + 1]));
+        lo = lookup4(b + 4, 0, table);
+        hi = lookup4(b + 4, 4, table);
 #else
+        (void)s;
         decode_via_array<FmtQ4_1>(row, c, lo, hi);
 #endif
     }
 };
 
+#if QL_AVX512
+// Bit 4 of the 5-bit codes of a legacy Q5 block, as the low bit of each lane (kSigma order).
+inline void q5_high_bits(const uint8_t* qh, __m512i& lo, __m512i& hi) {
+    const __m512i sigma = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i bits = _mm512_set1_epi32(int(load_u32(qh)));
+    lo = _mm512_srlv_epi32(bits, sigma);
+    hi = _mm512_srlv_epi32(bits, _mm512_add_epi32(sigma, _mm512_set1_epi32(16)));
+}
+inline __m512i nibbles(const uint8_t* qs, int shift) { return _mm512_srlv_epi32(bcast16(qs), sigma_shift(shift)); }
+#endif
+
 struct FmtQ5_0 {
-    static constexpr int kBlock = 32, kBytes = 22;
+    static constexpr int kBlock = 32, kBytes = 22, kScales = 2;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* b = row + c * kBytes;
         const float d = half_at(b);
@@ -309,24 +369,27 @@ struct FmtQ5_0 {
             w[i + 16] = float(int((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16) * d;
         }
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
-        const __m512 d = bcast_half(b);
+        const __m512 d = _mm512_set1_ps(s[2 * c]);
         const __m512 t0 = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(16.0f)), d);
         const __m512 t1 = _mm512_mul_ps(iota(), d);
-        const uint32_t qh = load_u32(b + 2);
-        const __m512i q = bytes_u32(b + 6);
-        lo = lookup5(_mm512_and_si512(q, _mm512_set1_epi32(15)), __mmask16(qh), t0, t1);
-        hi = lookup5(_mm512_srli_epi32(q, 4), __mmask16(qh >> 16), t0, t1);
+        __m512i hlo, hhi;
+        q5_high_bits(b + 2, hlo, hhi);
+        lo = lookup5(nibbles(b + 6, 0), hlo, t0, t1);
+        hi = lookup5(nibbles(b + 6, 4), hhi, t0, t1);
 #else
+        (void)s;
         decode_via_array<FmtQ5_0>(row, c, lo, hi);
 #endif
     }
 };
 
 struct FmtQ5_1 {
-    static constexpr int kBlock = 32, kBytes = 24;
+    static constexpr int kBlock = 32, kBytes = 24, kScales = 2;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* b = row + c * kBytes;
         const float d = half_at(b), m = half_at(b + 2);
@@ -336,17 +399,18 @@ struct FmtQ5_1 {
             w[i + 16] = fmadd(float((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)), d, m);
         }
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
-        const __m512 d = bcast_half(b), m = bcast_half(b + 2);
+        const __m512 d = _mm512_set1_ps(s[2 * c]), m = _mm512_set1_ps(s[2 * c + 1]);
         const __m512 t0 = _mm512_fmadd_ps(iota(), d, m);
         const __m512 t1 = _mm512_fmadd_ps(_mm512_add_ps(iota(), _mm512_set1_ps(16.0f)), d, m);
-        const uint32_t qh = load_u32(b + 4);
-        const __m512i q = bytes_u32(b + 8);
-        lo = lookup5(_mm512_and_si512(q, _mm512_set1_epi32(15)), __mmask16(qh), t0, t1);
-        hi = lookup5(_mm512_srli_epi32(q, 4), __mmask16(qh >> 16), t0, t1);
+        __m512i hlo, hhi;
+        q5_high_bits(b + 4, hlo, hhi);
+        lo = lookup5(nibbles(b + 8, 0), hlo, t0, t1);
+        hi = lookup5(nibbles(b + 8, 4), hhi, t0, t1);
 #else
+        (void)s;
         decode_via_array<FmtQ5_1>(row, c, lo, hi);
 #endif
     }
@@ -354,7 +418,8 @@ struct FmtQ5_1 {
 
 // K-quants: 256-element super-blocks, chunk c = super-block c / 8, sub-block j = c % 8.
 struct FmtQ4_K {
-    static constexpr int kBlock = 256, kBytes = 144;
+    static constexpr int kBlock = 256, kBytes = 144, kScales = 0;
+    static constexpr bool kPermuted = true;
     static void scales(const uint8_t* sb, int j, float& ds, float& dm) {
         int sc, mn;
         kquant_scale_min(sb + 4, j, sc, mn);
@@ -370,7 +435,7 @@ struct FmtQ4_K {
         const int shift = (j & 1) * 4;
         for (int i = 0; i < 32; ++i) w[i] = fmadd(float((qs[i] >> shift) & 15), ds, -dm);
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
@@ -378,10 +443,8 @@ struct FmtQ4_K {
         scales(sb, j, ds, dm);
         const __m512 table = _mm512_fmsub_ps(iota(), _mm512_set1_ps(ds), _mm512_set1_ps(dm));
         const uint8_t* qs = sb + 16 + (j >> 1) * 32;
-        __m512i a = bytes_u32(qs), b = bytes_u32(qs + 16);
-        if (j & 1) { a = _mm512_srli_epi32(a, 4); b = _mm512_srli_epi32(b, 4); }
-        lo = _mm512_permutexvar_ps(a, table);
-        hi = _mm512_permutexvar_ps(b, table);
+        lo = lookup4(qs, (j & 1) * 4, table);
+        hi = lookup4(qs + 16, (j & 1) * 4, table);
 #else
         decode_via_array<FmtQ4_K>(row, c, lo, hi);
 #endif
@@ -389,7 +452,8 @@ struct FmtQ4_K {
 };
 
 struct FmtQ5_K {
-    static constexpr int kBlock = 256, kBytes = 176;
+    static constexpr int kBlock = 256, kBytes = 176, kScales = 0;
+    static constexpr bool kPermuted = true;
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
@@ -400,7 +464,7 @@ struct FmtQ5_K {
         const int shift = (j & 1) * 4;
         for (int i = 0; i < 32; ++i) w[i] = fmadd(float(((qs[i] >> shift) & 15) | (((qh[i] >> j) & 1) << 4)), ds, -dm);
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
@@ -411,14 +475,9 @@ struct FmtQ5_K {
         const __m512 t1 = _mm512_fmsub_ps(_mm512_add_ps(iota(), _mm512_set1_ps(16.0f)), vds, vdm);
         const uint8_t* qh = sb + 16;
         const uint8_t* qs = sb + 48 + (j >> 1) * 32;
-        const __m128i bit = _mm_set1_epi8(char(1 << j));
-        const __mmask16 hlo = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh)), bit);
-        const __mmask16 hhi = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16)), bit);
-        const __m512i m15 = _mm512_set1_epi32(15);
-        __m512i a = bytes_u32(qs), b = bytes_u32(qs + 16);
-        if (j & 1) { a = _mm512_srli_epi32(a, 4); b = _mm512_srli_epi32(b, 4); }
-        lo = lookup5(_mm512_and_si512(a, m15), hlo, t0, t1);
-        hi = lookup5(_mm512_and_si512(b, m15), hhi, t0, t1);
+        const int shift = (j & 1) * 4;
+        lo = lookup5(nibbles(qs, shift), nibbles(qh, j), t0, t1);
+        hi = lookup5(nibbles(qs + 16, shift), nibbles(qh + 16, j), t0, t1);
 #else
         decode_via_array<FmtQ5_K>(row, c, lo, hi);
 #endif
@@ -426,7 +485,8 @@ struct FmtQ5_K {
 };
 
 struct FmtQ6_K {
-    static constexpr int kBlock = 256, kBytes = 210;
+    static constexpr int kBlock = 256, kBytes = 210, kScales = 0;
+    static constexpr bool kPermuted = false;
     // Chunk j of a super-block: low 4 bits from ql (byte, nibble), high 2 bits from qh.
     struct Where { const uint8_t* ql; const uint8_t* qh; int lshift, hshift; float dlo, dhi; };
     static Where where(const uint8_t* row, i64 c) {
@@ -444,7 +504,7 @@ struct FmtQ6_K {
             w[i] = float(q - 32) * (i < 16 ? p.dlo : p.dhi);
         }
     }
-    static void decode(const uint8_t* row, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const Where p = where(row, c);
         const __m128i ls = _mm_cvtsi32_si128(p.lshift), hs = _mm_cvtsi32_si128(p.hshift);
@@ -466,32 +526,66 @@ struct FmtQ6_K {
 // Kernels
 // ---------------------------------------------------------------------------------------------
 struct Problem {
-    const float* x;    // (T, K)
+    const float* x;    // (T, K), kSigma-permuted within each 16-group for kPermuted formats
     const uint8_t* w;  // N rows of row_bytes
     float* out;        // (T, N)
     i64 T, N, K, row_bytes;
 };
 
 constexpr int kRows = 4;        // rows of W per work item
-constexpr int kDirectMaxT = 4;  // T up to this: decode into registers; above: fp32 panel + microkernel
+constexpr int kDirectMaxT = 3;  // T up to this: decode into registers; above: fp32 panel + microkernel
 constexpr int kPanelT = 6;      // rows of x per microkernel tile
 
 template <class F> constexpr bool kHasTail = F::kBlock == 1;
 
+// Per-thread scratch, 64-byte aligned (whole cache lines per vector), grown on demand.
+class Scratch {
+public:
+    Scratch() = default;
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() { std::free(data_); }
+    float* get(i64 n) {
+        if (n > size_) {
+            std::free(data_);
+            size_ = (n + 15) / 16 * 16;
+            data_ = static_cast<float*>(std::aligned_alloc(64, size_t(size_) * sizeof(float)));
+            if (!data_) std::abort();
+        }
+        return data_;
+    }
+
+private:
+    float* data_ = nullptr;
+    i64 size_ = 0;
+};
+
+template <class F>
+void prepare_rows(const Problem& p, i64 n0, int nrows, float* scales) {
+    if constexpr (F::kScales > 0) {
+        const i64 chunks = p.K / 32;
+        for (int r = 0; r < nrows; ++r) F::prepare(p.w + (n0 + r) * p.row_bytes, chunks, scales + r * chunks * F::kScales);
+    }
+}
+
 // Direct path: R rows of W times TT rows of x, weights decoded straight into registers.
 template <class F, int R, int TT>
-void direct_tile(const Problem& p, i64 n0, i64 t0) {
+void direct_tile(const Problem& p, const float* scales, i64 n0, i64 t0) {
     V acc[R][TT];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
-    const uint8_t* rows[R];
-    for (int r = 0; r < R; ++r) rows[r] = p.w + (n0 + r) * p.row_bytes;
-    const float* xs = p.x + t0 * p.K;
     const i64 chunks = p.K / 32;
+    const uint8_t* rows[R];
+    const float* sc[R];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = p.w + (n0 + r) * p.row_bytes;
+        sc[r] = scales + r * chunks * F::kScales;
+    }
+    const float* xs = p.x + t0 * p.K;
     for (i64 c = 0; c < chunks; ++c) {
         for (int r = 0; r < R; ++r) {
             V lo, hi;
-            F::decode(rows[r], c, lo, hi);
+            F::decode(rows[r], sc[r], c, lo, hi);
             for (int t = 0; t < TT; ++t) {
                 const float* xc = xs + t * p.K + c * 32;
                 acc[r][t] = vfma(vload(xc), lo, acc[r][t]);
@@ -521,27 +615,32 @@ void direct_tile(const Problem& p, i64 n0, i64 t0) {
 
 template <class F, int R>
 void direct_rows(const Problem& p, i64 n0) {
-    i64 t0 = 0;
-    for (; t0 + kDirectMaxT <= p.T; t0 += kDirectMaxT) direct_tile<F, R, kDirectMaxT>(p, n0, t0);
-    switch (p.T - t0) {
-        case 1: direct_tile<F, R, 1>(p, n0, t0); break;
-        case 2: direct_tile<F, R, 2>(p, n0, t0); break;
-        case 3: direct_tile<F, R, 3>(p, n0, t0); break;
+    thread_local Scratch buf;
+    float* scales = buf.get(R * (p.K / 32) * F::kScales);
+    prepare_rows<F>(p, n0, R, scales);
+    switch (p.T) {  // T <= kDirectMaxT
+        case 1: direct_tile<F, R, 1>(p, scales, n0, 0); break;
+        case 2: direct_tile<F, R, 2>(p, scales, n0, 0); break;
+        case 3: direct_tile<F, R, 3>(p, scales, n0, 0); break;
         default: break;
     }
 }
 
-// Panel path: decode R rows into fp32 scratch (zero-padded to whole chunks), then a
+// Panel path: decode rows into fp32 scratch (zero-padded to whole chunks), then a
 // format-independent microkernel. Per-element FMA order is the same as the direct path.
 template <class F>
 void decode_rows(const Problem& p, i64 n0, int nrows, float* panel, i64 kpad) {
+    thread_local Scratch buf;
     const i64 chunks = p.K / 32;
+    float* scales = buf.get(nrows * chunks * F::kScales);
+    prepare_rows<F>(p, n0, nrows, scales);
     for (int r = 0; r < nrows; ++r) {
         const uint8_t* row = p.w + (n0 + r) * p.row_bytes;
+        const float* sc = scales + r * chunks * F::kScales;
         float* dst = panel + r * kpad;
         for (i64 c = 0; c < chunks; ++c) {
             V lo, hi;
-            F::decode(row, c, lo, hi);
+            F::decode(row, sc, c, lo, hi);
             vstore(dst + c * 32, lo);
             vstore(dst + c * 32 + 16, hi);
         }
@@ -606,10 +705,9 @@ void run_groups(const Problem& p, i64 g0, i64 g1) {
         for (; n < n_end; ++n) direct_rows<F, 1>(p, n);
         return;
     }
-    thread_local std::vector<float> scratch;
+    thread_local Scratch buf;
     const i64 kpad = (p.K + 31) / 32 * 32;
-    if (scratch.size() < size_t(kRows * kpad)) scratch.resize(size_t(kRows * kpad));
-    float* panel = scratch.data();
+    float* panel = buf.get(kRows * kpad);
     for (i64 n = g0 * kRows; n < n_end; n += kRows) {
         const int nrows = n + kRows <= n_end ? kRows : int(n_end - n);
         decode_rows<F>(p, n, nrows, panel, kpad);
@@ -619,6 +717,15 @@ void run_groups(const Problem& p, i64 g0, i64 g1) {
             for (int r = 0; r < nrows; ++r) panel_rows<1>(p, panel + r * kpad, kpad, n + r);
         }
     }
+}
+
+// x with each 16-group of every row permuted by kSigma (K is a multiple of 32 for those formats).
+const float* permute_x(const float* x, i64 T, i64 K) {
+    thread_local Scratch buf;
+    float* dst = buf.get(T * K);
+    for (i64 g = 0; g < T * K; g += 16)
+        for (int l = 0; l < 16; ++l) dst[g + l] = x[g + kSigma[l]];
+    return dst;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -750,12 +857,13 @@ private:
 // ---------------------------------------------------------------------------------------------
 struct FormatEntry {
     int type, block, bytes;
+    bool permuted;
     Pool::Fn run;
 };
 
 template <class F>
 FormatEntry entry(int type) {
-    return {type, F::kBlock, F::kBytes,
+    return {type, F::kBlock, F::kBytes, F::kPermuted,
             [](const void* ctx, i64 g0, i64 g1) { run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1); }};
 }
 
@@ -798,7 +906,7 @@ QL_EXPORT int ql_linear(void* pool, int type, const float* x, const uint8_t* w, 
     if (!e) return 1;
     if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
     if (T == 0) return 0;
-    const Problem p{x, w, out, T, N, K, K / e->block * e->bytes};
+    const Problem p{e->permuted ? permute_x(x, T, K) : x, w, out, T, N, K, K / e->block * e->bytes};
     Pool* pl = static_cast<Pool*>(pool);
     const i64 groups = (N + kRows - 1) / kRows;
     // Claim about 16 KiB of weights (or at least one group) at a time, finer when there are few.
