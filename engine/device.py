@@ -15,7 +15,9 @@ class CpuDevice:
 
     def __init__(self, threads: int | None = None):
         self.threads = threads or torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        # torch only runs the small per-token ops (norms, rope, attention over a few heads): one thread
+        # avoids its OpenMP team fighting the kernel pool for the same cores.
+        torch.set_num_threads(1)
         self.kernels = cpu_kernels.available()
         if self.kernels:
             cpu_kernels.set_num_threads(self.threads)

@@ -75,7 +75,8 @@ class Model:
         self._cache: KVCache | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None) -> "Model":
+    def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None,
+             trace: str | None = None) -> "Model":
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -91,6 +92,12 @@ class Model:
         device = CpuDevice(threads)
         weights = MappedWeights(f, layouts)
         return cls(f, spec, device, weights, tok, n_ctx, time.perf_counter() - t0)
+
+    def plan_summary(self) -> str:
+        return "all layers resident (memory-mapped)"
+
+    def close(self) -> None:
+        pass
 
     # -- raw forward ---------------------------------------------------------------------------
     def _kv(self, batch: int) -> KVCache:

@@ -83,15 +83,25 @@ class Llama:
         cache.v[layer, :, :, start:end] = v.transpose(1, 2)
         keys = cache.k[layer, :, :, :end]  # (B, Hkv, L, hd)
         vals = cache.v[layer, :, :, :end]
-        mask = None
-        if T > 1:
-            mask = torch.ones(T, end, dtype=torch.bool).tril(start)  # query t sees keys <= start + t
-        att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask, scale=self.scale,
-                                             enable_gqa=True)  # (B, H, T, hd)
-        x = x + lin(att.transpose(1, 2).reshape(B, T, s.q_dim), w.attn_output)
+        att = self.attend(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end], start)  # (B, T, H, hd)
+        x = x + lin(att.reshape(B, T, s.q_dim), w.attn_output)
         h = F.rms_norm(x, (s.dim,), w.ffn_norm, s.rms_eps)
         a = F.silu(lin(h, w.ffn_gate)) * lin(h, w.ffn_up)  # (B, T, ffn)
         return x + lin(a, w.ffn_down)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, start: int) -> torch.Tensor:
+        """Causal GQA: q (B, T, H, hd), keys/vals (B, Hkv, L, hd) with L = start + T -> (B, T, H, hd)."""
+        B, T, H, hd = q.shape
+        Hkv, L = keys.shape[1], keys.shape[2]
+        g = H // Hkv
+        qg = q.view(B, T, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * T, hd)  # (B, Hkv, g*T, hd)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # (B, Hkv, g*T, L)
+        if T > 1:  # query t (row g*T + t) sees keys 0..start+t
+            future = torch.ones(T, L, dtype=torch.bool).triu_(start + 1)
+            scores.view(B, Hkv, g, T, L).masked_fill_(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, vals)  # (B, Hkv, g*T, hd)
+        return out.view(B, Hkv, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(x, (self.spec.dim,), self.glob.output_norm, self.spec.rms_eps)

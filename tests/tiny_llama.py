@@ -1,0 +1,151 @@
+"""Tiny random-weight llama GGUFs written with gguf.GGUFWriter, and an independent float64 reference
+forward (numpy, no engine code) on the weights as gguf-py dequantizes them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, GGUFWriter, dequantize, quantize
+from gguf.constants import GGML_QUANT_SIZES
+
+from vocab_models import bpe_vocab
+
+# K-quant blocks are random bytes with their fp16 super-block scales overwritten by these values
+# (byte offset of d, of dmin or None, scale) so the weights stay in a sane range.
+_KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208, None, 3e-5)}
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    n_layers: int = 2
+    dim: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn: int = 512
+    rope_base: float = 10000.0
+    eps: float = 1e-5
+    ctx: int = 128
+    rope_freqs: bool = False
+    tied: bool = True
+    fmt: tuple[QT, ...] = (QT.Q8_0,)  # cycled over the block matrices
+    embd_fmt: QT = QT.Q8_0
+    seed: int = 0
+
+
+def _quantized(rng: np.random.Generator, shape: tuple[int, int], qt: QT) -> np.ndarray:
+    if qt in _KQUANT_SCALES:
+        bs, ts = GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, size=(shape[0], shape[1] // bs, ts), dtype=np.uint8)
+        d_off, m_off, scale = _KQUANT_SCALES[qt]
+        for off in (d_off, m_off):
+            if off is not None:
+                vals = (rng.uniform(0.5, 1.5, size=raw.shape[:2]) * scale).astype(np.float16)
+                raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(*raw.shape[:2], 2)
+        return raw.reshape(shape[0], -1)
+    w = rng.standard_normal(shape).astype(np.float32) * 0.08
+    return quantize(w, qt)
+
+
+def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+    rng = np.random.default_rng(cfg.seed)
+    voc = bpe_vocab()
+    vocab = len(voc["tokens"])
+    hd = cfg.dim // cfg.n_heads
+    w = GGUFWriter(str(path), arch="llama")
+    w.add_context_length(cfg.ctx)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.eps)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model(voc["model"])
+    w.add_tokenizer_pre(voc["pre"])
+    w.add_token_list(voc["tokens"])
+    w.add_token_types(voc["types"])
+    w.add_token_merges(voc["merges"])
+    w.add_bos_token_id(voc["bos"])
+    w.add_eos_token_id(voc["eos"])
+
+    def mat(name, shape, qt):
+        w.add_tensor(name, _quantized(rng, shape, qt), raw_dtype=qt)
+
+    def vec(name, n, around=1.0):
+        w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    mat("token_embd.weight", (vocab, cfg.dim), cfg.embd_fmt)
+    if cfg.rope_freqs:
+        w.add_tensor("rope_freqs.weight", rng.uniform(1.0, 8.0, hd // 2).astype(np.float32))
+    q, kv = cfg.dim, cfg.n_kv_heads * hd
+    shapes = {"attn_q": (q, cfg.dim), "attn_k": (kv, cfg.dim), "attn_v": (kv, cfg.dim),
+              "attn_output": (cfg.dim, q), "ffn_gate": (cfg.ffn, cfg.dim), "ffn_up": (cfg.ffn, cfg.dim),
+              "ffn_down": (cfg.dim, cfg.ffn)}
+    k = 0
+    for i in range(cfg.n_layers):
+        vec(f"blk.{i}.attn_norm.weight", cfg.dim)
+        for role, shape in shapes.items():
+            mat(f"blk.{i}.{role}.weight", shape, cfg.fmt[k % len(cfg.fmt)])
+            k += 1
+        vec(f"blk.{i}.ffn_norm.weight", cfg.dim)
+    vec("output_norm.weight", cfg.dim)
+    if not cfg.tied:
+        mat("output.weight", (vocab, cfg.dim), cfg.embd_fmt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
+    """Float64 forward of a llama GGUF from gguf-py's dequantized weights -> (T, vocab)."""
+    r = GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
+    dim, nh = meta["llama.embedding_length"], meta["llama.attention.head_count"]
+    nkv, eps = meta["llama.attention.head_count_kv"], meta["llama.attention.layer_norm_rms_epsilon"]
+    base, L = meta["llama.rope.freq_base"], meta["llama.block_count"]
+    hd = dim // nh
+    T = len(tokens)
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    inv = base ** (-np.arange(hd // 2) * 2.0 / hd)
+    if "rope_freqs.weight" in W:
+        inv = inv / W["rope_freqs.weight"]
+    ang = np.arange(T)[:, None] * inv[None, :]  # (T, hd/2)
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+
+    def rope(x):  # (T, H, hd), rotating adjacent pairs (2i, 2i+1)
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+        return out
+
+    x = W["token_embd.weight"][tokens]  # (T, dim)
+    causal = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(L):
+        p = f"blk.{i}."
+        h = norm(x, W[p + "attn_norm.weight"])
+        q = rope((h @ W[p + "attn_q.weight"].T).reshape(T, nh, hd))
+        k = rope((h @ W[p + "attn_k.weight"].T).reshape(T, nkv, hd))
+        v = (h @ W[p + "attn_v.weight"].T).reshape(T, nkv, hd)
+        rep = nh // nkv
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # head j uses kv head j // rep
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + causal
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        att = np.einsum("hts,shd->thd", s, v).reshape(T, dim)
+        x = x + att @ W[p + "attn_output.weight"].T
+        h = norm(x, W[p + "ffn_norm.weight"])
+        g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
+    out = W.get("output.weight", W["token_embd.weight"])
+    return norm(x, W["output_norm.weight"]) @ out.T
