@@ -7,8 +7,11 @@ __all__ = ["load", "EngineError", "ModelFormatError"]
 __version__ = "0.1.0"
 
 
-def load(path, config=None):
-    """Load a GGUF model and return an `engine.model.Model` ready to generate."""
+def load(path, config=None, **options):
+    """Load a GGUF model and return an `engine.model.Model` ready to generate.
+
+    `config`: a tier config (YAML path, dict or TierConfig); options: n_ctx, threads, trace.
+    """
     from .model import Model
 
-    return Model.load(path, config=config)
+    return Model.load(path, config=config, **options)

@@ -192,7 +192,56 @@ def tokens_section() -> dict:
     return {"llama_cpp_python": llama_cpp.__version__, "smollm2_file": SMOLLM2_FILE, "models": models}
 
 
-SECTIONS = {"tokens": ("llamacpp_tokens.json", tokens_section)}
+LOGIT_PROMPTS = {
+    "short": "The capital of France is",
+    "long": (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nI am planning a three-day trip to Lisbon in late spring with two friends who love "
+        "food, old neighbourhoods and the sea. We do not want to rent a car. Could you suggest a simple plan "
+        "for each day, with one place to eat, and tell us how to get around the city cheaply?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+}
+N_GREEDY = 64
+TOP = 5
+
+
+def _top(row, k: int = TOP) -> dict:
+    ids = sorted(range(len(row)), key=lambda i: -row[i])[:k]
+    return {"ids": ids, "logits": [float(row[i]) for i in ids]}
+
+
+def logits_section() -> dict:
+    """llama.cpp's greedy continuation of each prompt on SmolLM2 (n_threads=2, temperature 0): the tokens,
+    the top-5 logits at every step of its one-token decode path, and its generated text."""
+    import numpy as np
+
+    llm = llama_cpp.Llama(str(smollm2_path()), n_ctx=512, n_threads=2, n_batch=512, logits_all=True,
+                          seed=0, verbose=False)
+    prompts = {}
+    for name, text in LOGIT_PROMPTS.items():
+        prompt = llm.tokenize(text.encode(), add_bos=False, special=True)
+        llm.reset()
+        llm.eval(prompt)
+        steps, toks = [], []
+        row = np.asarray(llm.scores[len(prompt) - 1])
+        for _ in range(N_GREEDY):
+            top = _top(row)
+            steps.append(top)
+            tok = top["ids"][0]
+            toks.append(tok)
+            llm.eval([tok])
+            row = np.asarray(llm.scores[len(prompt) + len(toks) - 1])
+        prompts[name] = {
+            "text": text, "prompt_ids": prompt, "greedy_ids": toks,
+            "greedy_text": llm.detokenize(toks).decode("utf-8", errors="replace"), "steps": steps,
+        }
+    return {"llama_cpp_python": llama_cpp.__version__, "smollm2_file": SMOLLM2_FILE, "n_threads": 2,
+            "prompts": prompts}
+
+
+SECTIONS = {"tokens": ("llamacpp_tokens.json", tokens_section),
+            "logits": ("llamacpp_smollm2_logits.json", logits_section)}
 
 
 def _dumps(obj: object, indent: str = "") -> str:

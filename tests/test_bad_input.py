@@ -1,0 +1,155 @@
+"""Bad model files raise typed errors naming the file and the field; the CLI prints one line."""
+from __future__ import annotations
+
+import hashlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+
+import engine
+from engine.errors import ModelFormatError, TokenizerError, UnsupportedModelError
+from tiny_llama import TinyConfig, write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("bad") / "good.gguf", TinyConfig(n_layers=1))
+
+
+def variant(good, tmp_path, edit) -> str:
+    data = bytearray(good.read_bytes())
+    data = edit(data)
+    out = tmp_path / "variant.gguf"
+    out.write_bytes(bytes(data))
+    return str(out)
+
+
+def tensor_type_pos(data: bytearray, name: str) -> int:
+    """Byte position of the ggml type field of tensor `name` in the header."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    pos = data.index(key) + len(key)
+    n_dims = struct.unpack_from("<I", data, pos)[0]
+    return pos + 4 + 8 * n_dims
+
+
+def load_error(path):
+    with pytest.raises(engine.EngineError) as ei:
+        engine.load(path)
+    return ei.value
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    e = load_error(p)
+    assert type(e) is ModelFormatError and e.field == "magic" and str(p) in str(e)
+
+
+def test_tiny_and_missing_files(tmp_path):
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"GGUF")
+    assert isinstance(load_error(p), ModelFormatError)
+    e = load_error(tmp_path / "absent.gguf")
+    assert isinstance(e, ModelFormatError) and "absent.gguf" in str(e)
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.9])
+def test_truncated_file(good, tmp_path, keep):
+    path = variant(good, tmp_path, lambda d: d[:int(len(d) * keep)])
+    e = load_error(path)
+    assert isinstance(e, ModelFormatError) and e.path == path and e.field
+    assert "past the end" in str(e) or "truncated" in str(e)
+
+
+def test_truncated_header(good, tmp_path):
+    e = load_error(variant(good, tmp_path, lambda d: d[:2000]))
+    assert "truncated" in str(e) and e.field  # names the metadata key being read
+
+
+def test_unknown_tensor_type(good, tmp_path):
+    def edit(d):
+        struct.pack_into("<I", d, tensor_type_pos(d, "blk.0.attn_q.weight"), 97)
+        return d
+
+    e = load_error(variant(good, tmp_path, edit))
+    assert isinstance(e, UnsupportedModelError) and e.field == "blk.0.attn_q.weight" and "97" in str(e)
+
+
+def test_known_but_unsupported_type(tmp_path):
+    p = write_tiny_llama(tmp_path / "q2k.gguf", TinyConfig(n_layers=1, fmt=(QT.Q8_0,)))
+    d = bytearray(p.read_bytes())
+    struct.pack_into("<I", d, tensor_type_pos(d, "blk.0.attn_q.weight"), int(QT.Q2_K))
+    p.write_bytes(bytes(d))
+    e = load_error(p)
+    assert isinstance(e, UnsupportedModelError) and e.field == "blk.0.attn_q.weight"
+
+
+def test_shape_metadata_mismatch(good, tmp_path):
+    def edit(d):  # claim a wider model than the tensors are
+        key = b"llama.feed_forward_length"
+        pos = d.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4
+        struct.pack_into("<I", d, pos, 1024)
+        return d
+
+    e = load_error(variant(good, tmp_path, edit))
+    assert isinstance(e, ModelFormatError) and e.field.startswith("blk.0.ffn_") and "shape" in str(e)
+
+
+def test_missing_required_metadata(good, tmp_path):
+    def edit(d):  # rename the key so it is absent
+        key = b"llama.block_count"
+        pos = d.index(key)
+        d[pos:pos + len(key)] = b"llama.block_xxxxx"
+        return d
+
+    e = load_error(variant(good, tmp_path, edit))
+    assert isinstance(e, ModelFormatError) and e.field == "llama.block_count"
+
+
+def test_unsupported_architecture(tmp_path):
+    p = tmp_path / "gpt2.gguf"
+    w = GGUFWriter(str(p), arch="gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    e = load_error(p)
+    assert isinstance(e, UnsupportedModelError) and e.field == "general.architecture" and "gpt2" in str(e)
+
+
+def test_missing_tokenizer(good, tmp_path):
+    def edit(d):
+        for key in (b"tokenizer.ggml.tokens", b"tokenizer.ggml.model"):
+            pos = d.index(key)
+            d[pos:pos + len(key)] = key.replace(b"tokenizer", b"tokenixer")
+        return d
+
+    e = load_error(variant(good, tmp_path, edit))
+    assert isinstance(e, TokenizerError) and e.field.startswith("tokenizer.ggml")
+
+
+def test_model_file_is_never_written(good):
+    before = hashlib.sha256(good.read_bytes()).hexdigest()
+    m = engine.load(good)
+    m.logits([1, 2, 3])
+    list(m.generate([1, 2], max_tokens=3, temperature=0))
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("args", [["--model", "MISSING"], ["--model", "BAD"], ["--max-tokens", "-1", "--model", "GOOD"]])
+def test_cli_prints_one_line_and_exits_nonzero(good, tmp_path, args):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 40)
+    subst = {"MISSING": str(tmp_path / "nope.gguf"), "BAD": str(bad), "GOOD": str(good)}
+    r = subprocess.run([sys.executable, "-m", "engine.generate", "hi", *[subst.get(a, a) for a in args]],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
