@@ -1,0 +1,100 @@
+"""The kernels on a real CUDA device (cupy.RawModule) against gguf-py + float64. Skipped without one.
+
+Run with: pytest -m gpu tests/test_kernels_gpu.py
+"""
+from __future__ import annotations
+
+import zlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from engine.cuda.kernels import FORMATS, KernelLibrary
+
+pytestmark = pytest.mark.gpu
+
+
+def _device_ready() -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1 or not torch.cuda.is_available():
+            return "no CUDA device"
+    except Exception as e:  # no driver
+        return f"no CUDA device ({e})"
+    return None
+
+
+_reason = _device_ready()
+if _reason:
+    pytest.skip(_reason, allow_module_level=True)
+
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def _weights(fmt: str, n: int, k: int, rng) -> np.ndarray:
+    spec = FORMATS[fmt]
+    if fmt in K_QUANTS:
+        raw = rng.integers(0, 256, size=(n, spec.row_nbytes(k)), dtype=np.uint8)
+        blocks = raw.reshape(n, -1, spec.type_size)
+        count = 1 if fmt == "Q6_K" else 2
+        scales = (rng.standard_normal(blocks.shape[:2] + (count,)) * 0.02).astype(np.float16).view(np.uint8)
+        if fmt == "Q6_K":
+            blocks[:, :, 208:210] = scales
+        else:
+            blocks[:, :, 0:4] = scales
+        return raw
+    values = rng.standard_normal((n, k)).astype(np.float32)
+    return np.ascontiguousarray(gguf.quants.quantize(values, gguf.GGMLQuantizationType[fmt]).view(np.uint8)).reshape(n, -1)
+
+
+@pytest.fixture(scope="module")
+def lib() -> KernelLibrary:
+    return KernelLibrary()
+
+
+@pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_gemv_on_device(lib, fmt, xdtype):
+    rng = np.random.default_rng(zlib.crc32(f"{fmt}{xdtype}".encode()))
+    n, k = 333, 4096
+    raw = _weights(fmt, n, k, rng)
+    wf = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k).astype(np.float64)
+    w = torch.from_numpy(raw).cuda()
+    stream = torch.cuda.Stream()
+    for t in range(1, 9):
+        x = torch.randn((t, k), dtype=torch.float32).to(xdtype).cuda()
+        y = lib.gemv(x, w, fmt, n, k, stream=stream)
+        stream.synchronize()
+        xe = x.float().cpu().double().numpy()
+        ref, mag = xe @ wf.T, np.abs(xe) @ np.abs(wf).T
+        err = np.abs(y.cpu().double().numpy() - ref)
+        assert (err <= 1e-5 * mag + 1e-30).all(), (fmt, t, float((err / mag).max()))
+
+
+@pytest.mark.parametrize("odtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_dequant_on_device_bit_exact(lib, fmt, odtype):
+    rng = np.random.default_rng(5)
+    n, k = 129, 2048
+    raw = _weights(fmt, n, k, rng)
+    wf = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k).astype(np.float32)
+    out = lib.dequantize(torch.from_numpy(raw).cuda(), fmt, n, k, dtype=odtype)
+    torch.cuda.synchronize()
+    expect = torch.from_numpy(wf).to(odtype)  # torch's fp32 -> fp16/bf16 is round-to-nearest-even
+    assert torch.equal(out.cpu().view(torch.int16), expect.view(torch.int16))
+
+
+def test_device_matches_reference_path(lib):
+    pytest.importorskip("engine.formats")
+    rng = np.random.default_rng(1)
+    n, k = 64, 1024
+    raw = torch.from_numpy(_weights("Q5_K", n, k, rng)).cuda()
+    x = torch.randn((4, k), dtype=torch.float16, device="cuda")
+    got = lib.gemv(x, raw, "Q5_K", n, k)
+    ref = lib.gemv(x, raw, "Q5_K", n, k, reference=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
