@@ -12,7 +12,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import KernelError
 
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,7 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 class Kernels:
-    """One loaded library plus its thread pool."""
+    """One loaded library plus the thread count its calls use (threads come from OpenMP)."""
 
     def __init__(self, lib_path: Path, threads: int):
         lib = ctypes.CDLL(str(lib_path))
@@ -51,11 +51,7 @@ class Kernels:
             ("ql_abi_version", _int, ()),
             ("ql_isa", _int, ()),
             ("ql_format_info", _int, (_int, ctypes.POINTER(_int), ctypes.POINTER(_int))),
-            ("ql_pool_new", _vp, (_int,)),
-            ("ql_pool_free", None, (_vp,)),
-            ("ql_pool_set_threads", None, (_vp, _int)),
-            ("ql_pool_threads", _int, (_vp,)),
-            ("ql_linear", _int, (_vp, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
+            ("ql_linear", _int, (_int, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -67,24 +63,15 @@ class Kernels:
                     or (block.value, nbytes.value) != (info.block, info.nbytes):
                 raise KernelError(f"{lib_path}: format {name} layout disagrees with gguf "
                                   f"({block.value}, {nbytes.value}) != ({info.block}, {info.nbytes})")
-        self._lib = lib
         self._call = lib.ql_linear
-        self._pool = lib.ql_pool_new(max(1, int(threads)))
         self.isa = "avx512" if lib.ql_isa() == 512 else "portable"
-
-    def __del__(self):
-        pool, self._pool = getattr(self, "_pool", None), None
-        if pool:
-            self._lib.ql_pool_free(pool)
-
-    @property
-    def num_threads(self) -> int:
-        return self._lib.ql_pool_threads(self._pool)
+        self.num_threads = 1
+        self.set_num_threads(threads)
 
     def set_num_threads(self, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if type(n) is not int or n < 1:
             raise KernelError(f"thread count must be a positive int, got {n!r}", field="n")
-        self._lib.ql_pool_set_threads(self._pool, n)
+        self.num_threads = n
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,7 +108,7 @@ class Kernels:
             if t and (_overlaps(span, _span(x)) or _overlaps(span, _span(w))):
                 raise KernelError("must not overlap x or w", field="out")
         if t:
-            rc = self._call(self._pool, info.type_id, x.data_ptr(), w.data_ptr(), out.data_ptr(), t, n, k)
+            rc = self._call(self.num_threads, info.type_id, x.data_ptr(), w.data_ptr(), out.data_ptr(), t, n, k)
             if rc:
                 raise KernelError(f"kernel rejected {fmt} ({n}, {k}) x ({t}, {k}) (code {rc})")
         return out

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Benchmark engine.cpu.linear on SmolLM2-135M-shaped matrices against torch, in one run.
+
+For each matrix and T (rows of x) it reports the wall time per call, weight GB/s, GFLOP/s of
+  kernel : engine.cpu.linear on the raw GGUF bytes
+  mm     : torch.mm on weights already dequantized to fp32 (what a dequantized cache would cost)
+  dq+mm  : gguf.quants.dequantize to fp32, then torch.mm (what the fallback path costs per call)
+Measurements are interleaved round by round so machine noise hits all columns alike; the
+ratio columns are the meaningful numbers on a shared machine. Also printed: memory bandwidth
+(large torch copy / sum) and a kernel-only decode estimate for the whole model (30 blocks + head).
+
+    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.cpu.launcher import default_kernels  # noqa: E402
+
+# (name, N, K, format, count per token): one SmolLM2-135M block (x30) and the tied output head.
+SHAPES = (
+    ("attn_q/o", 576, 576, "Q4_1", 60),
+    ("attn_k/v", 192, 576, "Q4_1", 60),
+    ("ffn_gate/up", 1536, 576, "Q4_1", 60),
+    ("ffn_down", 576, 1536, "Q4_1", 30),
+    ("output", 49152, 576, "Q8_0", 1),
+)
+TS = (1, 8, 128)
+
+
+def timed(fn, min_time: float) -> float:
+    """Seconds per call: calls are batched until a batch lasts min_time."""
+    fn()
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time:
+            return dt / n
+        n = max(n * 2, int(n * min_time / max(dt, 1e-9)) + 1)
+
+
+def bandwidth(threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    a = torch.ones(64 << 20)  # 256 MiB of fp32
+    b = torch.empty_like(a)
+    copy = min(timed(lambda: b.copy_(a), 0.2) for _ in range(3))
+    read = min(timed(lambda: a.sum(), 0.2) for _ in range(3))
+    return {"copy_GBps": 2 * a.numel() * 4 / copy / 1e9, "read_GBps": a.numel() * 4 / read / 1e9}
+
+
+def bench_shape(kern, name, n, k, fmt, t, rounds, min_time, rng) -> dict:
+    qtype = GGMLQuantizationType[fmt]
+    raw = quantize(rng.standard_normal((n, k), dtype=np.float32), qtype)
+    w = torch.from_numpy(raw.reshape(-1))
+    w32 = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))
+    x = torch.randn(t, k)
+    out = torch.empty(t, n)
+    cases = {
+        "kernel": lambda: kern.linear(x, w, fmt, n, k, out),
+        "mm": lambda: torch.mm(x, w32.T, out=out),
+        "dq+mm": lambda: torch.mm(x, torch.from_numpy(dequantize(raw, qtype).reshape(n, k)).T, out=out),
+    }
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for _ in range(rounds):
+        for c, fn in cases.items():
+            times[c].append(timed(fn, min_time if c != "dq+mm" else min_time / 2))
+    rec = {"name": name, "N": n, "K": k, "fmt": fmt, "T": t, "weight_bytes": raw.nbytes}
+    for c, ts in times.items():
+        s = statistics.median(ts)
+        rec[c] = {"us": s * 1e6, "GBps": raw.nbytes / s / 1e9, "GFLOPs": 2 * t * n * k / s / 1e9}
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter timings")
+    args = ap.parse_args(argv)
+
+    kern = default_kernels()
+    kern.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    rounds, min_time = (3, 0.02) if args.quick else (5, 0.05)
+    rng = np.random.default_rng(0)
+
+    bw = bandwidth(args.threads)
+    print(f"threads={args.threads} isa={kern.isa} torch={torch.__version__}  memory: copy "
+          f"{bw['copy_GBps']:.1f} GB/s (read+write), sum {bw['read_GBps']:.1f} GB/s (read), 256 MiB")
+    hdr = (f"{'matrix':12s} {'N x K':>12s} {'fmt':5s} {'T':>4s} | {'kernel us':>10s} {'GB/s':>6s} {'GFLOP/s':>8s}"
+           f" | {'mm us':>9s} {'GFLOP/s':>8s} | {'dq+mm us':>9s} | {'mm/kern':>7s} {'dq+mm/kern':>10s}")
+    print(hdr)
+    print("-" * len(hdr))
+    records = []
+    for name, n, k, fmt, _ in SHAPES:
+        for t in TS:
+            r = bench_shape(kern, name, n, k, fmt, t, rounds, min_time, rng)
+            records.append(r)
+            kr, mm, dq = r["kernel"], r["mm"], r["dq+mm"]
+            print(f"{name:12s} {f'{n}x{k}':>12s} {fmt:5s} {t:4d} | {kr['us']:10.1f} {kr['GBps']:6.1f} "
+                  f"{kr['GFLOPs']:8.1f} | {mm['us']:9.1f} {mm['GFLOPs']:8.1f} | {dq['us']:9.0f} | "
+                  f"{mm['us'] / kr['us']:7.2f} {dq['us'] / kr['us']:10.1f}", flush=True)
+
+    per_token = {c: sum(r[c]["us"] * cnt for r in records if r["T"] == 1
+                        for name, _, _, _, cnt in SHAPES if name == r["name"]) for c in ("kernel", "mm", "dq+mm")}
+    weight_bytes = sum(r["weight_bytes"] * cnt for r in records if r["T"] == 1
+                       for name, _, _, _, cnt in SHAPES if name == r["name"])
+    print(f"\nSmolLM2-135M decode, linear layers only (T=1, 210 block matrices + head, "
+          f"{weight_bytes / 1e6:.0f} MB/token): kernel {per_token['kernel'] / 1e3:.2f} ms/token "
+          f"= {1e6 / per_token['kernel']:.0f} tok/s ({weight_bytes / per_token['kernel'] / 1e3:.1f} GB/s); "
+          f"torch mm on fp32 weights {per_token['mm'] / 1e3:.2f} ms/token")
+    if args.json:
+        doc = {"threads": args.threads, "isa": kern.isa, "bandwidth": bw, "results": records,
+               "decode_linear_ms_per_token": {c: v / 1e3 for c, v in per_token.items()}}
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
