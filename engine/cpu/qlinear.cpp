@@ -406,60 +406,84 @@ struct FmtQ5_1 {
 };
 
 // K-quants: 256-element super-blocks, chunk c = super-block c / 8, sub-block j = c % 8.
-struct FmtQ4_K {
-    static constexpr int kBlock = 256, kBytes = 144, kScales = 0;
-    static constexpr bool kPermuted = true;
-    static void scales(const uint8_t* sb, int j, float& ds, float& dm) {
-        int sc, mn;
-        kquant_scale_min(sb + 4, j, sc, mn);
-        ds = half_at(sb) * float(sc);
-        dm = half_at(sb + 2) * float(mn);
+// prepare() turns each super-block's fp16 d/dmin and packed sub-block scales into per-chunk floats:
+// Q4_K/Q5_K s[2c] = d * scale_j, s[2c+1] = dmin * min_j (Q6_K: see its prepare()).
+void prepare_kquant_scale_min(const uint8_t* row, i64 chunks, int bytes, float* s) {
+    for (i64 b = 0; b < chunks / 8; ++b) {
+        const uint8_t* sb = row + b * bytes;
+        const float d = half_at(sb), dmin = half_at(sb + 2);
+        float* o = s + 16 * b;
+#if QL_AVX512
+        // 12 packed bytes -> [scale_0..7, min_0..7] as bytes, then floats times [d x8, dmin x8].
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 4));
+        const __m128i a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+        const __m128i hb = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+        const __m128i lo = _mm_mask_blend_epi8(0xF000, a, _mm_srli_epi16(a, 4));  // mins 4..7: high nibbles
+        const __m128i low_bits = _mm_and_si128(lo, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+        const __m128i high_bits = _mm_and_si128(_mm_srli_epi16(hb, 2), _mm_set1_epi8(0x30));
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_or_si128(low_bits, high_bits)));
+        const __m512 scaled = _mm512_mul_ps(q, _mm512_insertf32x8(_mm512_set1_ps(d), _mm256_set1_ps(dmin), 1));
+        const __m512i interleave = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+        _mm512_storeu_ps(o, _mm512_permutexvar_ps(interleave, scaled));
+#else
+        for (int j = 0; j < 8; ++j) {
+            int sc, mn;
+            kquant_scale_min(sb + 4, j, sc, mn);
+            o[2 * j] = d * float(sc);
+            o[2 * j + 1] = dmin * float(mn);
+        }
+#endif
     }
+}
+
+struct FmtQ4_K {
+    static constexpr int kBlock = 256, kBytes = 144, kScales = 2;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_kquant_scale_min(row, chunks, kBytes, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
-        float ds, dm;
-        scales(sb, j, ds, dm);
+        int sc, mn;
+        kquant_scale_min(sb + 4, j, sc, mn);
+        const float ds = half_at(sb) * float(sc), dm = half_at(sb + 2) * float(mn);
         const uint8_t* qs = sb + 16 + (j >> 1) * 32;
         const int shift = (j & 1) * 4;
         for (int i = 0; i < 32; ++i) w[i] = fmadd(float((qs[i] >> shift) & 15), ds, -dm);
     }
-    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
-        const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
-        float ds, dm;
-        scales(sb, j, ds, dm);
-        const __m512 table = _mm512_fmsub_ps(iota(), _mm512_set1_ps(ds), _mm512_set1_ps(dm));
-        const uint8_t* qs = sb + 16 + (j >> 1) * 32;
+        const uint8_t* qs = row + (c >> 3) * kBytes + 16 + (j >> 1) * 32;
+        const __m512 table = _mm512_fmsub_ps(iota(), _mm512_set1_ps(s[2 * c]), _mm512_set1_ps(s[2 * c + 1]));
         lo = lookup4(qs, (j & 1) * 4, table);
         hi = lookup4(qs + 16, (j & 1) * 4, table);
 #else
+        (void)s;
         decode_via_array<FmtQ4_K>(row, c, lo, hi);
 #endif
     }
 };
 
 struct FmtQ5_K {
-    static constexpr int kBlock = 256, kBytes = 176, kScales = 0;
+    static constexpr int kBlock = 256, kBytes = 176, kScales = 2;
     static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_kquant_scale_min(row, chunks, kBytes, s); }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
-        float ds, dm;
-        FmtQ4_K::scales(sb, j, ds, dm);
+        int sc, mn;
+        kquant_scale_min(sb + 4, j, sc, mn);
+        const float ds = half_at(sb) * float(sc), dm = half_at(sb + 2) * float(mn);
         const uint8_t* qh = sb + 16;
         const uint8_t* qs = sb + 48 + (j >> 1) * 32;
         const int shift = (j & 1) * 4;
         for (int i = 0; i < 32; ++i) w[i] = fmadd(float(((qs[i] >> shift) & 15) | (((qh[i] >> j) & 1) << 4)), ds, -dm);
     }
-    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7);
-        float ds, dm;
-        FmtQ4_K::scales(sb, j, ds, dm);
-        const __m512 vds = _mm512_set1_ps(ds), vdm = _mm512_set1_ps(dm);
+        const __m512 vds = _mm512_set1_ps(s[2 * c]), vdm = _mm512_set1_ps(s[2 * c + 1]);
         const __m512 t0 = _mm512_fmsub_ps(iota(), vds, vdm);
         const __m512 t1 = _mm512_fmsub_ps(_mm512_add_ps(iota(), _mm512_set1_ps(16.0f)), vds, vdm);
         const uint8_t* qh = sb + 16;
@@ -468,44 +492,71 @@ struct FmtQ5_K {
         lo = lookup5(nibbles(qs, shift), nibbles(qh, j), t0, t1);
         hi = lookup5(nibbles(qs + 16, shift), nibbles(qh + 16, j), t0, t1);
 #else
+        (void)s;
         decode_via_array<FmtQ5_K>(row, c, lo, hi);
 #endif
     }
 };
 
 struct FmtQ6_K {
-    static constexpr int kBlock = 256, kBytes = 210, kScales = 0;
-    static constexpr bool kPermuted = false;
-    // Chunk j of a super-block: low 4 bits from ql (byte, nibble), high 2 bits from qh.
-    struct Where { const uint8_t* ql; const uint8_t* qh; int lshift, hshift; float dlo, dhi; };
+    static constexpr int kBlock = 256, kBytes = 210, kScales = 4;
+    static constexpr bool kPermuted = true;
+    // s[4c .. 4c+3] = d*sc[2j], d*sc[2j+1], -32*d*sc[2j], -32*d*sc[2j+1] (the last two exact).
+    static void prepare(const uint8_t* row, i64 chunks, float* s) {
+        for (i64 b = 0; b < chunks / 8; ++b) {
+            const uint8_t* sb = row + b * kBytes;
+            const float d = half_at(sb + 208);
+            float* o = s + 32 * b;
+#if QL_AVX512
+            const __m512 ds = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(sb + 192)), _mm512_set1_ps(d));
+            const __m512 nds = _mm512_mul_ps(ds, _mm512_set1_ps(-32.0f));
+            const __m512i lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+            _mm512_storeu_ps(o, _mm512_permutex2var_ps(ds, lo, nds));
+            _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ds, _mm512_add_epi32(lo, _mm512_set1_epi32(8)), nds));
+#else
+            for (int j = 0; j < 8; ++j) {
+                for (int k = 0; k < 2; ++k) {
+                    o[4 * j + k] = d * float(int8_t(sb[192 + 2 * j + k]));
+                    o[4 * j + 2 + k] = o[4 * j + k] * -32.0f;
+                }
+            }
+#endif
+        }
+    }
+    // Chunk j of a super-block: low 4 bits from ql (bytes, nibble), high 2 bits from qh.
+    struct Where { const uint8_t* ql; const uint8_t* qh; int lshift, hshift; };
     static Where where(const uint8_t* row, i64 c) {
         const uint8_t* sb = row + (c >> 3) * kBytes;
         const int j = int(c & 7), h = j >> 2, jj = j & 3;
-        const float d = half_at(sb + 208);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
-        return {sb + h * 64 + (jj & 1) * 32, sb + 128 + h * 32, (jj >> 1) * 4, jj * 2,
-                d * float(sc[2 * j]), d * float(sc[2 * j + 1])};
+        return {sb + h * 64 + (jj & 1) * 32, sb + 128 + h * 32, (jj >> 1) * 4, jj * 2};
     }
     static void scalar(const uint8_t* row, i64 c, float* w) {
         const Where p = where(row, c);
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7);
+        const float d = half_at(sb + 208);
+        const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
         for (int i = 0; i < 32; ++i) {
             const int q = ((p.ql[i] >> p.lshift) & 15) | (((p.qh[i] >> p.hshift) & 3) << 4);
-            w[i] = float(q - 32) * (i < 16 ? p.dlo : p.dhi);
+            w[i] = float(q - 32) * (d * float(sc[2 * j + i / 16]));
         }
     }
-    static void decode(const uint8_t* row, const float*, i64 c, V& lo, V& hi) {
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const Where p = where(row, c);
-        const __m128i ls = _mm_cvtsi32_si128(p.lshift), hs = _mm_cvtsi32_si128(p.hshift);
-        const auto half = [&](int o, float d) {
-            const __m512i l = _mm512_and_si512(_mm512_srl_epi32(bytes_u32(p.ql + o), ls), _mm512_set1_epi32(15));
-            const __m512i h = _mm512_and_si512(_mm512_srl_epi32(bytes_u32(p.qh + o), hs), _mm512_set1_epi32(3));
-            const __m512i q = _mm512_sub_epi32(_mm512_or_si512(l, _mm512_slli_epi32(h, 4)), _mm512_set1_epi32(32));
-            return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d));
+        // q = low nibble | high 2 bits << 4 (kSigma lane order); (q - 32) * ds computed as
+        // fma(q, ds, -32 ds), which is the same single rounding of the same exact product.
+        const auto half = [&](int o, const float* sc) {
+            const __m512i l = _mm512_srlv_epi32(bcast16(p.ql + o), sigma_shift(p.lshift));
+            const __m512i h = _mm512_slli_epi32(_mm512_srlv_epi32(bcast16(p.qh + o), sigma_shift(p.hshift)), 4);
+            const __m512i q = _mm512_and_si512(_mm512_ternarylogic_epi32(_mm512_set1_epi32(15), l, h, 0xCA),
+                                               _mm512_set1_epi32(63));
+            return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc[0]), _mm512_set1_ps(sc[2]));
         };
-        lo = half(0, p.dlo);
-        hi = half(16, p.dhi);
+        lo = half(0, s + 4 * c);
+        hi = half(16, s + 4 * c + 1);
 #else
+        (void)s;
         decode_via_array<FmtQ6_K>(row, c, lo, hi);
 #endif
     }
