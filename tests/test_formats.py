@@ -35,14 +35,12 @@ def qtype(name: str) -> GGMLQuantizationType:
 
 
 def assert_bits_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
-    """Bit-for-bit equality of float32 arrays (NaN-aware: any NaN matches any NaN)."""
+    """Bit-for-bit equality of float32 arrays, NaN payloads and signed zeros included."""
     assert ours.dtype == torch.float32
-    a = ours.numpy()
-    b = np.ascontiguousarray(ref, dtype=np.float32)
+    a = ours.numpy().view(np.uint32)
+    b = np.ascontiguousarray(ref, dtype=np.float32).view(np.uint32)
     assert a.shape == b.shape
-    nan = np.isnan(a)
-    np.testing.assert_array_equal(nan, np.isnan(b))
-    bad = (a.view(np.uint32) != b.view(np.uint32)) & ~nan
+    bad = a != b
     assert not bad.any(), f"{bad.sum()} values differ, first at {np.argwhere(bad)[0]}: {a[bad][:4]} vs {b[bad][:4]}"
 
 

@@ -51,9 +51,9 @@ class Q6_K(QuantFormat):
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
         low = bit_planes(blocks[:, :128].reshape(-1, 2, 64), 4).reshape(-1, 16, 16)  # (m, 16, 16)
         high = bit_planes(blocks[:, 128:192].reshape(-1, 2, 32), 2).reshape(-1, 16, 16)
-        q = (low | (high << 4)).to(torch.float32).sub_(32)  # (m, 16, 16), exact small integers
+        q = (low | (high << 4)).view(torch.int8) - 32  # (m, 16, 16)
         scale = f16_field(blocks, 208) * blocks[:, 192:208].view(torch.int8)  # (m, 16)
-        torch.mul(scale.unsqueeze(-1), q, out=out.view(-1, 16, 16))
+        out.view(-1, 16, 16).copy_(q).mul_(scale.unsqueeze(-1))
 
 
 def _scale_shift(blocks: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
@@ -61,4 +61,4 @@ def _scale_shift(blocks: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> No
     sc, mn = k_scale_min(blocks[:, 4:16])  # (m, 8) each
     scale = (f16_field(blocks, 0) * sc).unsqueeze(-1)  # (m, 8, 1)
     shift = (f16_field(blocks, 2) * mn).unsqueeze(-1)
-    torch.mul(scale, q.to(torch.float32), out=out.view(-1, 8, 32)).sub_(shift)
+    out.view(-1, 8, 32).copy_(q).mul_(scale).sub_(shift)

@@ -1,8 +1,8 @@
 """The 32-element block formats: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
 
 Each float32 value is produced with the same operations, in the same order, as gguf-py:
-`d * q` for the symmetric formats, `(d * q) + m` for the *_1 formats (never a fused multiply-add),
-with d and m the block's fp16 fields converted exactly to float32.
+`d * q` for the symmetric formats, `(d * q) + m` for the *_1 formats, with d and m the block's
+fp16 fields converted exactly to float32 and q an exactly representable small integer.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from .unpack import bits_bytewise, f16_field, nibbles
 
 
 class Q8_0(QuantFormat):
-    """Block: d (fp16), 32 x int8."""
+    """Block: d (fp16), 32 x int8; value q * d."""
 
     __slots__ = ()
 
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        q = blocks[:, 2:].view(torch.int8).to(torch.float32)  # (m, 32)
-        torch.mul(q, f16_field(blocks, 0), out=out)
+        out.copy_(blocks[:, 2:].view(torch.int8)).mul_(f16_field(blocks, 0))  # (m, 32)
 
 
 class Q4_0(QuantFormat):
@@ -28,8 +27,8 @@ class Q4_0(QuantFormat):
     __slots__ = ()
 
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        q = nibbles(blocks[:, 2:]).to(torch.float32).sub_(8)  # (m, 32), exact small integers
-        torch.mul(f16_field(blocks, 0), q, out=out)
+        q = nibbles(blocks[:, 2:]).view(torch.int8) - 8  # (m, 32)
+        out.copy_(q).mul_(f16_field(blocks, 0))
 
 
 class Q4_1(QuantFormat):
@@ -38,8 +37,7 @@ class Q4_1(QuantFormat):
     __slots__ = ()
 
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        q = nibbles(blocks[:, 4:]).to(torch.float32)  # (m, 32)
-        torch.mul(f16_field(blocks, 0), q, out=out).add_(f16_field(blocks, 2))
+        out.copy_(nibbles(blocks[:, 4:])).mul_(f16_field(blocks, 0)).add_(f16_field(blocks, 2))  # (m, 32)
 
 
 class Q5_0(QuantFormat):
@@ -48,8 +46,8 @@ class Q5_0(QuantFormat):
     __slots__ = ()
 
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        q = _five_bit(blocks[:, 2:6], blocks[:, 6:]).to(torch.float32).sub_(16)  # (m, 32)
-        torch.mul(f16_field(blocks, 0), q, out=out)
+        q = _five_bit(blocks[:, 2:6], blocks[:, 6:]).view(torch.int8) - 16  # (m, 32)
+        out.copy_(q).mul_(f16_field(blocks, 0))
 
 
 class Q5_1(QuantFormat):
@@ -58,8 +56,8 @@ class Q5_1(QuantFormat):
     __slots__ = ()
 
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
-        q = _five_bit(blocks[:, 4:8], blocks[:, 8:]).to(torch.float32)  # (m, 32)
-        torch.mul(f16_field(blocks, 0), q, out=out).add_(f16_field(blocks, 2))
+        q = _five_bit(blocks[:, 4:8], blocks[:, 8:])  # (m, 32)
+        out.copy_(q).mul_(f16_field(blocks, 0)).add_(f16_field(blocks, 2))
 
 
 def _five_bit(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
