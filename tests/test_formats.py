@@ -110,7 +110,7 @@ def test_sizes_match_gguf(name):
         assert tensor_nbytes(name, shape) == tensor_nbytes(fmt, shape) == expected
 
 
-@pytest.mark.parametrize("t", [GGMLQuantizationType.Q4_K, 12, "Q4_K"])
+@pytest.mark.parametrize("t", [GGMLQuantizationType.Q4_K, 12, np.uint32(12), "Q4_K"])
 def test_format_for_accepts_enum_id_and_name(t):
     assert format_for(t) is FORMATS["Q4_K"]
 
@@ -125,7 +125,8 @@ def test_formats_are_immutable():
 
 # -- error paths --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("t, mentions", [(10, "Q2_K"), (999, "999"), ("Q2_K", "Q2_K"), ("q4_k", "q4_k"), (None, "None")])
+@pytest.mark.parametrize("t, mentions", [(10, "Q2_K"), (999, "999"), ("Q2_K", "Q2_K"), ("q4_k", "q4_k"), (None, "None"),
+                                        (True, "True"), (12.0, "12.0")])
 def test_unsupported_type_names_path_and_tensor(t, mentions):
     with pytest.raises(UnsupportedModelError) as e:
         format_for(t, path="/m/x.gguf", field="blk.3.ffn_up.weight")

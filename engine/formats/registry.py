@@ -1,6 +1,7 @@
 """The single table of supported formats and the lookups built on it."""
 from __future__ import annotations
 
+import operator
 import os
 from types import MappingProxyType
 from typing import Mapping, Sequence
@@ -37,14 +38,16 @@ def format_for(t: int | str | GGMLQuantizationType, *, path: str | os.PathLike |
                field: str | None = None) -> QuantFormat:
     """The format for a ggml type id, enum member or name; UnsupportedModelError if not supported."""
     if isinstance(t, str):
-        fmt = FORMATS.get(t)
-        what = repr(t)
-    elif isinstance(t, int) and not isinstance(t, bool):
-        fmt = _BY_TYPE.get(int(t))
-        what = _describe_type_id(int(t))
+        fmt, what = FORMATS.get(t), repr(t)
     else:
-        raise UnsupportedModelError(f"tensor type must be a ggml type id or name, got {t!r}",
-                                    path=path, field=field)
+        try:
+            type_id = operator.index(t) if not isinstance(t, bool) else None  # numpy ints welcome
+        except TypeError:
+            type_id = None
+        if type_id is None:
+            raise UnsupportedModelError(f"tensor type must be a ggml type id or name, got {t!r}",
+                                        path=path, field=field)
+        fmt, what = _BY_TYPE.get(type_id), _describe_type_id(type_id)
     if fmt is None:
         raise UnsupportedModelError(
             f"tensor type {what} is not supported (supported: {', '.join(FORMATS)})", path=path, field=field)
