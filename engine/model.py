@@ -15,22 +15,13 @@ from .gguf_file import GGUFFile
 from .models.llama import KVCache, Llama
 from .sampling import Sampler, SamplingParams
 from .spec import ModelSpec
-from .weights import LayerLayout, global_weights, layer_layout
+from .tiers.config import load_config
+from .tiers.io import FileReader
+from .tiers.runtime import Placement, build_weights, head_info
+from .tiers.trace import Tracer
+from .weights import layer_layout
 
 DEFAULT_CTX = 4096
-
-
-class MappedWeights:
-    """Every layer resident as zero-copy views of the memory-mapped file (the all-resident plan)."""
-
-    def __init__(self, f: GGUFFile, layouts: Sequence[LayerLayout]):
-        self._layers = [lay.bind(lambda info, _packed: f.view(info)) for lay in layouts]
-
-    def layer(self, i: int):
-        return self._layers[i]
-
-    def release(self, i: int) -> None:
-        pass
 
 
 @dataclass(slots=True)
@@ -66,17 +57,20 @@ def peak_rss_bytes() -> int:
 
 
 class Model:
-    def __init__(self, f: GGUFFile, spec: ModelSpec, device, weights, tokenizer, n_ctx: int, load_s: float):
+    def __init__(self, f: GGUFFile, spec: ModelSpec, device, weights, glob, tokenizer, n_ctx: int,
+                 load_s: float, reader, plan=None, tracer=None):
         self.file, self.spec, self.device, self.weights = f, spec, device, weights
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
-        self.net = Llama(spec, global_weights(f, spec), device, n_ctx)
+        self.plan, self.reader, self.tracer = plan, reader, tracer
+        self.net = Llama(spec, glob, device, n_ctx)
         self.stats = GenerationStats(load_s=load_s)
         self._cache: KVCache | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None,
-             trace: str | None = None) -> "Model":
+             trace: str | None = None, placement: Placement | None = None) -> "Model":
+        """Open, validate, plan and load. `placement` overrides the planner (tests and tools)."""
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -88,16 +82,51 @@ class Model:
             raise ModelFormatError(f"file has tensors for {extra} blocks, metadata says {spec.n_layers}",
                                    path=f.path, field=f"{spec.architecture}.block_count")
         tok = Tokenizer.from_metadata(f.metadata, f.path)
-        n_ctx = min(n_ctx or DEFAULT_CTX, spec.context_length)
-        device = CpuDevice(threads)
-        weights = MappedWeights(f, layouts)
-        return cls(f, spec, device, weights, tok, n_ctx, time.perf_counter() - t0)
+        cfg = load_config(config)
+        n_ctx = min(n_ctx or cfg.kv_cache.max_context or DEFAULT_CTX, spec.context_length)
+        plan = None
+        if placement is None:
+            from .tiers.footprint import footprint_from_gguf
+            from .tiers.hardware import load_profile
+            from .tiers.planner import Workload
+            from .tiers.planner import plan as make_plan
+
+            fp = footprint_from_gguf(f, spec)
+            plan = make_plan(fp, load_profile(device="cpu"), cfg, Workload(prompt_tokens=min(512, n_ctx),
+                                                                              gen_tokens=min(512, n_ctx)))
+            placement = Placement.from_plan(plan, layouts, head_info(f, spec))
+        device = CpuDevice(threads or (cfg.compute_threads if isinstance(cfg.compute_threads, int) else None))
+        tracer = Tracer(trace) if trace else None
+        reader = FileReader(f.path, backend=cfg.io_backend if cfg.io_backend != "kvikio" else "auto",
+                            threads=cfg.io_threads if isinstance(cfg.io_threads, int) else 2)
+        reader.tracer = tracer
+        try:
+            weights, glob = build_weights(f, spec, layouts, placement, reader, tracer)
+        except BaseException:
+            reader.close()
+            raise
+        return cls(f, spec, device, weights, glob, tok, n_ctx, time.perf_counter() - t0, reader, plan, tracer)
 
     def plan_summary(self) -> str:
-        return "all layers resident (memory-mapped)"
+        w = self.weights
+        n_stream = len(w.seq)
+        if not n_stream:
+            return f"all resident ({w.resident.nbytes / 2**20:.0f} MiB)"
+        return (f"{self.spec.n_layers + 1 - n_stream}/{self.spec.n_layers + 1} units resident "
+                f"({w.resident.nbytes / 2**20:.0f} MiB), {n_stream} streamed through {w.k} x "
+                f"{w.slot_bytes / 2**20:.1f} MiB staging ({'O_DIRECT' if self.reader.direct else 'buffered'})")
 
     def close(self) -> None:
-        pass
+        self.weights.close()
+        self.reader.close()
+        if self.tracer:
+            self.tracer.write()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # -- raw forward ---------------------------------------------------------------------------
     def _kv(self, batch: int) -> KVCache:

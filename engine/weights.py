@@ -53,7 +53,6 @@ class LayerWeights:
 class GlobalWeights:
     token_embd: QWeight  # (vocab, dim)
     output_norm: torch.Tensor  # (dim,) float32
-    output: QWeight  # (vocab, dim); the embedding matrix when tied
     rope_freqs: torch.Tensor | None  # (rope_dim/2,) float32 frequency divisors, or None
 
 
@@ -70,30 +69,23 @@ def expected_layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True, slots=True)
 class LayerLayout:
-    """Where a block's tensors live: file runs, and each tensor's offset inside the packed runs."""
+    """A block's tensors (validated against the spec) and the coalesced file runs they occupy."""
 
     index: int
     runs: tuple[tuple[int, int], ...]  # (absolute file offset, length), sorted
-    tensors: tuple[tuple[str, TensorInfo, int], ...]  # (role, info, offset in the packed buffer)
+    tensors: tuple[tuple[str, TensorInfo], ...]  # (role, info)
 
     @property
     def nbytes(self) -> int:
         return sum(n for _, n in self.runs)
 
-    def bind(self, view: Callable[[TensorInfo, int], torch.Tensor]) -> LayerWeights:
-        """Build LayerWeights; `view(info, packed_offset)` returns the tensor's raw uint8 bytes."""
+    def bind(self, view: Callable[[TensorInfo], torch.Tensor]) -> LayerWeights:
+        """Build LayerWeights; `view(info)` returns the tensor's raw uint8 bytes wherever they live."""
         parts = {}
-        for role, info, packed in self.tensors:
-            raw = view(info, packed)
-            if role in NORM_ROLES:
-                parts[role] = _vector(info, raw)
-            else:
-                parts[role] = QWeight(info.name, info.fmt, info.shape, raw)
+        for role, info in self.tensors:
+            raw = view(info)
+            parts[role] = _vector(info, raw) if role in NORM_ROLES else QWeight(info.name, info.fmt, info.shape, raw)
         return LayerWeights(**parts)
-
-    def bind_packed(self, buf: torch.Tensor) -> LayerWeights:
-        """Bind over a packed buffer holding this layer's runs back to back."""
-        return self.bind(lambda info, packed: buf[packed:packed + info.nbytes])
 
 
 def _vector(info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
@@ -117,17 +109,7 @@ def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
     for role in expected:
         if role not in found:
             raise ModelFormatError("required tensor is missing", path=f.path, field=f"blk.{i}.{role}.weight")
-    runs = f.layer_runs(i)
-    bases, acc = [], 0
-    for off, n in runs:
-        bases.append((off, n, acc))
-        acc += n
-    placed = []
-    for role in expected:
-        t = found[role]
-        off, _, base = next(r for r in bases if r[0] <= t.offset < r[0] + r[1])
-        placed.append((role, t, base + t.offset - off))
-    return LayerLayout(i, runs, tuple(placed))
+    return LayerLayout(i, f.layer_runs(i), tuple((role, found[role]) for role in expected))
 
 
 def global_weights(f: GGUFFile, spec: ModelSpec) -> GlobalWeights:
@@ -150,4 +132,4 @@ def global_weights(f: GGUFFile, spec: ModelSpec) -> GlobalWeights:
         if t.shape != (spec.rope_dim // 2,):
             raise ModelFormatError(f"shape {t.shape}, expected ({spec.rope_dim // 2},)", path=f.path, field=t.name)
         freqs = _vector(t, f.view(t)).clone()
-    return GlobalWeights(embd, _vector(norm, f.view(norm)).clone(), out, freqs)
+    return GlobalWeights(embd, _vector(norm, f.view(norm)).clone(), freqs)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import ModelSpec
-from ..weights import GlobalWeights, LayerWeights
+from ..weights import GlobalWeights, LayerWeights, QWeight
 
 
 class RopeTable:
@@ -103,16 +103,19 @@ class Llama:
         out = torch.matmul(probs, vals)  # (B, Hkv, g*T, hd)
         return out.view(B, Hkv, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, x: torch.Tensor, out: QWeight) -> torch.Tensor:
         h = F.rms_norm(x, (self.spec.dim,), self.glob.output_norm, self.spec.rms_eps)
-        return self.device.linear(h, self.glob.output)  # (B, T, vocab)
+        return self.device.linear(h, out)  # (B, T, vocab)
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, weights, last_only: bool) -> torch.Tensor:
         """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T or 1, vocab) fp32."""
+        L = self.spec.n_layers
         x = self.embed(tokens)
-        for i in range(self.spec.n_layers):
+        for i in range(L):
             x = self.block(x, weights.layer(i), i, cache, start)
             weights.release(i)
         if last_only:
             x = x[:, -1:]
-        return self.head(x)
+        logits = self.head(x, weights.layer(L))  # unit L is the output head
+        weights.release(L)
+        return logits

@@ -1,0 +1,143 @@
+"""The streaming scheduler: the weight provider the model pulls layers from.
+
+Resident units are bound once over the resident store. Streamed units cycle through a ring of k
+preallocated staging buffers: while unit n computes, units n+1..n+k-1 are being read; releasing a
+unit hands its buffer to the unit k steps ahead (wrapping into the next token, so the first layers
+of the next token load while the last ones compute). Waits are per buffer (a ticket per read),
+never a global sync; the hot loop allocates no buffers.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..gguf_file import TensorInfo, coalesce
+from .io import FileReader, ReadPlan, Ticket, aligned_empty
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A group of tensors loaded together (a block, or the output head) and how to bind them."""
+
+    name: str
+    tensors: tuple[TensorInfo, ...]
+    bind: Callable[[Callable[[TensorInfo], torch.Tensor]], Any]
+
+
+class ResidentStore:
+    """Tensors copied into owned memory at load (read through the same reader, O_DIRECT when possible)."""
+
+    def __init__(self, reader: FileReader, tensors: Sequence[TensorInfo], label: str = "resident weights"):
+        runs = coalesce([(t.offset, t.nbytes) for t in tensors])
+        self.plan: ReadPlan = reader.plan(runs)
+        self.buf = aligned_empty(self.plan.size, reader.align) if tensors else torch.empty(0, dtype=torch.uint8)
+        if tensors:
+            reader.submit(self.plan, self.buf, label).wait()
+        self._views = {t.name: self.buf[(p := self.plan.where(t.offset)):p + t.nbytes] for t in tensors}
+
+    @property
+    def nbytes(self) -> int:
+        return self.plan.size
+
+    def view(self, t: TensorInfo) -> torch.Tensor:
+        return self._views[t.name]
+
+    def __contains__(self, t: TensorInfo) -> bool:
+        return t.name in self._views
+
+
+class TieredWeights:
+    """Weight provider over a plan. `layer(i)` blocks until unit i's bytes are ready."""
+
+    def __init__(self, units: Sequence[Unit], streamed: Sequence[frozenset[str]], reader: FileReader,
+                 resident: ResidentStore, ring_size: int, tracer=None):
+        """streamed[i]: names of unit i's tensors that stream (empty = fully resident)."""
+        self.units, self.reader, self.resident, self.tracer = list(units), reader, resident, tracer
+        self._bound: dict[tuple[int, int], Any] = {}
+        self.seq = [i for i, s in enumerate(streamed) if s]  # streamed units in forward order
+        self.plans = {i: reader.plan(coalesce([(t.offset, t.nbytes) for t in units[i].tensors if t.name in streamed[i]]))
+                      for i in self.seq}
+        self.streamed_names = {i: streamed[i] for i in self.seq}
+        self.fixed = {i: u.bind(resident.view) for i, u in enumerate(units) if not streamed[i]}
+        m = len(self.seq)
+        self.k = min(ring_size, m)
+        self.slot_bytes = max((p.size for p in self.plans.values()), default=0)
+        self.slots = [aligned_empty(self.slot_bytes, reader.align) for _ in range(self.k)]
+        self.tickets: list[Ticket | None] = [None] * self.k
+        self.cyclic = m > self.k  # else every streamed unit keeps its own buffer: read once
+        self.cur = 0  # occurrence number of the next streamed unit to consume
+        self._t_ready = 0.0
+        for n in range(self.k):
+            self._issue(n)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.slot_bytes * self.k
+
+    def _issue(self, n: int) -> None:
+        i, slot = self.seq[n % len(self.seq)], n % self.k
+        self.tickets[slot] = self.reader.submit(self.plans[i], self.slots[slot], self.units[i].name)
+
+    def _resync(self, i: int) -> None:
+        """A forward pass was interrupted: drain in-flight reads and restart the cycle at unit i."""
+        for t in self.tickets:
+            if t is not None:
+                try:
+                    t.wait()
+                except Exception:  # the failure was already reported to the interrupted pass
+                    pass
+        pos = self.seq.index(i)
+        self.cur = pos
+        for n in range(pos, pos + self.k):
+            self._issue(n)
+
+    def layer(self, i: int):
+        got = self.fixed.get(i)
+        if got is not None:
+            if self.tracer:
+                self._t_ready = self.tracer.now()
+            return got
+        m = len(self.seq)
+        if self.seq[self.cur % m] != i:
+            self._resync(i)
+        slot = self.cur % self.k
+        tr = self.tracer
+        t0 = tr.now() if tr else 0.0
+        self.tickets[slot].wait()
+        if tr:
+            t1 = tr.now()
+            tr.span(f"wait {self.units[i].name}", t0, t1)
+            self._t_ready = t1
+        key = (slot, i)
+        w = self._bound.get(key)
+        if w is None:
+            buf, plan, names = self.slots[slot], self.plans[i], self.streamed_names[i]
+
+            def view(t: TensorInfo) -> torch.Tensor:
+                if t.name in names:
+                    p = plan.where(t.offset)
+                    return buf[p:p + t.nbytes]
+                return self.resident.view(t)
+
+            w = self._bound[key] = self.units[i].bind(view)
+        return w
+
+    def release(self, i: int) -> None:
+        tr = self.tracer
+        if tr:
+            tr.span(f"compute {self.units[i].name}", self._t_ready, tr.now())
+        if i in self.fixed:
+            return
+        n = self.cur
+        self.cur += 1
+        if self.cyclic:
+            self._issue(n + self.k)
+
+    def close(self) -> None:
+        for t in self.tickets:
+            if t is not None:
+                for f in t.futures:
+                    f.cancel()
