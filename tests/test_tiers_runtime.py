@@ -1,0 +1,137 @@
+"""Stores and the streaming scheduler: every placement gives bit-identical logits; failures are clear."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+import engine
+from engine.defaults import default_model_path
+from engine.errors import WeightIOError
+from engine.gguf_file import GGUFFile
+from engine.model import Model
+from engine.spec import ModelSpec
+from engine.tiers.io import ReadPlan
+from engine.tiers.runtime import Placement, head_info
+from engine.weights import layer_layout
+from tiny_llama import TinyConfig, write_tiny_llama
+
+TOKENS = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77]
+
+
+def placements(path):
+    """All-resident, all-streamed with ring depths 1..3, and mixed plans with partial residency."""
+    f = GGUFFile(path)
+    spec = ModelSpec.from_gguf(f)
+    lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+    head = head_info(f, spec)
+    yield "resident", Placement.uniform(lays, head, stream=False)
+    for k in (1, 2, 3):
+        yield f"disk-k{k}", Placement.uniform(lays, head, stream=True, ring_size=k)
+    # every other block streamed, the FFN of block 0 streamed while its attention stays resident
+    mixed = [frozenset(t.name for r, t in lay.tensors if (i % 2 == 1) or (i == 0 and r.startswith("ffn_")))
+             for i, lay in enumerate(lays)]
+    yield "mixed-head-resident", Placement(tuple(mixed) + (frozenset(),), True, 2)
+    yield "mixed-head-streamed", Placement(tuple(mixed) + (frozenset({head.name}),), False, 2)
+
+
+def run(path, placement):
+    with Model.load(path, placement=placement) as m:
+        logits = m.logits(TOKENS)
+        text = "".join(m.generate(TOKENS[:3], max_tokens=12, temperature=0))
+        return logits, text, m.plan_summary()
+
+
+@pytest.mark.parametrize("cfg", [TinyConfig(n_layers=3), TinyConfig(n_layers=4, fmt=(QT.Q4_K, QT.Q6_K, QT.Q5_0),
+                                                                       tied=False, rope_freqs=True, seed=5)])
+def test_all_placements_bit_identical_tiny(tmp_path, cfg):
+    path = write_tiny_llama(tmp_path / "t.gguf", cfg)
+    results = {name: run(path, p) for name, p in placements(path)}
+    ref_logits, ref_text, _ = results.pop("resident")
+    for name, (logits, text, summary) in results.items():
+        assert np.array_equal(logits, ref_logits), name
+        assert text == ref_text, name
+        assert "streamed" in summary
+
+
+def test_all_placements_bit_identical_smollm2():
+    path = default_model_path()
+    got = {name: run(path, p) for name, p in placements(path) if name in ("resident", "disk-k2", "mixed-head-streamed")}
+    ref_logits, ref_text, _ = got.pop("resident")
+    for name, (logits, text, _) in got.items():
+        assert np.array_equal(logits, ref_logits), name
+        assert text == ref_text, name
+
+
+def test_read_plan_alignment():
+    runs = ((5000, 100), (5100, 50), (20000, 10), (9000, 4000))
+    p = ReadPlan.build(runs, 4096)
+    for off, n, dest, need in p.spans:
+        assert off % 4096 == 0 and n % 4096 == 0 and dest % 4096 == 0 and need <= n
+    for off, n in runs:  # every byte of every run is inside a span, found at a consistent place
+        assert p.where(off + n - 1) - p.where(off) == n - 1
+    plain = ReadPlan.build(runs, 1)
+    assert plain.size == sum(n for _, n in runs) and plain.where(9000) == 150
+
+
+def _streamed_model(tmp_path, n_layers=3):
+    src = write_tiny_llama(tmp_path / "src.gguf", TinyConfig(n_layers=n_layers))
+    path = tmp_path / "victim.gguf"
+    shutil.copy(src, path)
+    f = GGUFFile(path)
+    spec = ModelSpec.from_gguf(f)
+    lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+    return path, Model.load(path, placement=Placement.uniform(lays, head_info(f, spec), stream=True, ring_size=1))
+
+
+def test_file_shrinks_mid_generation(tmp_path):
+    path, m = _streamed_model(tmp_path)
+    gen = m.generate(TOKENS[:3], max_tokens=50, temperature=0, stop=())
+    next(gen, None)
+    os.truncate(path, m.file.tensor("blk.1.attn_q.weight").offset)  # blocks 1.. and the head are gone
+    with pytest.raises(WeightIOError) as ei:
+        for _ in gen:
+            pass
+    msg = str(ei.value)
+    assert str(path) in msg and ("blk." in msg or "output" in msg) and "truncated" in msg
+    m.close()
+
+
+def test_read_error_is_reported_with_layer_and_file(tmp_path, monkeypatch):
+    path, m = _streamed_model(tmp_path)
+    m.logits(TOKENS[:2])
+    real = os.preadv
+
+    def failing(fd, bufs, offset):
+        if offset >= m.file.tensor("blk.2.attn_norm.weight").offset - 4096:
+            raise OSError(5, "Input/output error")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    t0 = time.monotonic()
+    with pytest.raises(WeightIOError, match=r"(blk\.2|output).*Input/output error"):
+        m.logits(TOKENS[:2])
+    assert time.monotonic() - t0 < 30
+    monkeypatch.setattr(os, "preadv", real)
+    m.close()
+
+
+def test_ctrl_c_during_streaming_exits_cleanly(tmp_path):
+    cfg = tmp_path / "disk.yaml"
+    cfg.write_text("resident_budget: 0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.generate", "Once upon a time", "--config", str(cfg),
+                             "--max-tokens", "100000", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.read(1)  # streaming has started
+    assert first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
