@@ -1,0 +1,88 @@
+"""python -m engine.plan [--model PATH | --describe MODEL:MIX] [--config YAML] [--hardware NAME|JSON] [--json]
+
+Prints where every layer, the embedding, the output head and the KV cache would live, the staging
+ring, and the predicted per-token time (compute and transfer per tier) -- without loading weights.
+Examples:
+  python -m engine.plan --config configs/cpu-tight.yaml
+  python -m engine.plan --describe llama3-70b:Q4_K_M --config configs/rtx4090-70b.yaml
+Errors: one line on stderr, exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import EngineError
+from .tiers.config import AUTO, TierConfig, load_config
+from .tiers.footprint import MIXES, ModelFootprint, describe, footprint_from_gguf
+from .tiers.hardware import PRESETS, HardwareProfile, detect_device, load_profile, resolve_profile
+from .tiers.planner import Plan, Workload, plan
+
+
+def hardware_for(cfg: TierConfig, override: str | None = None) -> HardwareProfile:
+    """The profile for a config: `override` or cfg.hardware (a preset or a JSON path), else the calibrated
+    profile of the config's device (auto: the detected one), else conservative defaults."""
+    if override is not None:
+        if override in PRESETS:
+            return PRESETS[override]()
+        return load_profile(override)
+    device = cfg.device if cfg.device != AUTO else detect_device()
+    return resolve_profile(cfg.hardware, device, cfg.hardware_path())
+
+
+def model_footprint(model: str | os.PathLike | None = None, description: str | None = None) -> ModelFootprint:
+    """From a GGUF file's tensor index (default: the bundled SmolLM2), or from a description."""
+    if description is not None:
+        return describe(description)
+    from .defaults import default_model_path
+    from .gguf_file import GGUFFile
+    from .spec import ModelSpec
+
+    f = GGUFFile(model if model is not None else default_model_path())
+    try:
+        return footprint_from_gguf(f, ModelSpec.from_gguf(f))
+    finally:
+        f.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.plan", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[3:6]))
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    src.add_argument("--describe", metavar="MODEL:MIX",
+                     help=f"plan a model without its file: llama3-70b, llama3-8b or smollm2-135m, "
+                          f"with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
+    p.add_argument("--config", help="tier config YAML (default: auto)")
+    p.add_argument("--hardware", help=f"hardware profile: a preset ({', '.join(PRESETS)}) or a JSON file "
+                                      f"(default: the config's, else the calibrated one, else defaults)")
+    p.add_argument("--batch", type=int, default=Workload().batch)
+    p.add_argument("--prompt-tokens", type=int, default=Workload().prompt_tokens)
+    p.add_argument("--gen-tokens", type=int, default=Workload().gen_tokens)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> Plan:
+    cfg = load_config(args.config)
+    work = Workload(batch=args.batch, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+    fp = model_footprint(args.model, args.describe)
+    return plan(fp, hardware_for(cfg, args.hardware), cfg, work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Model footprints: the bytes of every tensor, per layer and per role, without reading any weights.
+
+A footprint comes from a GGUF's tensor index (`footprint_from_gguf`) or from a description of a
+model nobody has downloaded (`footprint_from_description`, `describe("llama3-70b:Q4_K_M")`), so
+plans for 70B-class models can be made and tested on a laptop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..formats import FORMATS, tensor_nbytes
+from ..gguf_file import GGUFFile
+from ..spec import ModelSpec
+from ..weights import expected_layer_shapes, layer_layout
+
+GROUPS = ("attn", "ffn")  # the parts a layer splits into for partial residency (roles attn_* / ffn_*)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorFootprint:
+    role: str  # block role (attn_q, ffn_down, ...) or global name (token_embd, output, output_norm, rope_freqs)
+    fmt: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def group(self) -> str:
+        return self.role.split("_", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerFootprint:
+    index: int
+    tensors: tuple[TensorFootprint, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def group_tensors(self, group: str) -> tuple[TensorFootprint, ...]:
+        return tuple(t for t in self.tensors if t.group == group)
+
+    def group_bytes(self, group: str) -> int:
+        return sum(t.nbytes for t in self.group_tensors(group))
+
+    @property
+    def attn_bytes(self) -> int:
+        return self.group_bytes("attn")
+
+    @property
+    def ffn_bytes(self) -> int:
+        return self.group_bytes("ffn")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFootprint:
+    spec: ModelSpec
+    layers: tuple[LayerFootprint, ...]
+    embedding: TensorFootprint  # token_embd: only the looked-up rows are needed per token
+    output: TensorFootprint | None  # the output head; None when tied to the embedding
+    small: tuple[TensorFootprint, ...]  # output_norm, rope_freqs: tiny, always resident
+    source: str  # the file path, or the description it was built from
+
+    @property
+    def head(self) -> TensorFootprint:
+        """The matrix the output projection reads every token (the embedding when tied)."""
+        return self.embedding if self.output is None else self.output
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(l.nbytes for l in self.layers)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Every tensor of the model, counted once (a tied head is the embedding)."""
+        out = self.output.nbytes if self.output is not None else 0
+        return self.layer_bytes + self.embedding.nbytes + out + sum(t.nbytes for t in self.small)
+
+
+def _tensor(role: str, fmt: str, shape: tuple[int, ...]) -> TensorFootprint:
+    return TensorFootprint(role, fmt, shape, tensor_nbytes(fmt, shape))
+
+
+def footprint_from_gguf(f: GGUFFile, spec: ModelSpec) -> ModelFootprint:
+    """From the tensor index (validated against the spec, as the loader does); no weight bytes are read."""
+    layers = []
+    for i in range(spec.n_layers):
+        lay = layer_layout(f, spec, i)
+        layers.append(LayerFootprint(i, tuple(TensorFootprint(role, info.fmt.name, info.shape, info.nbytes)
+                                              for role, info, *_ in lay.tensors)))
+
+    def glob(name: str, role: str) -> TensorFootprint:
+        t = f.tensor(name)
+        return TensorFootprint(role, t.fmt.name, t.shape, t.nbytes)
+
+    small = [glob("output_norm.weight", "output_norm")]
+    if spec.has_rope_freqs:
+        small.append(glob("rope_freqs.weight", "rope_freqs"))
+    output = None if spec.tied_output else glob("output.weight", "output")
+    return ModelFootprint(spec, tuple(layers), glob("token_embd.weight", "token_embd"), output, tuple(small), f.path)
+
+
+def footprint_from_description(spec: ModelSpec, fmt_by_role: dict[str, str], source: str = "description"
+                               ) -> ModelFootprint:
+    """A footprint from shapes alone. `fmt_by_role` maps a block role (attn_q, ..., ffn_down), a global
+    (token_embd, output) or one tensor ("blk.3.ffn_down", overriding the role) to a format name.
+    Norms and rope_freqs default to F32; every matrix must be given."""
+    for key, fmt in fmt_by_role.items():
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", path=source, field=key)
+
+    def fmt_of(role: str, name: str | None = None) -> str:
+        if name is not None and name in fmt_by_role:
+            return fmt_by_role[name]
+        if role in fmt_by_role:
+            return fmt_by_role[role]
+        if role.endswith("norm") or role == "rope_freqs":
+            return "F32"
+        raise ConfigError("no format given for this tensor", path=source, field=name or role)
+
+    shapes = expected_layer_shapes(spec)
+    layers = tuple(
+        LayerFootprint(i, tuple(_tensor(role, fmt_of(role, f"blk.{i}.{role}"), shape) for role, shape in shapes.items()))
+        for i in range(spec.n_layers))
+    matrix = (spec.vocab_size, spec.dim)
+    small = [_tensor("output_norm", fmt_of("output_norm"), (spec.dim,))]
+    if spec.has_rope_freqs:
+        small.append(_tensor("rope_freqs", fmt_of("rope_freqs"), (spec.rope_dim // 2,)))
+    output = None if spec.tied_output else _tensor("output", fmt_of("output"), matrix)
+    return ModelFootprint(spec, layers, _tensor("token_embd", fmt_of("token_embd"), matrix), output, tuple(small),
+                          source)
+
+
+# -- named descriptions -------------------------------------------------------------------------------
+_MODELS: dict[str, dict] = {
+    "llama3-70b": dict(n_layers=80, dim=8192, n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=28672,
+                       vocab_size=128256, context_length=8192, rope_base=500000.0, has_rope_freqs=True),
+    "llama3-8b": dict(n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+                      vocab_size=128256, context_length=8192, rope_base=500000.0, has_rope_freqs=True),
+    "smollm2-135m": dict(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+                         vocab_size=49152, context_length=8192, rope_base=100000.0, tied_output=True),
+}
+MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_UNIFORM_MIXES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0")
+MIXES = ("Q4_K_M", *_UNIFORM_MIXES)
+
+
+def describe_spec(model: str) -> ModelSpec:
+    if model not in _MODELS:
+        raise ConfigError(f"unknown model description {model!r} (known: {', '.join(_MODELS)})", field="--describe")
+    kw = dict(_MODELS[model])
+    kw.setdefault("rope_dim", kw["head_dim"])
+    return ModelSpec(architecture="llama", rms_eps=1e-5, source=model, **kw)
+
+
+def quant_mix(spec: ModelSpec, mix: str) -> dict[str, str]:
+    """Formats per role for a named mix. "Q4_K_M" here is an approximation of llama.cpp's mix of that
+    name: Q4_K matrices, with attn_v and ffn_down in Q6_K on the first and last eighth of the layers
+    and on every third layer between them, and a Q6_K output head. A K-quant whose 256-element
+    super-block does not divide a row length falls back to Q8_0."""
+    if mix not in MIXES:
+        raise ConfigError(f"unknown quantization mix {mix!r} (known: {', '.join(MIXES)})", field="--describe")
+    base = "Q4_K" if mix == "Q4_K_M" else mix
+    fmts: dict[str, str] = {role: base for role in (*MATRIX_ROLES, "token_embd", "output")}
+    if mix == "Q4_K_M":
+        fmts["output"] = "Q6_K"
+        n, eighth = spec.n_layers, spec.n_layers // 8
+        for i in range(n):
+            if i < eighth or i >= n - eighth or (i - eighth) % 3 == 2:
+                fmts[f"blk.{i}.attn_v"] = fmts[f"blk.{i}.ffn_down"] = "Q6_K"
+    row_len = {"ffn_down": spec.ffn_dim, "attn_output": spec.q_dim}
+    for key, fmt in list(fmts.items()):
+        role = key.rsplit(".", 1)[-1]
+        if spec.tied_output and role == "output":
+            del fmts[key]
+            continue
+        if FORMATS[fmt].block_size > 1 and row_len.get(role, spec.dim) % FORMATS[fmt].block_size:
+            fmts[key] = "Q8_0"
+    return fmts
+
+
+def describe(description: str) -> ModelFootprint:
+    """"llama3-70b:Q4_K_M" -> its footprint (no file needed). Models: llama3-70b, llama3-8b, smollm2-135m."""
+    model, _, mix = description.partition(":")
+    spec = describe_spec(model)
+    return footprint_from_description(spec, quant_mix(spec, mix or "Q4_K_M"), source=description)
