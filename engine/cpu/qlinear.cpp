@@ -107,6 +107,21 @@ inline float vsum(V a) {
     const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
+// vsum of 16 vectors at once, with exactly vsum's additions: lane L of the result is
+// vsum(a[kSigma[L]]), i.e. a 4x4 transpose of the inputs' order.
+inline __m512 vsum16(const __m512* a) {
+    __m512 p[8], q[4], r[2];
+    for (int i = 0; i < 8; ++i)  // s8: lanes j + j+8, two vectors per register
+        p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; ++i)  // s4: j + j+4, four vectors per register
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)  // s2: j + j+2
+        r[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x88), _mm512_shuffle_ps(r[0], r[1], 0xDD));  // s1
+}
 #else
 typedef float V __attribute__((vector_size(64)));
 inline V vzero() { return V{}; }
@@ -572,9 +587,7 @@ struct Problem {
     i64 T, N, K, row_bytes;
 };
 
-constexpr int kRows = 4;        // rows of W per work item
-constexpr int kDirectMaxT = 3;  // T up to this: decode into registers; above: fp32 panel + microkernel
-constexpr int kPanelT = 6;      // rows of x per microkernel tile
+constexpr int kRows = 8;  // rows of W per work item
 
 template <class F> constexpr bool kHasTail = F::kBlock == 1;
 
@@ -608,9 +621,9 @@ void prepare_rows(const Problem& p, i64 n0, int nrows, float* scales) {
     }
 }
 
-// Direct path: R rows of W times TT rows of x, weights decoded straight into registers.
+// Direct path: R rows of W times all TT (= T) rows of x, weights decoded straight into registers.
 template <class F, int R, int TT>
-void direct_tile(const Problem& p, const float* scales, i64 n0, i64 t0) {
+void direct_tile(const Problem& p, const float* scales, i64 n0) {
     V acc[R][TT];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
@@ -621,7 +634,7 @@ void direct_tile(const Problem& p, const float* scales, i64 n0, i64 t0) {
         rows[r] = p.w + (n0 + r) * p.row_bytes;
         sc[r] = scales + r * chunks * F::kScales;
     }
-    const float* xs = p.x + t0 * p.K;
+    const float* xs = p.x;
     for (i64 c = 0; c < chunks; ++c) {
         for (int r = 0; r < R; ++r) {
             V lo, hi;
@@ -650,20 +663,22 @@ void direct_tile(const Problem& p, const float* scales, i64 n0, i64 t0) {
         }
     }
     for (int t = 0; t < TT; ++t)
-        for (int r = 0; r < R; ++r) p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]);
+        for (int r = 0; r < R; ++r) p.out[t * p.N + n0 + r] = vsum(acc[r][t]);
 }
 
-template <class F, int R>
+template <class F, int R, int TT>
 void direct_rows(const Problem& p, i64 n0) {
     thread_local Scratch buf;
     float* scales = buf.get(R * (p.K / 32) * F::kScales);
     prepare_rows<F>(p, n0, R, scales);
-    switch (p.T) {  // T <= kDirectMaxT
-        case 1: direct_tile<F, R, 1>(p, scales, n0, 0); break;
-        case 2: direct_tile<F, R, 2>(p, scales, n0, 0); break;
-        case 3: direct_tile<F, R, 3>(p, scales, n0, 0); break;
-        default: break;
-    }
+    direct_tile<F, R, TT>(p, scales, n0);
+}
+
+// Rows [n, n_end) against all T (= TT) rows of x: tiles of R rows, then single rows.
+template <class F, int R, int TT>
+void direct_range(const Problem& p, i64 n, i64 n_end) {
+    for (; n + R <= n_end; n += R) direct_rows<F, R, TT>(p, n);
+    for (; n < n_end; ++n) direct_rows<F, 1, TT>(p, n);
 }
 
 // Panel path: decode rows into fp32 scratch (zero-padded to whole chunks), then a
@@ -717,45 +732,51 @@ void panel_tile(const Problem& p, const float* panel, i64 kpad, i64 n0, i64 t0) 
             for (int r = 0; r < R; ++r) acc[r][t] = vfma(xv, vload(panel + r * kpad + s * 16), acc[r][t]);
         }
     }
+#if QL_AVX512
+    if constexpr (R == 4 && TT == 4) {  // vsum16 lane 4t + r is output (t, r): one quarter per row of x
+        const __m512 sums = vsum16(&acc[0][0]);
+        float* o = p.out + t0 * p.N + n0;
+        _mm_storeu_ps(o, _mm512_extractf32x4_ps(sums, 0));
+        _mm_storeu_ps(o + p.N, _mm512_extractf32x4_ps(sums, 1));
+        _mm_storeu_ps(o + 2 * p.N, _mm512_extractf32x4_ps(sums, 2));
+        _mm_storeu_ps(o + 3 * p.N, _mm512_extractf32x4_ps(sums, 3));
+        return;
+    }
+#endif
     for (int t = 0; t < TT; ++t)
         for (int r = 0; r < R; ++r) p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]);
 }
 
-template <int R>
+// All rows of x against R decoded rows, in tiles of TT rows of x.
+template <int R, int TT>
 void panel_rows(const Problem& p, const float* panel, i64 kpad, i64 n0) {
     i64 t0 = 0;
-    for (; t0 + kPanelT <= p.T; t0 += kPanelT) panel_tile<R, kPanelT>(p, panel, kpad, n0, t0);
-    switch (p.T - t0) {
-        case 1: panel_tile<R, 1>(p, panel, kpad, n0, t0); break;
-        case 2: panel_tile<R, 2>(p, panel, kpad, n0, t0); break;
-        case 3: panel_tile<R, 3>(p, panel, kpad, n0, t0); break;
-        case 4: panel_tile<R, 4>(p, panel, kpad, n0, t0); break;
-        case 5: panel_tile<R, 5>(p, panel, kpad, n0, t0); break;
-        default: break;
-    }
+    for (; t0 + TT <= p.T; t0 += TT) panel_tile<R, TT>(p, panel, kpad, n0, t0);
+    for (; t0 < p.T; ++t0) panel_tile<R, 1>(p, panel, kpad, n0, t0);
 }
 
-// Rows [g0*kRows, g1*kRows) clipped to N; a final short group is done row by row.
+// Rows [g0*kRows, g1*kRows) clipped to N. Tile shapes were chosen by measurement: 8 rows of W
+// for T = 1, 4 rows for T = 2..3 (accumulator registers), 4 x 4 microkernel tiles above.
 template <class F>
 void run_groups(const Problem& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
-    if (p.T <= kDirectMaxT) {
-        i64 n = g0 * kRows;
-        for (; n + kRows <= n_end; n += kRows) direct_rows<F, kRows>(p, n);
-        for (; n < n_end; ++n) direct_rows<F, 1>(p, n);
-        return;
+    i64 n = g0 * kRows;
+    switch (p.T) {
+        case 1: direct_range<F, 8, 1>(p, n, n_end); return;
+        case 2: direct_range<F, 4, 2>(p, n, n_end); return;
+        case 3: direct_range<F, 4, 3>(p, n, n_end); return;
+        default: break;
     }
     thread_local Scratch buf;
     const i64 kpad = (p.K + 31) / 32 * 32;
-    float* panel = buf.get(kRows * kpad);
-    for (i64 n = g0 * kRows; n < n_end; n += kRows) {
-        const int nrows = n + kRows <= n_end ? kRows : int(n_end - n);
-        decode_rows<F>(p, n, nrows, panel, kpad);
-        if (nrows == kRows) {
-            panel_rows<kRows>(p, panel, kpad, n);
-        } else {
-            for (int r = 0; r < nrows; ++r) panel_rows<1>(p, panel + r * kpad, kpad, n + r);
-        }
+    float* panel = buf.get(4 * kpad);
+    for (; n + 4 <= n_end; n += 4) {
+        decode_rows<F>(p, n, 4, panel, kpad);
+        panel_rows<4, 4>(p, panel, kpad, n);
+    }
+    for (; n < n_end; ++n) {
+        decode_rows<F>(p, n, 1, panel, kpad);
+        panel_rows<1, 4>(p, panel, kpad, n);
     }
 }
 
