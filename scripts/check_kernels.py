@@ -4,13 +4,20 @@ warnings as errors, then the ptxas report must show, for every entry point,
   0 bytes spill stores / loads, 0 bytes stack frame (no local memory), registers <= budget
 (budgets: engine.cuda.kernels.register_budget), and exactly the entry points the launchers expect.
 
+When an NVRTC library is found (CUDA toolkit, or the nvidia-cuda-nvrtc wheel), each source is also
+compiled through NVRTC, the compiler cupy.RawModule uses at run time (no host headers, the
+__CUDACC_RTC__ path), for NVRTC_ARCH.
+
 Usage: python scripts/check_kernels.py [--json] [--jobs N] [--arch sm_80 ...]
 Exit status 0 when everything passes, 1 on a violation, 2 when nvcc is missing.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.cuda.kernels import ARCHS, KERNEL_DIR, SOURCES, expected_kernels, register_budget  # noqa: E402
 
 NVCC_FLAGS = ("-cubin", "-O3", "-std=c++17", "-Xptxas", "-v", "--Werror", "all-warnings")
+NVRTC_ARCH = "sm_89"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,59 @@ def compile_one(source: str, arch: str, out_dir: Path) -> tuple[str, str, int, s
     return source, arch, proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
 
 
+def cuda_home() -> Path | None:
+    """The CUDA toolkit root (the directory holding include/cuda_fp16.h)."""
+    nvcc = shutil.which("nvcc")
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    roots += [str(Path(nvcc).resolve().parents[1])] if nvcc else []
+    return next((Path(r) for r in roots if r and (Path(r) / "include" / "cuda_fp16.h").exists()), None)
+
+
+def find_nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc from the CUDA toolkit or an nvidia-*-nvrtc wheel, or None."""
+    home = cuda_home()
+    candidates = sorted(glob.glob(f"{home}/lib64/libnvrtc.so*")) if home else []
+    for site in sys.path:
+        candidates += sorted(glob.glob(f"{site}/nvidia/*/lib/libnvrtc.so*"))
+    for path in candidates:
+        if ".alt." in path:
+            continue
+        for builtins in glob.glob(str(Path(path).parent / "libnvrtc-builtins.so*")):
+            if ".alt." not in builtins:
+                try:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    pass
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def nvrtc_compile(lib: ctypes.CDLL, source: str, arch: str) -> tuple[bool, str, float]:
+    """Compiles one source to a cubin through NVRTC with the options KernelLibrary passes."""
+    cuda_include = (cuda_home() or Path("/usr/local/cuda")) / "include"
+    opts = [b"--std=c++17", f"-I{KERNEL_DIR}".encode(), f"-I{cuda_include}".encode(), f"--gpu-architecture={arch}".encode()]
+    prog = ctypes.c_void_p()
+    t0 = time.perf_counter()
+    text = (KERNEL_DIR / source).read_bytes()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), text, source.encode(), 0, None, None) != 0:
+        return False, "nvrtcCreateProgram failed", 0.0
+    try:
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        cubin = ctypes.c_size_t()
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
+        ok = rc == 0 and cubin.value > 0 and not log.value.strip()
+        return ok, log.value.decode(errors="replace"), time.perf_counter() - t0
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 def run_gate(archs=ARCHS, jobs: int = 2) -> dict:
     if shutil.which("nvcc") is None:
         return {"error": "nvcc not found on PATH"}
@@ -89,8 +150,15 @@ def run_gate(archs=ARCHS, jobs: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=jobs) as pool:
         # biggest first so the parallel jobs finish together
         jobs_list = [(s, a) for s in sorted(SOURCES, key=lambda s: s != "gemv.cu") for a in archs]
+        nvrtc = find_nvrtc()
+        nvrtc_futures = {s: pool.submit(nvrtc_compile, nvrtc, s, NVRTC_ARCH) for s in SOURCES} if nvrtc else {}
         results = list(pool.map(lambda sa: compile_one(*sa, Path(tmp)), jobs_list))
+        nvrtc_results = {s: f.result() for s, f in nvrtc_futures.items()}
     failures, reports, timings = [], [], {}
+    for source, (ok, log, seconds) in nvrtc_results.items():
+        timings[f"{source}:nvrtc-{NVRTC_ARCH}"] = round(seconds, 2)
+        if not ok:
+            failures.append(f"{source}: NVRTC compile failed:\n{log[-3000:]}")
     for source, arch, rc, log, seconds in results:
         timings[f"{source}:{arch}"] = round(seconds, 2)
         if rc != 0:
@@ -110,6 +178,7 @@ def run_gate(archs=ARCHS, jobs: int = 2) -> dict:
         "ok": not failures,
         "failures": failures,
         "archs": list(archs),
+        "nvrtc": {s: {"arch": NVRTC_ARCH, "ok": r[0]} for s, r in nvrtc_results.items()} or "libnvrtc not found",
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "compile_seconds": timings,
         "kernels": [asdict(r) for r in reports],
