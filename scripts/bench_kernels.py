@@ -9,6 +9,7 @@ Usage: python scripts/bench_kernels.py [--formats Q4_K,Q8_0] [--t 1,4,8] [--reps
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -80,11 +81,13 @@ def main(argv=None) -> int:
             for t in (int(v) for v in args.t.split(",")):
                 x = torch.randn((t, k), dtype=torch.float16, device="cuda")
                 y = torch.empty((t, n), dtype=torch.float32, device="cuda")
-                sec = time_launch(torch, lambda: lib.gemv(x, w, fmt.name, n, k, out=y), flush, args.reps)
+                run = functools.partial(lib.gemv, x, w, fmt.name, n, k, out=y)
+                sec = time_launch(torch, run, flush, args.reps)
                 nbytes = w.numel() + x.numel() * 2 + y.numel() * 4
                 results.append(_row("gemv", fmt.name, n, k, t, sec, nbytes, info))
             out = torch.empty((n, k), dtype=torch.float16, device="cuda")
-            sec = time_launch(torch, lambda: lib.dequantize(w, fmt.name, n, k, out=out), flush, args.reps)
+            run = functools.partial(lib.dequantize, w, fmt.name, n, k, out=out)
+            sec = time_launch(torch, run, flush, args.reps)
             results.append(_row("dequant", fmt.name, n, k, None, sec, w.numel() + out.numel() * 2, info))
     print(json.dumps({"device": info, "results": results}, indent=1))
     return 0
@@ -108,8 +111,9 @@ def _sanitise_scales(torch, w, fmt) -> None:
 
 def _row(kind, fmt, n, k, t, sec, nbytes, info) -> dict:
     gbs = nbytes / sec / 1e9
+    peak = info["peak_dram_gbs"]
     return {"kernel": kind, "format": fmt, "n": n, "k": k, "t": t, "us": round(sec * 1e6, 2),
-            "gb_per_s": round(gbs, 1), "fraction_of_peak": round(gbs / info["peak_dram_gbs"], 3) if info["peak_dram_gbs"] else None}
+            "gb_per_s": round(gbs, 1), "fraction_of_peak": round(gbs / peak, 3) if peak else None}
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def _check_weights(fmt: KernelFormat, w: TensorDesc, n: int, k: int) -> None:
 
 def _is_contiguous(d: TensorDesc) -> bool:
     expect = 1
-    for size, stride in zip(reversed(d.shape), reversed(d.strides)):
+    for size, stride in zip(reversed(d.shape), reversed(d.strides), strict=True):
         if size != 1 and stride != expect:
             return False
         expect *= size
@@ -330,7 +330,9 @@ class KernelLibrary:
         torch_stream = stream if stream is not None else torch.cuda.current_stream(device)
         ext = cupy.cuda.ExternalStream(torch_stream.cuda_stream, device.index)
         with cupy.cuda.Device(device.index), ext:
-            arrays = [cupy.from_dlpack(t) for t in tensors]  # ordered on `ext` via the DLPack protocol
+            # DLPack hands each tensor over ordered on `ext`; cupy has no bfloat16, and the kernels
+            # only need the address, so bf16 crosses as int16.
+            arrays = [cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t) for t in tensors]
             fn = self._function(cupy, device.index, source, plan.kernel)
             fn(plan.grid, plan.block, (*arrays, *(np.int32(s) for s in plan.scalars)), stream=ext)
 
