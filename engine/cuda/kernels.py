@@ -75,7 +75,7 @@ FORMATS: dict[str, KernelFormat] = {
         _fmt("BF16", 8, 16, (72, 104)),
     )
 }
-DEQUANT_REG_BUDGET = 48
+DEQUANT_REG_BUDGET = 56
 
 
 def kernel_format(name: str) -> KernelFormat:
