@@ -97,10 +97,12 @@ def test_bit_identical_across_threads_and_batch(fmt):
         results.append(run(x, raw, fmt, n, k, kern))
     for other in results[1:]:
         assert np.array_equal(results[0].view(np.uint32), other.view(np.uint32))
-    # A row of x gives the same bits whether it is multiplied alone or inside a batch.
+    # A row of x gives the same bits alone or inside a batch (register tiles for T <= 3, panels above).
     for t in (0, 5, 12):
         alone = run(x[t:t + 1], raw, fmt, n, k, kern)
         assert np.array_equal(alone[0].view(np.uint32), results[0][t].view(np.uint32))
+    for t in (2, 3):
+        assert np.array_equal(run(x[:t], raw, fmt, n, k, kern).view(np.uint32), results[0][:t].view(np.uint32))
     ref, scale = reference(x, raw, fmt, n, k)
     assert np.max(np.abs(results[0] - ref) / scale) < TOL
 

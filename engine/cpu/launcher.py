@@ -21,6 +21,11 @@ class FormatInfo:
     block: int  # elements per block
     nbytes: int  # bytes per block
 
+    @property
+    def k_multiple(self) -> int:
+        """K must be a multiple of this: the block size (32 for every quantized format)."""
+        return self.block
+
     def row_nbytes(self, k: int) -> int:
         return k // self.block * self.nbytes
 
@@ -31,15 +36,6 @@ FORMATS: dict[str, FormatInfo] = {
 }
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-
-
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    start = t.data_ptr()
-    return start, start + t.numel() * t.element_size()
-
-
-def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
 
 
 class Kernels:
@@ -75,43 +71,67 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
                out: torch.Tensor | None = None) -> torch.Tensor:
+        # Hot path (hundreds of calls per token): one fused test of cheap attributes; on any
+        # failure, _diagnose() re-checks everything and raises the precise error.
         info = FORMATS.get(fmt)
-        if info is None:
-            raise KernelError(f"unsupported format {fmt!r}; supported: {', '.join(FORMAT_NAMES)}", field="fmt")
-        if type(n) is not int or n < 1:
-            raise KernelError(f"must be a positive int, got {n!r}", field="n")
-        if type(k) is not int or k < 1 or k % info.block or (info.block > 1 and k % 32):
-            raise KernelError(f"must be a positive multiple of {max(info.block, 32) if info.block > 1 else 1} "
-                              f"for {fmt}, got {k!r}", field="k")
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
-            raise KernelError(f"expected a float32 tensor of shape (T, {k}), got "
-                              f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}", field="x")
-        if x.device.type != "cpu" or not x.is_contiguous():
-            raise KernelError("must be a contiguous CPU tensor", field="x")
-        if not isinstance(w, torch.Tensor) or w.dtype != torch.uint8 or w.device.type != "cpu" \
-                or not w.is_contiguous():
-            raise KernelError(f"expected a contiguous CPU uint8 tensor, got "
-                              f"{getattr(w, 'dtype', type(w).__name__)}", field="w")
-        need = n * info.row_nbytes(k)
-        if w.numel() != need:
-            raise KernelError(f"{fmt} ({n}, {k}) needs {need} bytes, got {w.numel()}", field="w")
-        t = x.shape[0]
-        if out is None:
-            out = torch.empty((t, n), dtype=torch.float32)
-        else:
-            if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != (t, n) \
-                    or out.device.type != "cpu" or not out.is_contiguous():
-                raise KernelError(f"expected a contiguous CPU float32 tensor of shape ({t}, {n}), got "
-                                  f"{getattr(out, 'dtype', type(out).__name__)} "
-                                  f"{tuple(getattr(out, 'shape', ()))}", field="out")
-            span = _span(out)
-            if t and (_overlaps(span, _span(x)) or _overlaps(span, _span(w))):
-                raise KernelError("must not overlap x or w", field="out")
+        try:
+            t, kx = x.shape
+            ok = (info is not None and type(n) is int and type(k) is int and n > 0 and kx == k > 0
+                  and k % info.k_multiple == 0 and x.dtype is torch.float32 and w.dtype is torch.uint8
+                  and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous()
+                  and w.numel() == n * (k // info.block) * info.nbytes)
+            if ok:
+                px, pw = x.data_ptr(), w.data_ptr()
+                if out is None:
+                    out = torch.empty((t, n), dtype=torch.float32)
+                    po = out.data_ptr()
+                else:
+                    po = out.data_ptr()
+                    end = po + 4 * t * n
+                    ok = (out.dtype is torch.float32 and out.is_cpu and out.is_contiguous() and out.shape == (t, n)
+                          and (t == 0 or ((end <= px or px + 4 * t * k <= po) and (end <= pw or pw + w.numel() <= po))))
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            _diagnose(x, w, fmt, n, k, out)
+            raise KernelError(f"invalid arguments for {fmt} ({n}, {k})")  # _diagnose found nothing specific
         if t:
-            rc = self._call(self.num_threads, info.type_id, x.data_ptr(), w.data_ptr(), out.data_ptr(), t, n, k)
+            rc = self._call(self.num_threads, info.type_id, px, pw, po, t, n, k)
             if rc:
                 raise KernelError(f"kernel rejected {fmt} ({n}, {k}) x ({t}, {k}) (code {rc})")
         return out
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {tuple(t.shape)} on {t.device}{'' if t.is_contiguous() else ', non-contiguous'}"
+    return type(t).__name__
+
+
+def _diagnose(x, w, fmt, n, k, out) -> None:
+    """Raise a KernelError naming the first bad argument of linear()."""
+    info = FORMATS.get(fmt) if isinstance(fmt, str) else None
+    if info is None:
+        raise KernelError(f"unsupported format {fmt!r}; supported: {', '.join(FORMAT_NAMES)}", field="fmt")
+    if type(n) is not int or n < 1:
+        raise KernelError(f"must be a positive int, got {n!r}", field="n")
+    if type(k) is not int or k < 1 or k % info.k_multiple:
+        raise KernelError(f"must be a positive multiple of {info.k_multiple} for {fmt}, got {k!r}", field="k")
+    if not (isinstance(x, torch.Tensor) and x.dtype is torch.float32 and x.dim() == 2 and x.shape[1] == k
+            and x.is_cpu and x.is_contiguous()):
+        raise KernelError(f"expected a contiguous CPU float32 tensor of shape (T, {k}), got {_describe(x)}", field="x")
+    if not (isinstance(w, torch.Tensor) and w.dtype is torch.uint8 and w.is_cpu and w.is_contiguous()):
+        raise KernelError(f"expected a contiguous CPU uint8 tensor, got {_describe(w)}", field="w")
+    need = n * info.row_nbytes(k)
+    if w.numel() != need:
+        raise KernelError(f"{fmt} ({n}, {k}) needs {need} bytes, got {w.numel()}", field="w")
+    if out is not None:
+        t = x.shape[0]
+        if not (isinstance(out, torch.Tensor) and out.dtype is torch.float32 and out.is_cpu and out.is_contiguous()
+                and tuple(out.shape) == (t, n)):
+            raise KernelError(f"expected a contiguous CPU float32 tensor of shape ({t}, {n}), got {_describe(out)}",
+                              field="out")
+        raise KernelError("must not overlap x or w", field="out")
 
 
 _lock = threading.Lock()
