@@ -71,7 +71,8 @@ def _pre_table() -> dict[str, PreTokenizer]:
     qwen2, qwen2_raw = PreTokenizer((_RE_QWEN2,)), PreTokenizer((_RE_QWEN2,), clean_spaces=False)
     groups: list[tuple[PreTokenizer, tuple[str, ...]]] = [
         (_DEFAULT_PRE, ("default",)),
-        (llama3, ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")),
+        (llama3, ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                 "jina-v5-nano")),
         (PreTokenizer((_RE_LLAMA3,)), ("dbrx", "smaug-bpe")),
         (gpt2, ("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "jina-es", "jina-de", "gigachat",
                 "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "modern-bert")),
@@ -79,7 +80,7 @@ def _pre_table() -> dict[str, PreTokenizer]:
         (digits_gpt2, ("starcoder", "refact", "codeshell", "exaone", "minerva-7b", "mellum2")),
         (digits_gpt2_raw, ("smollm", "command-r")),
         (qwen2, ("stablelm2", "megrez")),
-        (qwen2_raw, ("qwen2", "deepseek-r1-qwen", "hunyuan", "solar-open")),
+        (qwen2_raw, ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open")),
         (PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _RE_GPT2, r"[0-9][0-9][0-9]")), ("falcon",)),
         (PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
                        r"\p{N}"), clean_spaces=False), ("deepseek-coder",)),

@@ -73,6 +73,13 @@ class LlamaVocab:
             raise RuntimeError(f"detokenize needs {-n} > {cap} bytes")
         return out.raw[:n]
 
+    def piece(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            raise RuntimeError(f"piece of {token} needs {-n} bytes")
+        return buf.raw[:n]
+
     def info(self) -> dict:
         v = self.vocab
         null = lambda t: None if t < 0 else int(t)  # noqa: E731
@@ -112,6 +119,7 @@ CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "Tokenizers split text into tokens: tokenize(text) -> ids.",
     " zebra zebras tokenizers",
+    "feed eed edove litfeed sedox theade, açade,açade,",  # equal-score merges in the tiny SPM vocab
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
     "text<|im_end|>more<|endoftext|>",
     "<|im_start|><|im_start|> <|im_start",
@@ -140,17 +148,17 @@ def _decode_entries(lv: LlamaVocab, sequences: list[list[int]]) -> list[dict]:
     for ids in sequences:
         for skip_special in (False, True):
             raw = lv.detokenize(ids, remove_special=skip_special, unparse_special=not skip_special)
-            out.append({"ids": ids, "skip_special": skip_special, "hex": raw.hex(),
-                        "text": raw.decode("utf-8", errors="replace")})
+            entry = {"ids": ids, "skip_special": skip_special, "text": raw.decode("utf-8", errors="replace")}
+            if entry["text"].encode("utf-8") != raw:
+                entry["hex"] = raw.hex()  # the exact bytes, when they are not valid UTF-8
+            out.append(entry)
     return out
 
 
 def _crafted_sequences(lv: LlamaVocab, meta: dict) -> list[list[int]]:
-    """Id sequences no encoder would produce: single tokens, split UTF-8, specials in odd places."""
+    """Id sequences no encoder would produce: split UTF-8, specials in odd places."""
     tokens = meta["tokenizer.ggml.tokens"]
-    n = lv.n_tokens
-    singles = list(range(n)) if n <= 1000 else sorted({*range(300), *range(300, n, 97), n - 1})
-    seqs = [[t] for t in singles]
+    seqs = []
     ids = {t: i for i, t in enumerate(tokens)}
     info = lv.info()
     bos, eos = info["bos_id"], info["eos_id"]
@@ -166,16 +174,30 @@ def _crafted_sequences(lv: LlamaVocab, meta: dict) -> list[list[int]]:
     return [[int(t) for t in s] for s in seqs]
 
 
-def _model_entry(name: str, path: Path) -> dict:
+def _pieces(lv: LlamaVocab) -> dict:
+    """llama_token_to_piece (no lstrip) of every token, or of a spread sample for big vocabs."""
+    n = lv.n_tokens
+    ids = list(range(n)) if n <= 1000 else sorted({*range(300), *range(300, n, 97), n - 1})
+    return {"ids": ids,
+            "special": [lv.piece(t, True).hex() for t in ids],
+            "plain": [lv.piece(t, False).hex() for t in ids]}
+
+
+def _model_entry(name: str, path: Path, full: bool = True) -> dict:
+    """Everything for one vocab; `full=False` (pre-tokenizer variants) records only the default
+    encode mode and the decoding of its results."""
     meta = vocab_models.read_meta(path)
     lv = LlamaVocab(path)
     try:
         texts = CORPUS + random_texts(6)
+        modes = ENCODE_MODES if full else ENCODE_MODES[:1]
         encode = [{"text": t, "add_special": a, "parse_special": p, "ids": lv.tokenize(t, a, p)}
-                  for t in texts for a, p in ENCODE_MODES]
+                  for t in texts for a, p in modes]
         sequences = [e["ids"] for e in encode if e["add_special"] and e["parse_special"]]
-        decode = _decode_entries(lv, sequences + _crafted_sequences(lv, meta))
+        decode = _decode_entries(lv, sequences + (_crafted_sequences(lv, meta) if full else []))
         entry = {"fingerprint": vocab_models.fingerprint(meta), **lv.info(), "encode": encode, "decode": decode}
+        if full:
+            entry["pieces"] = _pieces(lv)
     finally:
         lv.close()
     print(f"  {name}: {len(encode)} encode / {len(decode)} decode entries, eog {entry['eog_ids']}")
@@ -188,7 +210,8 @@ def tokens_section() -> dict:
     models["smollm2"] = _model_entry("smollm2", smollm2_path())
     with tempfile.TemporaryDirectory() as tmp:
         for name in vocab_models.VOCABS:
-            models[name] = _model_entry(name, vocab_models.write_vocab(name, tmp))
+            full = name in ("tiny_spm", "tiny_llama_bpe")
+            models[name] = _model_entry(name, vocab_models.write_vocab(name, tmp), full)
     return {"llama_cpp_python": llama_cpp.__version__, "smollm2_file": SMOLLM2_FILE, "models": models}
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from gguf import GGUFReader, GGUFWriter, TokenType
 
@@ -28,6 +30,7 @@ for i in range(10): print(i, i * 2, 2024, 31415)
 Café, naïve, façade, résumé, über, Straße, jalapeño.
 日本語のテキストと中文文本。 안녕하세요 세계.
 They'll say we've been there; I'm sure you're right, he'd agree.
+Numbers: 1234 12345 123456 2024 2025 100 1000 10000 3.14159 2.71828 42 420 4200.
 """
 
 SPM_SPECIALS = (  # (text, type) right after <unk> <s> </s>, before the byte tokens
@@ -47,6 +50,7 @@ BPE_SPECIALS = (  # appended after the merged tokens, like llama 3's reserved bl
     ("<|eot_id|>", TokenType.CONTROL),
     ("<|reserved_special_token_0|>", TokenType.CONTROL),
     ("<tool>", TokenType.USER_DEFINED),
+    ("<tool><tool>", TokenType.CONTROL),  # contains another special token: longest is cut out first
 )
 BPE_N_MERGES = 300
 BPE_WHOLE_WORDS = (" zebra", " tokenizers")  # whole-word tokens without a merge path (ignore_merges)
@@ -108,7 +112,7 @@ def spm_vocab() -> dict:
     for rank, piece in enumerate(ranked):
         tokens.append(piece)
         types.append(TokenType.NORMAL)
-        scores.append(-float(rank // 4))  # groups of 4 share a score: exercises tie-breaking
+        scores.append(-float(rank // 16))  # groups of 16 share a score: exercises tie-breaking
     for c in chars:  # single characters last, with the lowest scores
         tokens.append(c)
         types.append(TokenType.NORMAL)
@@ -160,8 +164,8 @@ def _train_bpe(words: Counter[tuple[str, ...]], n_merges: int) -> list[tuple[str
     return merges
 
 
-def bpe_vocab() -> dict:
-    """tokens/types/merges for a tiny byte-level BPE vocab with pre-tokenizer 'llama-bpe'."""
+def bpe_vocab(pre: str = "llama-bpe") -> dict:
+    """tokens/types/merges for a tiny byte-level BPE vocab; `pre` only changes tokenizer.ggml.pre."""
     b2u = byte_to_unicode()
     enc = lambda s: "".join(b2u[b] for b in s.encode("utf-8"))  # noqa: E731
     words: Counter[tuple[str, ...]] = Counter()
@@ -182,12 +186,20 @@ def bpe_vocab() -> dict:
     for text, ttype in BPE_SPECIALS:
         tokens.append(text)
         types.append(ttype)
-    return {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types,
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types,
             "merges": [f"{a} {b}" for a, b in merges],
             "bos": first_special, "eos": first_special + 1}
 
 
-VOCABS = {"tiny_spm": spm_vocab, "tiny_llama_bpe": bpe_vocab}
+# one tokenizer.ggml.pre value per distinct pre-tokenizer behaviour, recorded on the same BPE vocab
+BPE_PRE_VARIANTS = ("default", "gpt-2", "trillion", "dbrx", "starcoder", "smollm", "stablelm2", "qwen2",
+                    "falcon", "deepseek-coder")
+
+VOCABS: dict[str, Callable[[], dict]] = {
+    "tiny_spm": spm_vocab,
+    "tiny_llama_bpe": bpe_vocab,
+    **{f"tiny_bpe_{pre}": partial(bpe_vocab, pre) for pre in BPE_PRE_VARIANTS},
+}
 
 
 def write_vocab(name: str, directory: str | Path) -> Path:
