@@ -18,13 +18,8 @@ ABI_VERSION = 2
 @dataclass(frozen=True, slots=True)
 class FormatInfo:
     type_id: int  # GGML type number, as in GGUF tensor infos
-    block: int  # elements per block
+    block: int  # elements per block; K must be a multiple of it
     nbytes: int  # bytes per block
-
-    @property
-    def k_multiple(self) -> int:
-        """K must be a multiple of this: the block size (32 for every quantized format)."""
-        return self.block
 
     def row_nbytes(self, k: int) -> int:
         return k // self.block * self.nbytes
@@ -77,7 +72,7 @@ class Kernels:
         try:
             t, kx = x.shape
             ok = (info is not None and type(n) is int and type(k) is int and n > 0 and kx == k > 0
-                  and k % info.k_multiple == 0 and x.dtype is torch.float32 and w.dtype is torch.uint8
+                  and k % info.block == 0 and x.dtype is torch.float32 and w.dtype is torch.uint8
                   and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous()
                   and w.numel() == n * (k // info.block) * info.nbytes)
             if ok:
@@ -115,8 +110,8 @@ def _diagnose(x, w, fmt, n, k, out) -> None:
         raise KernelError(f"unsupported format {fmt!r}; supported: {', '.join(FORMAT_NAMES)}", field="fmt")
     if type(n) is not int or n < 1:
         raise KernelError(f"must be a positive int, got {n!r}", field="n")
-    if type(k) is not int or k < 1 or k % info.k_multiple:
-        raise KernelError(f"must be a positive multiple of {info.k_multiple} for {fmt}, got {k!r}", field="k")
+    if type(k) is not int or k < 1 or k % info.block:
+        raise KernelError(f"must be a positive multiple of {info.block} for {fmt}, got {k!r}", field="k")
     if not (isinstance(x, torch.Tensor) and x.dtype is torch.float32 and x.dim() == 2 and x.shape[1] == k
             and x.is_cpu and x.is_contiguous()):
         raise KernelError(f"expected a contiguous CPU float32 tensor of shape (T, {k}), got {_describe(x)}", field="x")

@@ -2,9 +2,10 @@
 //
 // Numerics (identical in every code path, so results never depend on T tiling, thread count or
 // which thread computed what):
-//   * each weight is dequantized to its exact fp32 value (d*q, d*q+m, ... as one fp32 expression);
+//   * each weight is dequantized to fp32 by one fixed expression per format (d*q, fma(q, d, m), ...);
 //   * each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
-//     order, it does acc = fma(x[0:16], w[0:16], acc) then acc = fma(x[16:32], w[16:32], acc);
+//     order, it does acc = fma(x[0:16], w[0:16], acc) then acc = fma(x[16:32], w[16:32], acc)
+//     (lanes hold the 16 elements in a fixed per-format order, see kSigma);
 //   * the 16 lanes are summed with one fixed pairwise tree (lane i + lane i+8, then +4, +2, +1).
 // The AVX-512 path and the portable path (GCC vector extensions, any ISA) follow this contract
 // exactly, so on an FMA machine they are bit-identical.
@@ -96,7 +97,6 @@ inline void kquant_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
 #if QL_AVX512
 using V = __m512;
 inline V vzero() { return _mm512_setzero_ps(); }
-inline V vset(float a) { return _mm512_set1_ps(a); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline V vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p); }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -125,7 +125,6 @@ inline __m512 vsum16(const __m512* a) {
 #else
 typedef float V __attribute__((vector_size(64)));
 inline V vzero() { return V{}; }
-inline V vset(float a) { return V{} + a; }
 inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
 inline V vload_n(const float* p, int n) { V v = V{}; for (int i = 0; i < n; ++i) v[i] = p[i]; return v; }
 inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
