@@ -437,19 +437,24 @@ class _Planner:
                 break
         if streamed is None:
             return None
-        # spend what is left on whole attention/FFN tensor groups of streamed layers (partial residency)
-        left = self.resident_budget - resident(streamed)
-        for i in sorted(k for k in streamed if k < L):
-            keep = set(streamed[i])
-            for g in sorted(keep, key=lambda g: -units[i].bytes_of((g,))):
-                size = units[i].bytes_of((g,))
-                if size <= left:
-                    keep.discard(g)
-                    left -= size
-            if keep:
-                streamed[i] = frozenset(keep)
-            else:
-                del streamed[i]
+        # spend what is left on whole attention/FFN tensor groups of streamed layers (partial residency);
+        # repeat while that shrinks the staging buffers and so frees more
+        changed = True
+        while changed:
+            changed = False
+            left = self.resident_budget - resident(streamed)
+            for i in sorted(k for k in streamed if k < L):
+                keep = set(streamed[i])
+                for g in sorted(keep, key=lambda g: -units[i].bytes_of((g,))):
+                    size = units[i].bytes_of((g,))
+                    if size <= left:
+                        keep.discard(g)
+                        left -= size
+                        changed = True
+                if keep:
+                    streamed[i] = frozenset(keep)
+                else:
+                    del streamed[i]
         return self._sources(lay, streamed, staging(streamed), resident(streamed), ring, emb, kv_tier)
 
     def _sources(self, lay: _Layout, streamed: dict[int, frozenset[str]], stage: int, res_bytes: int, ring: int,

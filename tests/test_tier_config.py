@@ -1,0 +1,212 @@
+"""Tier config schema: units, unknown keys with suggestions, bad values, every shipped YAML; hardware profiles."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError, EngineError
+from engine.tiers.config import Budget, KVCacheConfig, TierConfig, load_config
+from engine.tiers.hardware import (PRESETS, ComputeRate, HardwareProfile, default_profile, load_profile,
+                                   profile_path, save_profile)
+from engine.tiers.units import format_size, parse_percent, parse_size
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("20GiB", 20 * 2 ** 30), ("512MB", 512 * 10 ** 6), ("1.5 GB", 1_500_000_000), ("1.5GiB", 3 * 2 ** 29),
+    ("4096", 4096), (4096, 4096), ("64 KiB", 65536), ("2T", 2 * 2 ** 40), ("7b", 7), ("0", 0), (3.0, 3),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text, field="x") == expected
+
+
+@pytest.mark.parametrize("bad", ["-1GiB", "12 parsecs", "GiB", "", "1,5GB", True, None, 1.5, [1], "1e9"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ConfigError) as e:
+        parse_size(bad, field="resident_budget", path="c.yaml")
+    assert "resident_budget" in str(e.value) and "c.yaml" in str(e.value)
+
+
+def test_percent_and_format():
+    assert parse_percent("33%", field="x") == pytest.approx(0.33)
+    assert parse_percent("33", field="x") is None
+    for bad in ("0%", "101%"):
+        with pytest.raises(ConfigError):
+            parse_percent(bad, field="x")
+    assert format_size(495 * 2 ** 20) == "495 MiB"
+    assert format_size(1.25 * 2 ** 30) == "1.25 GiB"
+    assert format_size(512) == "512 B"
+
+
+def test_defaults_are_auto():
+    for cfg in (load_config(None), load_config({}), TierConfig()):
+        assert cfg.device == "auto" and cfg.resident_budget.auto and cfg.host_budget.auto
+        assert cfg.prefetch_depth is None and cfg.staging_buffers is None and cfg.kv_cache.max_context is None
+        assert cfg.slow_tier == "disk" and cfg.io_backend == "auto" and cfg.hardware == "auto"
+    cfg = TierConfig(resident_budget="8GiB")
+    assert load_config(cfg) is cfg
+    assert cfg.resident_budget == Budget(nbytes=8 * 2 ** 30)
+
+
+def test_values_are_normalised():
+    cfg = load_config({"device": "cpu", "resident_budget": "33%", "prefetch_depth": 2, "staging_buffers": "auto",
+                       "kv_cache": {"placement": "resident", "max_context": 512}, "io_threads": 3})
+    assert cfg.resident_budget.fraction == pytest.approx(0.33) and cfg.resident_budget.nbytes is None
+    assert cfg.prefetch_depth == 2 and cfg.staging_buffers is None
+    assert cfg.kv_cache == KVCacheConfig(placement="resident", max_context=512)
+    assert cfg.to_json()["resident_budget"] == "33%" and cfg.to_json()["kv_cache"]["dtype"] == "auto"
+    with pytest.raises(Exception):
+        cfg.device = "cuda"  # frozen
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("device: cpu\nresident_budet: 8GiB\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "resident_budet" in msg and "did you mean 'resident_budget'" in msg
+    p.write_text("kv_cache:\n  placment: host\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "kv_cache.placment" in str(e.value) and "'placement'" in str(e.value)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config({"zzz": 1})
+
+
+@pytest.mark.parametrize("data, field, fragment", [
+    ({"device": "cdua"}, "device", "did you mean 'cuda'"),
+    ({"slow_tier": "nvme"}, "slow_tier", "disk, none"),
+    ({"io_backend": "o_direct"}, "io_backend", "odirect"),
+    ({"resident_budget": "lots"}, "resident_budget", "cannot read"),
+    ({"host_budget": "50%"}, "host_budget", "percentage is not allowed"),
+    ({"resident_budget": "150%"}, "resident_budget", "(0, 100]"),
+    ({"prefetch_depth": 0}, "prefetch_depth", "positive integer"),
+    ({"io_threads": -2}, "io_threads", "positive integer"),
+    ({"compute_threads": True}, "compute_threads", "positive integer"),
+    ({"staging_buffers": 2, "prefetch_depth": 2}, "staging_buffers", "at least 3"),
+    ({"kv_cache": {"placement": "vram"}}, "kv_cache.placement", "resident"),
+    ({"kv_cache": {"max_context": "long"}}, "kv_cache.max_context", "positive integer"),
+    ({"kv_cache": {"dtype": "q8"}}, "kv_cache.dtype", "f16"),
+    ({"kv_cache": "big"}, "kv_cache", "mapping"),
+    ({"device": "cpu", "io_backend": "kvikio"}, "io_backend", "kvikio"),
+    ({"hardware": "rtx4900"}, "hardware", "did you mean 'rtx4090'"),
+])
+def test_bad_values_name_the_field(data, field, fragment):
+    with pytest.raises(ConfigError) as e:
+        load_config(data)
+    assert e.value.field == field and fragment in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "list.yaml"
+    p.write_text("- device: cpu\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+    p.write_text("device: cpu\n  bad: indent\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 2"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="expected a YAML path"):
+        load_config(42)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert load_config(empty) == TierConfig()
+
+
+def test_every_shipped_config_loads():
+    names = {p.stem for p in CONFIGS}
+    assert {"cpu-default", "cpu-tight", "rtx3090-70b", "rtx4090-70b", "h100-70b"} <= names
+    for p in CONFIGS:
+        cfg = load_config(p)
+        assert cfg.source == str(p)
+        if p.stem.startswith("cpu"):
+            assert cfg.device == "cpu"
+        else:
+            assert cfg.device == "cuda" and cfg.hardware in PRESETS
+    assert load_config(CONFIGS[0]).to_json() == load_config(load_config(CONFIGS[0]).to_json()).to_json()
+
+
+# -- hardware profiles --------------------------------------------------------------------------------
+def _profile(**over) -> HardwareProfile:
+    kw = dict(device="cpu", name="test", resident_bytes=8 << 30, host_bytes=0, disk_read_direct=1e9,
+              disk_read_buffered=5e8, disk_latency_s=1e-4, host_to_device=5e9, memcpy=5e9, resident_bandwidth=1e10,
+              compute={"Q4_0": ComputeRate(2e9, 2e10), "Q8_0": ComputeRate(3e9, 3e10)}, layer_overhead_s=1e-4,
+              token_overhead_s=1e-3, source="test")
+    kw.update(over)
+    return HardwareProfile(**kw)
+
+
+def test_profile_roundtrip_and_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    assert profile_path("cpu") == tmp_path / "hardware-cpu.json"
+    assert load_profile(None, "cpu").source.startswith("default")  # nothing calibrated yet
+    p = _profile(measurements={"note": "x"})
+    written = save_profile(p)
+    assert written == tmp_path / "hardware-cpu.json"
+    back = load_profile()
+    assert back == p and back.measurements["note"] == "x"
+    assert json.loads(written.read_text())["compute"]["Q4_0"] == {"t1": 2e9, "batched": 2e10}
+    # a format that was not measured gets the slowest measured rate
+    assert back.rate("Q6_K") == ComputeRate(2e9, 2e10) and back.rate("Q8_0").t1 == 3e9
+
+
+def test_profile_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_profile(bad)
+    bad.write_text(json.dumps({"device": "cpu"}))
+    with pytest.raises(ConfigError, match="not a hardware profile") as e:
+        load_profile(bad)
+    assert str(bad) in str(e.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_profile(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match="positive bandwidth"):
+        _profile(memcpy=0)
+    with pytest.raises(ConfigError, match="unknown formats"):
+        _profile(compute={"Q9_9": ComputeRate(1, 1)})
+    with pytest.raises(ConfigError, match="device"):
+        _profile(device="tpu")
+
+
+def test_defaults_and_presets():
+    cpu = default_profile("cpu")
+    assert cpu.device == "cpu" and cpu.host_bytes == 0 and "not calibrated" in cpu.source
+    for name, make in PRESETS.items():
+        p = make()
+        assert p.device == "cuda" and "predicted" in p.source and p.resident_bytes >= 24 << 30
+        # memory-bound GEMV can never beat the memory it streams from
+        assert all(r.t1 < p.resident_bandwidth / 0.8 for r in p.compute.values())
+    with pytest.raises(EngineError):
+        default_profile("tpu")
+    rate = ComputeRate(t1=1e9, batched=1e10)
+    assert rate.seconds(10 ** 9, 1) == pytest.approx(1.0)  # memory bound
+    assert rate.seconds(10 ** 9, 100) == pytest.approx(10.0)  # compute bound
+
+
+def test_calibrate_quick_writes_a_profile_the_planner_uses(tmp_path, capsys):
+    from engine import calibrate, cpu
+    from engine import plan as plan_cli
+
+    out = tmp_path / "profile.json"
+    rc = calibrate.main(["--quick", "--size", "8MiB", "--threads", "1", "--io-threads", "2", "--no-drop-caches",
+                         "--dir", str(tmp_path / "scratch"), "--output", str(out), "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["path"] == str(out)
+    prof = load_profile(out)
+    assert prof.source.startswith("calibrated") and prof.device == "cpu"
+    assert set(prof.compute) == set(cpu.SUPPORTED)
+    assert all(r.t1 > 0 and r.batched > 0 for r in prof.compute.values())
+    assert prof.disk_read_direct > 0 and prof.disk_read_buffered > 0 and prof.disk_latency_s > 0
+    assert prof.measurements["disk_file_bytes"] == 8 << 20 and prof.measurements["compute_threads"] == 1
+    assert list((tmp_path / "scratch").iterdir()) == []  # the scratch file is removed
+    assert plan_cli.main(["--hardware", str(out), "--config", str(CONFIGS[0])]) == 0
+    assert "calibrated" in capsys.readouterr().out
+    assert calibrate.main(["--size", "1MiB"]) == 1
+    assert "--size" in capsys.readouterr().err
