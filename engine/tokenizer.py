@@ -202,21 +202,25 @@ class _BpeModel:
             + [hf_pre.ByteLevel(add_prefix_space=False, use_regex=False)])
         self._hf = hf
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, after_special: bool) -> list[int]:
+        """`after_special` is irrelevant here: byte-level BPE adds no space prefix."""
         return self._hf.encode(text, add_special_tokens=False).ids
 
 
 class _SpmModel:
     """llama.cpp's SentencePiece-vocab tokenizer: greedy merges of adjacent symbols by token score.
 
-    Start from single characters; repeatedly merge the adjacent pair whose concatenation is a
-    token with the highest score (ties: leftmost pair). Symbols left that are not tokens are
-    emitted as <0xXX> byte tokens.
+    Spaces become "▁" (with one prepended to text that starts the input or follows a special
+    token, when add_space_prefix). Start from single characters; repeatedly merge the adjacent
+    pair whose concatenation is a token with the highest score (ties: leftmost pair). Symbols left
+    that are not tokens are emitted as <0xXX> byte tokens.
     """
 
-    def __init__(self, token_to_id: Mapping[str, int], scores: list[float], unk_id: int | None):
+    def __init__(self, token_to_id: Mapping[str, int], scores: list[float], unk_id: int | None,
+                 add_space_prefix: bool):
         self._ids = token_to_id
         self._scores = scores
+        self._space_prefix = add_space_prefix
         byte_ids = []
         for b in range(256):
             tid = token_to_id.get(f"<0x{b:02X}>")
@@ -225,7 +229,12 @@ class _SpmModel:
             byte_ids.append(unk_id if tid is None else tid)
         self._byte_ids = byte_ids
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, after_special: bool) -> list[int]:
+        if self._space_prefix and after_special:
+            text = " " + text
+        return self._merge(text.replace(" ", SPACE_MARK))
+
+    def _merge(self, text: str) -> list[int]:
         if not text:
             return []
         ids, scores = self._ids, self._scores
@@ -269,6 +278,31 @@ class _SpmModel:
 
 
 # ------------------------------------------------------------------ the tokenizer
+
+
+def _end_of_generation(ids: Mapping[str, int], eos: int | None, eot: int | None, eom: int | None,
+                       fim: Mapping[str, int | None]) -> tuple[int | None, int | None, frozenset[int], set[int]]:
+    """llama.cpp's EOT/EOM/FIM lookup by token text and its end-of-generation set.
+
+    Returns (eot, eom, stop ids, ids found by their text). Where several texts match, llama.cpp
+    takes the first in its hash-map order, which cannot be reproduced; the order of the text lists
+    (most specific end-of-turn texts first) is used instead. The stop set does not depend on it.
+    """
+    found: set[int] = set()
+
+    def by_text(current: int | None, texts: Sequence[str]) -> int | None:
+        if current is None:
+            current = next((ids[t] for t in texts if t in ids), None)
+            if current is not None:
+                found.add(current)
+        return current
+
+    eot, eom = by_text(eot, _EOT_TEXTS), by_text(eom, _EOM_TEXTS)
+    fim_ids = {by_text(tid, _FIM_EOG_TEXTS[name]) for name, tid in fim.items()}
+    by_eog_text = {tid for text, tid in ids.items() if text in _EOG_TEXTS}
+    found |= by_eog_text
+    stop = (fim_ids | by_eog_text | {eos, eot, eom}) - {None}
+    return eot, eom, frozenset(stop), found
 
 
 class Tokenizer:
@@ -321,30 +355,10 @@ class Tokenizer:
         if self.add_eos and self.eos_id is None:
             raise meta.error(KEY + "eos_token_id", "add_eos_token is true but there is no EOS token")
 
-        # llama.cpp finds EOT/EOM/FIM tokens by their text and forces them to control type
-        forced: list[int] = []
-
-        def by_text(current: int | None, texts: Sequence[str]) -> int | None:
-            # llama.cpp takes the first match in its hash-map order, which cannot be reproduced;
-            # the order of the text list (most specific end-of-turn texts first) is used instead
-            if current is not None:
-                return current
-            found = next((self._ids[t] for t in texts if t in self._ids), None)
-            if found is not None:
-                forced.append(found)
-            return found
-
-        self.eot_id = by_text(self.eot_id, _EOT_TEXTS)
-        self.eom_id = by_text(self.eom_id, _EOM_TEXTS)
-        fim = {name: by_text(tid, _FIM_EOG_TEXTS[name]) for name, tid in fim.items()}
-        eog = {tid for tid in fim.values() if tid is not None}
-        eog.update(i for i, t in enumerate(tokens) if t in _EOG_TEXTS)
-        forced.extend(eog)
-        eog.update(t for t in (self.eos_id, self.eot_id, self.eom_id) if t is not None)
-        self.stop_ids: frozenset[int] = frozenset(eog)
-        for tid in forced:
-            if types[tid] != TokenType.CONTROL:
-                types[tid] = TokenType.CONTROL
+        self.eot_id, self.eom_id, self.stop_ids, forced = _end_of_generation(
+            self._ids, self.eos_id, self.eot_id, self.eom_id, fim)
+        for tid in forced:  # llama.cpp makes every token it found by its text a control token
+            types[tid] = TokenType.CONTROL
         self._types = types
 
         # special tokens are cut out of the text longest first (ties: lower id first)
@@ -352,7 +366,7 @@ class Tokenizer:
                                 key=lambda i: (-len(tokens[i].encode("utf-8")), i))
         self._pieces = [self._piece(i) for i in range(self.vocab_size)]
         if spm:
-            self._model: _BpeModel | _SpmModel = _SpmModel(self._ids, scores, self.unk_id)
+            self._model: _BpeModel | _SpmModel = _SpmModel(self._ids, scores, self.unk_id, self.add_space_prefix)
         else:
             self._model = _BpeModel(tokens, merges or [], pre_spec)
         self._template_src = meta.get_str("tokenizer.chat_template")
@@ -407,19 +421,14 @@ class Tokenizer:
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self.bos_id)
-        prev_special = True
-        spm = self.kind == "llama"
+        after_special = True  # the start of the text counts as following a special token
         for frag in self._partition(text, parse_special):
             if isinstance(frag, int):
                 out.append(frag)
-                prev_special = True
-            elif spm:
-                if self.add_space_prefix and prev_special:
-                    frag = " " + frag
-                out += self._model.encode(frag.replace(" ", SPACE_MARK))
-                prev_special = False
+                after_special = True
             else:
-                out += self._model.encode(frag)
+                out += self._model.encode(frag, after_special)
+                after_special = False
         if add_special and self.add_eos:
             out.append(self.eos_id)
         return out
