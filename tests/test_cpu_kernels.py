@@ -198,13 +198,3 @@ def test_build_errors_are_kernel_errors(tmp_path, monkeypatch):
     with pytest.raises(KernelError, match="compiling bad.cpp failed"):
         build(BuildSpec(compiler=os.environ.get("CXX", "g++"), source=bad))
     assert not list(tmp_path.glob("cpu/*.so")) and not list(tmp_path.glob("cpu/*.tmp*"))
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
-def test_shares_torchs_openmp_runtime():
-    """The kernels' OpenMP threads are torch's: one libgomp in the process, so no second pool."""
-    cpu.linear(torch.randn(1, 64), torch.from_numpy(make_weight("Q4_1", 64, 64, np.random.default_rng(0))).view(-1),
-               "Q4_1", 64, 64)
-    with open("/proc/self/maps") as f:
-        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
-    assert len(runtimes) == 1, runtimes

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import KernelError
 
 SOURCE = Path(__file__).with_name("qlinear.cpp")
-BASE_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp",
+BASE_FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread",
               "-fvisibility=hidden", "-fno-math-errno", "-ffp-contract=fast", "-DNDEBUG")
 
 

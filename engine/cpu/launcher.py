@@ -12,7 +12,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..errors import KernelError
 
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +34,7 @@ _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 class Kernels:
-    """One loaded library plus the thread count its calls use (threads come from OpenMP)."""
+    """One loaded library plus its thread pool."""
 
     def __init__(self, lib_path: Path, threads: int):
         lib = ctypes.CDLL(str(lib_path))
@@ -42,7 +42,11 @@ class Kernels:
             ("ql_abi_version", _int, ()),
             ("ql_isa", _int, ()),
             ("ql_format_info", _int, (_int, ctypes.POINTER(_int), ctypes.POINTER(_int))),
-            ("ql_linear", _int, (_int, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
+            ("ql_pool_new", _vp, (_int,)),
+            ("ql_pool_free", None, (_vp,)),
+            ("ql_pool_set_threads", None, (_vp, _int)),
+            ("ql_pool_threads", _int, (_vp,)),
+            ("ql_linear", _int, (_vp, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -54,15 +58,26 @@ class Kernels:
                     or (block.value, nbytes.value) != (info.block, info.nbytes):
                 raise KernelError(f"{lib_path}: format {name} layout disagrees with gguf "
                                   f"({block.value}, {nbytes.value}) != ({info.block}, {info.nbytes})")
+        self._lib = lib
         self._call = lib.ql_linear
         self.isa = "avx512" if lib.ql_isa() == 512 else "portable"
-        self.num_threads = 1
+        self._pool = lib.ql_pool_new(1)
         self.set_num_threads(threads)
 
+    def __del__(self):
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool:
+            self._lib.ql_pool_free(pool)
+
+    @property
+    def num_threads(self) -> int:
+        return self._lib.ql_pool_threads(self._pool)
+
     def set_num_threads(self, n: int) -> None:
+        """Threads per call, the calling thread included (n - 1 pool workers)."""
         if type(n) is not int or n < 1:
             raise KernelError(f"thread count must be a positive int, got {n!r}", field="n")
-        self.num_threads = n
+        self._lib.ql_pool_set_threads(self._pool, n)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,7 +106,7 @@ class Kernels:
             _diagnose(x, w, fmt, n, k, out)
             raise KernelError(f"invalid arguments for {fmt} ({n}, {k})")  # _diagnose found nothing specific
         if t:
-            rc = self._call(self.num_threads, info.type_id, px, pw, po, t, n, k)
+            rc = self._call(self._pool, info.type_id, px, pw, po, t, n, k)
             if rc:
                 raise KernelError(f"kernel rejected {fmt} ({n}, {k}) x ({t}, {k}) (code {rc})")
         return out

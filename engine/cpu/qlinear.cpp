@@ -10,14 +10,19 @@
 // The AVX-512 path and the portable path (GCC vector extensions, any ISA) follow this contract
 // exactly, so on an FMA machine they are bit-identical.
 //
-// Work: rows of W are split into groups of kRows, handed out dynamically to the threads of one
-// OpenMP parallel region (torch's own libgomp team when loaded next to torch). Small T decodes
-// each weight chunk into registers and uses it for every row of x; larger T decodes a group of
-// rows once into an fp32 scratch panel and runs a register-tiled microkernel over all of x.
+// Work: rows of W are split into groups of kRows, handed out dynamically to a small persistent
+// thread pool (caller included, see Pool). Small T decodes each weight chunk into registers and
+// uses it for every row of x; larger T decodes a group of rows once into an fp32 scratch panel
+// and runs a register-tiled microkernel over all of x.
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -789,29 +794,150 @@ const float* permute_x(const float* x, i64 T, i64 K) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Threads: one OpenMP parallel region per call. Loaded into a process that already has torch's
-// libgomp, the library binds to that same runtime (same soname), so torch ops and these kernels
-// share one team of threads and never oversubscribe the cores. Work items (row groups) are
-// claimed dynamically; each item is computed entirely by the thread that claims it, so results
-// do not depend on the number of threads or on who ran what.
+// Thread pool: persistent workers plus the calling thread. Work items (row groups) are claimed
+// dynamically; each item is computed entirely by the thread that claims it, so results do not
+// depend on the thread count or on who ran what.
+//
+// A worker joins a job only by checking in while the job is open; the caller closes the job when
+// it runs out of items and then waits only for the workers that checked in. So a worker that the
+// OS has not scheduled (another process busy on its core) costs nothing: the caller does the
+// work. (An OpenMP team cannot do this: every member must reach the join barrier, which costs a
+// scheduler time slice per call whenever a core is taken.) Idle workers spin briefly, yielding
+// their core to any other runnable thread (e.g. torch's OpenMP team), then sleep.
 // ---------------------------------------------------------------------------------------------
 using ItemsFn = void (*)(const void* ctx, i64 begin, i64 end);
 
-void run_parallel(int threads, ItemsFn fn, const void* ctx, i64 items, i64 grain) {
-    if (threads <= 1 || items <= grain) {
-        fn(ctx, 0, items);
-        return;
-    }
-    std::atomic<i64> next{0};
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
 #endif
-    for (;;) {
-        const i64 b = next.fetch_add(grain, std::memory_order_relaxed);
-        if (b >= items) break;
-        fn(ctx, b, b + grain < items ? b + grain : items);
-    }
 }
+
+class Pool {
+public:
+    explicit Pool(int threads) { start(threads); }
+    ~Pool() { stop(); }
+    Pool(const Pool&) = delete;
+    Pool& operator=(const Pool&) = delete;
+
+    int threads() const { return int(workers_.size()) + 1; }
+
+    void set_threads(int threads) {
+        std::lock_guard<std::mutex> g(dispatch_);
+        stop();
+        start(threads);
+    }
+
+    void run(ItemsFn fn, const void* ctx, i64 items, i64 grain) {
+        std::lock_guard<std::mutex> g(dispatch_);  // one job at a time
+        if (workers_.empty() || items <= grain) {
+            fn(ctx, 0, items);
+            return;
+        }
+        fn_ = fn;
+        ctx_ = ctx;
+        items_ = items;
+        grain_ = grain;
+        next_.store(0, std::memory_order_relaxed);
+        finished_.store(0, std::memory_order_relaxed);
+        state_.store(uint64_t(++generation_) << 32, std::memory_order_seq_cst);  // open, nobody in
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+            std::lock_guard<std::mutex> lk(sleep_mu_);
+            wake_.notify_all();
+        }
+        work();
+        const uint64_t closed = state_.fetch_or(kClosed, std::memory_order_acq_rel);
+        const uint32_t joined = uint32_t(closed & kCountMask);
+        for (int i = 1; finished_.load(std::memory_order_acquire) != joined; ++i) {
+            cpu_relax();
+            if ((i & 255) == 0) std::this_thread::yield();
+        }
+    }
+
+private:
+    static constexpr uint64_t kClosed = 1ull << 31;
+    static constexpr uint64_t kCountMask = kClosed - 1;
+    static constexpr auto kSpin = std::chrono::microseconds(200);
+
+    static uint32_t generation_of(uint64_t s) { return uint32_t(s >> 32); }
+
+    void start(int threads) {
+        stopping_.store(false);
+        for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+    }
+
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lk(sleep_mu_);
+            stopping_.store(true, std::memory_order_seq_cst);
+            wake_.notify_all();
+        }
+        for (auto& t : workers_) t.join();
+        workers_.clear();
+    }
+
+    void work() {
+        for (;;) {
+            const i64 b = next_.fetch_add(grain_, std::memory_order_relaxed);
+            if (b >= items_) return;
+            fn_(ctx_, b, b + grain_ < items_ ? b + grain_ : items_);
+        }
+    }
+
+    // Wait for a job newer than `seen` (or stop); returns the state word that announced it.
+    uint64_t wait_for_job(uint32_t seen) {
+        uint64_t s = state_.load(std::memory_order_acquire);
+        const auto deadline = std::chrono::steady_clock::now() + kSpin;
+        for (int i = 1; generation_of(s) == seen && !stopping_.load(std::memory_order_relaxed); ++i) {
+            cpu_relax();
+            if ((i & 15) == 0) {
+                std::this_thread::yield();
+                if (std::chrono::steady_clock::now() > deadline) {
+                    std::unique_lock<std::mutex> lk(sleep_mu_);
+                    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                    wake_.wait(lk, [&] {
+                        s = state_.load(std::memory_order_seq_cst);
+                        return generation_of(s) != seen || stopping_.load(std::memory_order_seq_cst);
+                    });
+                    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+                    break;
+                }
+            }
+            s = state_.load(std::memory_order_acquire);
+        }
+        return s;
+    }
+
+    void loop() {
+        uint32_t seen = generation_of(state_.load(std::memory_order_acquire));
+        for (;;) {
+            uint64_t s = wait_for_job(seen);
+            if (stopping_.load(std::memory_order_acquire)) return;
+            seen = generation_of(s);
+            while (generation_of(s) == seen && !(s & kClosed)) {  // check in, unless already closed
+                if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+                    work();
+                    finished_.fetch_add(1, std::memory_order_release);
+                    break;
+                }
+            }
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    std::mutex dispatch_;
+    std::mutex sleep_mu_;
+    std::condition_variable wake_;
+    std::atomic<uint64_t> state_{0};  // generation << 32 | closed bit | number of workers checked in
+    std::atomic<int> sleepers_{0};
+    std::atomic<bool> stopping_{false};
+    std::atomic<i64> next_{0};
+    std::atomic<uint32_t> finished_{0};
+    uint32_t generation_ = 0;
+    ItemsFn fn_ = nullptr;
+    const void* ctx_ = nullptr;
+    i64 items_ = 0, grain_ = 1;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Format table and dispatch
@@ -845,7 +971,7 @@ const FormatEntry* find_format(int type) {
 // C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape.
 // Pointers are not checked here; the Python launcher validates dtypes, shapes and sizes.
 // ---------------------------------------------------------------------------------------------
-QL_EXPORT int ql_abi_version() { return 2; }
+QL_EXPORT int ql_abi_version() { return 3; }
 
 QL_EXPORT int ql_isa() { return QL_AVX512 ? 512 : 0; }
 
@@ -858,7 +984,12 @@ QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
     return 1;
 }
 
-QL_EXPORT int ql_linear(int threads, int type, const float* x, const uint8_t* w, float* out, i64 T, i64 N, i64 K) {
+QL_EXPORT void* ql_pool_new(int threads) { return new Pool(threads < 1 ? 1 : threads); }
+QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
+QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
+QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->threads(); }
+
+QL_EXPORT int ql_linear(void* pool_handle, int type, const float* x, const uint8_t* w, float* out, i64 T, i64 N, i64 K) {
     const FormatEntry* e = find_format(type);
     if (!e) return 1;
     if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
@@ -868,9 +999,10 @@ QL_EXPORT int ql_linear(int threads, int type, const float* x, const uint8_t* w,
     // Claim about 16 KiB of weights (or at least one group) at a time, finer when there are few.
     const i64 group_bytes = p.row_bytes * kRows;
     i64 grain = (i64(16) << 10) / (group_bytes > 0 ? group_bytes : 1);
-    const i64 fair = groups / (i64(threads > 1 ? threads : 1) * 4);
+    Pool* pool = static_cast<Pool*>(pool_handle);
+    const i64 fair = groups / (i64(pool->threads()) * 4);
     if (grain > fair) grain = fair;
     if (grain < 1) grain = 1;
-    run_parallel(threads, e->run, &p, groups, grain);
+    pool->run(e->run, &p, groups, grain);
     return 0;
 }
