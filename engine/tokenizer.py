@@ -196,7 +196,16 @@ class _BpeModel:
             # reach such a merge with a broken vocabulary, so they are dropped.
             if left in vocab and right in vocab and left + right in vocab:
                 pairs.append((left, right))
-        hf = HFTokenizer(hf_models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
+        # A character missing from the vocab stays a symbol of its own in llama.cpp: it blocks
+        # merges across it and is dropped from the output. HF does that for its unknown token,
+        # so a sentinel entry (id = vocab size, never a real id) plays that part and is removed.
+        self._unk = len(tokens)
+        unk_text = "\x00<unknown>"
+        while unk_text in vocab:
+            unk_text += "\x00"
+        vocab[unk_text] = self._unk
+        hf = HFTokenizer(hf_models.BPE(vocab=vocab, merges=pairs, unk_token=unk_text, fuse_unk=False,
+                                       ignore_merges=pre.ignore_merges))
         hf.pre_tokenizer = hf_pre.Sequence(
             [hf_pre.Split(Regex(r), behavior="isolated") for r in pre.regexes]
             + [hf_pre.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -204,7 +213,8 @@ class _BpeModel:
 
     def encode(self, text: str, after_special: bool) -> list[int]:
         """`after_special` is irrelevant here: byte-level BPE adds no space prefix."""
-        return self._hf.encode(text, add_special_tokens=False).ids
+        ids = self._hf.encode(text, add_special_tokens=False).ids
+        return [i for i in ids if i != self._unk] if self._unk in ids else ids
 
 
 class _SpmModel:
