@@ -231,9 +231,11 @@ def measure_kernels(s: Settings, threads: int, batched_tokens: int = 32) -> tupl
 
 
 def measure_overheads(threads: int) -> dict:
-    """Proxies for fixed costs the kernels' byte rates do not capture: per layer, 7 kernel calls on tiny
-    matrices plus the small torch ops of a block (norms, rope, softmax over a short context); per token,
-    a softmax and top-k over a 128k vocabulary."""
+    """Proxies for fixed costs the kernels' byte rates do not capture. Per layer: 7 kernel calls on a
+    tiny matrix plus the small torch ops of a block (norms, rope-sized elementwise ops, attention over a
+    short context); per token: softmax and top-k over a 128k vocabulary. Each part is the best of many
+    calls, i.e. the cost on an idle machine (the median is kept in the measurements: on a busy machine,
+    waking the kernel thread pool can take a scheduler tick)."""
     import torch
 
     from . import cpu
@@ -242,34 +244,40 @@ def measure_overheads(threads: int) -> dict:
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = torch.randn(1, 64)
-        w = _weights("Q8_0", 64, 64)
+        x, w = torch.randn(1, 64), _weights("Q8_0", 64, 64)
         h = torch.randn(1, 1, 512)
-        q = torch.randn(1, 8, 1, 64)
-        kk = torch.randn(1, 8, 256, 64)
+        q, kk = torch.randn(1, 8, 1, 64), torch.randn(1, 8, 256, 64)
+        logits = torch.randn(128256)
 
-        def layer():
-            for _ in range(7):
-                cpu.linear(x, w, "Q8_0", 64, 64)
+        def small_ops():
             for _ in range(2):
                 torch.nn.functional.rms_norm(h, (512,))
             sc = torch.matmul(q, kk.transpose(-1, -2)).softmax(-1)
             torch.matmul(sc, kk)
             torch.nn.functional.silu(h) * h
-
-        logits = torch.randn(128256)
+            h * h + h  # rope-like elementwise work
 
         def token():
             torch.topk(logits, 40)
             torch.softmax(logits, -1)
 
-        for fn in (layer, token):
+        def samples(fn, n):
             fn()
-        per_layer = _best(layer, 20)
-        per_token = _best(token, 10)
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+            return out
+
+        lin = samples(lambda: cpu.linear(x, w, "Q8_0", 64, 64), 100)
+        ops = samples(small_ops, 50)
+        tok = samples(token, 10)
     finally:
         torch.set_num_threads(prev)
-    return {"layer_overhead_s": per_layer, "token_overhead_s": per_token}
+    return {"layer_overhead_s": 7 * min(lin) + min(ops), "token_overhead_s": min(tok),
+            "layer_overhead_median_s": 7 * statistics.median(lin) + statistics.median(ops),
+            "token_overhead_median_s": statistics.median(tok)}
 
 
 def calibrate(s: Settings, directory: Path, threads: int, progress=lambda msg: None) -> HardwareProfile:
@@ -287,7 +295,8 @@ def calibrate(s: Settings, directory: Path, threads: int, progress=lambda msg: N
     meas = {**{k: v for k, v in disk.items() if k.startswith("disk_") and k not in
                ("disk_read_direct", "disk_read_buffered", "disk_latency_s")},
             "o_direct": disk["o_direct"], "cache_eviction": disk["cache_eviction"],
-            "compute_threads": threads, "kernels": raw, "seconds": time.perf_counter() - t0,
+            "compute_threads": threads, "kernels": raw,
+            **{k: v for k, v in over.items() if k.endswith("median_s")}, "seconds": time.perf_counter() - t0,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": s.matrix_bytes < (64 << 20)}
     return HardwareProfile(
         device="cpu", name=f"cpu ({os.cpu_count()} threads)",

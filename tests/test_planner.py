@@ -281,6 +281,21 @@ def test_tied_head_streams_in_chunks_on_a_tight_cpu(smollm2):
     _check_consistent(p, smollm2, hw)
 
 
+def test_embedding_leaves_the_budget_before_any_layer_streams():
+    fp = describe("llama3-8b:Q4_K_M")  # untied: a 282 MiB embedding of which each token needs one row
+    hw = cpu_profile(overhead=50e-6)
+    work = Workload(1, 16, 16)
+    kv, other = _fixed(fp, 256, work)
+    weights = fp.weight_bytes - sum(t.nbytes for t in fp.small)
+    budget = kv + other + weights - fp.embedding.nbytes + MiB
+    p = plan(fp, hw, load_config({"device": "cpu", "resident_budget": budget, "kv_cache": {"max_context": 256}}),
+             work)
+    assert p.embedding_tier == "disk" and p.output_tier == "resident"
+    assert all(lp.tier == "resident" for lp in p.layers) and p.ring_size == 0
+    assert p.predicted.token_s == pytest.approx(p.predicted.compute_s)
+    _check_consistent(p, fp, hw)
+
+
 # -- 70B-class models on GPU presets (predicted, never measured here) --------------------------------------
 def test_llama70b_on_rtx4090(llama70b):
     hw = PRESETS["rtx4090"]()
@@ -289,8 +304,10 @@ def test_llama70b_on_rtx4090(llama70b):
     _check_consistent(p, llama70b, hw)
     assert p.resident_bytes <= 22.5 * GiB and p.host_bytes <= 40 * GiB
     assert {lp.tier for lp in p.layers} == {"resident", "host"}  # 40 GiB of pinned RAM: no disk reads
-    assert p.output_tier == "resident" and p.embedding_tier == "host"  # rows are cheap to fetch, VRAM is not
+    assert p.embedding_tier == "host"  # rows are cheap to fetch, VRAM is not
+    assert p.output_tier in ("resident", "host")  # the head streams like any layer would (in chunks)
     host_bytes = sum(lp.streamed_bytes for lp in p.layers if lp.tier == "host")
+    host_bytes += llama70b.head.nbytes if p.output_tier == "host" else 0
     assert p.streamed_bytes["host"] == host_bytes > 15 * GiB
     assert p.host_bytes >= host_bytes + llama70b.embedding.nbytes
     assert p.predicted.bound == "host->device"

@@ -18,7 +18,8 @@ resident / attention only), each output head and embedding placement, each KV pl
 ring size, stream the fewest layers that make the budget fit, spread evenly between resident ones
 (so the copy queue works while resident layers compute), then spend what budget is left keeping
 whole attention/FFN tensors of streamed layers resident. The candidate with the lowest predicted
-workload time wins; ties go to the one using less of the resident tier.
+workload time wins; ties go to the one moving fewer bytes per step, then to the one using less of
+the resident tier.
 """
 from __future__ import annotations
 
@@ -95,6 +96,18 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """Where everything lives, and the contract the scheduler runs to meet the prediction:
+
+    * Units run in order: layers 0..L-1, then the output head. A layer's `streamed_roles` tensors (its
+      `resident_roles` stay resident) are loaded per step into one staging buffer; a streamed head is
+      loaded as `output_chunks` row ranges of `output_chunk_rows` rows, each its own load.
+    * `ring_size` buffers of `staging_bytes` each (alignment slack included); at most
+      `prefetch_depth` + 1 loads hold buffers at once, the computing one included; a buffer is reused
+      as soon as the unit in it has been computed, and loading runs on into the next step.
+    * embedding_tier "disk": rows are read from the model file per token; "host": from pinned RAM.
+    * On CPU there is no host tier; "disk" loads read the model file (O_DIRECT unless io_backend posix).
+    """
+
     model: str
     hardware: str
     device: str
@@ -225,6 +238,7 @@ class _Candidate:
     staging_bytes: int
     resident_bytes: int
     host_bytes: int
+    moved_bytes: int  # loaded per decode step
 
 
 class _Planner:
@@ -384,14 +398,11 @@ class _Planner:
     # -- candidates -----------------------------------------------------------------------------------
     def candidates(self) -> Iterator[_Candidate]:
         seen = set()
-        tied = self.fp.output is None
         head_options = (False, True) if (self.slow or self.cuda) else (False,)
-        if tied:
-            emb_options = (None,)  # follows the head
+        if self.fp.output is None:
+            emb_options = (None,)  # tied: the embedding is the head and lives where it does
         else:
-            emb_options = (RESIDENT, HOST, DISK) if self.cuda else ((RESIDENT, DISK) if self.slow else (RESIDENT,))
-            if not self.slow:
-                emb_options = tuple(t for t in emb_options if t != DISK)
+            emb_options = (RESIDENT, *((HOST,) if self.cuda else ()), *((DISK,) if self.slow else ()))
         for kv_tier in self.kv_tiers:
             for split in _SPLITS:
                 for head_streamed in head_options:
@@ -484,7 +495,7 @@ class _Planner:
                 return _Candidate(split=lay.split, streamed=MappingProxyType(streamed),
                                   source=MappingProxyType(source), ring=ring if streamed else 0,
                                   embedding_tier=emb_tier, kv_tier=kv_tier, staging_bytes=stage,
-                                  resident_bytes=res_bytes, host_bytes=host)
+                                  resident_bytes=res_bytes, host_bytes=host, moved_bytes=sum(sizes.values()))
         return None
 
     # -- prediction -----------------------------------------------------------------------------------
@@ -656,7 +667,11 @@ def _better(c: _Candidate, pred: Prediction, c0: _Candidate, pred0: Prediction) 
         return True
     if pred.total_s > pred0.total_s * (1 + _TIE):
         return False
-    if c.resident_bytes != c0.resident_bytes:  # equal time: spare the scarce tier
+    # equal predicted time: prefer fewer bytes moved per step (robust to a cost model that is off),
+    # then sparing the scarce resident tier, then the (slightly) faster one
+    if c.moved_bytes != c0.moved_bytes:
+        return c.moved_bytes < c0.moved_bytes
+    if c.resident_bytes != c0.resident_bytes:
         return c.resident_bytes < c0.resident_bytes
     return pred.total_s < pred0.total_s
 
@@ -680,7 +695,7 @@ def evaluate(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, layers: S
     if output_tier != RESIDENT:
         for i in lay_out.head:
             streamed[i], source[i] = frozenset(lay_out.units[i].groups), output_tier
-    cand = _Candidate("layer", streamed, source, ring_size if streamed else 0, embedding_tier, kv_tier, 0, 0, 0)
+    cand = _Candidate("layer", streamed, source, ring_size if streamed else 0, embedding_tier, kv_tier, 0, 0, 0, 0)
     return p.predict(cand)
 
 
