@@ -6,8 +6,12 @@ For each matrix and T (rows of x) it reports the wall time per call, weight GB/s
   mm     : torch.mm on weights already dequantized to fp32 (what a dequantized cache would cost)
   dq+mm  : gguf.quants.dequantize to fp32, then torch.mm (what the fallback path costs per call)
 Measurements are interleaved round by round so machine noise hits all columns alike; the
-ratio columns are the meaningful numbers on a shared machine. Also printed: memory bandwidth
-(large torch copy / sum) and a kernel-only decode estimate for the whole model (30 blocks + head).
+ratio columns are the meaningful numbers on a shared machine. Also printed:
+  * memory bandwidth (large torch copy / sum);
+  * a decode sweep: the 211 distinct matrices of SmolLM2-135M (30 blocks + Q8_0 head, 96 MB, so
+    weights stream from memory as in real decoding), T=1, at 1 thread and at --threads;
+  * coexistence with torch: kernel calls interleaved with multi-threaded torch ops, against the
+    sum of both run separately (a ratio near 1 means no oversubscription between the pools).
 
     python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick]
 """
@@ -86,6 +90,58 @@ def bench_shape(kern, name, n, k, fmt, t, rounds, min_time, rng) -> dict:
     return rec
 
 
+def decode_sweep(kern, threads: int, rounds: int, rng) -> dict[str, float]:
+    """ms per token for all linear layers of the model, each matrix its own memory."""
+    protos = {name: (n, k, fmt, quantize(rng.standard_normal((n, k), dtype=np.float32), GGMLQuantizationType[fmt]))
+              for name, n, k, fmt, _ in SHAPES}
+    calls = []
+    for _ in range(30):
+        for name, (n, k, fmt, raw) in protos.items():
+            if name == "output":
+                continue
+            reps = 2 if name in ("attn_q/o", "attn_k/v", "ffn_gate/up") else 1
+            calls += [(torch.from_numpy(raw.copy().reshape(-1)), fmt, n, k) for _ in range(reps)]
+    n, k, fmt, raw = protos["output"]
+    calls.append((torch.from_numpy(raw.reshape(-1)), fmt, n, k))
+    xs = {k: torch.randn(1, k) for _, _, k, _, _ in SHAPES}
+    outs = {n: torch.empty(1, n) for _, n, _, _, _ in SHAPES}
+    total_bytes = sum(w.numel() for w, *_ in calls)
+
+    def token():
+        for w, fmt, n, k in calls:
+            kern.linear(xs[k], w, fmt, n, k, outs[n])
+
+    res = {}
+    for th in sorted({1, threads}):
+        kern.set_num_threads(th)
+        token()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                token()
+            times.append((time.perf_counter() - t0) / 5)
+        res[f"ms_per_token_{th}t"] = statistics.median(times) * 1e3
+    res["calls_per_token"] = len(calls)
+    res["weight_MB_per_token"] = total_bytes / 1e6
+    kern.set_num_threads(threads)
+    return res
+
+
+def coexistence(kern, rounds: int, rng) -> dict[str, float]:
+    """Kernel call and multi-threaded torch ops, separately and interleaved (us per pair)."""
+    raw = quantize(rng.standard_normal((1536, 576), dtype=np.float32), GGMLQuantizationType.Q4_1)
+    w, x, out = torch.from_numpy(raw.reshape(-1)), torch.randn(1, 576), torch.empty(1, 1536)
+    a, b, big = torch.randn(64, 576), torch.randn(576, 576), torch.randn(1 << 20)
+    kernel = lambda: kern.linear(x, w, "Q4_1", 1536, 576, out)  # noqa: E731
+    torch_ops = lambda: (torch.mm(a, b), torch.sigmoid(big))  # noqa: E731
+    both = lambda: (kernel(), torch_ops())  # noqa: E731
+    times = {name: statistics.median([timed(fn, 0.05) for _ in range(rounds)])
+             for name, fn in (("kernel", kernel), ("torch", torch_ops), ("interleaved", both))}
+    return {f"{k}_us": v * 1e6 for k, v in times.items()} | {
+        "interleaved_over_sum": times["interleaved"] / (times["kernel"] + times["torch"])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -120,13 +176,23 @@ def main(argv=None) -> int:
                         for name, _, _, _, cnt in SHAPES if name == r["name"]) for c in ("kernel", "mm", "dq+mm")}
     weight_bytes = sum(r["weight_bytes"] * cnt for r in records if r["T"] == 1
                        for name, _, _, _, cnt in SHAPES if name == r["name"])
-    print(f"\nSmolLM2-135M decode, linear layers only (T=1, 210 block matrices + head, "
+    print(f"\nSmolLM2-135M decode, linear layers only, from the T=1 rows above (hot caches; 210 block matrices + head, "
           f"{weight_bytes / 1e6:.0f} MB/token): kernel {per_token['kernel'] / 1e3:.2f} ms/token "
           f"= {1e6 / per_token['kernel']:.0f} tok/s ({weight_bytes / per_token['kernel'] / 1e3:.1f} GB/s); "
           f"torch mm on fp32 weights {per_token['mm'] / 1e3:.2f} ms/token")
+    sweep = decode_sweep(kern, args.threads, rounds, rng)
+    print(f"decode sweep ({sweep['calls_per_token']} calls, {sweep['weight_MB_per_token']:.0f} MB of distinct weights "
+          f"per token): " + ", ".join(f"{sweep[f'ms_per_token_{th}t']:.2f} ms/token = "
+                                      f"{1e3 / sweep[f'ms_per_token_{th}t']:.0f} tok/s at {th} thread(s)"
+                                      for th in sorted({1, args.threads})))
+    co = coexistence(kern, rounds, rng)
+    print(f"with torch ops ({args.threads} torch threads): kernel {co['kernel_us']:.1f} us, torch ops "
+          f"{co['torch_us']:.1f} us, interleaved {co['interleaved_us']:.1f} us "
+          f"= {co['interleaved_over_sum']:.2f} x the sum")
     if args.json:
         doc = {"threads": args.threads, "isa": kern.isa, "bandwidth": bw, "results": records,
-               "decode_linear_ms_per_token": {c: v / 1e3 for c, v in per_token.items()}}
+               "decode_linear_ms_per_token_hot": {c: v / 1e3 for c, v in per_token.items()},
+               "decode_sweep": sweep, "coexistence": co}
         text = json.dumps(doc, indent=2)
         if args.json == "-":
             print(text)

@@ -198,3 +198,24 @@ def test_build_errors_are_kernel_errors(tmp_path, monkeypatch):
     with pytest.raises(KernelError, match="compiling bad.cpp failed"):
         build(BuildSpec(compiler=os.environ.get("CXX", "g++"), source=bad))
     assert not list(tmp_path.glob("cpu/*.so")) and not list(tmp_path.glob("cpu/*.tmp*"))
+
+
+def test_concurrent_calls_from_python_threads():
+    """The GIL is released during a call; concurrent callers share the pool and get exact results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(11)
+    jobs = []
+    for fmt in ("Q4_1", "Q8_0", "Q4_K"):
+        n, k = 203, 512
+        raw = make_weight(fmt, n, k, rng)
+        x = rng.standard_normal((1 + len(jobs), k)).astype(np.float32)
+        jobs.append((x, raw, fmt, n, k, run(x, raw, fmt, n, k)))
+    cpu.set_num_threads(2)
+
+    def worker(job):
+        x, raw, fmt, n, k, expected = job
+        return all(np.array_equal(run(x, raw, fmt, n, k), expected) for _ in range(30))
+
+    with ThreadPoolExecutor(3) as ex:
+        assert all(ex.map(worker, jobs * 2))

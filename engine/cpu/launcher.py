@@ -1,8 +1,11 @@
-"""ctypes binding of the compiled qlinear library: argument checks, then one C call (GIL released)."""
+"""ctypes binding of the compiled qlinear library: argument checks, then one C call.
+
+ctypes releases the GIL for the duration of the call, so Python I/O threads keep running.
+"""
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import KernelError
+from .build import BuildSpec, build
 
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 ABI_VERSION = 3
@@ -144,26 +148,19 @@ def _diagnose(x, w, fmt, n, k, out) -> None:
         raise KernelError("must not overlap x or w", field="out")
 
 
-_lock = threading.Lock()
-_state: dict[str, Kernels | KernelError] = {}
+@functools.cache
+def _load() -> Kernels | KernelError:
+    try:
+        return Kernels(build(BuildSpec.default()), torch.get_num_threads())
+    except KernelError as exc:
+        return exc
+    except OSError as exc:
+        return KernelError(f"loading the CPU kernel library failed: {exc}")
 
 
 def default_kernels() -> Kernels:
     """The process-wide kernels (built and loaded on first use); raises KernelError if unavailable."""
-    got = _state.get("kernels")
-    if got is None:
-        with _lock:
-            got = _state.get("kernels")
-            if got is None:
-                from .build import BuildSpec, build
-
-                try:
-                    got = Kernels(build(BuildSpec.default()), torch.get_num_threads())
-                except KernelError as exc:
-                    got = exc
-                except OSError as exc:
-                    got = KernelError(f"loading the CPU kernel library failed: {exc}")
-                _state["kernels"] = got
+    got = _load()
     if isinstance(got, KernelError):
         raise got
     return got
