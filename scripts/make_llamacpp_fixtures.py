@@ -116,6 +116,7 @@ CORPUS = [
     "emoji 🎉🚀 and flag 🇫🇷 and ZWJ 👨\u200d👩\u200d👧 family",
     "Ελληνικά и русский текст, עברית, العربية",
     "no\u00a0break\u2003em space\u3000ideographic\u200bzero-width",
+    "unassigned \U00099882\U000AC286 \u2759\U00042DCF \U0003B53B'm \u1a9b",  # bytes SmolLM2 lacks
     "the quick brown fox jumps over the lazy dog",
     "Tokenizers split text into tokens: tokenize(text) -> ids.",
     " zebra zebras tokenizers",
