@@ -22,9 +22,9 @@ import codecs
 import heapq
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping, Sequence
 
 import jinja2
 from gguf import TokenType
@@ -393,7 +393,7 @@ class Tokenizer:
         return spec
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, object], path: str | None = None) -> "Tokenizer":
+    def from_metadata(cls, meta: Mapping[str, object], path: str | None = None) -> Tokenizer:
         """Build from GGUF metadata (key -> python value); raises TokenizerError naming the key."""
         m = _Meta(meta, path)
         kind = m.get_str(KEY + "model")
@@ -482,7 +482,7 @@ class Tokenizer:
         for ch in text:
             b = _BYTE_DECODER.get(ch)
             if b is None:  # llama.cpp's marker for a character outside the byte table
-                out += f"[UNK_BYTE_0x{ch.encode('utf-8').hex()}{text}]".encode("utf-8")
+                out += f"[UNK_BYTE_0x{ch.encode('utf-8').hex()}{text}]".encode()
             else:
                 out.append(b)
         return bytes(out)
@@ -523,7 +523,7 @@ class Tokenizer:
         """Text for `ids` as llama.cpp detokenizes it; invalid UTF-8 becomes U+FFFD."""
         return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
 
-    def decoder(self, *, skip_special: bool = True) -> "StreamDecoder":
+    def decoder(self, *, skip_special: bool = True) -> StreamDecoder:
         """Incremental decoder for generated tokens (see StreamDecoder)."""
         return StreamDecoder(self, skip_special=skip_special)
 
@@ -603,7 +603,7 @@ class StreamDecoder:
     cosmetic passes on vocabularies that enable them.
     """
 
-    __slots__ = ("_tok", "_special", "_utf8")
+    __slots__ = ("_special", "_tok", "_utf8")
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
         self._tok = tokenizer

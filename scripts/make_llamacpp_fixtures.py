@@ -22,7 +22,7 @@ import llama_cpp
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 sys.path.insert(0, str(ROOT / "tests"))
-import vocab_models  # noqa: E402  (shared with the tests)
+import vocab_models
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -82,7 +82,7 @@ class LlamaVocab:
 
     def info(self) -> dict:
         v = self.vocab
-        null = lambda t: None if t < 0 else int(t)  # noqa: E731
+        null = lambda t: None if t < 0 else int(t)
         return {
             "vocab_size": self.n_tokens,
             "bos_id": null(llama_cpp.llama_vocab_bos(v)),
@@ -166,7 +166,7 @@ def _crafted_sequences(lv: LlamaVocab, meta: dict) -> list[list[int]]:
     text_ids = lv.tokenize(" Hello, world! It's 中文 🎉", False, False)
     seqs += [text_ids, [bos, *text_ids], [*text_ids, eos], [bos, *text_ids, eos], [bos, bos, *text_ids],
              [eos, *text_ids], text_ids[:1], text_ids[1:]]
-    byte_tok = [ids.get(f"<0x{b:02X}>") for b in "中🎉".encode("utf-8")]
+    byte_tok = [ids.get(f"<0x{b:02X}>") for b in "中🎉".encode()]
     if all(t is not None for t in byte_tok):
         seqs += [byte_tok, byte_tok[:2], byte_tok[1:], [ids["<0x80>"]], [ids["<0x41>"], ids["<0xC3>"]]]
     for word in ("\u2581Hello", "Ġ,", ",", "Ġ'", "'s", "Ġ"):
@@ -270,7 +270,7 @@ SECTIONS = {"tokens": ("llamacpp_tokens.json", tokens_section),
 
 def _dumps(obj: object, indent: str = "") -> str:
     """JSON with one line per leaf record: containers of containers are expanded, others inline."""
-    inline = lambda v: json.dumps(v, ensure_ascii=False, separators=(",", ":"))  # noqa: E731
+    inline = lambda v: json.dumps(v, ensure_ascii=False, separators=(",", ":"))
     inner = indent + " "
     if isinstance(obj, dict) and any(isinstance(v, (dict, list)) and v and isinstance(
             next(iter(v.values())) if isinstance(v, dict) else v[0], (dict, list)) or isinstance(v, dict)

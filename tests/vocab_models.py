@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 from gguf import GGUFReader, GGUFWriter, TokenType
 
@@ -143,7 +144,7 @@ def _train_bpe(words: Counter[tuple[str, ...]], n_merges: int) -> list[tuple[str
     for _ in range(n_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 pairs[pair] += freq
         if not pairs:
             break
@@ -167,7 +168,7 @@ def _train_bpe(words: Counter[tuple[str, ...]], n_merges: int) -> list[tuple[str
 def bpe_vocab(pre: str = "llama-bpe") -> dict:
     """tokens/types/merges for a tiny byte-level BPE vocab; `pre` only changes tokenizer.ggml.pre."""
     b2u = byte_to_unicode()
-    enc = lambda s: "".join(b2u[b] for b in s.encode("utf-8"))  # noqa: E731
+    enc = lambda s: "".join(b2u[b] for b in s.encode("utf-8"))
     words: Counter[tuple[str, ...]] = Counter()
     for line in TRAIN_TEXT.splitlines():
         for i, w in enumerate(line.split(" ")):
