@@ -1,0 +1,167 @@
+"""The NVMe tier on a GPU machine: kvikio (cuFile) reads with engine.tiers.io.FileReader's contract.
+
+`KvikioReader.submit(plan, buf, label)` reads a ReadPlan's spans into `buf`, a uint8 tensor in
+pinned host memory or in device memory: with GPUDirect Storage the bytes go NVMe -> GPU without a
+host bounce; where GDS is unavailable (GeForce cards, most file systems, containers) kvikio runs in
+compat mode (POSIX reads through its own pinned bounce buffers). kvikio picks the mode itself
+(KVIKIO_COMPAT_MODE=AUTO); `mode` reports it. Its thread pool size comes from KVIKIO_NTHREADS.
+
+`open_reader` is what the runtime calls for io_backend "kvikio": without kvikio or a CUDA driver it
+logs one line and returns a FileReader instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import numpy as np
+import torch
+
+from ..errors import KernelError, WeightIOError
+from ..tiers.io import DIRECT_ALIGN, FileReader, ReadPlan, Ticket
+
+log = logging.getLogger("engine.io")
+
+
+def _import_kvikio():
+    try:
+        import kvikio
+        from kvikio import defaults
+    except ImportError as e:
+        raise KernelError("kvikio is not installed (pip install 'engine[cuda12]')", field="io_backend") from e
+    return kvikio, defaults
+
+
+class _Read:
+    """One kvikio pread as a Ticket future: result() returns once and re-raises the read's error as
+    WeightIOError; the destination stays referenced until then."""
+
+    __slots__ = ("_error", "_finished", "_future", "_t0", "_target", "label", "need", "offset", "reader")
+
+    def __init__(self, future, target, need: int, offset: int, label: str, reader: KvikioReader, t0: float):
+        self._future, self._target = future, target
+        self.need, self.offset, self.label, self.reader, self._t0 = need, offset, label, reader, t0
+        self._error: WeightIOError | None = None
+        self._finished = False
+
+    def result(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._error = self._complete()
+            self._future = self._target = None
+        if self._error is not None:
+            raise self._error
+
+    def _complete(self) -> WeightIOError | None:
+        r = self.reader
+        try:
+            got = self._future.get()
+        except (RuntimeError, OSError) as e:
+            return r.error_for(self.label, self.offset, self.need, str(e))
+        if got < self.need:
+            return r.error_for(self.label, self.offset, self.need, f"only {got} bytes arrived")
+        tr = r.tracer
+        if tr:
+            tr.span("read " + self.label, self._t0, tr.now(), tid=threading.get_ident(), args={"bytes": got})
+        return None
+
+    def done(self) -> bool:
+        return self._finished or self._future.done()
+
+    def cancel(self) -> bool:
+        return False  # a submitted cuFile read cannot be withdrawn
+
+
+class KvikioReader:
+    """Reads spans of one file with kvikio.CuFile.pread into pinned host or device buffers.
+
+    Same interface as engine.tiers.io.FileReader: `plan(runs)`, `submit(plan, buf, label) -> Ticket`,
+    `close()`, and the attributes `path`, `align`, `direct`, `tracer`. KernelError from the
+    constructor when kvikio is missing or cannot run (no CUDA driver).
+    """
+
+    def __init__(self, path: str | os.PathLike, task_size: int | None = None):
+        kvikio, defaults = _import_kvikio()
+        self.path = os.fspath(path)
+        self.task_size = task_size
+        self.align = DIRECT_ALIGN  # GDS reads whole 4 KiB pages; host plans stay O_DIRECT-compatible
+        self.tracer = None
+        self._pending: list[_Read] = []
+        self._closed = False
+        try:
+            self._file = kvikio.CuFile(self.path, "r")
+        except (RuntimeError, OSError) as e:
+            raise WeightIOError(f"kvikio cannot open the file: {e}", path=self.path) from None
+        try:
+            self._probe()
+        except (RuntimeError, OSError) as e:
+            self._file.close()
+            raise KernelError(f"kvikio cannot read: {e}", path=self.path, field="io_backend") from None
+        preferred = getattr(defaults, "is_compat_mode_preferred", None) or defaults.compat_mode  # kvikio < 24.12
+        self.mode = "compat" if preferred() else "gds"
+        self.direct = self.mode == "gds"  # page cache bypassed
+
+    def _probe(self) -> None:
+        """One small host read: kvikio needs the CUDA driver even for host memory (pointer queries)."""
+        n = min(DIRECT_ALIGN, os.path.getsize(self.path))
+        if n:
+            probe = np.empty(n, dtype=np.uint8)
+            self._file.pread(probe, n, 0).get()
+
+    def plan(self, runs) -> ReadPlan:
+        return ReadPlan.build(tuple(runs), self.align)
+
+    def submit(self, plan: ReadPlan, buf: torch.Tensor, label: str) -> Ticket:
+        if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+            raise KernelError("the staging buffer must be a contiguous 1-D uint8 tensor", field="buf")
+        if buf.numel() < plan.size:
+            raise WeightIOError(f"staging buffer of {buf.numel()} bytes is smaller than {label} ({plan.size})",
+                                path=self.path)
+        target = buf.numpy() if buf.device.type == "cpu" else buf  # host: buffer protocol; device: CUDA array interface
+        self._pending = [r for r in self._pending if not r.done()]
+        reads = []
+        tr = self.tracer
+        for off, _, dest, need in plan.spans:  # only the needed bytes: aligned tails may pass the end of file
+            if need <= 0:
+                continue
+            view = target[dest:dest + need]
+            t0 = tr.now() if tr else 0.0
+            try:
+                fut = self._file.pread(view, need, off, self.task_size)
+            except (RuntimeError, OSError) as e:
+                raise self.error_for(label, off, need, str(e)) from None
+            reads.append(_Read(fut, view, need, off, label, self, t0))
+        self._pending.extend(reads)
+        return Ticket(reads)
+
+    def error_for(self, label: str, offset: int, need: int, why: str) -> WeightIOError:
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        if offset + need > size:
+            return WeightIOError(f"{label}: file ended at {size} bytes while reading [{offset}, {offset + need}); "
+                                 "was the model file truncated?", path=self.path)
+        return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {why}", path=self.path)
+
+    def close(self) -> None:
+        """Waits for reads in flight (their buffers must outlive them), then closes the file."""
+        for r in self._pending:
+            try:
+                r.result()
+            except WeightIOError:
+                pass
+        self._pending = []
+        if not self._closed:
+            self._closed = True
+            self._file.close()
+
+
+def open_reader(path: str | os.PathLike, backend: str = "auto", threads: int = 2) -> KvikioReader | FileReader:
+    """The reader for a config's io_backend: "kvikio" tries KvikioReader and falls back to a FileReader
+    (O_DIRECT where allowed) with one log line; other backends are FileReader's."""
+    if backend != "kvikio":
+        return FileReader(os.fspath(path), backend=backend, threads=threads)
+    try:
+        return KvikioReader(path)
+    except KernelError as e:
+        log.warning("kvikio unavailable (%s); reading with the POSIX reader", e)
+        return FileReader(os.fspath(path), backend="auto", threads=threads)
