@@ -216,14 +216,15 @@ def tokens_section() -> dict:
     return {"llama_cpp_python": llama_cpp.__version__, "smollm2_file": SMOLLM2_FILE, "models": models}
 
 
+# Chosen so llama.cpp's greedy run has no near tie (< 0.5 logits) in its first steps: after a near tie
+# the two engines may legitimately diverge, which leaves nothing to compare.
 LOGIT_PROMPTS = {
-    "short": "The capital of France is",
-    "long": (
+    "planets": "The following is a list of the planets of the solar system, in order from the Sun: Mercury,",
+    "calendar-chat": (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        "<|im_start|>user\nI am planning a three-day trip to Lisbon in late spring with two friends who love "
-        "food, old neighbourhoods and the sea. We do not want to rent a car. Could you suggest a simple plan "
-        "for each day, with one place to eat, and tell us how to get around the city cheaply?<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>user\nList the seven days of the week in order, starting with Monday, and say which ones are "
+        "usually part of the weekend in Europe and in the United States. Then list the twelve months of the year "
+        "and the number of days in each, and explain what a leap year is.<|im_end|>\n<|im_start|>assistant\n"
     ),
 }
 N_GREEDY = 64
