@@ -1,6 +1,7 @@
 """The user-facing model: load a GGUF, run prefill/decode, tokenize, generate text."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -86,14 +87,15 @@ class Model:
         n_ctx = min(n_ctx or cfg.kv_cache.max_context or DEFAULT_CTX, spec.context_length)
         plan = None
         if placement is None:
+            from .plan import hardware_for
             from .tiers.footprint import footprint_from_gguf
-            from .tiers.hardware import load_profile
             from .tiers.planner import Workload
             from .tiers.planner import plan as make_plan
 
-            fp = footprint_from_gguf(f, spec)
-            plan = make_plan(fp, load_profile(device="cpu"), cfg, Workload(prompt_tokens=min(512, n_ctx),
-                                                                              gen_tokens=min(512, n_ctx)))
+            cfg = dataclasses.replace(cfg, kv_cache=dataclasses.replace(cfg.kv_cache, max_context=n_ctx))
+            prompt = max(1, min(512, n_ctx // 2))
+            work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
+            plan = make_plan(footprint_from_gguf(f, spec), hardware_for(cfg), cfg, work)
             placement = Placement.from_plan(plan, layouts, head_info(f, spec))
         device = CpuDevice(threads or (cfg.compute_threads if isinstance(cfg.compute_threads, int) else None))
         tracer = Tracer(trace) if trace else None
@@ -109,10 +111,10 @@ class Model:
 
     def plan_summary(self) -> str:
         w = self.weights
-        n_stream = len(w.seq)
+        n_stream, n_units = len(w.seq), len(w.units)
         if not n_stream:
             return f"all resident ({w.resident.nbytes / 2**20:.0f} MiB)"
-        return (f"{self.spec.n_layers + 1 - n_stream}/{self.spec.n_layers + 1} units resident "
+        return (f"{n_units - n_stream}/{n_units} units resident "
                 f"({w.resident.nbytes / 2**20:.0f} MiB), {n_stream} streamed through {w.k} x "
                 f"{w.slot_bytes / 2**20:.1f} MiB staging ({'O_DIRECT' if self.reader.direct else 'buffered'})")
 

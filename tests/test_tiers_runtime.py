@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,11 +36,13 @@ def placements(path):
     yield "resident", Placement.uniform(lays, head, stream=False)
     for k in (1, 2, 3):
         yield f"disk-k{k}", Placement.uniform(lays, head, stream=True, ring_size=k)
+    yield "disk-head-in-3-chunks", Placement.uniform(lays, head, stream=True, ring_size=2, head_chunks=3)
     # every other block streamed, the FFN of block 0 streamed while its attention stays resident
     mixed = [frozenset(t.name for r, t in lay.tensors if (i % 2 == 1) or (i == 0 and r.startswith("ffn_")))
              for i, lay in enumerate(lays)]
-    yield "mixed-head-resident", Placement(tuple(mixed) + (frozenset(),), True, 2)
-    yield "mixed-head-streamed", Placement(tuple(mixed) + (frozenset({head.name}),), False, 2)
+    whole = ((0, head.shape[0]),)
+    yield "mixed-head-resident", Placement(tuple(mixed) + (frozenset(),), whole, True, 2)
+    yield "mixed-head-streamed", Placement(tuple(mixed) + (frozenset({head.name}),), whole, False, 2)
 
 
 def run(path, placement):
@@ -61,9 +64,21 @@ def test_all_placements_bit_identical_tiny(tmp_path, cfg):
         assert "streamed" in summary
 
 
+def run_config(path, config):
+    with engine.load(path, config=config) as m:
+        logits = m.logits(TOKENS)
+        text = "".join(m.generate(TOKENS[:3], max_tokens=12, temperature=0))
+        return logits, text, m.plan_summary()
+
+
 def test_all_placements_bit_identical_smollm2():
     path = default_model_path()
-    got = {name: run(path, p) for name, p in placements(path) if name in ("resident", "disk-k2", "mixed-head-streamed")}
+    got = {name: run(path, p) for name, p in placements(path)
+           if name in ("resident", "disk-k2", "disk-head-in-3-chunks", "mixed-head-streamed")}
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("cpu-default", "cpu-tight"):
+        got[name] = run_config(path, configs / f"{name}.yaml")
+    assert "streamed" in got["cpu-tight"][2] and "all resident" in got["cpu-default"][2]
     ref_logits, ref_text, _ = got.pop("resident")
     for name, (logits, text, _) in got.items():
         assert np.array_equal(logits, ref_logits), name
@@ -125,7 +140,7 @@ def test_read_error_is_reported_with_layer_and_file(tmp_path, monkeypatch):
 
 def test_ctrl_c_during_streaming_exits_cleanly(tmp_path):
     cfg = tmp_path / "disk.yaml"
-    cfg.write_text("resident_budget: 0\n")
+    cfg.write_text("resident_budget: 3%\n")
     proc = subprocess.Popen([sys.executable, "-m", "engine.generate", "Once upon a time", "--config", str(cfg),
                              "--max-tokens", "100000", "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import ModelSpec
-from ..weights import GlobalWeights, LayerWeights, QWeight
+from ..weights import GlobalWeights, LayerWeights
 
 
 class RopeTable:
@@ -103,9 +103,19 @@ class Llama:
         out = torch.matmul(probs, vals)  # (B, Hkv, g*T, hd)
         return out.view(B, Hkv, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
-    def head(self, x: torch.Tensor, out: QWeight) -> torch.Tensor:
+    def head(self, x: torch.Tensor, weights) -> torch.Tensor:
+        """Final norm and output head; the head comes as units L.. holding row ranges of the vocab."""
+        L, rows = self.spec.n_layers, weights.head_rows
         h = F.rms_norm(x, (self.spec.dim,), self.glob.output_norm, self.spec.rms_eps)
-        return self.device.linear(h, out)  # (B, T, vocab)
+        if len(rows) == 1:
+            logits = self.device.linear(h, weights.layer(L))  # (B, T, vocab)
+            weights.release(L)
+            return logits
+        logits = torch.empty(*h.shape[:-1], self.spec.vocab_size, dtype=torch.float32)
+        for c, (r0, r1) in enumerate(rows):
+            logits[..., r0:r1] = self.device.linear(h, weights.layer(L + c))
+            weights.release(L + c)
+        return logits
 
     def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, weights, last_only: bool) -> torch.Tensor:
         """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T or 1, vocab) fp32."""
@@ -116,6 +126,4 @@ class Llama:
             weights.release(i)
         if last_only:
             x = x[:, -1:]
-        logits = self.head(x, weights.layer(L))  # unit L is the output head
-        weights.release(L)
-        return logits
+        return self.head(x, weights)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import PlanError
 from ..gguf_file import TensorInfo, coalesce
 from .io import FileReader, ReadPlan, Ticket, aligned_empty
 
@@ -53,7 +54,7 @@ class TieredWeights:
     """Weight provider over a plan. `layer(i)` blocks until unit i's bytes are ready."""
 
     def __init__(self, units: Sequence[Unit], streamed: Sequence[frozenset[str]], reader: FileReader,
-                 resident: ResidentStore, ring_size: int, tracer=None):
+                 resident: ResidentStore, ring_size: int, tracer=None, slot_bytes: int = 0):
         """streamed[i]: names of unit i's tensors that stream (empty = fully resident)."""
         self.units, self.reader, self.resident, self.tracer = list(units), reader, resident, tracer
         self._bound: dict[tuple[int, int], Any] = {}
@@ -64,12 +65,17 @@ class TieredWeights:
         self.fixed = {i: u.bind(resident.view) for i, u in enumerate(units) if not streamed[i]}
         m = len(self.seq)
         self.k = min(ring_size, m)
-        self.slot_bytes = max((p.size for p in self.plans.values()), default=0)
+        need = max((p.size for p in self.plans.values()), default=0)
+        if slot_bytes and need > slot_bytes:
+            raise PlanError(f"unit {units[max(self.plans, key=lambda i: self.plans[i].size)].name} needs {need} bytes "
+                            f"of staging; the plan gives {slot_bytes} per buffer")
+        self.slot_bytes = slot_bytes or need
         self.slots = [aligned_empty(self.slot_bytes, reader.align) for _ in range(self.k)]
         self.tickets: list[Ticket | None] = [None] * self.k
         self.cyclic = m > self.k  # else every streamed unit keeps its own buffer: read once
         self.cur = 0  # occurrence number of the next streamed unit to consume
         self._t_ready = 0.0
+        self.head_rows: tuple[tuple[int, int], ...] = ()  # row ranges of the head units (after the blocks)
         for n in range(self.k):
             self._issue(n)
 
