@@ -94,6 +94,9 @@ class FileReader:
         if buf.numel() < plan.size:
             raise WeightIOError(f"staging buffer of {buf.numel()} bytes is smaller than {label} ({plan.size})",
                                 path=self.path)
+        if buf.data_ptr() % self.align:
+            raise WeightIOError(f"{label}: staging buffer is not {self.align}-byte aligned (O_DIRECT); allocate it "
+                                "with aligned_empty()", path=self.path)
         mv = memoryview(buf.numpy())
         futures = []
         for off, n, dest, need in plan.spans:
