@@ -21,7 +21,13 @@ from ..errors import KernelError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+def _kernel_dir() -> Path:
+    """kernels/ of a source checkout, else the copy a wheel installs as engine/_kernels."""
+    repo = Path(__file__).resolve().parents[2] / "kernels"
+    return repo if repo.is_dir() else Path(__file__).resolve().parents[1] / "_kernels"
+
+
+KERNEL_DIR = _kernel_dir()
 SOURCES = ("gemv.cu", "dequant.cu")
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
