@@ -207,7 +207,7 @@ class _Generation:
         logits = m.forward(torch.tensor([self.ids]), 0, last_only=True)[0, -1]
         st.prompt_tokens, st.prompt_s = len(self.ids), time.perf_counter() - t0
         st.decode_tokens, st.decode_s, st.finish_reason = 0, 0.0, "length"
-        pos, pending = len(self.ids), ""
+        pos, pending, cut = len(self.ids), "", -1
         t1 = time.perf_counter()
         try:
             for _ in range(self.max_tokens):
@@ -231,7 +231,7 @@ class _Generation:
                     break
                 logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
                 pos += 1
-            if st.finish_reason != "stop" or not stops:
+            if cut < 0:  # not ended by a stop string: release the bytes the decoder held back
                 pending += dec.flush()
             if pending:
                 yield pending
