@@ -747,6 +747,7 @@ def test_gpu_kvikio_reads(cuda_dev, data_file):
     plan = r.plan(RUNS)
     for buf in (cuda_dev.staging.alloc_host(plan.size), cuda_dev.staging.alloc_device(plan.size)):
         buf.zero_()
+        torch.cuda.synchronize()  # kvikio writes from its own streams: the zeroing must have landed
         r.submit(plan, buf, "blk.0").wait()
         host = buf.cpu()
         for off, n in RUNS:

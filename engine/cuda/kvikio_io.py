@@ -79,6 +79,9 @@ class KvikioReader:
     Same interface as engine.tiers.io.FileReader: `plan(runs)`, `submit(plan, buf, label) -> Ticket`,
     `close()`, and the attributes `path`, `align`, `direct`, `tracer`. KernelError from the
     constructor when kvikio is missing or cannot run (no CUDA driver).
+
+    kvikio writes device buffers from its own threads and streams, outside the compute stream's
+    order: a device buffer must not be submitted while queued kernels may still read it.
     """
 
     def __init__(self, path: str | os.PathLike, task_size: int | None = None):
