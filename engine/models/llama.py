@@ -16,7 +16,7 @@ from ..weights import GlobalWeights, LayerWeights
 
 
 class RopeTable:
-    """cos/sin for adjacent-pair rotation, (n_ctx, rope_dim/2), fp32, computed once in float64."""
+    """Rotations for adjacent-pair rope as unit complex numbers, (n_ctx, rope_dim/2), computed in float64."""
 
     def __init__(self, spec: ModelSpec, n_ctx: int, freq_factors: torch.Tensor | None):
         half = spec.rope_dim // 2
@@ -25,19 +25,14 @@ class RopeTable:
             inv = inv / freq_factors.to(torch.float64)
         pos = torch.arange(n_ctx, dtype=torch.float64) / spec.rope_scale
         ang = torch.outer(pos, inv)  # (n_ctx, half)
-        self.cos = ang.cos().to(torch.float32)
-        self.sin = ang.sin().to(torch.float32)
+        self.rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # cos + i sin
         self.rope_dim = spec.rope_dim
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x (B, T, H, D) in place over its first rope_dim dims for positions start..start+T-1."""
+        """Rotate x (B, T, H, D) in place: pairs (x[2i], x[2i+1]) of the first rope_dim dims, positions start.."""
         T = x.shape[1]
-        cos = self.cos[start:start + T, None, :]  # (T, 1, half)
-        sin = self.sin[start:start + T, None, :]
-        xr = x[..., :self.rope_dim].unflatten(-1, (-1, 2))  # (B, T, H, half, 2)
-        x0, x1 = xr[..., 0].clone(), xr[..., 1]
-        xr[..., 0] = x0 * cos - x1 * sin
-        xr[..., 1] = x0 * sin + x1 * cos
+        xc = torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2)))  # (B, T, H, half)
+        xc.mul_(self.rot[start:start + T, None, :])
         return x
 
 
