@@ -165,6 +165,7 @@ def time_on_stream(fn: Callable[[], object], stream, repeats: int, before: Calla
     import torch
 
     best = math.inf
+    torch.cuda.synchronize(stream.device)  # the operands' initialisation, issued to other streams
     with torch.cuda.stream(stream):
         for i in range(repeats + 1):
             if before is not None:
