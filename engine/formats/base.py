@@ -69,7 +69,7 @@ class QuantFormat:
                 path=path, field=field)
         n_blocks = expected // self.type_size
         blocks = raw.reshape(n_blocks, self.type_size)  # (B, type_size), a view
-        out = torch.empty((n_blocks, self.block_size), dtype=torch.float32)  # (B, block_size)
+        out = torch.empty((n_blocks, self.block_size), dtype=torch.float32, device=raw.device)  # (B, block_size)
         step = max(1, _CHUNK_ELEMENTS // self.block_size)
         for start in range(0, n_blocks, step):
             self._decode(blocks[start:start + step], out[start:start + step])
