@@ -10,14 +10,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .device import CpuDevice
+from .cuda.device import select_device
+from .cuda.kvikio_io import open_reader
 from .errors import EngineError, ModelFormatError
 from .gguf_file import GGUFFile
 from .models.llama import KVCache, Llama
 from .sampling import Sampler, SamplingParams
 from .spec import ModelSpec
 from .tiers.config import load_config
-from .tiers.io import FileReader
 from .tiers.runtime import Placement, build_weights, head_info
 from .tiers.trace import Tracer
 from .weights import layer_layout
@@ -97,13 +97,12 @@ class Model:
             work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
             plan = make_plan(footprint_from_gguf(f, spec), hardware_for(cfg), cfg, work)
             placement = Placement.from_plan(plan, layouts, head_info(f, spec))
-        device = CpuDevice(threads or (cfg.compute_threads if isinstance(cfg.compute_threads, int) else None))
+        device = select_device(cfg.device, threads=threads or cfg.compute_threads)
         tracer = Tracer(trace) if trace else None
-        reader = FileReader(f.path, backend=cfg.io_backend if cfg.io_backend != "kvikio" else "auto",
-                            threads=cfg.io_threads if isinstance(cfg.io_threads, int) else 2)
+        reader = open_reader(f.path, cfg.io_backend, threads=cfg.io_threads or 2)
         reader.tracer = tracer
         try:
-            weights, glob = build_weights(f, spec, layouts, placement, reader, tracer)
+            weights, glob = build_weights(f, spec, layouts, placement, reader, device, tracer)
         except BaseException:
             reader.close()
             raise

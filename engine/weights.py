@@ -32,7 +32,7 @@ class QWeight:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantize only the given rows (embedding lookup)."""
         row_bytes = self.fmt.row_nbytes(self.shape[1])
-        raw = self.data.view(self.shape[0], row_bytes).index_select(0, ids.reshape(-1))
+        raw = self.data.view(self.shape[0], row_bytes).index_select(0, ids.reshape(-1).to(self.data.device))
         return self.fmt.dequantize(raw, (raw.shape[0], self.shape[1]))  # (len(ids), K)
 
 

@@ -62,7 +62,7 @@ class Llama:
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         B, T = tokens.shape
-        return self.glob.token_embd.rows(tokens).view(B, T, self.spec.dim)  # (B, T, dim)
+        return self.glob.token_embd.rows(tokens).to(tokens.device).view(B, T, self.spec.dim)  # (B, T, dim)
 
     def block(self, x: torch.Tensor, w: LayerWeights, layer: int, cache: KVCache, start: int) -> torch.Tensor:
         s, lin = self.spec, self.device.linear

@@ -66,7 +66,10 @@ def head_info(f: GGUFFile, spec: ModelSpec) -> TensorInfo:
 
 
 def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], placement: Placement,
-                  reader: FileReader, tracer=None) -> tuple[TieredWeights, GlobalWeights]:
+                  reader: FileReader, device, tracer=None) -> tuple[TieredWeights, GlobalWeights]:
+    from ..cuda.device import staging_for
+
+    staging = staging_for(device)
     head = head_info(f, spec)
     units = [Unit(f"blk.{lay.index}", tuple(t for _, t in lay.tensors), lay.bind) for lay in layouts]
     for r0, r1 in placement.head_rows:
@@ -76,12 +79,12 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     embd = f.tensor("token_embd.weight")
     if placement.embedding_resident and all(t.name != embd.name for t in resident):
         resident.append(embd)
-    store = ResidentStore(reader, resident)
+    store = ResidentStore(reader, resident, staging)
     glob = global_weights(f, spec)
     if embd in store:  # embedding rows from the resident copy, else from the (page-cached) map
         glob = GlobalWeights(QWeight(embd.name, embd.fmt, embd.shape, store.view(embd)), glob.output_norm,
                              glob.rope_freqs)
-    weights = TieredWeights(units, placement.streamed, reader, store, placement.ring_size, tracer,
+    weights = TieredWeights(units, placement.streamed, reader, store, placement.ring_size, staging, tracer,
                             slot_bytes=placement.staging_bytes)
     weights.head_rows = placement.head_rows
     return weights, glob

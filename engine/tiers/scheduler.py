@@ -16,7 +16,7 @@ import torch
 
 from ..errors import PlanError
 from ..gguf_file import TensorInfo, coalesce
-from .io import FileReader, ReadPlan, Ticket, aligned_empty
+from .io import FileReader, ReadPlan, Ticket
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +31,13 @@ class Unit:
 class ResidentStore:
     """Tensors copied into owned memory at load (read through the same reader, O_DIRECT when possible)."""
 
-    def __init__(self, reader: FileReader, tensors: Sequence[TensorInfo], label: str = "resident weights"):
+    def __init__(self, reader: FileReader, tensors: Sequence[TensorInfo], staging, label: str = "resident weights"):
         runs = coalesce([(t.offset, t.nbytes) for t in tensors])
         self.plan: ReadPlan = reader.plan(runs)
-        self.buf = aligned_empty(self.plan.size, reader.align) if tensors else torch.empty(0, dtype=torch.uint8)
+        self.buf = staging.alloc_host(self.plan.size, reader.align) if tensors else torch.empty(0, dtype=torch.uint8)
         if tensors:
             reader.submit(self.plan, self.buf, label).wait()
+            self.buf = staging.to_resident(self.buf)  # CPU: the same buffer; CUDA: a device copy
         self._views = {t.name: self.buf[(p := self.plan.where(t.offset)):p + t.nbytes] for t in tensors}
 
     @property
@@ -54,9 +55,11 @@ class TieredWeights:
     """Weight provider over a plan. `layer(i)` blocks until unit i's bytes are ready."""
 
     def __init__(self, units: Sequence[Unit], streamed: Sequence[frozenset[str]], reader: FileReader,
-                 resident: ResidentStore, ring_size: int, tracer=None, slot_bytes: int = 0):
-        """streamed[i]: names of unit i's tensors that stream (empty = fully resident)."""
+                 resident: ResidentStore, ring_size: int, staging, tracer=None, slot_bytes: int = 0):
+        """streamed[i]: names of unit i's tensors that stream (empty = fully resident). `staging`: the
+        device's hooks that move a filled host buffer to where the kernels read (engine.cuda.device)."""
         self.units, self.reader, self.resident, self.tracer = list(units), reader, resident, tracer
+        self.staging = staging
         self._bound: dict[tuple[int, int], Any] = {}
         self.seq = [i for i, s in enumerate(streamed) if s]  # streamed units in forward order
         self.plans = {i: reader.plan(coalesce([(t.offset, t.nbytes) for t in units[i].tensors if t.name in streamed[i]]))
@@ -70,8 +73,10 @@ class TieredWeights:
             raise PlanError(f"unit {units[max(self.plans, key=lambda i: self.plans[i].size)].name} needs {need} bytes "
                             f"of staging; the plan gives {slot_bytes} per buffer")
         self.slot_bytes = slot_bytes or need
-        self.slots = [aligned_empty(self.slot_bytes, reader.align) for _ in range(self.k)]
+        self.slots = [staging.alloc_host(self.slot_bytes, reader.align) for _ in range(self.k)]
+        self.dev_slots = [staging.alloc_device(self.slot_bytes) for _ in range(self.k)]
         self.tickets: list[Ticket | None] = [None] * self.k
+        self.uploads: list[Any] = [None] * self.k
         self.cyclic = m > self.k  # else every streamed unit keeps its own buffer: read once
         self.cur = 0  # occurrence number of the next streamed unit to consume
         self._t_ready = 0.0
@@ -113,6 +118,8 @@ class TieredWeights:
         tr = self.tracer
         t0 = tr.now() if tr else 0.0
         self.tickets[slot].wait()
+        up = self.uploads[slot] = self.staging.upload(self.slots[slot], self.dev_slots[slot], self.plans[i].size)
+        self.staging.wait(up)
         if tr:
             t1 = tr.now()
             tr.span(f"wait {self.units[i].name}", t0, t1)
@@ -120,7 +127,7 @@ class TieredWeights:
         key = (slot, i)
         w = self._bound.get(key)
         if w is None:
-            buf, plan, names = self.slots[slot], self.plans[i], self.streamed_names[i]
+            buf, plan, names = up.data, self.plans[i], self.streamed_names[i]
 
             def view(t: TensorInfo) -> torch.Tensor:
                 if t.name in names:
@@ -138,6 +145,7 @@ class TieredWeights:
         if i in self.fixed:
             return
         n = self.cur
+        self.staging.release(self.uploads[n % self.k])
         self.cur += 1
         if self.cyclic:
             self._issue(n + self.k)
