@@ -124,6 +124,17 @@ def test_portable_build_is_bit_identical_to_native():
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), fmt
 
 
+@pytest.mark.parametrize("k", (1, 7, 16, 31, 33))
+def test_float_formats_with_short_rows(k):
+    rng = np.random.default_rng(k)
+    for fmt in FLOATS:
+        raw = make_weight(fmt, 11, k, rng)
+        for t in (1, 5):
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            ref, scale = reference(x, raw, fmt, 11, k)
+            assert np.max(np.abs(run(x, raw, fmt, 11, k) - ref) / scale) < TOL, (fmt, t)
+
+
 def test_out_parameter_and_empty_batch():
     rng = np.random.default_rng(1)
     raw = make_weight("Q4_1", 9, 64, rng)

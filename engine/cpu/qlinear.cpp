@@ -644,7 +644,7 @@ void direct_tile(const Problem& p, const float* scales, i64 n0) {
     const i64 tile_bytes = R * p.row_bytes;
     const uint8_t* pf = rows[0] + tile_bytes;
     const uint8_t* const pf_end = p.w + p.N * p.row_bytes;
-    const i64 pf_step = ((tile_bytes + chunks - 1) / chunks + 63) / 64 * 64;
+    const i64 pf_step = chunks ? ((tile_bytes + chunks - 1) / chunks + 63) / 64 * 64 : 0;
     for (i64 c = 0; c < chunks; ++c) {
         for (i64 o = 0; o < pf_step; o += 64)
             if (pf + o < pf_end) __builtin_prefetch(pf + o);
