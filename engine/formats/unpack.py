@@ -18,7 +18,11 @@ def bit_planes(x: torch.Tensor, bits: int) -> torch.Tensor:
     """
     mask = (1 << bits) - 1
     x = x.contiguous()
-    return torch.stack([(x >> shift) & mask for shift in range(0, 8, bits)], dim=-2)
+    planes = []
+    for shift in range(0, 8, bits):  # no shift for the lowest plane, no mask for the highest
+        plane = x >> shift if shift else x
+        planes.append(plane & mask if shift + bits < 8 else plane)
+    return torch.stack(planes, dim=-2)
 
 
 def nibbles(x: torch.Tensor) -> torch.Tensor:
