@@ -1,0 +1,284 @@
+"""Tier benchmark: decode speed, achieved streaming bandwidth and peak RSS at weight budgets 100/50/33/10%.
+
+    python scripts/bench_tiers.py [--synthetic PATH] [--budgets 100,50,33,10] [--tokens 32]
+                                  [--synthetic-tokens 8] [--quick] [--json] [--no-drop-caches]
+
+Models: the default SmolLM2, and a synthetic Llama-3-8B-shaped Q4_K model (skipped when the file is
+absent; make it with `python scripts/make_synthetic_model.py PATH`). Per model, in this order and each
+in a fresh subprocess (page cache dropped first when permitted: root and /proc/sys/vm/drop_caches):
+  * disk: O_DIRECT sequential read of the model file through engine.tiers.io.FileReader with the
+    runs' io_threads, one 64 MiB request at a time double-buffered -> the disk bandwidth of this run;
+  * baseline: torch and the engine imported, the GGUF header, spec and tokenizer parsed, the compute
+    device made -- everything of a run but weights, staging, KV cache and activations (peak RSS);
+  * one run per budget: engine.load with {"resident_budget": "N%", io_backend odirect} (the planner
+    adds KV cache and workspace to the percentage), a short prompt, `warmup` greedy tokens, then
+    `tokens` timed greedy tokens through Model.forward (end of generation ignored).
+Per row: token time and tok/s; bytes streamed per token (the aligned reads of every streamed unit, as
+the scheduler issues them) and achieved GB/s = those bytes / token time; the planner's predicted token
+time; the bound max(compute, streamed bytes / disk bandwidth), compute being the 100% row's measured
+token time from the same invocation; measured/bound (target <= 1.15); peak RSS (VmHWM) against the
+plan's resident budget, raw and net of the baseline process (target <= 1.15); whether the greedy
+tokens equal the 100% run's. Numbers on a shared 2-core machine are noisy: compare rows of one run.
+--quick: SmolLM2 only, 8 tokens (well under 2 minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SYNTHETIC = Path(tempfile.gettempdir()) / "engine-bench" / "synthetic-8b.gguf"
+BUDGETS = (100, 50, 33, 10)
+TARGET = 1.15
+PROMPT_TOKENS = 16
+DISK_REQUEST = 64 << 20  # bytes per request of the disk measurement
+DISK_MIN, DISK_MAX = 512 << 20, 2 << 30  # bytes read by the disk measurement (file re-read if smaller)
+
+
+def status_bytes(key: str) -> int:
+    """A /proc/self/status memory line (VmHWM, VmRSS) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def drop_page_cache() -> bool:
+    """Write back dirty pages and drop the page cache; False when not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def config_for(budget: int, io_threads: int, ctx: int) -> dict:
+    return {"device": "cpu", "resident_budget": f"{budget}%", "io_backend": "odirect", "io_threads": io_threads,
+            "kv_cache": {"max_context": ctx}}
+
+
+# -- workers (each runs in its own subprocess) ----------------------------------------------------------
+def work_disk(spec: dict) -> dict:
+    """Sequential O_DIRECT reads of the model file (wrapping around to read at least DISK_MIN, as the
+    streamed runs re-read the file every token), two DISK_REQUEST requests in flight."""
+    from engine.tiers.io import FileReader, aligned_empty
+
+    reader = FileReader(spec["path"], backend="odirect", threads=spec["io_threads"])
+    try:
+        size = os.path.getsize(spec["path"]) // reader.align * reader.align
+        total = min(max(size, DISK_MIN), DISK_MAX)
+        bufs = [aligned_empty(DISK_REQUEST, reader.align) for _ in range(2)]
+        pending = []
+        t0 = time.perf_counter()
+        for n, pos in enumerate(range(0, total, DISK_REQUEST)):
+            if len(pending) == 2:
+                pending.pop(0).wait()
+            off = pos % size
+            plan = reader.plan(((off, min(DISK_REQUEST, size - off, total - pos)),))
+            pending.append(reader.submit(plan, bufs[n % 2], "disk benchmark"))
+        for t in pending:
+            t.wait()
+        dt = time.perf_counter() - t0
+        return {"bytes": total, "seconds": dt, "bandwidth": total / dt, "direct": reader.direct}
+    finally:
+        reader.close()
+
+
+def work_baseline(spec: dict) -> dict:
+    """Everything of a run but the model's weights, staging, KV cache and activations: imports, the
+    model's header, spec and tokenizer, the compute device, and one forward pass of the engine on a
+    negligible model (~1 MiB, same code paths) so the code pages a forward touches are counted too."""
+    import torch
+    from make_synthetic_model import SyntheticConfig, write_synthetic_model
+
+    import engine
+    from engine.gguf_file import GGUFFile
+    from engine.spec import ModelSpec
+    from engine.tokenizer import Tokenizer
+
+    f = GGUFFile(spec["path"])
+    model_spec = ModelSpec.from_gguf(f)
+    tok = Tokenizer.from_metadata(f.metadata, f.path)
+    tiny_cfg = SyntheticConfig(n_layers=1, dim=256, ffn=512, n_heads=4, n_kv_heads=2, vocab=1024, ctx=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = write_synthetic_model(Path(tmp) / "tiny.gguf", tiny_cfg)
+        with engine.load(tiny, config=config_for(100, 1, 16), n_ctx=16, threads=spec["threads"]) as m:
+            logits = m.forward(torch.arange(8)[None], 0, last_only=True)
+            m.forward(logits[:, -1].argmax(-1, keepdim=True), 8, last_only=True)
+    return {"vmhwm": status_bytes("VmHWM"), "vmrss": status_bytes("VmRSS"), "vocab": model_spec.vocab_size,
+            "tokenizer_vocab": tok.vocab_size, "tiny_model_bytes": tiny_cfg.file_bytes()}
+
+
+def work_run(spec: dict) -> dict:
+    import torch
+
+    import engine
+
+    t0 = time.perf_counter()
+    config = spec.get("config") or config_for(spec["budget"], spec["io_threads"], spec["ctx"])
+    m = engine.load(spec["path"], config=config, n_ctx=spec["ctx"], threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    try:
+        vocab = m.spec.vocab_size
+        ids = [(17 + 7919 * i) % vocab for i in range(spec["prompt_tokens"])]
+        logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
+        pos, out, times = len(ids), [], []
+        for n in range(spec["warmup"] + spec["tokens"]):
+            t = time.perf_counter()
+            tok = int(torch.argmax(logits))
+            logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
+            if n >= spec["warmup"]:
+                times.append(time.perf_counter() - t)
+            pos += 1
+            out.append(tok)
+        w, plan = m.weights, m.plan
+        per_token = sum(w.plans[i].size for i in w.seq) if w.cyclic else 0
+        pred = plan.predicted
+        return {
+            "load_s": load_s, "token_s": sum(times) / len(times), "token_times": times, "tokens": out,
+            "streamed_bytes": per_token, "streamed_units": len(w.seq), "units": len(w.units), "ring": w.k,
+            "slot_bytes": w.slot_bytes, "direct": m.reader.direct, "summary": m.plan_summary(),
+            "predicted_token_s": pred.token_s, "predicted_compute_s": pred.compute_s,
+            "predicted_bound": pred.bound, "resident_budget": plan.resident_budget,
+            "planned_resident_bytes": plan.resident_bytes, "weight_bytes_resident": w.resident.nbytes,
+            "vmhwm": status_bytes("VmHWM"), "vmrss": status_bytes("VmRSS"),
+        }
+    finally:
+        m.close()
+
+
+WORKERS = {"disk": work_disk, "baseline": work_baseline, "run": work_run}
+
+
+def run_worker(spec: dict, timeout: float = 1800) -> dict:
+    """Run one worker in a fresh interpreter; its last stdout line is the JSON result."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=False, capture_output=True,
+                       text=True, timeout=timeout, env=env, cwd=ROOT)
+    if r.returncode:
+        raise RuntimeError(f"{spec['mode']} worker failed ({spec}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads: int, io_threads: int,
+                drop: bool, log) -> dict:
+    ctx = PROMPT_TOKENS + warmup + tokens + 16
+
+    def fresh() -> bool:
+        return drop and drop_page_cache()
+
+    dropped = fresh()
+    disk = run_worker({"mode": "disk", "path": path, "io_threads": io_threads})
+    log(f"{name}: disk O_DIRECT {disk['bandwidth'] / 1e9:.2f} GB/s over {disk['bytes'] / 2**20:.0f} MiB "
+        f"(direct={disk['direct']}, page cache dropped={dropped})")
+    base = run_worker({"mode": "baseline", "path": path, "threads": threads})
+    log(f"{name}: baseline process (no weights) peak RSS {base['vmhwm'] / 2**20:.0f} MiB")
+    rows = []
+    for b in budgets:
+        dropped = fresh()
+        r = run_worker({"mode": "run", "path": path, "budget": b, "threads": threads, "io_threads": io_threads,
+                        "ctx": ctx, "prompt_tokens": PROMPT_TOKENS, "warmup": warmup, "tokens": tokens})
+        r.update(model=name, budget=b, cache_dropped=dropped)
+        rows.append(r)
+        log(f"{name} {b}%: {r['token_s'] * 1e3:.1f} ms/token, {r['summary']}")
+    full = next((r for r in rows if r["budget"] == 100), None)
+    compute_s = full["token_s"] if full else None
+    for r in rows:
+        disk_s = r["streamed_bytes"] / disk["bandwidth"]
+        r["disk_s"] = disk_s
+        r["gbps"] = r["streamed_bytes"] / r["token_s"] / 1e9
+        r["bound_s"] = max(compute_s, disk_s) if compute_s else None
+        r["ratio"] = r["token_s"] / r["bound_s"] if compute_s else None
+        r["rss_ratio"] = r["vmhwm"] / r["resident_budget"]
+        r["net_rss_ratio"] = (r["vmhwm"] - base["vmhwm"]) / r["resident_budget"]
+        r["same_tokens"] = full["tokens"] == r["tokens"] if full else None
+    return {"model": name, "path": path, "disk": disk, "baseline": base, "compute_s": compute_s, "rows": rows}
+
+
+def table(results: list[dict]) -> str:
+    head = (f"{'model':<9} {'budget':>6} {'streamed':>9} {'tok/s':>6} {'ms/tok':>7} {'GB/s':>5} {'pred ms':>8} "
+            f"{'bound ms':>8} {'meas/bd':>7} {'RSS MiB':>8} {'bud MiB':>8} {'RSS/bud':>7} {'net/bud':>7} "
+            f"{'same':>4} {'drop':>4}")
+    lines = [head, "-" * len(head)]
+    for res in results:
+        for r in res["rows"]:
+            bound = f"{r['bound_s'] * 1e3:8.1f}" if r["bound_s"] else f"{'-':>8}"
+            ratio = f"{r['ratio']:7.2f}" if r["ratio"] else f"{'-':>7}"
+            lines.append(
+                f"{res['model']:<9} {r['budget']:>5}% {r['streamed_bytes'] / 2**20:>5.0f} MiB {1 / r['token_s']:6.2f} "
+                f"{r['token_s'] * 1e3:7.1f} {r['gbps']:5.2f} {r['predicted_token_s'] * 1e3:8.1f} {bound} {ratio} "
+                f"{r['vmhwm'] / 2**20:8.0f} {r['resident_budget'] / 2**20:8.0f} {r['rss_ratio']:7.2f} "
+                f"{r['net_rss_ratio']:7.2f} {'yes' if r['same_tokens'] else 'NO':>4} "
+                f"{'yes' if r['cache_dropped'] else 'no':>4}")
+    lines.append("")
+    for res in results:
+        d, b = res["disk"], res["baseline"]
+        lines.append(f"{res['model']}: disk {d['bandwidth'] / 1e9:.2f} GB/s (O_DIRECT={d['direct']}); compute "
+                     f"(100% token time) {res['compute_s'] * 1e3:.1f} ms; baseline RSS {b['vmhwm'] / 2**20:.0f} MiB")
+    lines.append(f"bound = max(compute, streamed / disk); targets: meas/bd <= {TARGET}, RSS/bud <= {TARGET} "
+                 f"(net/bud: RSS minus the baseline process)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[5:]))
+    ap.add_argument("--model", help="first model (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--synthetic", default=str(DEFAULT_SYNTHETIC), help="synthetic model path (skipped if absent)")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="weight budgets in percent")
+    ap.add_argument("--tokens", type=int, default=32, help="timed decode tokens (SmolLM2)")
+    ap.add_argument("--synthetic-tokens", type=int, default=8, help="timed decode tokens (synthetic model)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 8 tokens")
+    ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        spec = json.loads(a.worker)
+        print(json.dumps(WORKERS[spec["mode"]](spec)))
+        return 0
+    budgets = [int(b) for b in a.budgets.split(",")]
+    if 100 not in budgets:
+        budgets.insert(0, 100)  # the compute time of the bound
+    sys.path.insert(0, str(ROOT))
+    from engine.defaults import default_model_path
+
+    models = [("smollm2", a.model or str(default_model_path()), 8 if a.quick else a.tokens)]
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.json else (lambda s: print(s, flush=True))
+    if not a.quick:
+        if Path(a.synthetic).is_file():
+            models.append(("synthetic", a.synthetic, a.synthetic_tokens))
+        else:
+            log(f"synthetic model {a.synthetic} is absent: skipped "
+                f"(make it with python scripts/make_synthetic_model.py {a.synthetic})")
+    drop = not a.no_drop_caches and drop_page_cache()
+    why = "" if drop else (" (--no-drop-caches)" if a.no_drop_caches else " (not permitted)")
+    log(f"page cache dropped before each run: {'yes' if drop else 'no'}{why}")
+    results = [bench_model(name, path, budgets, n, a.warmup, a.threads, a.io_threads, drop, log)
+               for name, path, n in models]
+    if a.json:
+        for res in results:
+            for r in res["rows"]:
+                r.pop("tokens")
+        print(json.dumps(results, indent=1))
+    else:
+        print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

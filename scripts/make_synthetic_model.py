@@ -1,0 +1,272 @@
+"""Write a random-weight llama GGUF with realistic layer sizes, for tier benchmarks and memory tests.
+
+    python scripts/make_synthetic_model.py OUT.gguf [--layers 16] [--seed 0] [--vocab 128256] ...
+
+Defaults are Llama-3-8B-shaped: dim 4096, FFN 14336, 32 query / 8 KV heads of 128, vocab 128256,
+block matrices Q4_K, embedding Q4_K, untied output head Q6_K (the Q4_K_S mix). Each block is
+~117 MiB; 16 blocks (the default) make a ~2.6 GiB file. The full 128256-token vocabulary is kept
+because the output head (~411 MiB in Q6_K) is the largest single streamed unit of a real model.
+
+Weights are random K-quant blocks: random bytes with the fp16 super-block scales (d, and dmin for
+Q4_K) overwritten by finite values chosen so a row dotted with a unit-RMS input has roughly unit
+variance (weights with std ~ 1/sqrt(K)), so activations stay finite through any number of layers.
+The tokenizer is a byte-level BPE ("gpt2", pre-tokenizer llama-bpe): 256 byte tokens, two- and
+three-character tokens over [a-zA-Z0-9] (with the 'Ġ' space marker as a first character) each with
+its merge, then 256 special tokens (begin/end of text, eot, reserved) -- vocab_size equals the
+embedding rows. Tensors are streamed to disk one at a time (memory is bounded by the largest tensor,
+the output head) and the file is written to a temporary name and renamed when complete. The output is
+a pure function of the arguments (each tensor has its own generator seeded by (seed, tensor index)).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter, TokenType
+from gguf.constants import GGML_QUANT_SIZES
+
+SUPERBLOCK = 256
+N_SPECIAL = 256  # like Llama 3's reserved block: begin/end of text, eot, then reserved tokens
+NAMED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
+_SPACE = "\u0120"  # byte-level BPE's character for the space byte
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+FORMATS = {"Q4_K": QT.Q4_K, "Q6_K": QT.Q6_K}
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticConfig:
+    n_layers: int = 16
+    dim: int = 4096
+    ffn: int = 14336
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab: int = 128256
+    ctx: int = 8192
+    rope_base: float = 500000.0
+    eps: float = 1e-5
+    block_fmt: str = "Q4_K"
+    embd_fmt: str = "Q4_K"
+    output_fmt: str = "Q6_K"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_layers", "dim", "ffn", "n_heads", "n_kv_heads", "vocab", "ctx"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("block_fmt", "embd_fmt", "output_fmt"):
+            if getattr(self, name) not in FORMATS:
+                raise ValueError(f"{name} must be one of {', '.join(FORMATS)}, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads, in groups of {self.n_kv_heads}")
+        if self.dim % SUPERBLOCK or self.ffn % SUPERBLOCK:
+            raise ValueError(f"dim and ffn must be multiples of {SUPERBLOCK} (K-quant super-block), "
+                             f"got {self.dim}, {self.ffn}")
+        if self.vocab < 256 + N_SPECIAL + len(_ALNUM):
+            raise ValueError(f"vocab must be at least {256 + N_SPECIAL + len(_ALNUM)}, got {self.vocab}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
+        """(name, numpy shape, K-quant format or None for F32) in file order."""
+        d, kv, f = self.dim, self.n_kv_heads * self.head_dim, self.ffn
+        yield "token_embd.weight", (self.vocab, d), self.embd_fmt
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            yield p + "attn_norm.weight", (d,), None
+            yield p + "attn_q.weight", (d, d), self.block_fmt
+            yield p + "attn_k.weight", (kv, d), self.block_fmt
+            yield p + "attn_v.weight", (kv, d), self.block_fmt
+            yield p + "attn_output.weight", (d, d), self.block_fmt
+            yield p + "ffn_norm.weight", (d,), None
+            yield p + "ffn_gate.weight", (f, d), self.block_fmt
+            yield p + "ffn_up.weight", (f, d), self.block_fmt
+            yield p + "ffn_down.weight", (d, f), self.block_fmt
+        yield "output_norm.weight", (d,), None
+        yield "output.weight", (self.vocab, d), self.output_fmt
+
+    def file_bytes(self) -> int:
+        """Tensor data bytes (the header and alignment padding come on top)."""
+        return sum(_nbytes(shape, fmt) for _, shape, fmt in self.tensors())
+
+
+def _nbytes(shape: tuple[int, ...], fmt: str | None) -> int:
+    if fmt is None:
+        return 4 * int(np.prod(shape))
+    block, size = GGML_QUANT_SIZES[FORMATS[fmt]]
+    return shape[0] * shape[1] // block * size
+
+
+# byte offsets of the fp16 super-block scale d and of dmin (None: no dmin) inside one block, and the
+# std of the integer product each block decodes to (scale code x quant, random bytes), which sets
+# d so that the weights have std ~ 1/sqrt(K).
+#   Q4_K: w = d*sc*q - dmin*m, sc, m in 0..63, q in 0..15: std(sc*q) ~ 218; dmin = 7.5 d cancels the mean.
+#   Q6_K: w = d*sc*(q - 32), sc int8, q in 0..63: std(sc*(q-32)) ~ 74 * 18.5 ~ 1370.
+_SCALES = {"Q4_K": (0, 2, 218.0), "Q6_K": (208, None, 1370.0)}
+_DMIN_OVER_D = 7.5
+
+
+def random_kquant(rng: np.random.Generator, shape: tuple[int, int], fmt: str) -> np.ndarray:
+    """Random K-quant bytes for an (N, K) matrix -> uint8 (N, K / 256 * type_size), finite scales."""
+    n, k = shape
+    block, size = GGML_QUANT_SIZES[FORMATS[fmt]]
+    raw = np.frombuffer(rng.bytes(n * (k // block) * size), dtype=np.uint8).copy()
+    blocks = raw.reshape(-1, size)  # (N * K / 256, type_size)
+    d_off, m_off, spread = _SCALES[fmt]
+    d = rng.uniform(0.5, 1.5, size=blocks.shape[0]) / (spread * np.sqrt(k))
+    blocks[:, d_off:d_off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if m_off is not None:
+        blocks[:, m_off:m_off + 2] = (d * _DMIN_OVER_D).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(n, -1)
+
+
+def _byte_chars() -> list[str]:
+    """The byte-level BPE alphabet: byte b -> a printable character (GPT-2's reversible mapping)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def synthetic_vocab(size: int) -> dict:
+    """tokens, types, merges and BOS/EOS ids of a byte-level BPE vocabulary of exactly `size` tokens."""
+    tokens = _byte_chars()
+    merges: list[str] = []
+    n_normal = size - N_SPECIAL
+    firsts = _SPACE + _ALNUM
+    pairs = [a + b for a in firsts for b in _ALNUM]
+    for p in pairs:
+        if len(tokens) == n_normal:
+            break
+        tokens.append(p)
+        merges.append(f"{p[0]} {p[1]}")
+    for p in pairs:
+        for c in _ALNUM:
+            if len(tokens) == n_normal:
+                break
+            tokens.append(p + c)
+            merges.append(f"{p} {c}")
+    if len(tokens) < n_normal:
+        raise ValueError(f"vocab {size} is larger than this generator's {len(tokens) + N_SPECIAL} tokens")
+    types = [int(TokenType.NORMAL)] * len(tokens)
+    specials = [*NAMED_SPECIALS, *(f"<|reserved_special_token_{i}|>" for i in range(N_SPECIAL - len(NAMED_SPECIALS)))]
+    first = len(tokens)
+    tokens += specials
+    types += [int(TokenType.CONTROL)] * len(specials)
+    return {"tokens": tokens, "types": types, "merges": merges, "bos": first, "eos": first + 1, "eot": first + 2}
+
+
+def _tensor_data(cfg: SyntheticConfig, index: int, shape: tuple[int, ...], fmt: str | None) -> np.ndarray:
+    rng = np.random.default_rng([cfg.seed, index])
+    if fmt is None:
+        return (1.0 + 0.1 * rng.standard_normal(shape[0])).astype(np.float32)
+    return random_kquant(rng, shape, fmt)
+
+
+def write_synthetic_model(path: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(),
+                          progress=None) -> Path:
+    """Write the model to `path` atomically (temporary file in the same directory, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    voc = synthetic_vocab(cfg.vocab)
+    w = GGUFWriter(str(tmp), arch="llama")
+    try:
+        w.add_name(f"synthetic llama {cfg.n_layers}x{cfg.dim} (random weights, seed {cfg.seed})")
+        w.add_context_length(cfg.ctx)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.ffn)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_freq_base(cfg.rope_base)
+        w.add_layer_norm_rms_eps(cfg.eps)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_vocab_size(cfg.vocab)
+        w.add_quantization_version(2)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("llama-bpe")
+        w.add_token_list(voc["tokens"])
+        w.add_token_types(voc["types"])
+        w.add_token_merges(voc["merges"])
+        w.add_bos_token_id(voc["bos"])
+        w.add_eos_token_id(voc["eos"])
+        w.add_eot_token_id(voc["eot"])
+        specs = list(cfg.tensors())
+        for name, shape, fmt in specs:
+            if fmt is None:
+                w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, fmt))
+            else:
+                raw_shape = (shape[0], _nbytes(shape, fmt) // shape[0])  # bytes per row
+                w.add_tensor_info(name, raw_shape, np.dtype(np.uint8), _nbytes(shape, fmt), raw_dtype=FORMATS[fmt])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for index, (name, shape, fmt) in enumerate(specs):
+            w.write_tensor_data(_tensor_data(cfg, index, shape, fmt))
+            if progress is not None:
+                progress(index + 1, len(specs), name)
+        w.flush()
+        os.fsync(w.fout[0].fileno())
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = SyntheticConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="Defaults: Llama-3-8B-shaped blocks in Q4_K, 16 of them (~2.6 GiB).")
+    p.add_argument("output", help="GGUF file to write (replaced atomically)")
+    p.add_argument("--layers", type=int, default=d.n_layers)
+    p.add_argument("--dim", type=int, default=d.dim)
+    p.add_argument("--ffn", type=int, default=d.ffn)
+    p.add_argument("--heads", type=int, default=d.n_heads)
+    p.add_argument("--kv-heads", type=int, default=d.n_kv_heads)
+    p.add_argument("--vocab", type=int, default=d.vocab)
+    p.add_argument("--ctx", type=int, default=d.ctx)
+    p.add_argument("--block-format", choices=list(FORMATS), default=d.block_fmt)
+    p.add_argument("--embd-format", choices=list(FORMATS), default=d.embd_fmt)
+    p.add_argument("--output-format", choices=list(FORMATS), default=d.output_fmt)
+    p.add_argument("--seed", type=int, default=d.seed)
+    a = p.parse_args(argv)
+    try:
+        cfg = SyntheticConfig(n_layers=a.layers, dim=a.dim, ffn=a.ffn, n_heads=a.heads, n_kv_heads=a.kv_heads,
+                              vocab=a.vocab, ctx=a.ctx, block_fmt=a.block_format, embd_fmt=a.embd_format,
+                              output_fmt=a.output_format, seed=a.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    print(f"writing {a.output}: {cfg.n_layers} layers, {cfg.file_bytes() / 2**30:.2f} GiB of tensors", flush=True)
+
+    def progress(done: int, total: int, name: str) -> None:
+        if name.endswith("ffn_down.weight") or done == total:
+            print(f"  {done}/{total} tensors ({name}), {time.perf_counter() - t0:.1f} s", flush=True)
+
+    try:
+        out = write_synthetic_model(a.output, cfg, progress)
+    except OSError as e:
+        print(f"error: {a.output}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({out.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
