@@ -1,31 +1,35 @@
 """Tier benchmark: decode speed, achieved streaming bandwidth and peak RSS at weight budgets 100/50/33/10%.
 
-    python scripts/bench_tiers.py [--synthetic PATH] [--budgets 100,50,33,10] [--tokens 32]
-                                  [--synthetic-tokens 8] [--quick] [--json] [--no-drop-caches]
+    python scripts/bench_tiers.py [--synthetic PATH] [--budgets 100,50,33,10] [--tokens 64]
+                                  [--synthetic-tokens 8] [--hardware JSON] [--quick] [--json]
+                                  [--no-drop-caches]
 
 Models: the default SmolLM2, and a synthetic Llama-3-8B-shaped Q4_K model (skipped when the file is
-absent; make it with `python scripts/make_synthetic_model.py PATH`). Per model, in this order and each
-in a fresh subprocess (page cache dropped first when permitted: root and /proc/sys/vm/drop_caches):
-  * disk: O_DIRECT sequential read of the model file through engine.tiers.io.FileReader with the
-    runs' io_threads, one 64 MiB request at a time double-buffered -> the disk bandwidth of this run;
-  * baseline: torch and the engine imported, the GGUF header, spec and tokenizer parsed, the compute
-    device made -- everything of a run but weights, staging, KV cache and activations (peak RSS);
-  * one run per budget: engine.load with {"resident_budget": "N%", io_backend odirect} (the planner
-    adds KV cache and workspace to the percentage), a short prompt, `warmup` greedy tokens, then
-    `tokens` timed greedy tokens through Model.forward (end of generation ignored).
+absent; make it with `python scripts/make_synthetic_model.py PATH`). Per model, each step in a fresh
+subprocess, the page cache dropped before each disk measurement and run when permitted (root and
+/proc/sys/vm/drop_caches):
+  * baseline: torch and the engine imported, the model's header, spec and tokenizer parsed, the compute
+    device made and one forward pass run on a ~1 MiB model -- everything of a run but the model's
+    weights, staging, KV cache and activations (peak RSS);
+  * per budget, a disk measurement -- O_DIRECT sequential reads of the model file through
+    engine.tiers.io.FileReader with the runs' io_threads, two 64 MiB requests in flight -- then the run:
+    engine.load with {"resident_budget": "N%", io_backend odirect} (the planner adds KV cache and
+    workspace to the percentage), a 16-token prompt, `warmup` greedy tokens, then `tokens` timed greedy
+    tokens through Model.forward (end of generation ignored).
 Per row: token time and tok/s; bytes streamed per token (the aligned reads of every streamed unit, as
 the scheduler issues them) and achieved GB/s = those bytes / token time; the planner's predicted token
 time; the bound max(compute, streamed bytes / disk bandwidth), compute being the 100% row's measured
-token time from the same invocation; measured/bound (target <= 1.15); peak RSS (VmHWM) against the
-plan's resident budget, raw and net of the baseline process (target <= 1.15); whether the greedy
-tokens equal the 100% run's. Numbers on a shared 2-core machine are noisy: compare rows of one run.
---quick: SmolLM2 only, 8 tokens (well under 2 minutes).
+token time and disk bandwidth the median of the model's disk measurements, all from this invocation;
+measured/bound (target <= 1.15); peak RSS (VmHWM) against the plan's resident budget, raw and net of
+the baseline process (target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a
+shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM2 only, 8 tokens.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,9 +65,9 @@ def drop_page_cache() -> bool:
         return False
 
 
-def config_for(budget: int, io_threads: int, ctx: int) -> dict:
+def config_for(budget: int, io_threads: int, ctx: int, hardware: str = "auto") -> dict:
     return {"device": "cpu", "resident_budget": f"{budget}%", "io_backend": "odirect", "io_threads": io_threads,
-            "kv_cache": {"max_context": ctx}}
+            "kv_cache": {"max_context": ctx}, "hardware": hardware}
 
 
 # -- workers (each runs in its own subprocess) ----------------------------------------------------------
@@ -124,7 +128,8 @@ def work_run(spec: dict) -> dict:
     import engine
 
     t0 = time.perf_counter()
-    config = spec.get("config") or config_for(spec["budget"], spec["io_threads"], spec["ctx"])
+    config = spec.get("config") or config_for(spec["budget"], spec["io_threads"], spec["ctx"],
+                                              spec.get("hardware", "auto"))
     m = engine.load(spec["path"], config=config, n_ctx=spec["ctx"], threads=spec["threads"])
     load_s = time.perf_counter() - t0
     try:
@@ -148,7 +153,7 @@ def work_run(spec: dict) -> dict:
             "streamed_bytes": per_token, "streamed_units": len(w.seq), "units": len(w.units), "ring": w.k,
             "slot_bytes": w.slot_bytes, "direct": m.reader.direct, "summary": m.plan_summary(),
             "predicted_token_s": pred.token_s, "predicted_compute_s": pred.compute_s,
-            "predicted_bound": pred.bound, "resident_budget": plan.resident_budget,
+            "predicted_bound": pred.bound, "plan_hardware": plan.hardware, "resident_budget": plan.resident_budget,
             "planned_resident_bytes": plan.resident_bytes, "weight_bytes_resident": w.resident.nbytes,
             "vmhwm": status_bytes("VmHWM"), "vmrss": status_bytes("VmRSS"),
         }
@@ -171,30 +176,31 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 
 # -- the benchmark ---------------------------------------------------------------------------------------
 def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads: int, io_threads: int,
-                drop: bool, log) -> dict:
+                hardware: str, drop: bool, log) -> dict:
+    """Baseline, then per budget: a disk measurement and the run, each after a page-cache drop. The bound
+    uses the median of the model's disk measurements (single ones scatter by +-25% on a shared VM)."""
     ctx = PROMPT_TOKENS + warmup + tokens + 16
-
-    def fresh() -> bool:
-        return drop and drop_page_cache()
-
-    dropped = fresh()
-    disk = run_worker({"mode": "disk", "path": path, "io_threads": io_threads})
-    log(f"{name}: disk O_DIRECT {disk['bandwidth'] / 1e9:.2f} GB/s over {disk['bytes'] / 2**20:.0f} MiB "
-        f"(direct={disk['direct']}, page cache dropped={dropped})")
     base = run_worker({"mode": "baseline", "path": path, "threads": threads})
     log(f"{name}: baseline process (no weights) peak RSS {base['vmhwm'] / 2**20:.0f} MiB")
-    rows = []
+    rows, disks = [], []
     for b in budgets:
-        dropped = fresh()
+        dropped = drop and drop_page_cache()
+        disk = run_worker({"mode": "disk", "path": path, "io_threads": io_threads})
+        disks.append(disk["bandwidth"])
+        dropped = dropped and drop_page_cache()
         r = run_worker({"mode": "run", "path": path, "budget": b, "threads": threads, "io_threads": io_threads,
-                        "ctx": ctx, "prompt_tokens": PROMPT_TOKENS, "warmup": warmup, "tokens": tokens})
-        r.update(model=name, budget=b, cache_dropped=dropped)
+                        "ctx": ctx, "prompt_tokens": PROMPT_TOKENS, "warmup": warmup, "tokens": tokens,
+                        "hardware": hardware})
+        r.update(model=name, budget=b, cache_dropped=dropped, disk_bandwidth=disk["bandwidth"],
+                 disk_direct=disk["direct"])
         rows.append(r)
-        log(f"{name} {b}%: {r['token_s'] * 1e3:.1f} ms/token, {r['summary']}")
+        log(f"{name} {b}%: disk {disk['bandwidth'] / 1e9:.2f} GB/s, {r['token_s'] * 1e3:.1f} ms/token, "
+            f"{r['summary']}")
+    disk_bw = statistics.median(disks)
     full = next((r for r in rows if r["budget"] == 100), None)
     compute_s = full["token_s"] if full else None
     for r in rows:
-        disk_s = r["streamed_bytes"] / disk["bandwidth"]
+        disk_s = r["streamed_bytes"] / disk_bw
         r["disk_s"] = disk_s
         r["gbps"] = r["streamed_bytes"] / r["token_s"] / 1e9
         r["bound_s"] = max(compute_s, disk_s) if compute_s else None
@@ -202,7 +208,8 @@ def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads
         r["rss_ratio"] = r["vmhwm"] / r["resident_budget"]
         r["net_rss_ratio"] = (r["vmhwm"] - base["vmhwm"]) / r["resident_budget"]
         r["same_tokens"] = full["tokens"] == r["tokens"] if full else None
-    return {"model": name, "path": path, "disk": disk, "baseline": base, "compute_s": compute_s, "rows": rows}
+    return {"model": name, "path": path, "disk_bandwidth": disk_bw, "disk_measurements": disks,
+            "baseline": base, "compute_s": compute_s, "rows": rows}
 
 
 def table(results: list[dict]) -> str:
@@ -222,9 +229,11 @@ def table(results: list[dict]) -> str:
                 f"{'yes' if r['cache_dropped'] else 'no':>4}")
     lines.append("")
     for res in results:
-        d, b = res["disk"], res["baseline"]
-        lines.append(f"{res['model']}: disk {d['bandwidth'] / 1e9:.2f} GB/s (O_DIRECT={d['direct']}); compute "
-                     f"(100% token time) {res['compute_s'] * 1e3:.1f} ms; baseline RSS {b['vmhwm'] / 2**20:.0f} MiB")
+        d, b = res["disk_measurements"], res["baseline"]
+        lines.append(f"{res['model']}: disk {res['disk_bandwidth'] / 1e9:.2f} GB/s (median of "
+                     f"{', '.join(f'{x / 1e9:.2f}' for x in d)}; O_DIRECT={res['rows'][0]['disk_direct']}); compute "
+                     f"(100% token time) {res['compute_s'] * 1e3:.1f} ms; baseline RSS {b['vmhwm'] / 2**20:.0f} MiB; "
+                     f"planner profile {res['rows'][0]['plan_hardware']}")
     lines.append(f"bound = max(compute, streamed / disk); targets: meas/bd <= {TARGET}, RSS/bud <= {TARGET} "
                  f"(net/bud: RSS minus the baseline process)")
     return "\n".join(lines)
@@ -237,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="first model (default: the bundled SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--synthetic", default=str(DEFAULT_SYNTHETIC), help="synthetic model path (skipped if absent)")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="weight budgets in percent")
-    ap.add_argument("--tokens", type=int, default=32, help="timed decode tokens (SmolLM2)")
+    ap.add_argument("--tokens", type=int, default=64, help="timed decode tokens (SmolLM2)")
     ap.add_argument("--synthetic-tokens", type=int, default=8, help="timed decode tokens (synthetic model)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--hardware", default="auto",
+                    help="hardware profile JSON the planner uses (default: the calibrated one, else defaults)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 8 tokens")
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     drop = not a.no_drop_caches and drop_page_cache()
     why = "" if drop else (" (--no-drop-caches)" if a.no_drop_caches else " (not permitted)")
     log(f"page cache dropped before each run: {'yes' if drop else 'no'}{why}")
-    results = [bench_model(name, path, budgets, n, a.warmup, a.threads, a.io_threads, drop, log)
+    hardware = a.hardware if a.hardware == "auto" else os.path.abspath(a.hardware)
+    results = [bench_model(name, path, budgets, n, a.warmup, a.threads, a.io_threads, hardware, drop, log)
                for name, path, n in models]
     if a.json:
         for res in results:
