@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drop-caches", action="store_true",
                    help="only evict the scratch file's pages, never the global page cache")
     p.add_argument("--output", help="profile path (default: the cache directory)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="also calibrate the GPU when there is a usable one (auto), never (cpu) or must (cuda)")
     return p
 
 
@@ -351,6 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         progress = (lambda msg: None) if args.json else (lambda msg: print(f"measuring {msg} ...", file=sys.stderr))
         profile = calibrate(s, directory, threads, progress)
         path = save_profile(profile, args.output)
+        if args.device != "cpu":  # a usable GPU: its own profile (H2D, HBM, kernels), on top of this host's
+            from .cuda.device import cuda_unavailable_reason
+            from .cuda.nvml import calibrate_gpu
+
+            reason = cuda_unavailable_reason(0)
+            if reason is None:
+                progress("the GPU (H2D pinned, device memory, kernels)")
+                gpu = calibrate_gpu(0, quick=args.quick, host=profile)
+                print(f"GPU profile written to {save_profile(gpu)}", file=sys.stderr)
+            elif args.device == "cuda":
+                raise EngineError(f"cannot calibrate the GPU: {reason}", field="--device")
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
