@@ -35,6 +35,8 @@ FORMATS: dict[str, FormatInfo] = {
 }
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_RETURN_CODES = {1: "format unknown to the library", 2: "shape rejected by the library",
+                 3: "out of memory for the permuted copy of x"}
 
 
 class Kernels:
@@ -112,7 +114,8 @@ class Kernels:
         if t:
             rc = self._call(self._pool, info.type_id, px, pw, po, t, n, k)
             if rc:
-                raise KernelError(f"kernel rejected {fmt} ({n}, {k}) x ({t}, {k}) (code {rc})")
+                why = _RETURN_CODES.get(rc, f"error code {rc}")
+                raise KernelError(f"{fmt} ({n}, {k}) x ({t}, {k}): {why}")
         return out
 
 

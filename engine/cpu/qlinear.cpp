@@ -596,20 +596,27 @@ constexpr int kRows = 8;  // rows of W per work item
 template <class F> constexpr bool kHasTail = F::kBlock == 1;
 
 // Per-thread scratch, 64-byte aligned (whole cache lines per vector), grown on demand.
+// try_get() returns nullptr if memory is exhausted; get() is for the small per-row buffers
+// (a few rows of K floats) where that cannot reasonably happen.
 class Scratch {
 public:
     Scratch() = default;
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
     ~Scratch() { std::free(data_); }
-    float* get(i64 n) {
+    float* try_get(i64 n) {
         if (n > size_) {
             std::free(data_);
             size_ = (n + 15) / 16 * 16;
             data_ = static_cast<float*>(std::aligned_alloc(64, size_t(size_) * sizeof(float)));
-            if (!data_) std::abort();
+            if (!data_) size_ = 0;
         }
         return data_;
+    }
+    float* get(i64 n) {
+        float* p = try_get(n);
+        if (!p) std::abort();
+        return p;
     }
 
 private:
@@ -793,10 +800,12 @@ void run_groups(const Problem& p, i64 g0, i64 g1) {
     }
 }
 
-// x with each 16-group of every row permuted by kSigma (K is a multiple of 32 for those formats).
+// x with each 16-group of every row permuted by kSigma (K is a multiple of 32 for those formats);
+// nullptr if out of memory.
 const float* permute_x(const float* x, i64 T, i64 K) {
     thread_local Scratch buf;
-    float* dst = buf.get(T * K);
+    float* dst = buf.try_get(T * K);
+    if (!dst) return nullptr;
     for (i64 g = 0; g < T * K; g += 16)
         for (int l = 0; l < 16; ++l) dst[g + l] = x[g + kSigma[l]];
     return dst;
@@ -977,7 +986,7 @@ const FormatEntry* find_format(int type) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape.
+// C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape, 3 out of memory.
 // Pointers are not checked here; the Python launcher validates dtypes, shapes and sizes.
 // ---------------------------------------------------------------------------------------------
 QL_EXPORT int ql_abi_version() { return 3; }
@@ -1003,7 +1012,9 @@ QL_EXPORT int ql_linear(void* pool_handle, int type, const float* x, const uint8
     if (!e) return 1;
     if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
     if (T == 0) return 0;
-    const Problem p{e->permuted ? permute_x(x, T, K) : x, w, out, T, N, K, K / e->block * e->bytes};
+    const float* xs = e->permuted ? permute_x(x, T, K) : x;
+    if (!xs) return 3;
+    const Problem p{xs, w, out, T, N, K, K / e->block * e->bytes};
     const i64 groups = (N + kRows - 1) / kRows;
     // Claim about 16 KiB of weights (or at least one group) at a time, finer when there are few.
     const i64 group_bytes = p.row_bytes * kRows;
