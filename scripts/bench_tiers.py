@@ -27,9 +27,9 @@ shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,34 +65,51 @@ def drop_page_cache() -> bool:
         return False
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux /proc/self/clear_refs); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5\n")
+        return True
+    except OSError:
+        return False
+
+
 def config_for(budget: int, io_threads: int, ctx: int, hardware: str = "auto") -> dict:
     return {"device": "cpu", "resident_budget": f"{budget}%", "io_backend": "odirect", "io_threads": io_threads,
             "kv_cache": {"max_context": ctx}, "hardware": hardware}
 
 
 # -- workers (each runs in its own subprocess) ----------------------------------------------------------
+def read_bandwidth(reader, runs, min_bytes: int = DISK_MIN, max_bytes: int = DISK_MAX) -> dict:
+    """O_DIRECT read speed of `runs` ((offset, length), aligned for the reader) in file order, split into
+    DISK_REQUEST requests with two in flight, the runs repeated until `min_bytes` (at most `max_bytes`)."""
+    from engine.tiers.io import aligned_empty
+
+    requests = [(off + c, min(DISK_REQUEST, n - c)) for off, n in runs for c in range(0, n, DISK_REQUEST)]
+    target = min(max(sum(n for _, n in requests), min_bytes), max_bytes)
+    bufs = [aligned_empty(DISK_REQUEST, reader.align) for _ in range(2)]
+    pending, done, k = [], 0, 0
+    t0 = time.perf_counter()
+    while done < target:
+        off, n = requests[k % len(requests)]
+        if len(pending) == 2:
+            pending.pop(0).wait()
+        pending.append(reader.submit(reader.plan(((off, n),)), bufs[k % 2], "disk benchmark"))
+        done, k = done + n, k + 1
+    for t in pending:
+        t.wait()
+    dt = time.perf_counter() - t0
+    return {"bytes": done, "seconds": dt, "bandwidth": done / dt, "direct": reader.direct}
+
+
 def work_disk(spec: dict) -> dict:
-    """Sequential O_DIRECT reads of the model file (wrapping around to read at least DISK_MIN, as the
-    streamed runs re-read the file every token), two DISK_REQUEST requests in flight."""
-    from engine.tiers.io import FileReader, aligned_empty
+    """The whole model file read sequentially (re-read from the start while under DISK_MIN)."""
+    from engine.tiers.io import FileReader
 
     reader = FileReader(spec["path"], backend="odirect", threads=spec["io_threads"])
     try:
-        size = os.path.getsize(spec["path"]) // reader.align * reader.align
-        total = min(max(size, DISK_MIN), DISK_MAX)
-        bufs = [aligned_empty(DISK_REQUEST, reader.align) for _ in range(2)]
-        pending = []
-        t0 = time.perf_counter()
-        for n, pos in enumerate(range(0, total, DISK_REQUEST)):
-            if len(pending) == 2:
-                pending.pop(0).wait()
-            off = pos % size
-            plan = reader.plan(((off, min(DISK_REQUEST, size - off, total - pos)),))
-            pending.append(reader.submit(plan, bufs[n % 2], "disk benchmark"))
-        for t in pending:
-            t.wait()
-        dt = time.perf_counter() - t0
-        return {"bytes": total, "seconds": dt, "bandwidth": total / dt, "direct": reader.direct}
+        return read_bandwidth(reader, ((0, os.path.getsize(spec["path"]) // reader.align * reader.align),))
     finally:
         reader.close()
 
@@ -126,6 +143,7 @@ def work_run(spec: dict) -> dict:
     import torch
 
     import engine
+    from engine.gguf_file import coalesce
 
     t0 = time.perf_counter()
     config = spec.get("config") or config_for(spec["budget"], spec["io_threads"], spec["ctx"],
@@ -133,9 +151,26 @@ def work_run(spec: dict) -> dict:
     m = engine.load(spec["path"], config=config, n_ctx=spec["ctx"], threads=spec["threads"])
     load_s = time.perf_counter() - t0
     try:
+        w, plan = m.weights, m.plan
+        per_token = sum(w.plans[i].size for i in w.seq) if w.cyclic else 0
+        ranges = coalesce([(off, n) for i in w.seq for off, n, _, _ in w.plans[i].spans])
+
+        def disk_speed() -> dict:
+            """The streamed byte ranges read at full request size and depth (after the in-flight prefetches)."""
+            for t in w.tickets:
+                if t is not None:
+                    t.wait()
+            return read_bandwidth(m.reader, ranges)
+
         vocab = m.spec.vocab_size
         ids = [(17 + 7919 * i) % vocab for i in range(spec["prompt_tokens"])]
         logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
+        hwm = status_bytes("VmHWM")  # load and prefill
+        disks = []
+        if per_token and reset_peak_rss():  # disk speed before the timed tokens too; its buffers are freed
+            disks.append(disk_speed())
+            gc.collect()  # the reader's futures keep views of the buffers in reference cycles
+            reset_peak_rss()
         pos, out, times = len(ids), [], []
         for n in range(spec["warmup"] + spec["tokens"]):
             t = time.perf_counter()
@@ -145,8 +180,14 @@ def work_run(spec: dict) -> dict:
                 times.append(time.perf_counter() - t)
             pos += 1
             out.append(tok)
-        w, plan = m.weights, m.plan
-        per_token = sum(w.plans[i].size for i in w.seq) if w.cyclic else 0
+        hwm, rss = max(hwm, status_bytes("VmHWM")), status_bytes("VmRSS")
+        if per_token:
+            disks.append(disk_speed())
+        disk = None
+        if disks:
+            nbytes, secs = sum(d["bytes"] for d in disks), sum(d["seconds"] for d in disks)
+            disk = {"bytes": nbytes, "seconds": secs, "bandwidth": nbytes / secs,
+                    "each": [d["bandwidth"] for d in disks]}
         pred = plan.predicted
         return {
             "load_s": load_s, "token_s": sum(times) / len(times), "token_times": times, "tokens": out,
@@ -155,7 +196,7 @@ def work_run(spec: dict) -> dict:
             "predicted_token_s": pred.token_s, "predicted_compute_s": pred.compute_s,
             "predicted_bound": pred.bound, "plan_hardware": plan.hardware, "resident_budget": plan.resident_budget,
             "planned_resident_bytes": plan.resident_bytes, "weight_bytes_resident": w.resident.nbytes,
-            "vmhwm": status_bytes("VmHWM"), "vmrss": status_bytes("VmRSS"),
+            "vmhwm": hwm, "vmrss": rss, "disk": disk,
         }
     finally:
         m.close()
@@ -177,30 +218,30 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 # -- the benchmark ---------------------------------------------------------------------------------------
 def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads: int, io_threads: int,
                 hardware: str, drop: bool, log) -> dict:
-    """Baseline, then per budget: a disk measurement and the run, each after a page-cache drop. The bound
-    uses the median of the model's disk measurements (single ones scatter by +-25% on a shared VM)."""
+    """Whole-file disk read and baseline, then one run per budget after a page-cache drop. A streamed
+    row's bound uses the disk speed measured inside that run, just before and just after its timed
+    tokens, on exactly the byte ranges it streams: this VM's disk speed drifts by +-30% within minutes."""
     ctx = PROMPT_TOKENS + warmup + tokens + 16
+    dropped = drop and drop_page_cache()
+    disk = run_worker({"mode": "disk", "path": path, "io_threads": io_threads})
+    log(f"{name}: whole-file O_DIRECT read {disk['bandwidth'] / 1e9:.2f} GB/s over {disk['bytes'] / 2**20:.0f} MiB "
+        f"(direct={disk['direct']}, page cache dropped={dropped})")
     base = run_worker({"mode": "baseline", "path": path, "threads": threads})
     log(f"{name}: baseline process (no weights) peak RSS {base['vmhwm'] / 2**20:.0f} MiB")
-    rows, disks = [], []
+    rows = []
     for b in budgets:
         dropped = drop and drop_page_cache()
-        disk = run_worker({"mode": "disk", "path": path, "io_threads": io_threads})
-        disks.append(disk["bandwidth"])
-        dropped = dropped and drop_page_cache()
         r = run_worker({"mode": "run", "path": path, "budget": b, "threads": threads, "io_threads": io_threads,
                         "ctx": ctx, "prompt_tokens": PROMPT_TOKENS, "warmup": warmup, "tokens": tokens,
                         "hardware": hardware})
-        r.update(model=name, budget=b, cache_dropped=dropped, disk_bandwidth=disk["bandwidth"],
-                 disk_direct=disk["direct"])
+        r.update(model=name, budget=b, cache_dropped=dropped)
         rows.append(r)
-        log(f"{name} {b}%: disk {disk['bandwidth'] / 1e9:.2f} GB/s, {r['token_s'] * 1e3:.1f} ms/token, "
-            f"{r['summary']}")
-    disk_bw = statistics.median(disks)
+        bw = f", its ranges read at {r['disk']['bandwidth'] / 1e9:.2f} GB/s" if r["disk"] else ""
+        log(f"{name} {b}%: {r['token_s'] * 1e3:.1f} ms/token{bw}; {r['summary']}")
     full = next((r for r in rows if r["budget"] == 100), None)
     compute_s = full["token_s"] if full else None
     for r in rows:
-        disk_s = r["streamed_bytes"] / disk_bw
+        disk_s = r["streamed_bytes"] / r["disk"]["bandwidth"] if r["disk"] else 0.0
         r["disk_s"] = disk_s
         r["gbps"] = r["streamed_bytes"] / r["token_s"] / 1e9
         r["bound_s"] = max(compute_s, disk_s) if compute_s else None
@@ -208,12 +249,11 @@ def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads
         r["rss_ratio"] = r["vmhwm"] / r["resident_budget"]
         r["net_rss_ratio"] = (r["vmhwm"] - base["vmhwm"]) / r["resident_budget"]
         r["same_tokens"] = full["tokens"] == r["tokens"] if full else None
-    return {"model": name, "path": path, "disk_bandwidth": disk_bw, "disk_measurements": disks,
-            "baseline": base, "compute_s": compute_s, "rows": rows}
+    return {"model": name, "path": path, "disk": disk, "baseline": base, "compute_s": compute_s, "rows": rows}
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'model':<9} {'budget':>6} {'streamed':>9} {'tok/s':>6} {'ms/tok':>7} {'GB/s':>5} {'pred ms':>8} "
+    head = (f"{'model':<9} {'budget':>6} {'streamed':>9} {'tok/s':>6} {'ms/tok':>7} {'GB/s':>5} {'disk':>5} {'pred ms':>8} "
             f"{'bound ms':>8} {'meas/bd':>7} {'RSS MiB':>8} {'bud MiB':>8} {'RSS/bud':>7} {'net/bud':>7} "
             f"{'same':>4} {'drop':>4}")
     lines = [head, "-" * len(head)]
@@ -221,20 +261,21 @@ def table(results: list[dict]) -> str:
         for r in res["rows"]:
             bound = f"{r['bound_s'] * 1e3:8.1f}" if r["bound_s"] else f"{'-':>8}"
             ratio = f"{r['ratio']:7.2f}" if r["ratio"] else f"{'-':>7}"
+            disk = f"{r['disk']['bandwidth'] / 1e9:5.2f}" if r["disk"] else f"{'-':>5}"
             lines.append(
                 f"{res['model']:<9} {r['budget']:>5}% {r['streamed_bytes'] / 2**20:>5.0f} MiB {1 / r['token_s']:6.2f} "
-                f"{r['token_s'] * 1e3:7.1f} {r['gbps']:5.2f} {r['predicted_token_s'] * 1e3:8.1f} {bound} {ratio} "
+                f"{r['token_s'] * 1e3:7.1f} {r['gbps']:5.2f} {disk} {r['predicted_token_s'] * 1e3:8.1f} {bound} {ratio} "
                 f"{r['vmhwm'] / 2**20:8.0f} {r['resident_budget'] / 2**20:8.0f} {r['rss_ratio']:7.2f} "
                 f"{r['net_rss_ratio']:7.2f} {'yes' if r['same_tokens'] else 'NO':>4} "
                 f"{'yes' if r['cache_dropped'] else 'no':>4}")
     lines.append("")
     for res in results:
-        d, b = res["disk_measurements"], res["baseline"]
-        lines.append(f"{res['model']}: disk {res['disk_bandwidth'] / 1e9:.2f} GB/s (median of "
-                     f"{', '.join(f'{x / 1e9:.2f}' for x in d)}; O_DIRECT={res['rows'][0]['disk_direct']}); compute "
+        d, b = res["disk"], res["baseline"]
+        lines.append(f"{res['model']}: whole-file read {d['bandwidth'] / 1e9:.2f} GB/s (O_DIRECT={d['direct']}); compute "
                      f"(100% token time) {res['compute_s'] * 1e3:.1f} ms; baseline RSS {b['vmhwm'] / 2**20:.0f} MiB; "
                      f"planner profile {res['rows'][0]['plan_hardware']}")
-    lines.append(f"bound = max(compute, streamed / disk); targets: meas/bd <= {TARGET}, RSS/bud <= {TARGET} "
+    lines.append(f"GB/s: streamed bytes / token time; disk: the row's streamed ranges read in the same process "
+                 f"before and after its timed tokens; bound = max(compute, streamed / disk); targets: meas/bd <= {TARGET}, RSS/bud <= {TARGET} "
                  f"(net/bud: RSS minus the baseline process)")
     return "\n".join(lines)
 
