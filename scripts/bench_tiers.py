@@ -153,7 +153,7 @@ def work_run(spec: dict) -> dict:
     try:
         w, plan = m.weights, m.plan
         per_token = sum(w.plans[i].size for i in w.seq) if w.cyclic else 0
-        ranges = coalesce([(off, n) for i in w.seq for off, n, _, _ in w.plans[i].spans])
+        ranges = coalesce([(off, need) for i in w.seq for off, _, _, need in w.plans[i].spans])
 
         def disk_speed() -> dict:
             """The streamed byte ranges read at full request size and depth (after the in-flight prefetches)."""
