@@ -47,6 +47,10 @@ enum TypeId : int {
     kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
 };
 
+// Lane order of the 4-bit/5-bit/6-bit formats: lane L of a 16-element half holds element
+// kSigma[L] (a 4x4 transpose, what a 128-bit broadcast plus per-lane shifts yields; see Formats).
+constexpr int kSigma[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};  // 4x4 transpose
+
 // ---------------------------------------------------------------------------------------------
 // Scalar helpers
 // ---------------------------------------------------------------------------------------------
@@ -76,14 +80,6 @@ inline float half_to_float(uint16_t h) {
 inline float half_at(const uint8_t* p) { return half_to_float(load_u16(p)); }
 
 inline float bf16_to_float(uint16_t b) { uint32_t bits = uint32_t(b) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
-
-inline float fmadd(float a, float b, float c) {
-#if defined(__FMA__)
-    return __builtin_fmaf(a, b, c);
-#else
-    return a * b + c;
-#endif
-}
 
 // 6-bit sub-block scale and min of a Q4_K / Q5_K super-block (12 packed bytes), sub-block j in 0..7.
 inline void kquant_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
@@ -128,23 +124,98 @@ inline __m512 vsum16(const __m512* a) {
     return _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x88), _mm512_shuffle_ps(r[0], r[1], 0xDD));  // s1
 }
 #else
-typedef float V __attribute__((vector_size(64)));
-inline V vzero() { return V{}; }
-inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
-inline V vload_n(const float* p, int n) { V v = V{}; for (int i = 0; i < n; ++i) v[i] = p[i]; return v; }
-inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
-inline V vfma(V a, V b, V c) {
+// Portable path: 16 lanes as a pair of 8-lane GCC vectors (one AVX register each; SSE targets
+// split them again), with the few operations the decoders need. A pair rather than one 64-byte
+// vector: GCC keeps arrays of native-size vectors (the accumulator tiles) in registers, but not
+// arrays of vectors wider than the target's registers. Every fused multiply-add of the contract
+// is explicit, which keeps this path bit-identical to the AVX-512 one on FMA hardware.
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef uint16_t H8 __attribute__((vector_size(16)));
+
+template <class H>
+struct Pair {
+    H a, b;  // lanes 0..7, 8..15
+    friend Pair operator+(Pair x, Pair y) { return {x.a + y.a, x.b + y.b}; }
+    friend Pair operator*(Pair x, Pair y) { return {x.a * y.a, x.b * y.b}; }
+    friend Pair operator|(Pair x, Pair y) { return {x.a | y.a, x.b | y.b}; }
+    friend Pair operator&(Pair x, int s) { return {x.a & s, x.b & s}; }
+    friend Pair operator-(Pair x, int s) { return {x.a - s, x.b - s}; }
+    friend Pair operator>>(Pair x, int s) { return {x.a >> s, x.b >> s}; }
+    friend Pair operator<<(Pair x, int s) { return {x.a << s, x.b << s}; }
+};
+using V = Pair<F8>;
+using VI = Pair<I8>;
+
+inline V vzero() { return {F8{}, F8{}}; }
+inline V vload(const float* p) {
+    V v;
+    std::memcpy(&v.a, p, sizeof v.a);
+    std::memcpy(&v.b, p + 8, sizeof v.b);
+    return v;
+}
+inline V vload_n(const float* p, int n) {
+    float t[16] = {};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return vload(t);
+}
+inline void vstore(float* p, V v) {
+    std::memcpy(p, &v.a, sizeof v.a);
+    std::memcpy(p + 8, &v.b, sizeof v.b);
+}
+inline F8 fma8(F8 a, F8 b, F8 c) {
 #if defined(__FMA__)
-    V r;
-    for (int i = 0; i < 16; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
-    return r;
+    return F8(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
 #else
-    return a * b + c;
+    for (int i = 0; i < 8; ++i) a[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return a;
 #endif
 }
-inline float vsum(V a) {
-    float s8[8], s4[4];
-    for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
+inline V vfma(V x, V y, V z) { return {fma8(x.a, y.a, z.a), fma8(x.b, y.b, z.b)}; }
+inline V vset(float a) { return {F8{} + a, F8{} + a}; }
+inline V to_float(VI v) { return {__builtin_convertvector(v.a, F8), __builtin_convertvector(v.b, F8)}; }
+// Byte -> int32 lanes: signed bytes p[0..15], or unsigned byte p[kSigma[L]] in lane L.
+#if defined(__AVX2__)
+inline VI s8_lanes(const uint8_t* p) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return {I8(_mm256_cvtepi8_epi32(v)), I8(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)))};
+}
+inline VI sigma_u8_lanes(const uint8_t* p) {
+    const __m128i v = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)),
+                                       _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return {I8(_mm256_cvtepu8_epi32(v)), I8(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)))};
+}
+#else
+inline VI s8_lanes(const uint8_t* p) {
+    VI r;
+    for (int l = 0; l < 8; ++l) { r.a[l] = int8_t(p[l]); r.b[l] = int8_t(p[l + 8]); }
+    return r;
+}
+inline VI sigma_u8_lanes(const uint8_t* p) {
+    VI r;
+    for (int l = 0; l < 8; ++l) { r.a[l] = p[kSigma[l]]; r.b[l] = p[kSigma[l + 8]]; }
+    return r;
+}
+#endif
+// Bit 4 of the 5-bit codes of a legacy Q5 block, as 0/1 per lane (kSigma order).
+inline void q5_high_bits(const uint8_t* qh, VI& lo, VI& hi) {
+    const U8 bits = U8{} + load_u32(qh);
+    const U8 s0 = {0, 4, 8, 12, 1, 5, 9, 13}, s1 = {2, 6, 10, 14, 3, 7, 11, 15};
+    lo = {I8((bits >> s0) & 1), I8((bits >> s1) & 1)};
+    hi = {I8((bits >> (s0 + 16)) & 1), I8((bits >> (s1 + 16)) & 1)};
+}
+// 16 bf16 values -> fp32 (bits << 16).
+inline V bf16_lanes(const uint8_t* p) {
+    H8 h0, h1;
+    std::memcpy(&h0, p, sizeof h0);
+    std::memcpy(&h1, p + 16, sizeof h1);
+    const U8 a = __builtin_convertvector(h0, U8) << 16, b = __builtin_convertvector(h1, U8) << 16;
+    return {F8(a), F8(b)};
+}
+inline float vsum(V v) {
+    const F8 s8 = v.a + v.b;  // lane i + lane i+8
+    float s4[4];
     for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
@@ -159,22 +230,6 @@ inline float vsum(V a) {
 // kScales floats per chunk; decode() reads them from there.
 // Float formats also decode a final partial chunk of n < 32 elements (zero-filled).
 // ---------------------------------------------------------------------------------------------
-constexpr int kSigma[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};  // 4x4 transpose
-
-#if !QL_AVX512
-// Portable decoding: each format's scalar() writes the chunk's 32 values in element order using
-// exactly the contract's fp32 expressions; here they are placed into lanes.
-template <class F>
-inline void decode_via_array(const uint8_t* row, i64 c, V& lo, V& hi) {
-    float w[32];
-    F::scalar(row, c, w);
-    for (int l = 0; l < 16; ++l) {
-        const int e = F::kPermuted ? kSigma[l] : l;
-        lo[l] = w[e];
-        hi[l] = w[16 + e];
-    }
-}
-#endif
 
 // Scale prepass of the legacy 32-blocks: s[2c], s[2c+1] = the fp16 values at bytes 0 and 2 of
 // block c (d and m, or d and whatever follows it, which is then unused).
@@ -220,7 +275,10 @@ struct FmtF16 {
         lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
         hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
 #else
-        for (int i = 0; i < 16; ++i) { lo[i] = half_at(p + 2 * i); hi[i] = half_at(p + 32 + 2 * i); }
+        float w[32];
+        for (int i = 0; i < 32; ++i) w[i] = half_at(p + 2 * i);
+        lo = vload(w);
+        hi = vload(w + 16);
 #endif
     }
     static void decode_tail(const uint8_t* row, i64 c, int n, V& lo, V& hi) {
@@ -245,7 +303,8 @@ struct FmtBF16 {
         lo = widen(p);
         hi = widen(p + 32);
 #else
-        for (int i = 0; i < 16; ++i) { lo[i] = bf16_to_float(load_u16(p + 2 * i)); hi[i] = bf16_to_float(load_u16(p + 32 + 2 * i)); }
+        lo = bf16_lanes(p);
+        hi = bf16_lanes(p + 32);
 #endif
     }
     static void decode_tail(const uint8_t* row, i64 c, int n, V& lo, V& hi) {
@@ -285,11 +344,6 @@ struct FmtQ8_0 {
     static constexpr int kBlock = 32, kBytes = 34, kScales = 2;
     static constexpr bool kPermuted = false;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* b = row + c * kBytes;
-        const float d = half_at(b);
-        for (int i = 0; i < 32; ++i) w[i] = float(int8_t(b[2 + i])) * d;
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
@@ -297,8 +351,10 @@ struct FmtQ8_0 {
         lo = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(b + 2)), d);
         hi = _mm512_mul_ps(_mm512_cvtepi32_ps(bytes_s32(b + 18)), d);
 #else
-        (void)s;
-        decode_via_array<FmtQ8_0>(row, c, lo, hi);
+        const uint8_t* b = row + c * kBytes;
+        const V d = vset(s[2 * c]);
+        lo = to_float(s8_lanes(b + 2)) * d;
+        hi = to_float(s8_lanes(b + 18)) * d;
 #endif
     }
 };
@@ -307,14 +363,6 @@ struct FmtQ4_0 {
     static constexpr int kBlock = 32, kBytes = 18, kScales = 2;
     static constexpr bool kPermuted = true;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* b = row + c * kBytes;
-        const float d = half_at(b);
-        for (int i = 0; i < 16; ++i) {
-            w[i] = float((b[2 + i] & 15) - 8) * d;
-            w[i + 16] = float((b[2 + i] >> 4) - 8) * d;
-        }
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
@@ -322,8 +370,10 @@ struct FmtQ4_0 {
         lo = lookup4(b + 2, 0, table);
         hi = lookup4(b + 2, 4, table);
 #else
-        (void)s;
-        decode_via_array<FmtQ4_0>(row, c, lo, hi);
+        const VI q = sigma_u8_lanes(row + c * kBytes + 2);
+        const V d = vset(s[2 * c]);
+        lo = to_float((q & 15) - 8) * d;
+        hi = to_float((q >> 4) - 8) * d;
 #endif
     }
 };
@@ -332,14 +382,6 @@ struct FmtQ4_1 {
     static constexpr int kBlock = 32, kBytes = 20, kScales = 2;
     static constexpr bool kPermuted = true;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* b = row + c * kBytes;
-        const float d = half_at(b), m = half_at(b + 2);
-        for (int i = 0; i < 16; ++i) {
-            w[i] = fmadd(float(b[4 + i] & 15), d, m);
-            w[i + 16] = fmadd(float(b[4 + i] >> 4), d, m);
-        }
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
@@ -347,8 +389,10 @@ struct FmtQ4_1 {
         lo = lookup4(b + 4, 0, table);
         hi = lookup4(b + 4, 4, table);
 #else
-        (void)s;
-        decode_via_array<FmtQ4_1>(row, c, lo, hi);
+        const VI q = sigma_u8_lanes(row + c * kBytes + 4);
+        const V d = vset(s[2 * c]), m = vset(s[2 * c + 1]);
+        lo = vfma(to_float(q & 15), d, m);
+        hi = vfma(to_float(q >> 4), d, m);
 #endif
     }
 };
@@ -368,15 +412,6 @@ struct FmtQ5_0 {
     static constexpr int kBlock = 32, kBytes = 22, kScales = 2;
     static constexpr bool kPermuted = true;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* b = row + c * kBytes;
-        const float d = half_at(b);
-        const uint32_t qh = load_u32(b + 2);
-        for (int i = 0; i < 16; ++i) {
-            w[i] = float(int((b[6 + i] & 15) | (((qh >> i) & 1) << 4)) - 16) * d;
-            w[i + 16] = float(int((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16) * d;
-        }
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
@@ -388,8 +423,13 @@ struct FmtQ5_0 {
         lo = lookup5(nibbles(b + 6, 0), hlo, t0, t1);
         hi = lookup5(nibbles(b + 6, 4), hhi, t0, t1);
 #else
-        (void)s;
-        decode_via_array<FmtQ5_0>(row, c, lo, hi);
+        const uint8_t* b = row + c * kBytes;
+        const VI q = sigma_u8_lanes(b + 6);
+        VI hlo, hhi;
+        q5_high_bits(b + 2, hlo, hhi);
+        const V d = vset(s[2 * c]);
+        lo = to_float(((q & 15) | (hlo << 4)) - 16) * d;
+        hi = to_float(((q >> 4) | (hhi << 4)) - 16) * d;
 #endif
     }
 };
@@ -398,15 +438,6 @@ struct FmtQ5_1 {
     static constexpr int kBlock = 32, kBytes = 24, kScales = 2;
     static constexpr bool kPermuted = true;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* b = row + c * kBytes;
-        const float d = half_at(b), m = half_at(b + 2);
-        const uint32_t qh = load_u32(b + 4);
-        for (int i = 0; i < 16; ++i) {
-            w[i] = fmadd(float((b[8 + i] & 15) | (((qh >> i) & 1) << 4)), d, m);
-            w[i + 16] = fmadd(float((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)), d, m);
-        }
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* b = row + c * kBytes;
@@ -418,8 +449,13 @@ struct FmtQ5_1 {
         lo = lookup5(nibbles(b + 8, 0), hlo, t0, t1);
         hi = lookup5(nibbles(b + 8, 4), hhi, t0, t1);
 #else
-        (void)s;
-        decode_via_array<FmtQ5_1>(row, c, lo, hi);
+        const uint8_t* b = row + c * kBytes;
+        const VI q = sigma_u8_lanes(b + 8);
+        VI hlo, hhi;
+        q5_high_bits(b + 4, hlo, hhi);
+        const V d = vset(s[2 * c]), m = vset(s[2 * c + 1]);
+        lo = vfma(to_float((q & 15) | (hlo << 4)), d, m);
+        hi = vfma(to_float((q >> 4) | (hhi << 4)), d, m);
 #endif
     }
 };
@@ -459,16 +495,6 @@ struct FmtQ4_K {
     static constexpr int kBlock = 256, kBytes = 144, kScales = 2;
     static constexpr bool kPermuted = true;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_kquant_scale_min(row, chunks, kBytes, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* sb = row + (c >> 3) * kBytes;
-        const int j = int(c & 7);
-        int sc, mn;
-        kquant_scale_min(sb + 4, j, sc, mn);
-        const float ds = half_at(sb) * float(sc), dm = half_at(sb + 2) * float(mn);
-        const uint8_t* qs = sb + 16 + (j >> 1) * 32;
-        const int shift = (j & 1) * 4;
-        for (int i = 0; i < 32; ++i) w[i] = fmadd(float((qs[i] >> shift) & 15), ds, -dm);
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const int j = int(c & 7);
@@ -477,8 +503,11 @@ struct FmtQ4_K {
         lo = lookup4(qs, (j & 1) * 4, table);
         hi = lookup4(qs + 16, (j & 1) * 4, table);
 #else
-        (void)s;
-        decode_via_array<FmtQ4_K>(row, c, lo, hi);
+        const int j = int(c & 7), shift = (j & 1) * 4;
+        const uint8_t* qs = row + (c >> 3) * kBytes + 16 + (j >> 1) * 32;
+        const V ds = vset(s[2 * c]), ndm = vset(-s[2 * c + 1]);
+        lo = vfma(to_float((sigma_u8_lanes(qs) >> shift) & 15), ds, ndm);
+        hi = vfma(to_float((sigma_u8_lanes(qs + 16) >> shift) & 15), ds, ndm);
 #endif
     }
 };
@@ -487,17 +516,6 @@ struct FmtQ5_K {
     static constexpr int kBlock = 256, kBytes = 176, kScales = 2;
     static constexpr bool kPermuted = true;
     static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_kquant_scale_min(row, chunks, kBytes, s); }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const uint8_t* sb = row + (c >> 3) * kBytes;
-        const int j = int(c & 7);
-        int sc, mn;
-        kquant_scale_min(sb + 4, j, sc, mn);
-        const float ds = half_at(sb) * float(sc), dm = half_at(sb + 2) * float(mn);
-        const uint8_t* qh = sb + 16;
-        const uint8_t* qs = sb + 48 + (j >> 1) * 32;
-        const int shift = (j & 1) * 4;
-        for (int i = 0; i < 32; ++i) w[i] = fmadd(float(((qs[i] >> shift) & 15) | (((qh[i] >> j) & 1) << 4)), ds, -dm);
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const uint8_t* sb = row + (c >> 3) * kBytes;
@@ -511,8 +529,16 @@ struct FmtQ5_K {
         lo = lookup5(nibbles(qs, shift), nibbles(qh, j), t0, t1);
         hi = lookup5(nibbles(qs + 16, shift), nibbles(qh + 16, j), t0, t1);
 #else
-        (void)s;
-        decode_via_array<FmtQ5_K>(row, c, lo, hi);
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7), shift = (j & 1) * 4;
+        const uint8_t* qh = sb + 16;
+        const uint8_t* qs = sb + 48 + (j >> 1) * 32;
+        const auto half = [&](int o) {
+            const VI q = ((sigma_u8_lanes(qs + o) >> shift) & 15) | (((sigma_u8_lanes(qh + o) >> j) & 1) << 4);
+            return vfma(to_float(q), vset(s[2 * c]), vset(-s[2 * c + 1]));
+        };
+        lo = half(0);
+        hi = half(16);
 #endif
     }
 };
@@ -549,17 +575,6 @@ struct FmtQ6_K {
         const int j = int(c & 7), h = j >> 2, jj = j & 3;
         return {sb + h * 64 + (jj & 1) * 32, sb + 128 + h * 32, (jj >> 1) * 4, jj * 2};
     }
-    static void scalar(const uint8_t* row, i64 c, float* w) {
-        const Where p = where(row, c);
-        const uint8_t* sb = row + (c >> 3) * kBytes;
-        const int j = int(c & 7);
-        const float d = half_at(sb + 208);
-        const int8_t* sc = reinterpret_cast<const int8_t*>(sb + 192);
-        for (int i = 0; i < 32; ++i) {
-            const int q = ((p.ql[i] >> p.lshift) & 15) | (((p.qh[i] >> p.hshift) & 3) << 4);
-            w[i] = float(q - 32) * (d * float(sc[2 * j + i / 16]));
-        }
-    }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
 #if QL_AVX512
         const Where p = where(row, c);
@@ -575,8 +590,13 @@ struct FmtQ6_K {
         lo = half(0, s + 4 * c);
         hi = half(16, s + 4 * c + 1);
 #else
-        (void)s;
-        decode_via_array<FmtQ6_K>(row, c, lo, hi);
+        const Where p = where(row, c);
+        const auto half = [&](int o, const float* sc) {
+            const VI q = ((sigma_u8_lanes(p.ql + o) >> p.lshift) & 15) | (((sigma_u8_lanes(p.qh + o) >> p.hshift) & 3) << 4);
+            return vfma(to_float(q), vset(sc[0]), vset(sc[2]));
+        };
+        lo = half(0, s + 4 * c);
+        hi = half(16, s + 4 * c + 1);
 #endif
     }
 };
@@ -592,6 +612,13 @@ struct Problem {
 };
 
 constexpr int kRows = 8;  // rows of W per work item
+// Tile shapes, chosen by measurement on AVX-512 (32 vector registers); the portable path holds a
+// 16-lane vector in two AVX2 registers (16 in all), so it uses smaller tiles. Tiling never changes
+// the per-element arithmetic.
+constexpr int kRowsT1 = QL_AVX512 ? 8 : 4;     // direct path, T = 1
+constexpr int kRowsSmallT = QL_AVX512 ? 4 : 2; // direct path, T = 2..3
+constexpr int kPanelRows = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of W
+constexpr int kPanelT = QL_AVX512 ? 4 : 2;     // microkernel tile: rows of x
 
 template <class F> constexpr bool kHasTail = F::kBlock == 1;
 
@@ -775,28 +802,27 @@ void panel_rows(const Problem& p, const float* panel, i64 kpad, i64 n0) {
     for (; t0 < p.T; ++t0) panel_tile<R, 1>(p, panel, kpad, n0, t0);
 }
 
-// Rows [g0*kRows, g1*kRows) clipped to N. Tile shapes were chosen by measurement: 8 rows of W
-// for T = 1, 4 rows for T = 2..3 (accumulator registers), 4 x 4 microkernel tiles above.
+// Rows [g0*kRows, g1*kRows) clipped to N: register tiles for T <= 3, panel + microkernel above.
 template <class F>
 void run_groups(const Problem& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
     i64 n = g0 * kRows;
     switch (p.T) {
-        case 1: direct_range<F, 8, 1>(p, n, n_end); return;
-        case 2: direct_range<F, 4, 2>(p, n, n_end); return;
-        case 3: direct_range<F, 4, 3>(p, n, n_end); return;
+        case 1: direct_range<F, kRowsT1, 1>(p, n, n_end); return;
+        case 2: direct_range<F, kRowsSmallT, 2>(p, n, n_end); return;
+        case 3: direct_range<F, kRowsSmallT, 3>(p, n, n_end); return;
         default: break;
     }
     thread_local Scratch buf;
     const i64 kpad = (p.K + 31) / 32 * 32;
-    float* panel = buf.get(4 * kpad);
-    for (; n + 4 <= n_end; n += 4) {
-        decode_rows<F>(p, n, 4, panel, kpad);
-        panel_rows<4, 4>(p, panel, kpad, n);
+    float* panel = buf.get(kPanelRows * kpad);
+    for (; n + kPanelRows <= n_end; n += kPanelRows) {
+        decode_rows<F>(p, n, kPanelRows, panel, kpad);
+        panel_rows<kPanelRows, kPanelT>(p, panel, kpad, n);
     }
     for (; n < n_end; ++n) {
         decode_rows<F>(p, n, 1, panel, kpad);
-        panel_rows<1, 4>(p, panel, kpad, n);
+        panel_rows<1, kPanelT>(p, panel, kpad, n);
     }
 }
 
