@@ -6,20 +6,21 @@
 
 Models: the default SmolLM2, and a synthetic Llama-3-8B-shaped Q4_K model (skipped when the file is
 absent; make it with `python scripts/make_synthetic_model.py PATH`). Per model, each step in a fresh
-subprocess, the page cache dropped before each disk measurement and run when permitted (root and
-/proc/sys/vm/drop_caches):
+subprocess, the page cache dropped before each when permitted (root and /proc/sys/vm/drop_caches):
+  * disk: the whole file read with O_DIRECT through engine.tiers.io.FileReader (reference only);
   * baseline: torch and the engine imported, the model's header, spec and tokenizer parsed, the compute
     device made and one forward pass run on a ~1 MiB model -- everything of a run but the model's
     weights, staging, KV cache and activations (peak RSS);
-  * per budget, a disk measurement -- O_DIRECT sequential reads of the model file through
-    engine.tiers.io.FileReader with the runs' io_threads, two 64 MiB requests in flight -- then the run:
-    engine.load with {"resident_budget": "N%", io_backend odirect} (the planner adds KV cache and
-    workspace to the percentage), a 16-token prompt, `warmup` greedy tokens, then `tokens` timed greedy
-    tokens through Model.forward (end of generation ignored).
+  * one run per budget: engine.load with {"resident_budget": "N%", io_backend odirect} (the planner
+    adds KV cache and workspace to the percentage), a 16-token prompt, `warmup` greedy tokens, then
+    `tokens` timed greedy tokens through Model.forward (end of generation ignored). Just before and
+    just after the timed tokens the run measures the disk on exactly the byte ranges it streams
+    (O_DIRECT, same reader and io_threads, two 64 MiB requests in flight, >= 512 MiB): this VM's disk
+    speed drifts by +-30% within minutes, so a measurement elsewhere would not describe the run.
 Per row: token time and tok/s; bytes streamed per token (the aligned reads of every streamed unit, as
 the scheduler issues them) and achieved GB/s = those bytes / token time; the planner's predicted token
 time; the bound max(compute, streamed bytes / disk bandwidth), compute being the 100% row's measured
-token time and disk bandwidth the median of the model's disk measurements, all from this invocation;
+token time (same invocation) and the disk bandwidth the run's own measurement;
 measured/bound (target <= 1.15); peak RSS (VmHWM) against the plan's resident budget, raw and net of
 the baseline process (target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a
 shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM2 only, 8 tokens.
@@ -82,7 +83,7 @@ def config_for(budget: int, io_threads: int, ctx: int, hardware: str = "auto") -
 
 # -- workers (each runs in its own subprocess) ----------------------------------------------------------
 def read_bandwidth(reader, runs, min_bytes: int = DISK_MIN, max_bytes: int = DISK_MAX) -> dict:
-    """O_DIRECT read speed of `runs` ((offset, length), aligned for the reader) in file order, split into
+    """Read speed of the byte ranges `runs` ((offset, length)) in file order through `reader`, split into
     DISK_REQUEST requests with two in flight, the runs repeated until `min_bytes` (at most `max_bytes`)."""
     from engine.tiers.io import aligned_empty
 
