@@ -26,11 +26,11 @@ from gguf import GGMLQuantizationType as QT
 from engine.cuda.cpu_shim import CpuBuildSpec, CpuKernels, PendingBuild, Policy, aligned_empty, exported_kernels
 from engine.cuda.kernels import FORMATS, LaunchPlan, expected_kernels
 from engine.errors import KernelError
+from quant_data import K_QUANTS, dequantized, random_weights
 
 REPO = Path(__file__).resolve().parents[1]
 GEMV_RTOL = {name: 1e-5 for name in FORMATS}  # see module docstring
 X_ROUNDING = {"f16": 2.0**-11, "bf16": 2.0**-8}
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 ONE_FORMAT = "GK_FORMATS(X)=X(q4_k, FmtQ4_K)"  # narrow builds for the bug variants
 BUGS = ("GK_BUG_SHFL_LANE", "GK_BUG_NO_SYNC", "GK_BUG_TAIL")
 
@@ -85,28 +85,6 @@ def dequant_lib(builds) -> CpuKernels:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def random_weights(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Raw GGUF bytes (n, row_nbytes): gguf-py quantize for legacy/float formats, random bytes with
-    finite fp16 scales for K-quants (gguf-py cannot quantize those)."""
-    spec = FORMATS[fmt]
-    if fmt in K_QUANTS:
-        raw = rng.integers(0, 256, size=(n, spec.row_nbytes(k)), dtype=np.uint8)
-        blocks = raw.reshape(n, -1, spec.type_size)
-        n_scales = 1 if fmt == "Q6_K" else 2  # Q6_K: d at byte 208; Q4_K/Q5_K: d, dmin at 0
-        scales = (rng.standard_normal(blocks.shape[:2] + (n_scales,)) * 0.02).astype(np.float16).view(np.uint8)
-        if fmt == "Q6_K":
-            blocks[:, :, 208:210] = scales
-        else:
-            blocks[:, :, 0:4] = scales
-        return raw
-    values = rng.standard_normal((n, k)).astype(np.float32)
-    return np.ascontiguousarray(gguf.quants.quantize(values, QT[fmt]).view(np.uint8)).reshape(n, -1)
-
-
-def dequantized(fmt: str, raw: np.ndarray, n: int, k: int) -> np.ndarray:
-    return gguf.quants.dequantize(raw, QT[fmt]).reshape(n, k).astype(np.float32)
-
-
 def activations(xtype: str, t: int, k: int, stride: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(kernel input (t, k) view with row stride `stride`, its exact values as float64, the fp32
     values before rounding)."""
@@ -341,7 +319,7 @@ def test_shim_reports_invalid_synchronisation(builds, kernel, message):
 # ---------------------------------------------------------------------------------------------
 _ASAN_DRIVER = r"""
 import sys, numpy as np
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 import tests.test_kernels_cpu as tk
 from engine.cuda.cpu_shim import CpuKernels
 from engine.cuda.kernels import FORMATS, LaunchPlan

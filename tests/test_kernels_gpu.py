@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.cuda.kernels import FORMATS, KernelLibrary
+from quant_data import K_QUANTS, random_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -33,26 +34,6 @@ _reason = _device_ready()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
-
-
-def _weights(fmt: str, n: int, k: int, rng) -> np.ndarray:
-    spec = FORMATS[fmt]
-    if fmt in K_QUANTS:
-        raw = rng.integers(0, 256, size=(n, spec.row_nbytes(k)), dtype=np.uint8)
-        blocks = raw.reshape(n, -1, spec.type_size)
-        count = 1 if fmt == "Q6_K" else 2
-        scales = (rng.standard_normal(blocks.shape[:2] + (count,)) * 0.02).astype(np.float16).view(np.uint8)
-        if fmt == "Q6_K":
-            blocks[:, :, 208:210] = scales
-        else:
-            blocks[:, :, 0:4] = scales
-        return raw
-    values = rng.standard_normal((n, k)).astype(np.float32)
-    return np.ascontiguousarray(gguf.quants.quantize(values, gguf.GGMLQuantizationType[fmt]).view(np.uint8)).reshape(n, -1)
-
-
-@pytest.fixture(scope="module")
 def lib() -> KernelLibrary:
     return KernelLibrary()
 
@@ -62,7 +43,7 @@ def lib() -> KernelLibrary:
 def test_gemv_on_device(lib, fmt, xdtype):
     rng = np.random.default_rng(zlib.crc32(f"{fmt}{xdtype}".encode()))
     n, k = 333, 4096
-    raw = _weights(fmt, n, k, rng)
+    raw = random_weights(fmt, n, k, rng)
     wf = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k).astype(np.float64)
     w = torch.from_numpy(raw).cuda()
     stream = torch.cuda.Stream()
@@ -81,7 +62,7 @@ def test_gemv_on_device(lib, fmt, xdtype):
 def test_dequant_on_device_bit_exact(lib, fmt, odtype):
     rng = np.random.default_rng(5)
     n, k = 129, 2048
-    raw = _weights(fmt, n, k, rng)
+    raw = random_weights(fmt, n, k, rng)
     wf = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[fmt]).reshape(n, k).astype(np.float32)
     out = lib.dequantize(torch.from_numpy(raw).cuda(), fmt, n, k, dtype=odtype)
     torch.cuda.synchronize()
@@ -93,7 +74,7 @@ def test_device_matches_reference_path(lib):
     pytest.importorskip("engine.formats")
     rng = np.random.default_rng(1)
     n, k = 64, 1024
-    raw = torch.from_numpy(_weights("Q5_K", n, k, rng)).cuda()
+    raw = torch.from_numpy(random_weights("Q5_K", n, k, rng)).cuda()
     x = torch.randn((4, k), dtype=torch.float16, device="cuda")
     got = lib.gemv(x, raw, "Q5_K", n, k)
     ref = lib.gemv(x, raw, "Q5_K", n, k, reference=True)
