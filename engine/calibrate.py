@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import guarded
 from .errors import EngineError
 from .tiers.hardware import ComputeRate, HardwareProfile, cache_dir, save_profile
 from .tiers.units import format_rate, format_size, parse_size
@@ -337,39 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run(args: argparse.Namespace) -> tuple[HardwareProfile, Path]:
+    if args.io_threads < 1:
+        raise EngineError("must be >= 1", field="--io-threads")
+    size = parse_size(args.size, field="--size") if args.size else None
+    if size is not None and size < CHUNK:
+        raise EngineError(f"must be at least {format_size(CHUNK)}", field="--size")
+    if size is not None:
+        size = -(-size // CHUNK) * CHUNK
+    threads = args.threads or os.cpu_count() or 1
+    s = Settings.make(args.quick, size, args.io_threads, drop_caches=not args.no_drop_caches and os.geteuid() == 0)
+    directory = Path(args.dir) if args.dir else cache_dir()
+    progress = (lambda msg: None) if args.json else (lambda msg: print(f"measuring {msg} ...", file=sys.stderr))
+    profile = calibrate(s, directory, threads, progress)
+    path = save_profile(profile, args.output)
+    if args.device != "cpu":  # a usable GPU: its own profile (H2D, HBM, kernels), on top of this host's
+        from .cuda.device import cuda_unavailable_reason
+        from .cuda.nvml import calibrate_gpu
+
+        reason = cuda_unavailable_reason(0)
+        if reason is None:
+            progress("the GPU (H2D pinned, device memory, kernels)")
+            gpu = calibrate_gpu(0, quick=args.quick, host=profile)
+            print(f"GPU profile written to {save_profile(gpu)}", file=sys.stderr)
+        elif args.device == "cuda":
+            raise EngineError(f"cannot calibrate the GPU: {reason}", field="--device")
+    return profile, path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.io_threads < 1:
-            raise EngineError("must be >= 1", field="--io-threads")
-        size = parse_size(args.size, field="--size") if args.size else None
-        if size is not None and size < CHUNK:
-            raise EngineError(f"must be at least {format_size(CHUNK)}", field="--size")
-        if size is not None:
-            size = -(-size // CHUNK) * CHUNK
-        threads = args.threads or os.cpu_count() or 1
-        s = Settings.make(args.quick, size, args.io_threads, drop_caches=not args.no_drop_caches and os.geteuid() == 0)
-        directory = Path(args.dir) if args.dir else cache_dir()
-        progress = (lambda msg: None) if args.json else (lambda msg: print(f"measuring {msg} ...", file=sys.stderr))
-        profile = calibrate(s, directory, threads, progress)
-        path = save_profile(profile, args.output)
-        if args.device != "cpu":  # a usable GPU: its own profile (H2D, HBM, kernels), on top of this host's
-            from .cuda.device import cuda_unavailable_reason
-            from .cuda.nvml import calibrate_gpu
-
-            reason = cuda_unavailable_reason(0)
-            if reason is None:
-                progress("the GPU (H2D pinned, device memory, kernels)")
-                gpu = calibrate_gpu(0, quick=args.quick, host=profile)
-                print(f"GPU profile written to {save_profile(gpu)}", file=sys.stderr)
-            elif args.device == "cuda":
-                raise EngineError(f"cannot calibrate the GPU: {reason}", field="--device")
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
+    code, got = guarded(lambda: run(args))
+    if code:
+        return code
+    profile, path = got
     if args.json:
         print(json.dumps({"path": str(path), "profile": profile.to_json()}, indent=2))
     else:

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from .cli import guarded
 from .errors import EngineError
 
 DEFAULT_PROMPT = "The three most useful things to know about running large language models at home are"
@@ -74,14 +75,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        rec = run(args)
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    code, rec = guarded(lambda: run(args))
+    if code:
+        return code
     if args.json:
         print(json.dumps(rec))
     else:

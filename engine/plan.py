@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from .errors import EngineError
+from .cli import guarded
 from .tiers.config import AUTO, TierConfig, load_config
 from .tiers.footprint import MIXES, ModelFootprint, describe, footprint_from_gguf
 from .tiers.hardware import PRESETS, HardwareProfile, detect_device, load_profile, resolve_profile
@@ -75,11 +75,9 @@ def run(args: argparse.Namespace) -> Plan:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    code, result = guarded(lambda: run(args))
+    if code:
+        return code
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return 0
 

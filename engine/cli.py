@@ -1,0 +1,24 @@
+"""What every command-line entry point shares: one `error:` line and an exit code, never a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from .errors import EngineError
+
+T = TypeVar("T")
+
+
+def guarded(fn: Callable[[], T]) -> tuple[int, T | None]:
+    """Run fn; EngineError / OSError -> (1, None) after one line on stderr; Ctrl-C -> (130, None)."""
+    try:
+        return 0, fn()
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1, None
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130, None
