@@ -283,7 +283,9 @@ struct FmtQ6_K {
 };
 
 // ---- unquantized: "blocks" of 8 values = one 128-bit load (rows must be 16-byte aligned) ----------
-struct FmtF16 {
+// Cvt::lo / Cvt::hi widen the low / high 16-bit value of a 32-bit word to float.
+template <class Cvt>
+struct Fmt16Bit {
     static constexpr int QK = 8, BYTES = 16, SUBS = 1, GROUPS = 1;
     static constexpr bool BIAS = false;
     struct Raw { uint4 v; };
@@ -295,33 +297,26 @@ struct FmtF16 {
         const u32 w[4] = {r.v.x, r.v.y, r.v.z, r.v.w};
         GK_UNROLL
         for (int i = 0; i < 4; ++i) {
-            q[2 * i] = half_bits_to_float(w[i] & 0xffffu);
-            q[2 * i + 1] = half_bits_to_float(w[i] >> 16);
+            q[2 * i] = Cvt::lo(w[i]);
+            q[2 * i + 1] = Cvt::hi(w[i]);
         }
         scale = 1.0f;
         bias = 0.0f;
     }
 };
 
-struct FmtBF16 {
-    static constexpr int QK = 8, BYTES = 16, SUBS = 1, GROUPS = 1;
-    static constexpr bool BIAS = false;
-    struct Raw { uint4 v; };
-    __device__ static __forceinline__ Raw fetch(const u8* __restrict__ blk, int) {
-        return Raw{*reinterpret_cast<const uint4*>(blk)};
-    }
-    __device__ static __forceinline__ int col(int, int) { return 0; }
-    __device__ static __forceinline__ void decode(const Raw& r, int, float (&q)[8], float& scale, float& bias) {
-        const u32 w[4] = {r.v.x, r.v.y, r.v.z, r.v.w};
-        GK_UNROLL
-        for (int i = 0; i < 4; ++i) {
-            q[2 * i] = __uint_as_float(w[i] << 16);
-            q[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-        }
-        scale = 1.0f;
-        bias = 0.0f;
-    }
+struct HalfPair {
+    __device__ static __forceinline__ float lo(u32 w) { return half_bits_to_float(w & 0xffffu); }
+    __device__ static __forceinline__ float hi(u32 w) { return half_bits_to_float(w >> 16); }
 };
+
+struct Bf16Pair {
+    __device__ static __forceinline__ float lo(u32 w) { return __uint_as_float(w << 16); }
+    __device__ static __forceinline__ float hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+};
+
+using FmtF16 = Fmt16Bit<HalfPair>;
+using FmtBF16 = Fmt16Bit<Bf16Pair>;
 
 }  // namespace gk
 
