@@ -143,7 +143,9 @@ def test_ctrl_c_during_streaming_exits_cleanly(tmp_path):
     cfg.write_text("resident_budget: 3%\n")
     proc = subprocess.Popen([sys.executable, "-m", "engine.generate", "Once upon a time", "--config", str(cfg),
                              "--max-tokens", "100000", "--temperature", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored, and Python keeps it so
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)  # streaming has started
     assert first
     proc.send_signal(signal.SIGINT)
