@@ -179,6 +179,7 @@ def write_synthetic_model(path: str | os.PathLike, cfg: SyntheticConfig = Synthe
                           progress=None) -> Path:
     """Write the model to `path` atomically (temporary file in the same directory, then rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     voc = synthetic_vocab(cfg.vocab)
     w = GGUFWriter(str(tmp), arch="llama")
