@@ -2,8 +2,8 @@
 
 Measures this machine for the planner and writes the hardware profile JSON (default
 $ENGINE_CACHE_DIR/hardware-cpu.json, else ~/.cache/engine/hardware-cpu.json):
-  * disk reads of a scratch file written under --dir: O_DIRECT into 4096-aligned buffers from a pool
-    of reader threads, and buffered reads, both cold (the file's pages are evicted with
+  * disk reads of a scratch file written under --dir: O_DIRECT into the engine's staging buffers
+    (2 MiB-aligned, transparent huge pages) from a pool of reader threads, and buffered reads, both cold (the file's pages are evicted with
     posix_fadvise(DONTNEED); as root the global page cache is also dropped unless --no-drop-caches),
     plus the latency of small random O_DIRECT reads (embedding rows);
   * memcpy, and single-thread streaming reads of RAM (what attention over the KV cache does);
@@ -27,6 +27,7 @@ from pathlib import Path
 from .cli import guarded
 from .errors import EngineError
 from .tiers.hardware import ComputeRate, HardwareProfile, cache_dir, save_profile
+from .tiers.io import aligned_empty
 from .tiers.units import format_rate, format_size, parse_size
 
 ALIGN = 4096
@@ -93,7 +94,7 @@ def _read_all(path: Path, nbytes: int, threads: int, direct: bool) -> float:
     """Seconds to read the whole file in CHUNK requests spread over `threads` readers."""
     flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
     fd = os.open(path, flags)
-    buffers = [mmap.mmap(-1, CHUNK) for _ in range(threads)]  # anonymous maps are page aligned
+    buffers = [memoryview(aligned_empty(CHUNK).numpy()) for _ in range(threads)]  # as the engine's buffers
     offsets = list(range(0, nbytes, CHUNK))
 
     def reader(worker: int) -> int:
@@ -109,8 +110,6 @@ def _read_all(path: Path, nbytes: int, threads: int, direct: bool) -> float:
         dt = time.perf_counter() - t0
     finally:
         os.close(fd)
-        for b in buffers:
-            b.close()
     if total != nbytes:
         raise EngineError(f"read {total} of {nbytes} bytes", path=str(path))
     return dt

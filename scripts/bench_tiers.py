@@ -23,12 +23,11 @@ time; the bound max(compute, streamed bytes / disk bandwidth), compute being the
 token time (same invocation) and the disk bandwidth the run's own measurement;
 measured/bound (target <= 1.15); peak RSS (VmHWM) against the plan's resident budget, raw and net of
 the baseline process (target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a
-shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM2 only, 8 tokens.
+shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM2 only, 16 tokens.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -141,6 +140,11 @@ def work_baseline(spec: dict) -> dict:
 
 
 def work_run(spec: dict) -> dict:
+    """Load under a budget, prefill, `warmup` tokens, then `tokens` timed greedy tokens in `rounds` rounds.
+    A round of a streamed plan ends when the reads it issued (the next token's first units) are done, and
+    is followed by a disk measurement on exactly the byte ranges the run streams, as many bytes as the
+    round streamed: the round's bound uses the disk speed of that moment (this VM's disk drifts by +-30%
+    within a minute), and no round is credited with prefetches it did not wait for."""
     import torch
 
     import engine
@@ -156,42 +160,52 @@ def work_run(spec: dict) -> dict:
         per_token = sum(w.plans[i].size for i in w.seq) if w.cyclic else 0
         ranges = coalesce([(off, need) for i in w.seq for off, _, _, need in w.plans[i].spans])
 
-        def disk_speed() -> dict:
-            """The streamed byte ranges read at full request size and depth (after the in-flight prefetches)."""
+        def drain() -> None:
             for t in w.tickets:
                 if t is not None:
                     t.wait()
-            return read_bandwidth(m.reader, ranges)
 
         vocab = m.spec.vocab_size
         ids = [(17 + 7919 * i) % vocab for i in range(spec["prompt_tokens"])]
         logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
         hwm = status_bytes("VmHWM")  # load and prefill
-        disks = []
-        if per_token and reset_peak_rss():  # disk speed before the timed tokens too; its buffers are freed
-            disks.append(disk_speed())
-            gc.collect()  # the reader's futures keep views of the buffers in reference cycles
-            reset_peak_rss()
-        pos, out, times = len(ids), [], []
-        for n in range(spec["warmup"] + spec["tokens"]):
-            t = time.perf_counter()
+        pos, out, times, rounds = len(ids), [], [], []
+
+        def step() -> None:
+            nonlocal logits, pos
             tok = int(torch.argmax(logits))
             logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
-            if n >= spec["warmup"]:
-                times.append(time.perf_counter() - t)
             pos += 1
             out.append(tok)
-        hwm, rss = max(hwm, status_bytes("VmHWM")), status_bytes("VmRSS")
-        if per_token:
-            disks.append(disk_speed())
+
+        for _ in range(spec["warmup"]):
+            step()
+        n_rounds = max(1, min(spec.get("rounds", 1), spec["tokens"]))
+        for r in range(n_rounds):
+            n = spec["tokens"] * (r + 1) // n_rounds - spec["tokens"] * r // n_rounds
+            drain()
+            tr = time.perf_counter()
+            for _ in range(n):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            drain()
+            rec = {"tokens": n, "seconds": time.perf_counter() - tr}
+            hwm = max(hwm, status_bytes("VmHWM"))
+            if per_token:  # its buffers come and go outside the RSS measurement
+                rec["disk"] = read_bandwidth(m.reader, ranges, min_bytes=per_token * n, max_bytes=per_token * n)
+                reset_peak_rss()
+            rounds.append(rec)
+        rss = status_bytes("VmRSS")
         disk = None
-        if disks:
-            nbytes, secs = sum(d["bytes"] for d in disks), sum(d["seconds"] for d in disks)
+        if per_token:
+            nbytes, secs = sum(r["disk"]["bytes"] for r in rounds), sum(r["disk"]["seconds"] for r in rounds)
             disk = {"bytes": nbytes, "seconds": secs, "bandwidth": nbytes / secs,
-                    "each": [d["bandwidth"] for d in disks]}
+                    "each": [r["disk"]["bandwidth"] for r in rounds]}
         pred = plan.predicted
         return {
-            "load_s": load_s, "token_s": sum(times) / len(times), "token_times": times, "tokens": out,
+            "load_s": load_s, "token_s": sum(r["seconds"] for r in rounds) / spec["tokens"], "token_times": times,
+            "rounds": rounds, "tokens": out,
             "streamed_bytes": per_token, "streamed_units": len(w.seq), "units": len(w.units), "ring": w.k,
             "slot_bytes": w.slot_bytes, "direct": m.reader.direct, "summary": m.plan_summary(),
             "predicted_token_s": pred.token_s, "predicted_compute_s": pred.compute_s,
@@ -217,8 +231,8 @@ def run_worker(spec: dict, timeout: float = 1800) -> dict:
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------
-def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads: int, io_threads: int,
-                hardware: str, drop: bool, log) -> dict:
+def bench_model(name: str, path: str, budgets, tokens: int, rounds: int, warmup: int, threads: int,
+                io_threads: int, hardware: str, drop: bool, log) -> dict:
     """Whole-file disk read and baseline, then one run per budget after a page-cache drop. A streamed
     row's bound uses the disk speed measured inside that run, just before and just after its timed
     tokens, on exactly the byte ranges it streams: this VM's disk speed drifts by +-30% within minutes."""
@@ -234,6 +248,7 @@ def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads
         dropped = drop and drop_page_cache()
         r = run_worker({"mode": "run", "path": path, "budget": b, "threads": threads, "io_threads": io_threads,
                         "ctx": ctx, "prompt_tokens": PROMPT_TOKENS, "warmup": warmup, "tokens": tokens,
+                        "rounds": rounds,
                         "hardware": hardware})
         r.update(model=name, budget=b, cache_dropped=dropped)
         rows.append(r)
@@ -242,14 +257,24 @@ def bench_model(name: str, path: str, budgets, tokens: int, warmup: int, threads
     full = next((r for r in rows if r["budget"] == 100), None)
     compute_s = full["token_s"] if full else None
     for r in rows:
-        disk_s = r["streamed_bytes"] / r["disk"]["bandwidth"] if r["disk"] else 0.0
-        r["disk_s"] = disk_s
+        n = sum(rd["tokens"] for rd in r["rounds"])
+        disk_s = [r["streamed_bytes"] / rd["disk"]["bandwidth"] if r["disk"] else 0.0 for rd in r["rounds"]]
+        r["disk_s"] = sum(rd["tokens"] * d for rd, d in zip(r["rounds"], disk_s)) / n
         r["gbps"] = r["streamed_bytes"] / r["token_s"] / 1e9
-        r["bound_s"] = max(compute_s, disk_s) if compute_s else None
-        r["ratio"] = r["token_s"] / r["bound_s"] if compute_s else None
+        if compute_s:  # per round: its tokens against the disk speed measured right after them
+            bounds = [rd["tokens"] * max(compute_s, d) for rd, d in zip(r["rounds"], disk_s)]
+            r["bound_s"] = sum(bounds) / n
+            r["ratio"] = r["token_s"] / r["bound_s"]
+            r["round_ratios"] = [rd["seconds"] / b for rd, b in zip(r["rounds"], bounds)]
+        else:
+            r["bound_s"] = r["ratio"] = None
+            r["round_ratios"] = []
         r["rss_ratio"] = r["vmhwm"] / r["resident_budget"]
         r["net_rss_ratio"] = (r["vmhwm"] - base["vmhwm"]) / r["resident_budget"]
         r["same_tokens"] = full["tokens"] == r["tokens"] if full else None
+        if r["disk"] and r["round_ratios"]:
+            log(f"{name} {r['budget']}%: per round meas/bound " + " ".join(f"{x:.2f}" for x in r["round_ratios"])
+                + "; disk GB/s " + " ".join(f"{x / 1e9:.2f}" for x in r["disk"]["each"]))
     return {"model": name, "path": path, "disk": disk, "baseline": base, "compute_s": compute_s, "rows": rows}
 
 
@@ -289,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic", default=str(DEFAULT_SYNTHETIC), help="synthetic model path (skipped if absent)")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="weight budgets in percent")
     ap.add_argument("--tokens", type=int, default=64, help="timed decode tokens (SmolLM2)")
-    ap.add_argument("--synthetic-tokens", type=int, default=8, help="timed decode tokens (synthetic model)")
+    ap.add_argument("--synthetic-tokens", type=int, default=12, help="timed decode tokens (synthetic model)")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="timed tokens are split into this many rounds, each followed by its disk measurement")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--hardware", default="auto",
                     help="hardware profile JSON the planner uses (default: the calibrated one, else defaults)")
-    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 8 tokens")
+    ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 16 tokens")
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -310,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from engine.defaults import default_model_path
 
-    models = [("smollm2", a.model or str(default_model_path()), 8 if a.quick else a.tokens)]
+    models = [("smollm2", a.model or str(default_model_path()), 16 if a.quick else a.tokens)]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.json else (lambda s: print(s, flush=True))
     if not a.quick:
         if Path(a.synthetic).is_file():
@@ -322,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     why = "" if drop else (" (--no-drop-caches)" if a.no_drop_caches else " (not permitted)")
     log(f"page cache dropped before each run: {'yes' if drop else 'no'}{why}")
     hardware = a.hardware if a.hardware == "auto" else os.path.abspath(a.hardware)
-    results = [bench_model(name, path, budgets, n, a.warmup, a.threads, a.io_threads, hardware, drop, log)
+    results = [bench_model(name, path, budgets, n, a.rounds, a.warmup, a.threads, a.io_threads, hardware, drop, log)
                for name, path, n in models]
     if a.json:
         for res in results:

@@ -1,6 +1,7 @@
 """Stores and the streaming scheduler: every placement gives bit-identical logits; failures are clear."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 import engine
+import engine.tiers.io
 from engine.defaults import default_model_path
 from engine.errors import WeightIOError
 from engine.gguf_file import GGUFFile
@@ -96,6 +98,16 @@ def test_read_plan_alignment():
     assert plain.size == sum(n for _, n in runs) and plain.where(9000) == 150
 
 
+@pytest.fixture(params=["native", "python"])
+def reader_kind(request, monkeypatch):
+    """Both read paths: native threads (preadq.cpp) and the Python-thread fallback."""
+    if request.param == "python":
+        monkeypatch.setattr(engine.tiers.io, "_native_library", lambda: None)
+    elif engine.tiers.io._native_library() is None:
+        pytest.skip("the native reader could not be built here")
+    return request.param
+
+
 def _streamed_model(tmp_path, n_layers=3):
     src = write_tiny_llama(tmp_path / "src.gguf", TinyConfig(n_layers=n_layers))
     path = tmp_path / "victim.gguf"
@@ -106,8 +118,9 @@ def _streamed_model(tmp_path, n_layers=3):
     return path, Model.load(path, placement=Placement.uniform(lays, head_info(f, spec), stream=True, ring_size=1))
 
 
-def test_file_shrinks_mid_generation(tmp_path):
+def test_file_shrinks_mid_generation(tmp_path, reader_kind):
     path, m = _streamed_model(tmp_path)
+    assert m.reader.native == (reader_kind == "native")
     gen = m.generate(TOKENS[:3], max_tokens=50, temperature=0, stop=())
     next(gen, None)
     os.truncate(path, m.file.tensor("blk.1.attn_q.weight").offset)  # blocks 1.. and the head are gone
@@ -119,22 +132,17 @@ def test_file_shrinks_mid_generation(tmp_path):
     m.close()
 
 
-def test_read_error_is_reported_with_layer_and_file(tmp_path, monkeypatch):
+def test_read_error_is_reported_with_layer_and_file(tmp_path, reader_kind):
     path, m = _streamed_model(tmp_path)
-    m.logits(TOKENS[:2])
-    real = os.preadv
-
-    def failing(fd, bufs, offset):
-        if offset >= m.file.tensor("blk.2.attn_norm.weight").offset - 4096:
-            raise OSError(5, "Input/output error")
-        return real(fd, bufs, offset)
-
-    monkeypatch.setattr(os, "preadv", failing)
+    expected = m.logits(TOKENS[:2])
+    m.reader.inject_fault(m.file.tensor("blk.2.attn_norm.weight").offset - 4096, errno.EIO)
     t0 = time.monotonic()
-    with pytest.raises(WeightIOError, match=r"(blk\.2|output).*Input/output error"):
+    with pytest.raises(WeightIOError, match=r"(blk\.2|output).*Input/output error") as ei:
         m.logits(TOKENS[:2])
+    assert str(path) in str(ei.value)
     assert time.monotonic() - t0 < 30
-    monkeypatch.setattr(os, "preadv", real)
+    m.reader.inject_fault(None)
+    assert np.array_equal(m.logits(TOKENS[:2]), expected)  # the scheduler resynchronises after the failure
     m.close()
 
 

@@ -1,4 +1,5 @@
-"""Compile qlinear.cpp into a shared library on first use, cached per (source, flags, compiler, CPU).
+"""Compile a C++ source (qlinear.cpp, the kernels; tiers/preadq.cpp, the reader) into a shared library
+on first use, cached per (source, flags, compiler, CPU).
 
 The cache lives under $ENGINE_CACHE_DIR (default ~/.cache/engine)/cpu. A build writes to a temporary
 file in the same directory and renames it into place, so concurrent processes never see a partial
@@ -28,8 +29,8 @@ class BuildSpec:
     source: Path = SOURCE
 
     @staticmethod
-    def default(extra_flags: tuple[str, ...] = ()) -> "BuildSpec":
-        return BuildSpec(compiler=os.environ.get("CXX", "g++"), flags=BASE_FLAGS + tuple(extra_flags))
+    def default(extra_flags: tuple[str, ...] = (), source: Path = SOURCE) -> "BuildSpec":
+        return BuildSpec(compiler=os.environ.get("CXX", "g++"), flags=BASE_FLAGS + tuple(extra_flags), source=source)
 
 
 def cache_dir() -> Path:
@@ -66,7 +67,7 @@ def library_path(spec: BuildSpec) -> Path:
     for part in (spec.source.read_bytes(), "\0".join(spec.flags).encode(),
                  _compiler_version(spec.compiler).encode(), _cpu_flags().encode()):
         h.update(hashlib.sha256(part).digest())
-    return cache_dir() / f"qlinear-{h.hexdigest()[:20]}.so"
+    return cache_dir() / f"{spec.source.stem}-{h.hexdigest()[:20]}.so"
 
 
 def build(spec: BuildSpec) -> Path:

@@ -32,15 +32,14 @@ from ..errors import ConfigError, PlanError
 from .config import AUTO, TierConfig
 from .footprint import GROUPS, ModelFootprint, TensorFootprint
 from .hardware import HardwareProfile
-from .units import format_seconds, format_size
+from .units import DIRECT_IO_ALIGN, format_seconds, format_size
 
 RESIDENT, HOST, DISK = "resident", "host", "disk"
 TIERS = (RESIDENT, HOST, DISK)
 LINK_DISK, LINK_H2D = "disk", "host->device"
-DIRECT_IO_ALIGN = 4096  # O_DIRECT offset/length alignment; staging buffers carry this much slack per end
 DEFAULT_CONTEXT = 4096  # auto kv_cache.max_context (capped by the model, raised to fit the workload)
 RING_CHOICES = (1, 2, 3, 4, 6, 8)
-DISK_QUEUE_SATURATION = 2  # disk reads in flight for the calibrated (multi-reader) bandwidth  # ring sizes tried when staging_buffers/prefetch_depth are auto
+DISK_QUEUE_SATURATION = 2  # disk reads in flight for the calibrated (multi-reader) bandwidth
 AUTO_IO_THREADS = 4
 AUTO_RESIDENT_FRACTION = {"cpu": 0.8, "cuda": 0.9}  # of available RAM / of VRAM
 AUTO_HOST_FRACTION = 0.5  # of available RAM, pinned beside a GPU
@@ -595,15 +594,15 @@ class _Planner:
         need = biggest.nbytes + biggest.slack(biggest.groups)
         need = -(-need // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
         left = budget - fixed
-        times = f"{ring} x " if ring > 1 else ""
+        times = (f"{ring} x " if ring > 1 else "") + format_size(need)
         if ring * need > left:
-            return PlanError(f"{biggest.name} needs {times}{format_size(need)} of staging; the resident budget "
+            return PlanError(f"{biggest.name} needs {times} of staging; the resident budget "
                              f"({format_size(budget)}) leaves {format_size(left)} {after}",
                              path=src, field="resident_budget")
         if self.cuda:
             host_left = self.host_budget - min((self.kv_bytes if t == HOST else 0) for t in self.kv_tiers)
             if self.host_staging and self.slow and ring * need > host_left:
-                return PlanError(f"disk streaming bounces through {times}{format_size(need)} of pinned host "
+                return PlanError(f"disk streaming bounces through {times} of pinned host "
                                  f"staging; the host budget leaves {format_size(host_left)}",
                                  path=src, field="host_budget")
             return PlanError(f"the weights ({format_size(self.fp.weight_bytes)}) do not fit the resident "
@@ -716,14 +715,13 @@ def _render(p: Plan) -> str:
     dev_mem = "VRAM" if p.device == "cuda" else "RAM"
     lines = [f"plan: {p.model} on {p.hardware}",
              f"workload: batch {w.batch}, prompt {w.prompt_tokens} tokens, generate {w.gen_tokens} tokens"]
-    staging_total = p.ring_size * p.staging_bytes
     kv_res = p.kv_bytes if p.kv_tier == RESIDENT else 0
     lines.append(f"resident ({dev_mem}): {format_size(p.resident_bytes)} of {format_size(p.resident_budget)} "
                  f"= weights {format_size(p.resident_weight_bytes)} + staging {p.ring_size} x "
                  f"{format_size(p.staging_bytes)} + KV {format_size(kv_res)} + workspace "
                  f"{format_size(p.workspace_bytes)}")
     if p.device == "cuda":
-        bounce = staging_total if p.host_staging else 0
+        bounce = p.ring_size * p.staging_bytes if p.host_staging else 0
         kv_host = p.kv_bytes if p.kv_tier == HOST else 0
         lines.append(f"host (pinned RAM): {format_size(p.host_bytes)} of {format_size(p.host_budget)} = weights "
                      f"{format_size(p.host_weight_bytes)} + disk bounce buffers {format_size(bounce)} + KV "

@@ -8,7 +8,6 @@ never a global sync; the hot loop allocates no buffers.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -72,8 +71,11 @@ class TieredWeights:
         if slot_bytes and need > slot_bytes:
             raise PlanError(f"unit {units[max(self.plans, key=lambda i: self.plans[i].size)].name} needs {need} bytes "
                             f"of staging; the plan gives {slot_bytes} per buffer")
-        self.slot_bytes = slot_bytes or need
-        self.slots = [staging.alloc_host(self.slot_bytes, reader.align) for _ in range(self.k)]
+        self.slot_bytes = -(-(slot_bytes or need) // reader.align) * reader.align
+        # one allocation sliced into the k buffers: its whole 2 MiB pages are huge pages (aligned_empty),
+        # which O_DIRECT fills at ~2x the speed of 4 KiB pages
+        self.arena = staging.alloc_host(self.k * self.slot_bytes, reader.align)
+        self.slots = [self.arena[s * self.slot_bytes:(s + 1) * self.slot_bytes] for s in range(self.k)]
         self.dev_slots = [staging.alloc_device(self.slot_bytes) for _ in range(self.k)]
         self.tickets: list[Ticket | None] = [None] * self.k
         self.uploads: list[Any] = [None] * self.k
@@ -86,7 +88,7 @@ class TieredWeights:
 
     @property
     def staging_bytes(self) -> int:
-        return self.slot_bytes * self.k
+        return self.arena.numel()
 
     def _issue(self, n: int) -> None:
         i, slot = self.seq[n % len(self.seq)], n % self.k
@@ -153,5 +155,4 @@ class TieredWeights:
     def close(self) -> None:
         for t in self.tickets:
             if t is not None:
-                for f in t.futures:
-                    f.cancel()
+                t.cancel()
