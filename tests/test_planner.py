@@ -21,6 +21,7 @@ from engine.tiers.footprint import (MATRIX_ROLES, describe, describe_spec, footp
                                     footprint_from_gguf)
 from engine.tiers.hardware import PRESETS, ComputeRate, HardwareProfile
 from engine.tiers.planner import DISK_QUEUE_SATURATION, LayerPlacement, Workload, evaluate, plan, workspace_bytes
+from engine.tiers.units import READ_CHUNK
 from tiny_llama import TinyConfig, write_tiny_llama
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -112,8 +113,8 @@ def test_pipeline_closed_forms(case):
     hw = cpu_profile(disk=disk, t1=t1)
     cfg = load_config({"device": "cpu"})
     pred = evaluate(fp, hw, cfg, _all_streamed(fp), ring_size=ring, work=Workload(1, 8, 8))
-    # fewer reads in flight than the calibrated queue depth get a proportional share of the disk
-    disk = disk * min(1.0, max(1, ring - 1) / DISK_QUEUE_SATURATION)
+    # every 8B layer is several READ_CHUNK requests, so even one load in flight saturates the disk
+    assert -(-lb // READ_CHUNK) >= DISK_QUEUE_SATURATION
     expected = {"disk-bound": L * lb / disk,  # the disk never idles
                 "compute-bound": L * lb / t1 + head_s,  # every load hidden under compute
                 # one buffer: load, compute, load, ...; only layer 0's load overlaps the (resident) head
@@ -123,6 +124,22 @@ def test_pipeline_closed_forms(case):
     assert pred.transfer_s["disk"] == pytest.approx(L * lb / disk, rel=1e-7)
     assert pred.bound == ("disk" if case == "disk-bound" else "compute")
     assert pred.token_s >= pred.bound_s * (1 - 1e-12)
+
+
+def test_disk_share_counts_requests_in_flight():
+    """Loads smaller than READ_CHUNK are one request each: with one load ahead of the computing one the
+    disk gets 1/DISK_QUEUE_SATURATION of its calibrated bandwidth, with two or more all of it."""
+    f = GGUFFile(default_model_path())  # SmolLM2: 2.1 MiB blocks, one request each
+    fp = footprint_from_gguf(f, ModelSpec.from_gguf(f))
+    assert all(l.nbytes < READ_CHUNK for l in fp.layers)
+    hw, cfg = cpu_profile(disk=1e9), load_config({"device": "cpu", "io_threads": 4})
+    streamed = sum(l.nbytes for l in fp.layers) / 1e9
+    busy = {ring: evaluate(fp, hw, cfg, _all_streamed(fp), ring_size=ring).transfer_s["disk"] for ring in (2, 3, 4)}
+    assert busy[2] == pytest.approx(streamed * DISK_QUEUE_SATURATION, rel=1e-9)
+    assert busy[3] == pytest.approx(streamed, rel=1e-9) and busy[4] == pytest.approx(streamed, rel=1e-9)
+    one_thread = load_config({"device": "cpu", "io_threads": 1})  # one reader thread: one request at a time
+    assert evaluate(fp, hw, one_thread, _all_streamed(fp), ring_size=4).transfer_s["disk"] == \
+        pytest.approx(streamed * DISK_QUEUE_SATURATION, rel=1e-9)
 
 
 # -- budgets -----------------------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ import torch
 from ..errors import WeightIOError
 from .units import DIRECT_IO_ALIGN as DIRECT_ALIGN
 from .units import HUGE_PAGE
+from .units import READ_CHUNK as CHUNK
 
 log = logging.getLogger("engine.io")
 
-CHUNK = 8 << 20  # a read is split into chunks so every reader thread has work
 NATIVE_SOURCE = Path(__file__).with_name("preadq.cpp")
 
 

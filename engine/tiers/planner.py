@@ -32,14 +32,14 @@ from ..errors import ConfigError, PlanError
 from .config import AUTO, TierConfig
 from .footprint import GROUPS, ModelFootprint, TensorFootprint
 from .hardware import HardwareProfile
-from .units import DIRECT_IO_ALIGN, format_seconds, format_size
+from .units import DIRECT_IO_ALIGN, READ_CHUNK, format_seconds, format_size
 
 RESIDENT, HOST, DISK = "resident", "host", "disk"
 TIERS = (RESIDENT, HOST, DISK)
 LINK_DISK, LINK_H2D = "disk", "host->device"
 DEFAULT_CONTEXT = 4096  # auto kv_cache.max_context (capped by the model, raised to fit the workload)
 RING_CHOICES = (1, 2, 3, 4, 6, 8)
-DISK_QUEUE_SATURATION = 2  # disk reads in flight for the calibrated (multi-reader) bandwidth
+DISK_QUEUE_SATURATION = 2  # read requests in flight for the calibrated (multi-reader) bandwidth
 AUTO_IO_THREADS = 4
 AUTO_RESIDENT_FRACTION = {"cpu": 0.8, "cuda": 0.9}  # of available RAM / of VRAM
 AUTO_HOST_FRACTION = 0.5  # of available RAM, pinned beside a GPU
@@ -369,16 +369,18 @@ class _Planner:
     def stages(self, source: str, nbytes: int, ring: int) -> tuple[tuple[str, float], ...]:
         if source == HOST:
             return ((LINK_H2D, nbytes / self.hw.host_to_device),)
-        disk = (LINK_DISK, nbytes / self.disk_bw_at(ring))
+        disk = (LINK_DISK, nbytes / self.disk_bw_at(ring, nbytes))
         if self.cuda and self.io_backend != "kvikio":
             return (disk, (LINK_H2D, nbytes / self.hw.host_to_device))
         return (disk,)
 
-    def disk_bw_at(self, ring: int) -> float:
-        """Disk bandwidth with the reads this ring keeps in flight: calibration measures it with
-        several readers, and a single outstanding read gets about half of it (SmolLM2, cpu-tight,
-        O_DIRECT: 15-21 tok/s with 1 read ahead vs 25-32 tok/s with 3-5)."""
-        in_flight = max(1, self.lookahead(ring) - 1)
+    def disk_bw_at(self, ring: int, nbytes: int) -> float:
+        """Disk bandwidth with the read requests this ring keeps in flight: the reader splits a load into
+        READ_CHUNK requests over its threads, and the loads ahead of the computing one are in flight.
+        Calibration measures with several requests in flight; a single outstanding one gets about half
+        (SmolLM2, 2 MiB loads, cpu-tight: 15-21 tok/s with 1 load ahead vs 25-32 tok/s with 3-5)."""
+        requests = max(1, self.lookahead(ring) - 1) * -(-nbytes // READ_CHUNK)
+        in_flight = min(self.cfg.io_threads or AUTO_IO_THREADS, requests)
         return self.disk_bw * min(1.0, in_flight / DISK_QUEUE_SATURATION)
 
     @property

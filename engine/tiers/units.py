@@ -7,6 +7,7 @@ from ..errors import ConfigError
 
 DIRECT_IO_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
 HUGE_PAGE = 2 << 20  # a transparent huge page (x86-64, arm64 with 4 KiB base pages)
+READ_CHUNK = 8 << 20  # the reader splits loads into requests of this size, spread over its threads
 
 
 # Binary prefixes (KiB..TiB, and the bare K/M/G/T that most tools treat as binary) and decimal ones.
