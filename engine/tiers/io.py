@@ -83,8 +83,6 @@ def aligned_empty(nbytes: int, align: int = DIRECT_ALIGN) -> torch.Tensor:
 
 def _madvise_huge(addr: int, length: int) -> None:
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; advisory only
     except (OSError, AttributeError):
@@ -189,6 +187,13 @@ class FileReader:
         return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {os.strerror(errno)}",
                              path=self.path)
 
+    def _recycle(self, handle: int) -> None:
+        """A native ticket whose reads are over: reused while the reader is open, else freed."""
+        if self._queue is not None:
+            self._free.append(handle)
+        else:
+            self._lib.pq_ticket_free(handle)
+
     def inject_fault(self, offset: int | None, errno: int = 5) -> None:
         """Fault injection (tests): reads starting at or after `offset` fail with `errno`; None turns it off."""
         self._fault = None if offset is None else (offset, errno)
@@ -225,9 +230,9 @@ class NativeTicket:
         if h is not None:
             r = self._reader
             info = (ctypes.c_int64 * 5)()
-            rc = r._lib.pq_wait(h, info)
+            rc = r._lib.pq_wait(h, info)  # returns at once after close(): its reads ran or were cancelled
             self._handle = self._buf = None
-            r._free.append(h)
+            r._recycle(h)
             if rc == -1:
                 self._error = r._eof_error(self._label, info[0], info[1])
             elif rc == errno.ECANCELED:
@@ -249,7 +254,7 @@ class NativeTicket:
         """Queued native reads are cancelled only by closing the reader."""
 
     def __del__(self):
-        if self._handle is not None and self._reader._queue is not None:
+        if self._handle is not None:
             try:
                 self.wait()  # the native threads may still write into the buffer and the ticket
             except WeightIOError:
