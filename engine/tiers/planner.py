@@ -377,8 +377,9 @@ class _Planner:
     def disk_bw_at(self, ring: int, nbytes: int) -> float:
         """Disk bandwidth with the read requests this ring keeps in flight: the reader splits a load into
         READ_CHUNK requests over its threads, and the loads ahead of the computing one are in flight.
-        Calibration measures with several requests in flight; a single outstanding one gets about half
-        (SmolLM2, 2 MiB loads, cpu-tight: 15-21 tok/s with 1 load ahead vs 25-32 tok/s with 3-5)."""
+        Calibration measures with several requests in flight; a single outstanding one got about half
+        (SmolLM2, 2 MiB loads, cpu-tight, measured with Python reader threads into 4 KiB pages: 15-21
+        tok/s with 1 load ahead vs 25-32 with 3-5; not re-measured since the native reader)."""
         requests = max(1, self.lookahead(ring) - 1) * -(-nbytes // READ_CHUNK)
         in_flight = min(self.cfg.io_threads or AUTO_IO_THREADS, requests)
         return self.disk_bw * min(1.0, in_flight / DISK_QUEUE_SATURATION)
