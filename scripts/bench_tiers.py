@@ -1,8 +1,8 @@
 """Tier benchmark: decode speed, achieved streaming bandwidth and peak RSS at weight budgets 100/50/33/10%.
 
     python scripts/bench_tiers.py [--synthetic PATH] [--budgets 100,50,33,10] [--tokens 64]
-                                  [--synthetic-tokens 8] [--hardware JSON] [--quick] [--json]
-                                  [--no-drop-caches]
+                                  [--synthetic-tokens 12] [--rounds 4] [--hardware JSON] [--quick]
+                                  [--json] [--no-drop-caches]
 
 Models: the default SmolLM2, and a synthetic Llama-3-8B-shaped Q4_K model (skipped when the file is
 absent; make it with `python scripts/make_synthetic_model.py PATH`). Per model, each step in a fresh
@@ -13,15 +13,17 @@ subprocess, the page cache dropped before each when permitted (root and /proc/sy
     weights, staging, KV cache and activations (peak RSS);
   * one run per budget: engine.load with {"resident_budget": "N%", io_backend odirect} (the planner
     adds KV cache and workspace to the percentage), a 16-token prompt, `warmup` greedy tokens, then
-    `tokens` timed greedy tokens through Model.forward (end of generation ignored). Just before and
-    just after the timed tokens the run measures the disk on exactly the byte ranges it streams
-    (O_DIRECT, same reader and io_threads, two 64 MiB requests in flight, >= 512 MiB): this VM's disk
-    speed drifts by +-30% within minutes, so a measurement elsewhere would not describe the run.
+    `tokens` timed greedy tokens through Model.forward (end of generation ignored) in `rounds` rounds.
+    A round ends when the reads it issued are done; after it the run measures the disk on exactly the
+    byte ranges it streams, as many bytes as the round streamed (O_DIRECT, same reader and io_threads,
+    two 64 MiB requests in flight), and then the plan's own loads alone (its ring buffers, its depth, no
+    compute): this VM's disk speed drifts by +-30% within seconds, so a measurement elsewhere would
+    not describe the round.
 Per row: token time and tok/s; bytes streamed per token (the aligned reads of every streamed unit, as
 the scheduler issues them) and achieved GB/s = those bytes / token time; the planner's predicted token
-time; the bound max(compute, streamed bytes / disk bandwidth), compute being the 100% row's measured
-token time (same invocation) and the disk bandwidth the run's own measurement;
-measured/bound (target <= 1.15); peak RSS (VmHWM) against the plan's resident budget, raw and net of
+time; the bound max(compute, streamed bytes / disk bandwidth) summed over the rounds, compute being the
+100% row's measured token time (same invocation) and the disk bandwidth the round's own measurement;
+measured/bound (target <= 1.15); measured / max(compute, streamed / its loads' own speed); peak RSS (VmHWM) against the plan's resident budget, raw and net of
 the baseline process (target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a
 shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM2 only, 16 tokens.
 """
