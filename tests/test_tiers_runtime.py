@@ -1,7 +1,9 @@
 """Stores and the streaming scheduler: every placement gives bit-identical logits; failures are clear."""
 from __future__ import annotations
 
+import collections
 import errno
+import json
 import os
 import shutil
 import signal
@@ -26,6 +28,7 @@ from engine.tiers.runtime import Placement, head_info
 from engine.weights import layer_layout
 from tiny_llama import TinyConfig, write_tiny_llama
 
+ROOT = Path(__file__).resolve().parents[1]
 TOKENS = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77]
 
 
@@ -186,3 +189,37 @@ def test_ctrl_c_during_streaming_exits_cleanly(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
+
+
+def test_trace_shows_every_read_and_compute_and_their_overlap(tmp_path, reader_kind):
+    """--trace: a Perfetto-loadable JSON with, per token, a read span of every streamed unit and a compute
+    span of every unit; spans on one track never overlap (what Perfetto draws); reads of the next units run
+    while the current one computes."""
+    out = tmp_path / "trace.json"
+    tokens = 3
+    with engine.load(config=str(ROOT / "configs" / "cpu-tight.yaml"), n_ctx=64, trace=str(out)) as m:
+        streamed = {m.weights.units[i].name for i in m.weights.seq}
+        units = [u.name for u in m.weights.units]
+        list(m.generate([1, 2, 3, 4], max_tokens=tokens, temperature=0, stop=()))
+    doc = json.loads(out.read_text())
+    spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    named = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M"}
+    count = collections.Counter(e["name"] for e in spans)
+    assert streamed and len(streamed) < len(units)  # cpu-tight streams some units, keeps others
+    for u in units:  # prefill + decode steps
+        assert count[f"compute {u}"] >= tokens, u
+    for u in streamed:
+        assert count[f"read {u}"] >= tokens, u
+    by_track = collections.defaultdict(list)
+    for e in spans:
+        by_track[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+    for tid, iv in by_track.items():
+        iv.sort()
+        assert all(b[0] >= a[1] - 1e-3 for a, b in zip(iv, iv[1:])), named.get(tid, tid)
+    reads = [e for e in spans if e["name"].startswith("read ")]
+    computes = [e for e in spans if e["name"].startswith("compute ")]
+    overlapped = sum(any(r["ts"] < c["ts"] + c["dur"] and c["ts"] < r["ts"] + r["dur"] for c in computes)
+                     for r in reads)
+    assert overlapped >= len(reads) // 2, f"{overlapped} of {len(reads)} reads overlap a compute span"
+    if reader_kind == "native":
+        assert any(name.startswith("reads in flight") for name in named.values())

@@ -242,7 +242,8 @@ class NativeTicket:
                 self._error = r._os_error(self._label, info[0], info[1], rc)
             tr = r.tracer
             if tr and info[2]:
-                tr.span("read " + self._label, info[2] / 1e9, info[3] / 1e9, tid="native reader",
+                t0, t1 = info[2] / 1e9, info[3] / 1e9
+                tr.span("read " + self._label, t0, t1, tid=tr.lane("reads in flight", t0, t1),
                         args={"bytes": info[4]})
         if self._error is not None:
             raise self._error
