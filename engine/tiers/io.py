@@ -209,10 +209,13 @@ class FileReader:
             self._free.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        fd, self.fd = self.fd, -1
+        if fd >= 0:  # once: a second close() must not close whatever reuses the descriptor number
+            os.close(fd)
+
+    def __del__(self):  # a reader dropped without close(): stop its threads, release the descriptor
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
 
 
 class NativeTicket:
