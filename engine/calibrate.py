@@ -3,7 +3,7 @@
 Measures this machine for the planner and writes the hardware profile JSON (default
 $ENGINE_CACHE_DIR/hardware-cpu.json, else ~/.cache/engine/hardware-cpu.json):
   * disk reads of a scratch file written under --dir: O_DIRECT into the engine's staging buffers
-    (2 MiB-aligned, transparent huge pages) from a pool of reader threads, and buffered reads, both cold (the file's pages are evicted with
+    (2 MiB-aligned, transparent huge pages) from a pool of reader threads (median of the passes), and buffered reads, both cold (the file's pages are evicted with
     posix_fadvise(DONTNEED); as root the global page cache is also dropped unless --no-drop-caches),
     plus the latency of small random O_DIRECT reads (embedding rows);
   * memcpy, and single-thread streaming reads of RAM (what attention over the KV cache does);
@@ -141,7 +141,10 @@ def measure_disk(directory: Path, s: Settings) -> dict:
         _write_scratch(path, s.file_bytes)
         how = _evict(path, s.drop_caches)
         try:
-            direct = s.file_bytes / _read_all(path, s.file_bytes, s.io_threads, direct=True)
+            # the median of `repeats` passes: this kind of disk drifts by +-30% within a minute, and the
+            # planner needs its usual speed, not its best burst
+            direct = s.file_bytes / statistics.median(_read_all(path, s.file_bytes, s.io_threads, direct=True)
+                                                      for _ in range(s.repeats))
             latency = _random_latency(path, s.file_bytes, 64)
             direct_ok = True
         except OSError:  # O_DIRECT refused (tmpfs, some overlay filesystems)
