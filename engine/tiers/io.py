@@ -183,8 +183,8 @@ class FileReader:
         return WeightIOError(f"{label}: file ended at {size} bytes while reading [{offset}, {offset + need}); was "
                              "the model file truncated?", path=self.path)
 
-    def _os_error(self, label: str, offset: int, need: int, errno: int) -> WeightIOError:
-        return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {os.strerror(errno)}",
+    def _os_error(self, label: str, offset: int, need: int, err: int) -> WeightIOError:
+        return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {os.strerror(err)}",
                              path=self.path)
 
     def _recycle(self, handle: int) -> None:
@@ -194,11 +194,11 @@ class FileReader:
         else:
             self._lib.pq_ticket_free(handle)
 
-    def inject_fault(self, offset: int | None, errno: int = 5) -> None:
-        """Fault injection (tests): reads starting at or after `offset` fail with `errno`; None turns it off."""
-        self._fault = None if offset is None else (offset, errno)
+    def inject_fault(self, offset: int | None, err: int = errno.EIO) -> None:
+        """Fault injection (tests): reads starting at or after `offset` fail with errno `err`; None turns it off."""
+        self._fault = None if offset is None else (offset, err)
         if self._queue is not None:
-            self._lib.pq_fail_at(self._queue, 0 if offset is None else offset, 0 if offset is None else errno)
+            self._lib.pq_fail_at(self._queue, 0 if offset is None else offset, 0 if offset is None else err)
 
     def close(self) -> None:
         if self._queue is not None:
