@@ -83,6 +83,20 @@ def config_for(budget: int, io_threads: int, ctx: int, hardware: str = "auto") -
 
 
 # -- workers (each runs in its own subprocess) ----------------------------------------------------------
+def timed_reads(reader, plans, bufs, label: str) -> float:
+    """Seconds to read `plans` in order, plan j into bufs[j % len(bufs)], with as many in flight as
+    there are buffers (a buffer is reused once its previous read is done)."""
+    pending = []
+    t0 = time.perf_counter()
+    for j, plan in enumerate(plans):
+        if len(pending) == len(bufs):
+            pending.pop(0).wait()
+        pending.append(reader.submit(plan, bufs[j % len(bufs)], label))
+    for t in pending:
+        t.wait()
+    return time.perf_counter() - t0
+
+
 def read_bandwidth(reader, runs, min_bytes: int = DISK_MIN, max_bytes: int = DISK_MAX) -> dict:
     """Read speed of the byte ranges `runs` ((offset, length)) in file order through `reader`, split into
     DISK_REQUEST requests with two in flight, the runs repeated until `min_bytes` (at most `max_bytes`)."""
@@ -90,18 +104,13 @@ def read_bandwidth(reader, runs, min_bytes: int = DISK_MIN, max_bytes: int = DIS
 
     requests = [(off + c, min(DISK_REQUEST, n - c)) for off, n in runs for c in range(0, n, DISK_REQUEST)]
     target = min(max(sum(n for _, n in requests), min_bytes), max_bytes)
-    bufs = [aligned_empty(DISK_REQUEST, reader.align) for _ in range(2)]
-    pending, done, k = [], 0, 0
-    t0 = time.perf_counter()
+    plans, done = [], 0
     while done < target:
-        off, n = requests[k % len(requests)]
-        if len(pending) == 2:
-            pending.pop(0).wait()
-        pending.append(reader.submit(reader.plan(((off, n),)), bufs[k % 2], "disk benchmark"))
-        done, k = done + n, k + 1
-    for t in pending:
-        t.wait()
-    dt = time.perf_counter() - t0
+        off, n = requests[len(plans) % len(requests)]
+        plans.append(reader.plan(((off, n),)))
+        done += n
+    bufs = [aligned_empty(DISK_REQUEST, reader.align) for _ in range(2)]
+    dt = timed_reads(reader, plans, bufs, "disk benchmark")
     return {"bytes": done, "seconds": dt, "bandwidth": done / dt, "direct": reader.direct}
 
 
@@ -110,15 +119,7 @@ def ring_bandwidth(w, tokens: int) -> dict:
     many in flight as it has buffers -- with no compute between: what this schedule's reads can do at the
     depth its memory budget allows. The ring is reloaded afterwards (its buffers were overwritten)."""
     reads = [w.plans[i] for i in w.seq] * tokens
-    pending = []
-    t0 = time.perf_counter()
-    for j, plan in enumerate(reads):
-        if len(pending) == w.k:
-            pending.pop(0).wait()
-        pending.append(w.reader.submit(plan, w.slots[j % w.k], "ring benchmark"))
-    for t in pending:
-        t.wait()
-    dt = time.perf_counter() - t0
+    dt = timed_reads(w.reader, reads, w.slots, "ring benchmark")
     w._resync(w.seq[w.cur % len(w.seq)])
     nbytes = sum(p.size for p in reads)
     return {"bytes": nbytes, "seconds": dt, "bandwidth": nbytes / dt}
