@@ -76,8 +76,6 @@ class Llama:
         end = start + T
         cache.k[layer, :, :, start:end] = k.transpose(1, 2)
         cache.v[layer, :, :, start:end] = v.transpose(1, 2)
-        keys = cache.k[layer, :, :, :end]  # (B, Hkv, L, hd)
-        vals = cache.v[layer, :, :, :end]
         att = self.attend(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end], start)  # (B, T, H, hd)
         x = x + lin(att.reshape(B, T, s.q_dim), w.attn_output)
         h = F.rms_norm(x, (s.dim,), w.ffn_norm, s.rms_eps)

@@ -96,8 +96,9 @@ class FileReader:
     cannot stall the disk; where that library cannot be built (no C++ compiler) a pool of Python
     threads issuing os.preadv does the same work, more slowly under load."""
 
-    def __init__(self, path: str, backend: str = "odirect", threads: int = 2):
+    def __init__(self, path: str, backend: str = "odirect", threads: int = 2, chunk: int = CHUNK):
         self.path, self.threads = path, max(1, threads)
+        self.chunk = max(DIRECT_ALIGN, chunk // DIRECT_ALIGN * DIRECT_ALIGN)  # bytes per read request
         self.direct = False
         self.fd = os.open(path, os.O_RDONLY)
         if backend in ("odirect", "auto") and hasattr(os, "O_DIRECT"):
@@ -138,8 +139,8 @@ class FileReader:
         mv = memoryview(buf.numpy())
         futures = []
         for off, n, dest, need in plan.spans:
-            for c in range(0, n, CHUNK):
-                m = min(CHUNK, n - c)
+            for c in range(0, n, self.chunk):
+                m = min(self.chunk, n - c)
                 futures.append(self.pool.submit(self._read, mv[dest + c:dest + c + m], off + c,
                                                 max(0, min(m, need - c)), label))
         return Ticket(futures)
@@ -157,7 +158,7 @@ class FileReader:
                                       arr(*(s[3] for s in plan.spans)),
                                       (ctypes.c_uint64 * n)(*(ptr + s[2] for s in plan.spans)))
         ticket = self._free.pop() if self._free else self._lib.pq_ticket_new()
-        self._lib.pq_submit(self._queue, ticket, *args[1:], CHUNK)
+        self._lib.pq_submit(self._queue, ticket, *args[1:], self.chunk)
         return NativeTicket(self, ticket, buf, label)
 
     def _read(self, view: memoryview, offset: int, need: int, label: str) -> None:
@@ -232,7 +233,7 @@ class NativeTicket:
         h = self._handle
         if h is not None:
             r = self._reader
-            info = (ctypes.c_int64 * 5)()
+            info = (ctypes.c_int64 * 6)()
             rc = r._lib.pq_wait(h, info)  # returns at once after close(): its reads ran or were cancelled
             self._handle = self._buf = None
             r._recycle(h)
@@ -247,7 +248,7 @@ class NativeTicket:
             if tr and info[2]:
                 t0, t1 = info[2] / 1e9, info[3] / 1e9
                 tr.span("read " + self._label, t0, t1, tid=tr.lane("reads in flight", t0, t1),
-                        args={"bytes": info[4]})
+                        args={"bytes": info[4], "queued_us": round((info[2] - info[5]) / 1e3, 1)})
         if self._error is not None:
             raise self._error
 
@@ -304,7 +305,7 @@ def _native_library():
                             ("pq_fail_at", None, (vp, i64, ctypes.c_int))):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
-    if lib.pq_abi_version() != 1:
-        log.warning("native reader: ABI %d, expected 1; reading with Python threads", lib.pq_abi_version())
+    if lib.pq_abi_version() != 2:
+        log.warning("native reader: ABI %d, expected 2; reading with Python threads", lib.pq_abi_version())
         return None
     return lib

@@ -37,7 +37,7 @@ struct Ticket {
     int error = 0;           // first failure: errno, or -1 for end of file before `need` bytes
     i64 err_offset = 0;      // the failed chunk's file offset and needed length
     i64 err_need = 0;
-    i64 t_first = 0, t_last = 0, bytes = 0;  // first chunk start, last chunk end (steady clock ns)
+    i64 t_submit = 0, t_first = 0, t_last = 0, bytes = 0;  // submitted, first chunk start, last chunk end (steady clock ns)
 };
 
 struct Chunk {
@@ -80,6 +80,7 @@ public:
             t->error = 0;
             t->err_offset = t->err_need = 0;
             t->t_first = t->t_last = t->bytes = 0;
+            t->t_submit = now_ns();
         }
         if (count == 0) t->cv.notify_all();
         cv_.notify_all();
@@ -147,7 +148,7 @@ private:
 
 }  // namespace
 
-PQ_EXPORT int pq_abi_version() { return 1; }
+PQ_EXPORT int pq_abi_version() { return 2; }
 
 PQ_EXPORT void* pq_open(int fd, int threads) { return new Queue(fd, threads < 1 ? 1 : threads); }
 
@@ -166,8 +167,8 @@ PQ_EXPORT void pq_submit(void* q, void* t, int n, const i64* off, const i64* len
 }
 
 // Block until the ticket's reads are done. Returns 0, an errno, or -1 (end of file); info receives
-// the failed chunk's offset and needed length, then the first start and last end (steady-clock ns)
-// and the bytes read.
+// the failed chunk's offset and needed length, then the first start and last end (steady-clock ns),
+// the bytes read and the submit time.
 PQ_EXPORT int pq_wait(void* t, i64* info) {
     Ticket* tk = static_cast<Ticket*>(t);
     std::unique_lock<std::mutex> lk(tk->mu);
@@ -177,6 +178,7 @@ PQ_EXPORT int pq_wait(void* t, i64* info) {
     info[2] = tk->t_first;
     info[3] = tk->t_last;
     info[4] = tk->bytes;
+    info[5] = tk->t_submit;
     return tk->error;
 }
 
