@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as QT
 from engine.cuda.cpu_shim import CpuBuildSpec, CpuKernels, PendingBuild, Policy, aligned_empty, exported_kernels
 from engine.cuda.kernels import FORMATS, LaunchPlan, expected_kernels
 from engine.errors import KernelError
-from quant_data import K_QUANTS, dequantized, random_weights
+from quant_data import dequantized, random_weights
 
 REPO = Path(__file__).resolve().parents[1]
 GEMV_RTOL = {name: 1e-5 for name in FORMATS}  # see module docstring

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.cuda.kernels import FORMATS, KernelLibrary
-from quant_data import K_QUANTS, random_weights
+from quant_data import random_weights
 
 pytestmark = pytest.mark.gpu
 
