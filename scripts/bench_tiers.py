@@ -23,9 +23,12 @@ Per row: token time and tok/s; bytes streamed per token (the aligned reads of ev
 the scheduler issues them) and achieved GB/s = those bytes / token time; the planner's predicted token
 time; the bound max(compute, streamed bytes / disk bandwidth) summed over the rounds, compute being the
 100% row's measured token time (same invocation) and the disk bandwidth the round's own measurement;
-measured/bound (target <= 1.15); measured / max(compute, streamed / its loads' own speed); peak RSS (VmHWM) against the plan's resident budget, raw and net of
-the baseline process (target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a
-shared 2-core machine are noisy: compare rows of one invocation. --quick: SmolLM2 only, 16 tokens.
+measured/bound (target <= 1.15); measured / max(compute, streamed / its loads' own speed), and the same
+with its loads read while a linear keeps the compute threads busy throughout (a diagnostic: on a VM
+reads and compute interfere; continuous compute interferes more than decode does, so this speed is
+pessimistic); peak RSS (VmHWM) against the plan's resident budget, raw and net of the baseline process
+(target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a shared 2-core machine
+are noisy: compare rows of one invocation. --quick: SmolLM2 only, 16 tokens.
 """
 from __future__ import annotations
 
@@ -114,15 +117,59 @@ def read_bandwidth(reader, runs, min_bytes: int = DISK_MIN, max_bytes: int = DIS
     return {"bytes": done, "seconds": dt, "bandwidth": done / dt, "direct": reader.direct}
 
 
-def ring_bandwidth(w, tokens: int) -> dict:
+def ring_bandwidth(w, tokens: int, busy: bool = False) -> dict:
     """The plan's own loads for `tokens` tokens -- its streamed units in order, into its ring buffers, as
     many in flight as it has buffers -- with no compute between: what this schedule's reads can do at the
-    depth its memory budget allows. The ring is reloaded afterwards (its buffers were overwritten)."""
+    depth its memory budget allows. The ring is reloaded afterwards (its buffers were overwritten).
+    busy: the same while this thread keeps the compute threads busy (compute_load) and another one
+    issues the reads, i.e. what these reads can do while the CPU computes: on a VM the two interfere."""
+    import threading
+
     reads = [w.plans[i] for i in w.seq] * tokens
-    dt = timed_reads(w.reader, reads, w.slots, "ring benchmark")
+    if busy:
+        took, done = [], threading.Event()
+
+        def read_all() -> None:
+            try:
+                took.append(timed_reads(w.reader, reads, w.slots, "ring benchmark"))
+            finally:
+                done.set()
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        compute_load(done)  # here, not in a new thread: the kernels' per-thread scratch already exists
+        reader.join()
+        dt = took[0]
+    else:
+        dt = timed_reads(w.reader, reads, w.slots, "ring benchmark")
     w._resync(w.seq[w.cur % len(w.seq)])
     nbytes = sum(p.size for p in reads)
     return {"bytes": nbytes, "seconds": dt, "bandwidth": nbytes / dt}
+
+
+def compute_load(stop, rows: int = 8192, k: int = 2048) -> None:
+    """Decode-like compute until `stop` is set: the engine's Q8_0 linear (its thread pool, GIL released)
+    over a 17 MiB matrix that no cache holds, scales 1.0 and random int8 quants. The matrix is an
+    anonymous mapping, unmapped at the end, so it leaves nothing in the process's RSS."""
+    import mmap
+
+    import numpy as np
+    import torch
+
+    import engine.cpu
+
+    n_blocks = rows * k // 32
+    with mmap.mmap(-1, n_blocks * 34) as mem:
+        blocks = np.frombuffer(mem, dtype=np.uint8).reshape(n_blocks, 34)
+        blocks[:, :2] = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
+        rng = np.random.default_rng(0)
+        for b in range(0, n_blocks, 4096):
+            blocks[b:b + 4096, 2:] = rng.integers(0, 256, (min(4096, n_blocks - b), 32), dtype=np.uint8)
+        w, x = torch.frombuffer(mem, dtype=torch.uint8), torch.randn(1, k)
+        out = torch.empty(1, rows)
+        while not stop.is_set():
+            engine.cpu.linear(x, w, "Q8_0", rows, k, out)
+        del w, blocks
 
 
 def work_disk(spec: dict) -> dict:
@@ -166,7 +213,8 @@ def work_run(spec: dict) -> dict:
     A round of a streamed plan ends when the reads it issued (the next token's first units) are done, and
     is followed by a disk measurement on exactly the byte ranges the run streams, as many bytes as the
     round streamed: the round's bound uses the disk speed of that moment (this VM's disk drifts by +-30%
-    within a minute), and no round is credited with prefetches it did not wait for."""
+    within a minute), and no round is credited with prefetches it did not wait for. After the memory
+    measurements, each round's loads are read once more beside a compute load (ring_bandwidth busy)."""
     import torch
 
     import engine
@@ -220,13 +268,16 @@ def work_run(spec: dict) -> dict:
                 reset_peak_rss()
             rounds.append(rec)
         rss = status_bytes("VmRSS")
+        if per_token:  # after the memory measurements: the compute load's thread and arrays would count
+            for rec in rounds:
+                rec["ring_busy"] = ring_bandwidth(w, rec["tokens"], busy=True)
         disk = None
         if per_token:
             nbytes, secs = sum(r["disk"]["bytes"] for r in rounds), sum(r["disk"]["seconds"] for r in rounds)
             disk = {"bytes": nbytes, "seconds": secs, "bandwidth": nbytes / secs,
                     "each": [r["disk"]["bandwidth"] for r in rounds],
-                    "ring_bandwidth": sum(r["ring_io"]["bytes"] for r in rounds) / sum(r["ring_io"]["seconds"]
-                                                                                       for r in rounds)}
+                    **{f"{key}_bandwidth": sum(r[key]["bytes"] for r in rounds) / sum(r[key]["seconds"] for r in rounds)
+                       for key in ("ring_io", "ring_busy")}}
         pred = plan.predicted
         return {
             "load_s": load_s, "token_s": sum(r["seconds"] for r in rounds) / spec["tokens"], "token_times": times,
@@ -286,16 +337,16 @@ def bench_model(name: str, path: str, budgets, tokens: int, rounds: int, warmup:
         disk_s = [r["streamed_bytes"] / rd["disk"]["bandwidth"] if r["disk"] else 0.0 for rd in r["rounds"]]
         r["disk_s"] = sum(rd["tokens"] * d for rd, d in zip(r["rounds"], disk_s)) / n
         r["gbps"] = r["streamed_bytes"] / r["token_s"] / 1e9
-        ring_s = [r["streamed_bytes"] / rd["ring_io"]["bandwidth"] if r["disk"] else 0.0 for rd in r["rounds"]]
         if compute_s:  # per round: its tokens against the disk speed measured right after them
             bounds = [rd["tokens"] * max(compute_s, d) for rd, d in zip(r["rounds"], disk_s)]
             r["bound_s"] = sum(bounds) / n
             r["ratio"] = r["token_s"] / r["bound_s"]
             r["round_ratios"] = [rd["seconds"] / b for rd, b in zip(r["rounds"], bounds)]
-            r["ring_ratio"] = r["token_s"] * n / sum(rd["tokens"] * max(compute_s, d)
-                                                     for rd, d in zip(r["rounds"], ring_s))
+            for key, field in (("ring_io", "ring_ratio"), ("ring_busy", "busy_ratio")):  # the same, other speeds
+                r[field] = r["token_s"] * n / sum(rd["tokens"] * max(compute_s, r["streamed_bytes"] / rd[key]["bandwidth"]
+                                                                    if r["disk"] else 0.0) for rd in r["rounds"])
         else:
-            r["bound_s"] = r["ratio"] = r["ring_ratio"] = None
+            r["bound_s"] = r["ratio"] = r["ring_ratio"] = r["busy_ratio"] = None
             r["round_ratios"] = []
         r["rss_ratio"] = r["vmhwm"] / r["resident_budget"]
         r["net_rss_ratio"] = (r["vmhwm"] - base["vmhwm"]) / r["resident_budget"]
@@ -304,13 +355,15 @@ def bench_model(name: str, path: str, budgets, tokens: int, rounds: int, warmup:
             log(f"{name} {r['budget']}%: per round meas/bound " + " ".join(f"{x:.2f}" for x in r["round_ratios"])
                 + "; disk GB/s " + " ".join(f"{x / 1e9:.2f}" for x in r["disk"]["each"])
                 + "; its ring's loads alone GB/s " + " ".join(f"{rd['ring_io']['bandwidth'] / 1e9:.2f}"
-                                                             for rd in r["rounds"]))
+                                                             for rd in r["rounds"])
+                + "; the same beside busy compute threads (after the rounds) GB/s " + " ".join(f"{rd['ring_busy']['bandwidth'] / 1e9:.2f}"
+                                                                            for rd in r["rounds"]))
     return {"model": name, "path": path, "disk": disk, "baseline": base, "compute_s": compute_s, "rows": rows}
 
 
 def table(results: list[dict]) -> str:
     head = (f"{'model':<9} {'budget':>6} {'streamed':>9} {'tok/s':>6} {'ms/tok':>7} {'GB/s':>5} {'disk':>5} {'pred ms':>8} "
-            f"{'bound ms':>8} {'meas/bd':>7} {'ring':>5} {'/ring':>5} {'RSS MiB':>8} {'bud MiB':>8} {'RSS/bud':>7} {'net/bud':>7} "
+            f"{'bound ms':>8} {'meas/bd':>7} {'ring':>5} {'/ring':>5} {'busy':>5} {'/busy':>5} {'RSS MiB':>8} {'bud MiB':>8} {'RSS/bud':>7} {'net/bud':>7} "
             f"{'same':>4} {'drop':>4}")
     lines = [head, "-" * len(head)]
     for res in results:
@@ -318,11 +371,13 @@ def table(results: list[dict]) -> str:
             bound = f"{r['bound_s'] * 1e3:8.1f}" if r["bound_s"] else f"{'-':>8}"
             ratio = f"{r['ratio']:7.2f}" if r["ratio"] else f"{'-':>7}"
             disk = f"{r['disk']['bandwidth'] / 1e9:5.2f}" if r["disk"] else f"{'-':>5}"
-            ring = f"{r['disk']['ring_bandwidth'] / 1e9:5.2f}" if r["disk"] else f"{'-':>5}"
+            ring = f"{r['disk']['ring_io_bandwidth'] / 1e9:5.2f}" if r["disk"] else f"{'-':>5}"
             ring_ratio = f"{r['ring_ratio']:5.2f}" if r["ring_ratio"] else f"{'-':>5}"
+            busy = f"{r['disk']['ring_busy_bandwidth'] / 1e9:5.2f}" if r["disk"] else f"{'-':>5}"
+            busy_ratio = f"{r['busy_ratio']:5.2f}" if r["busy_ratio"] else f"{'-':>5}"
             lines.append(
                 f"{res['model']:<9} {r['budget']:>5}% {r['streamed_bytes'] / 2**20:>5.0f} MiB {1 / r['token_s']:6.2f} "
-                f"{r['token_s'] * 1e3:7.1f} {r['gbps']:5.2f} {disk} {r['predicted_token_s'] * 1e3:8.1f} {bound} {ratio} {ring} {ring_ratio} "
+                f"{r['token_s'] * 1e3:7.1f} {r['gbps']:5.2f} {disk} {r['predicted_token_s'] * 1e3:8.1f} {bound} {ratio} {ring} {ring_ratio} {busy} {busy_ratio} "
                 f"{r['vmhwm'] / 2**20:8.0f} {r['resident_budget'] / 2**20:8.0f} {r['rss_ratio']:7.2f} "
                 f"{r['net_rss_ratio']:7.2f} {'yes' if r['same_tokens'] else 'NO':>4} "
                 f"{'yes' if r['cache_dropped'] else 'no':>4}")
@@ -335,7 +390,8 @@ def table(results: list[dict]) -> str:
     lines.append(f"GB/s: streamed bytes / token time; disk: the row's streamed ranges read (2 x 64 MiB requests in "
                  f"flight) in the same process after each round of tokens; bound = max(compute, streamed / disk); "
                  f"ring: the plan's own loads alone (its buffers, its depth), /ring: measured / max(compute, streamed / "
-                 f"ring); targets: meas/bd <= {TARGET}, RSS/bud <= {TARGET} (net/bud: RSS minus the baseline process)")
+                 f"ring); busy, /busy: the same with the plan's loads read (after the timed rounds) while a Q8_0 linear keeps the "
+                 f"compute threads busy: what the disk gives while the CPU computes on this machine; targets: meas/bd <= {TARGET}, RSS/bud <= {TARGET} (net/bud: RSS minus the baseline process)")
     return "\n".join(lines)
 
 
