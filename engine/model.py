@@ -12,7 +12,7 @@ import torch
 
 from .cuda.device import select_device
 from .cuda.kvikio_io import open_reader
-from .errors import EngineError, ModelFormatError
+from .errors import EngineError, ModelFormatError, PlanError
 from .gguf_file import GGUFFile
 from .models.llama import KVCache, Llama
 from .sampling import Sampler, SamplingParams
@@ -70,8 +70,9 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None,
-             trace: str | None = None, placement: Placement | None = None) -> "Model":
-        """Open, validate, plan and load. `placement` overrides the planner (tests and tools)."""
+             trace: str | None = None, placement: Placement | None = None, rank: int = 0) -> "Model":
+        """Open, validate, plan and load. `placement` overrides the planner (tests and tools); `rank` n
+        takes the planner's (n+1)-th best placement instead of its best (benchmarks checking its ranking)."""
         from .tokenizer import Tokenizer
 
         t0 = time.perf_counter()
@@ -90,12 +91,16 @@ class Model:
             from .plan import hardware_for
             from .tiers.footprint import footprint_from_gguf
             from .tiers.planner import Workload
-            from .tiers.planner import plan as make_plan
+            from .tiers.planner import ranked
 
             cfg = dataclasses.replace(cfg, kv_cache=dataclasses.replace(cfg.kv_cache, max_context=n_ctx))
             prompt = max(1, min(512, n_ctx // 2))
             work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
-            plan = make_plan(footprint_from_gguf(f, spec), hardware_for(cfg), cfg, work)
+            plans = ranked(footprint_from_gguf(f, spec), hardware_for(cfg), cfg, work, rank + 1)
+            if rank >= len(plans):
+                raise PlanError(f"rank {rank}: the planner has only {len(plans)} placements that fit",
+                                path=cfg.source, field="rank")
+            plan = plans[rank]
             placement = Placement.from_plan(plan, layouts, head_info(f, spec))
         device = select_device(cfg.device, threads=threads or cfg.compute_threads)
         tracer = Tracer(trace) if trace else None

@@ -28,7 +28,9 @@ with its loads read while a linear keeps the compute threads busy throughout (a 
 reads and compute interfere; continuous compute interferes more than decode does, so this speed is
 pessimistic); peak RSS (VmHWM) against the plan's resident budget, raw and net of the baseline process
 (target <= 1.15); whether the greedy tokens equal the 100% run's. Numbers on a shared 2-core machine
-are noisy: compare rows of one invocation. --quick: SmolLM2 only, 16 tokens.
+are noisy: compare rows of one invocation. --quick: SmolLM2 only, 16 tokens. --runner-up PAIRS: per streamed
+budget, the planner's best and second-best placements (Model.load rank 0 and 1) side by side in one
+process, timed alternately, 4 tokens at a time: the median of the paired ratios checks the ranking.
 """
 from __future__ import annotations
 
@@ -293,7 +295,49 @@ def work_run(spec: dict) -> dict:
         m.close()
 
 
-WORKERS = {"disk": work_disk, "baseline": work_baseline, "run": work_run}
+def work_pair(spec: dict) -> dict:
+    """The planner's best and second-best placements for one budget, loaded side by side in this process
+    and timed alternately, `group` greedy tokens each, `pairs` times: a paired comparison that the disk's
+    drift affects equally, to check the planner's ranking against a measurement."""
+    import statistics
+
+    import torch
+
+    import engine
+
+    config = config_for(spec["budget"], spec["io_threads"], spec["ctx"], spec.get("hardware", "auto"))
+    runs = []
+    try:
+        for rank in (0, 1):
+            m = engine.load(spec["path"], config=config, n_ctx=spec["ctx"], threads=spec["threads"], rank=rank)
+            runs.append({"model": m, "pos": 1, "times": [],
+                         "logits": m.forward(torch.tensor([[1]]), 0, last_only=True)[0, -1]})
+        for i in range(spec["pairs"] + 1):  # the first pair warms up
+            for r in runs:
+                m = r["model"]
+                for t in m.weights.tickets:  # no pair is credited with the other's prefetches
+                    if t is not None:
+                        t.wait()
+                t0 = time.perf_counter()
+                for _ in range(spec["group"]):
+                    tok = int(torch.argmax(r["logits"]))
+                    r["logits"] = m.forward(torch.tensor([[tok]]), r["pos"], last_only=True)[0, -1]
+                    r["pos"] += 1
+                for t in m.weights.tickets:
+                    if t is not None:
+                        t.wait()
+                if i:
+                    r["times"].append((time.perf_counter() - t0) / spec["group"])
+        ratios = [b / a for a, b in zip(runs[0]["times"], runs[1]["times"])]
+        return {"plans": [{"summary": r["model"].plan_summary(), "predicted_token_s": r["model"].plan.predicted.token_s,
+                           "token_s": statistics.median(r["times"])} for r in runs],
+                "ratio": statistics.median(ratios), "second_faster": sum(x < 1 for x in ratios), "pairs": len(ratios)}
+    finally:
+        for r in runs:
+            r["model"].close()
+
+
+WORKERS = {"disk": work_disk, "baseline": work_baseline, "run": work_run, "pair": work_pair}
 
 
 def run_worker(spec: dict, timeout: float = 1800) -> dict:
@@ -411,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--hardware", default="auto",
                     help="hardware profile JSON the planner uses (default: the calibrated one, else defaults)")
+    ap.add_argument("--runner-up", type=int, default=0, metavar="PAIRS",
+                    help="also time the planner's second-best placement against its best at each streamed budget, "
+                         "alternately in one process, PAIRS x 4 tokens each (0: off)")
     ap.add_argument("--quick", action="store_true", help="SmolLM2 only, 16 tokens")
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -440,6 +487,21 @@ def main(argv: list[str] | None = None) -> int:
     hardware = a.hardware if a.hardware == "auto" else os.path.abspath(a.hardware)
     results = [bench_model(name, path, budgets, n, a.rounds, a.warmup, a.threads, a.io_threads, hardware, drop, log)
                for name, path, n in models]
+    if a.runner_up:
+        for (name, path, _), res in zip(models, results):
+            res["runner_up"] = []
+            for b in budgets:
+                if b == 100:
+                    continue
+                pr = run_worker({"mode": "pair", "path": path, "budget": b, "threads": a.threads,
+                                 "io_threads": a.io_threads, "ctx": 4 * a.runner_up + 32, "pairs": a.runner_up,
+                                 "group": 4, "hardware": hardware})
+                res["runner_up"].append({"budget": b, **pr})
+                best, second = pr["plans"]
+                log(f"{name} {b}%: planner's best {best['token_s'] * 1e3:.1f} ms/token (predicted "
+                    f"{best['predicted_token_s'] * 1e3:.1f}; {best['summary']}) vs second {second['token_s'] * 1e3:.1f} "
+                    f"(predicted {second['predicted_token_s'] * 1e3:.1f}; {second['summary']}): second / best "
+                    f"{pr['ratio']:.3f} median over {pr['pairs']} pairs, second faster in {pr['second_faster']}")
     if a.json:
         for res in results:
             for r in res["rows"]:

@@ -20,7 +20,8 @@ from engine.tiers.config import load_config
 from engine.tiers.footprint import (MATRIX_ROLES, describe, describe_spec, footprint_from_description,
                                     footprint_from_gguf)
 from engine.tiers.hardware import PRESETS, ComputeRate, HardwareProfile
-from engine.tiers.planner import DISK_QUEUE_SATURATION, LayerPlacement, Workload, evaluate, plan, workspace_bytes
+from engine.tiers.planner import (DISK_QUEUE_SATURATION, LayerPlacement, Workload, evaluate, plan, ranked,
+                                  workspace_bytes)
 from engine.tiers.units import READ_CHUNK
 from tiny_llama import TinyConfig, write_tiny_llama
 
@@ -298,6 +299,19 @@ def test_tied_head_streams_in_chunks_on_a_tight_cpu(smollm2):
     assert p.output_tier == "disk" == p.embedding_tier and p.output_chunks > 1
     assert p.resident_bytes - p.kv_bytes - p.workspace_bytes <= 0.33 * smollm2.weight_bytes + 1
     _check_consistent(p, smollm2, hw)
+
+
+def test_ranked_placements_start_with_the_plan(smollm2):
+    """ranked(): the plan first, then different placements that also fit, none predicted faster than it."""
+    hw, cfg = cpu_profile(overhead=50e-6), load_config(CONFIGS / "cpu-tight.yaml")
+    best = plan(smollm2, hw, cfg)
+    plans = ranked(smollm2, hw, cfg, n=4)
+    assert len(plans) == 4 and plans[0] == best
+    placements = {(tuple(p.layers), p.ring_size, p.output_tier) for p in plans}
+    assert len(placements) == 4
+    for p in plans[1:]:
+        assert p.predicted.total_s >= best.predicted.total_s * (1 - 1e-3)
+        _check_consistent(p, smollm2, hw)
 
 
 def test_embedding_leaves_the_budget_before_any_layer_streams():

@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 import engine
 import engine.tiers.io
 from engine.defaults import default_model_path
-from engine.errors import WeightIOError
+from engine.errors import PlanError, WeightIOError
 from engine.gguf_file import GGUFFile
 from engine.model import Model
 from engine.spec import ModelSpec
@@ -69,8 +69,8 @@ def test_all_placements_bit_identical_tiny(tmp_path, cfg):
         assert "streamed" in summary
 
 
-def run_config(path, config):
-    with engine.load(path, config=config) as m:
+def run_config(path, config, rank=0):
+    with engine.load(path, config=config, rank=rank) as m:
         logits = m.logits(TOKENS)
         text = "".join(m.generate(TOKENS[:3], max_tokens=12, temperature=0))
         return logits, text, m.plan_summary()
@@ -83,11 +83,19 @@ def test_all_placements_bit_identical_smollm2():
     configs = Path(__file__).resolve().parents[1] / "configs"
     for name in ("cpu-default", "cpu-tight"):
         got[name] = run_config(path, configs / f"{name}.yaml")
+    got["cpu-tight-runner-up"] = run_config(path, configs / "cpu-tight.yaml", rank=1)  # the planner's second choice
     assert "streamed" in got["cpu-tight"][2] and "all resident" in got["cpu-default"][2]
+    assert got["cpu-tight-runner-up"][2] != got["cpu-tight"][2]
     ref_logits, ref_text, _ = got.pop("resident")
     for name, (logits, text, _) in got.items():
         assert np.array_equal(logits, ref_logits), name
         assert text == ref_text, name
+
+
+def test_rank_beyond_the_placements_that_fit_is_a_plan_error():
+    with pytest.raises(PlanError, match="rank 100000") as ei:
+        engine.load(default_model_path(), config={"device": "cpu"}, rank=100000)
+    assert ei.value.field == "rank"
 
 
 def test_read_plan_alignment():

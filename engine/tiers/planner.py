@@ -661,15 +661,26 @@ def _one_pass(seq, lookahead: int, start_s: float) -> float:
 def plan(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload()) -> Plan:
     """The placement with the lowest predicted time for `work`. Pure: reads no weights, allocates nothing.
     Raises PlanError (saying what is needed) when no placement fits the budgets."""
+    return ranked(fp, hw, cfg, work, 1)[0]
+
+
+def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload(),
+           n: int = 2) -> list[Plan]:
+    """The planner's n best placements, best first (fewer when fewer fit): `plan()` is the first; the
+    others let a benchmark check the ranking against measurements. Raises PlanError like plan()."""
     p = _Planner(fp, hw, cfg, work)
-    best: tuple[_Candidate, Prediction] | None = None
-    for cand in p.candidates():
-        pred = p.predict(cand)
-        if best is None or _better(cand, pred, *best):
-            best = (cand, pred)
-    if best is None:
+    left = [(cand, p.predict(cand)) for cand in p.candidates()]
+    if not left:
         raise p.explain()
-    return p.build(*best)
+    out = []
+    while left and len(out) < n:
+        best = left[0]
+        for cp in left[1:]:
+            if _better(*cp, *best):
+                best = cp
+        left.remove(best)
+        out.append(p.build(*best))
+    return out
 
 
 def _better(c: _Candidate, pred: Prediction, c0: _Candidate, pred0: Prediction) -> bool:
