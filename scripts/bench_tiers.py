@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from engine.defaults import default_model_path
 
-    models = [("smollm2", a.model or str(default_model_path()), 16 if a.quick else a.tokens)]
+    first = Path(a.model).stem if a.model else "smollm2"
+    models = [(first, a.model or str(default_model_path()), 16 if a.quick else a.tokens)]
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.json else (lambda s: print(s, flush=True))
     if not a.quick:
         if Path(a.synthetic).is_file():

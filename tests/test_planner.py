@@ -302,15 +302,20 @@ def test_tied_head_streams_in_chunks_on_a_tight_cpu(smollm2):
 
 
 def test_ranked_placements_start_with_the_plan(smollm2):
-    """ranked(): the plan first, then different placements that also fit, none predicted faster than it."""
+    """ranked(): the plan first, then other placements that fit. Predictions within 3% of the fastest
+    are ties; when they all stream through the ring, the deepest pipeline (staging bytes ahead of the
+    computing unit) comes first; nothing outside that band comes before anything inside it."""
     hw, cfg = cpu_profile(overhead=50e-6), load_config(CONFIGS / "cpu-tight.yaml")
     best = plan(smollm2, hw, cfg)
-    plans = ranked(smollm2, hw, cfg, n=4)
-    assert len(plans) == 4 and plans[0] == best
-    placements = {(tuple(p.layers), p.ring_size, p.output_tier) for p in plans}
-    assert len(placements) == 4
-    for p in plans[1:]:
-        assert p.predicted.total_s >= best.predicted.total_s * (1 - 1e-3)
+    plans = ranked(smollm2, hw, cfg, n=6)
+    assert len(plans) == 6 and plans[0] == best
+    assert len({(tuple(p.layers), p.ring_size, p.output_tier) for p in plans}) == 6
+    fastest = min(p.predicted.total_s for p in plans)
+    near = [p.predicted.total_s <= fastest * 1.03 for p in plans]
+    assert near[0] and near == sorted(near, reverse=True)
+    ahead = [p.prefetch_depth * p.staging_bytes for p, n in zip(plans, near) if n]
+    assert all(p.ring_size for p in plans) and ahead[0] == max(ahead)
+    for p in plans:
         _check_consistent(p, smollm2, hw)
 
 

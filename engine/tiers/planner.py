@@ -44,7 +44,8 @@ AUTO_IO_THREADS = 4
 AUTO_RESIDENT_FRACTION = {"cpu": 0.8, "cuda": 0.9}  # of available RAM / of VRAM
 AUTO_HOST_FRACTION = 0.5  # of available RAM, pinned beside a GPU
 _SPLITS = {"layer": GROUPS, "ffn": ("ffn",), "attn": ("attn",)}  # what a streamed layer streams
-_TIE = 1e-3  # relative time difference treated as a tie
+_NEAR = 0.03  # predicted times this close to the fastest are ties for pipeline depth (see ranked)
+_TIE = 1e-3  # relative time difference treated as a tie otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,34 +668,32 @@ def plan(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workloa
 def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload(),
            n: int = 2) -> list[Plan]:
     """The planner's n best placements, best first (fewer when fewer fit): `plan()` is the first; the
-    others let a benchmark check the ranking against measurements. Raises PlanError like plan()."""
+    others let a benchmark check the ranking against measurements. Raises PlanError like plan().
+
+    Placements predicted within _NEAR of the fastest are ties the cost model cannot separate. If they
+    all stream through the staging ring, the one with more staging bytes ahead of the computing unit
+    comes first: paired runs of SmolLM2 (bench_tiers --runner-up) found that one 10% faster at 50% and
+    33% budgets, because compute-bound stretches fill a shallow ring and idle the disk. Otherwise, and
+    after that, the faster prediction, where _TIE apart counts as equal, and between equals fewer
+    bytes moved per step (robust to a cost model that is off), then sparing the resident tier."""
     p = _Planner(fp, hw, cfg, work)
-    left = [(cand, p.predict(cand)) for cand in p.candidates()]
-    if not left:
+    scored = [(cand, p.predict(cand)) for cand in p.candidates()]
+    if not scored:
         raise p.explain()
-    out = []
-    while left and len(out) < n:
-        best = left[0]
-        for cp in left[1:]:
-            if _better(*cp, *best):
-                best = cp
-        left.remove(best)
-        out.append(p.build(*best))
-    return out
+    fastest = min(pred.total_s for _, pred in scored)
+    near = [cp for cp in scored if cp[1].total_s <= fastest * (1 + _NEAR)]
+    by_depth = all(c.streamed for c, _ in near)
 
+    def key(cp: tuple[_Candidate, Prediction]):
+        c, pred = cp
+        if pred.total_s > fastest * (1 + _NEAR):
+            return (1, 0, pred.total_s, 0, 0, 0)
+        ahead = (p.lookahead(c.ring) - 1) * c.staging_bytes if by_depth else 0
+        # then as without ties: the faster, where predictions within _TIE count as equal
+        return (0, -ahead, round(math.log(pred.total_s) / math.log1p(_TIE)), c.moved_bytes, c.resident_bytes,
+                pred.total_s)
 
-def _better(c: _Candidate, pred: Prediction, c0: _Candidate, pred0: Prediction) -> bool:
-    if pred.total_s < pred0.total_s * (1 - _TIE):
-        return True
-    if pred.total_s > pred0.total_s * (1 + _TIE):
-        return False
-    # equal predicted time: prefer fewer bytes moved per step (robust to a cost model that is off),
-    # then sparing the scarce resident tier, then the (slightly) faster one
-    if c.moved_bytes != c0.moved_bytes:
-        return c.moved_bytes < c0.moved_bytes
-    if c.resident_bytes != c0.resident_bytes:
-        return c.resident_bytes < c0.resident_bytes
-    return pred.total_s < pred0.total_s
+    return [p.build(*cp) for cp in sorted(scored, key=key)[:n]]
 
 
 def evaluate(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, layers: Sequence[LayerPlacement], *,
