@@ -18,8 +18,9 @@ resident / attention only), each output head and embedding placement, each KV pl
 ring size, stream the fewest layers that make the budget fit, spread evenly between resident ones
 (so the copy queue works while resident layers compute), then spend what budget is left keeping
 whole attention/FFN tensors of streamed layers resident. The candidate with the lowest predicted
-workload time wins; ties go to the one moving fewer bytes per step, then to the one using less of
-the resident tier.
+workload time wins, with two kinds of tie (see `ranked`): among ring-streaming candidates within 3%
+of the fastest, the deepest pipeline (most staging bytes ahead); otherwise, within 0.1%, the one
+moving fewer bytes per step, then the one using less of the resident tier.
 """
 from __future__ import annotations
 
