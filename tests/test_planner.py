@@ -317,6 +317,11 @@ def test_ranked_placements_start_with_the_plan(smollm2):
     assert all(p.ring_size for p in plans) and ahead[0] == max(ahead)
     for p in plans:
         _check_consistent(p, smollm2, hw)
+    # 8B-sized loads saturate the disk one at a time: no depth tie-break, the fastest prediction wins
+    fp = describe("llama3-8b:Q4_K_M")
+    big = ranked(fp, hw, cfg, n=6)
+    assert min(p.staging_bytes for p in big) > DISK_QUEUE_SATURATION * READ_CHUNK
+    assert big[0].predicted.total_s <= min(p.predicted.total_s for p in big) * (1 + 1e-3)
 
 
 def test_embedding_leaves_the_budget_before_any_layer_streams():

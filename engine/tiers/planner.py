@@ -18,8 +18,8 @@ resident / attention only), each output head and embedding placement, each KV pl
 ring size, stream the fewest layers that make the budget fit, spread evenly between resident ones
 (so the copy queue works while resident layers compute), then spend what budget is left keeping
 whole attention/FFN tensors of streamed layers resident. The candidate with the lowest predicted
-workload time wins, with two kinds of tie (see `ranked`): among ring-streaming candidates within 3%
-of the fastest, the deepest pipeline (most staging bytes ahead); otherwise, within 0.1%, the one
+workload time wins, with two kinds of tie (see `ranked`): among candidates within 3% of the fastest
+that all stream small loads through the ring, the deepest pipeline (most staging bytes ahead); otherwise, within 0.1%, the one
 moving fewer bytes per step, then the one using less of the resident tier.
 """
 from __future__ import annotations
@@ -672,8 +672,8 @@ def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workl
     others let a benchmark check the ranking against measurements. Raises PlanError like plan().
 
     Placements predicted within _NEAR of the fastest are ties the cost model cannot separate. If they
-    all stream through the staging ring, the one with more staging bytes ahead of the computing unit
-    comes first: paired runs of SmolLM2 (bench_tiers --runner-up) found that one 10% faster at 50% and
+    all stream loads smaller than DISK_QUEUE_SATURATION read requests through the staging ring, the
+    one with more staging bytes ahead of the computing unit comes first: paired runs of SmolLM2 (bench_tiers --runner-up) found that one 10% faster at 50% and
     33% budgets, because compute-bound stretches fill a shallow ring and idle the disk. Otherwise, and
     after that, the faster prediction, where _TIE apart counts as equal, and between equals fewer
     bytes moved per step (robust to a cost model that is off), then sparing the resident tier."""
@@ -683,7 +683,8 @@ def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workl
         raise p.explain()
     fastest = min(pred.total_s for _, pred in scored)
     near = [cp for cp in scored if cp[1].total_s <= fastest * (1 + _NEAR)]
-    by_depth = all(c.streamed for c, _ in near)
+    # depth matters where one load in flight does not saturate the disk (disk_bw_at): small loads
+    by_depth = all(c.streamed and c.staging_bytes < DISK_QUEUE_SATURATION * READ_CHUNK for c, _ in near)
 
     def key(cp: tuple[_Candidate, Prediction]):
         c, pred = cp
