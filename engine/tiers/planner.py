@@ -673,29 +673,50 @@ def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workl
 
     Placements predicted within _NEAR of the fastest are ties the cost model cannot separate. If they
     all stream loads smaller than DISK_QUEUE_SATURATION read requests through the staging ring, the
-    one with more staging bytes ahead of the computing unit comes first: paired runs of SmolLM2 (bench_tiers --runner-up) found that one 10% faster at 50% and
-    33% budgets, because compute-bound stretches fill a shallow ring and idle the disk. Otherwise, and
-    after that, the faster prediction, where _TIE apart counts as equal, and between equals fewer
-    bytes moved per step (robust to a cost model that is off), then sparing the resident tier."""
+    one with more staging bytes ahead of the computing unit comes first: paired runs of SmolLM2
+    (bench_tiers --runner-up) found that one up to 10% faster at 50% and 33% budgets, because
+    compute-bound stretches fill a shallow ring and idle the disk. Otherwise the faster prediction
+    wins, where _TIE apart counts as equal, and between equals fewer bytes moved per step (robust to
+    a cost model that is off), then sparing the resident tier."""
     p = _Planner(fp, hw, cfg, work)
-    scored = [(cand, p.predict(cand)) for cand in p.candidates()]
-    if not scored:
+    left = [(cand, p.predict(cand)) for cand in p.candidates()]
+    if not left:
         raise p.explain()
-    fastest = min(pred.total_s for _, pred in scored)
-    near = [cp for cp in scored if cp[1].total_s <= fastest * (1 + _NEAR)]
+    fastest = min(pred.total_s for _, pred in left)
+    near = [cp for cp in left if cp[1].total_s <= fastest * (1 + _NEAR)]
     # depth matters where one load in flight does not saturate the disk (disk_bw_at): small loads
     by_depth = all(c.streamed and c.staging_bytes < DISK_QUEUE_SATURATION * READ_CHUNK for c, _ in near)
+    ahead = {id(c): (p.lookahead(c.ring) - 1) * c.staging_bytes for c, _ in near} if by_depth else {}
 
-    def key(cp: tuple[_Candidate, Prediction]):
-        c, pred = cp
-        if pred.total_s > fastest * (1 + _NEAR):
-            return (1, 0, pred.total_s, 0, 0, 0)
-        ahead = (p.lookahead(c.ring) - 1) * c.staging_bytes if by_depth else 0
-        # then as without ties: the faster, where predictions within _TIE count as equal
-        return (0, -ahead, round(math.log(pred.total_s) / math.log1p(_TIE)), c.moved_bytes, c.resident_bytes,
-                pred.total_s)
+    def better(a: tuple[_Candidate, Prediction], b: tuple[_Candidate, Prediction]) -> bool:
+        da, db = ahead.get(id(a[0])), ahead.get(id(b[0]))
+        if da is not None and db is not None and da != db:
+            return da > db
+        return _better(*a, *b)
 
-    return [p.build(*cp) for cp in sorted(scored, key=key)[:n]]
+    out = []
+    while left and len(out) < n:
+        best = left[0]
+        for cp in left[1:]:
+            if better(cp, best):
+                best = cp
+        left.remove(best)
+        out.append(p.build(*best))
+    return out
+
+
+def _better(c: _Candidate, pred: Prediction, c0: _Candidate, pred0: Prediction) -> bool:
+    if pred.total_s < pred0.total_s * (1 - _TIE):
+        return True
+    if pred.total_s > pred0.total_s * (1 + _TIE):
+        return False
+    # equal predicted time: prefer fewer bytes moved per step (robust to a cost model that is off),
+    # then sparing the scarce resident tier, then the (slightly) faster one
+    if c.moved_bytes != c0.moved_bytes:
+        return c.moved_bytes < c0.moved_bytes
+    if c.resident_bytes != c0.resident_bytes:
+        return c.resident_bytes < c0.resident_bytes
+    return pred.total_s < pred0.total_s
 
 
 def evaluate(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, layers: Sequence[LayerPlacement], *,
