@@ -151,27 +151,23 @@ def ring_bandwidth(w, tokens: int, busy: bool = False) -> dict:
 
 def compute_load(stop, rows: int = 8192, k: int = 2048) -> None:
     """Decode-like compute until `stop` is set: the engine's Q8_0 linear (its thread pool, GIL released)
-    over a 17 MiB matrix that no cache holds, scales 1.0 and random int8 quants. The matrix is an
-    anonymous mapping, unmapped at the end, so it leaves nothing in the process's RSS."""
-    import mmap
-
-    import numpy as np
+    over a 17 MiB matrix that no cache holds, built as calibrate builds its kernel benchmarks."""
     import torch
 
     import engine.cpu
+    from engine.calibrate import _weights
 
-    n_blocks = rows * k // 32
-    with mmap.mmap(-1, n_blocks * 34) as mem:
-        blocks = np.frombuffer(mem, dtype=np.uint8).reshape(n_blocks, 34)
-        blocks[:, :2] = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
-        rng = np.random.default_rng(0)
-        for b in range(0, n_blocks, 4096):
-            blocks[b:b + 4096, 2:] = rng.integers(0, 256, (min(4096, n_blocks - b), 32), dtype=np.uint8)
-        w, x = torch.frombuffer(mem, dtype=torch.uint8), torch.randn(1, k)
-        out = torch.empty(1, rows)
-        while not stop.is_set():
-            engine.cpu.linear(x, w, "Q8_0", rows, k, out)
-        del w, blocks
+    w, x, out = _weights("Q8_0", rows, k), torch.randn(1, k), torch.empty(1, rows)
+    while not stop.is_set():
+        engine.cpu.linear(x, w, "Q8_0", rows, k, out)
+
+
+def greedy_step(m, logits, pos: int):
+    """One greedy decode step: the argmax of `logits` fed at `pos` -> (that token, the next logits)."""
+    import torch
+
+    tok = int(torch.argmax(logits))
+    return tok, m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
 
 
 def work_disk(spec: dict) -> dict:
@@ -231,12 +227,6 @@ def work_run(spec: dict) -> dict:
         w, plan = m.weights, m.plan
         per_token = sum(w.plans[i].size for i in w.seq) if w.cyclic else 0
         ranges = coalesce([(off, need) for i in w.seq for off, _, _, need in w.plans[i].spans])
-
-        def drain() -> None:
-            for t in w.tickets:
-                if t is not None:
-                    t.wait()
-
         vocab = m.spec.vocab_size
         ids = [(17 + 7919 * i) % vocab for i in range(spec["prompt_tokens"])]
         logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
@@ -245,8 +235,7 @@ def work_run(spec: dict) -> dict:
 
         def step() -> None:
             nonlocal logits, pos
-            tok = int(torch.argmax(logits))
-            logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
+            tok, logits = greedy_step(m, logits, pos)
             pos += 1
             out.append(tok)
 
@@ -255,13 +244,13 @@ def work_run(spec: dict) -> dict:
         n_rounds = max(1, min(spec.get("rounds", 1), spec["tokens"]))
         for r in range(n_rounds):
             n = spec["tokens"] * (r + 1) // n_rounds - spec["tokens"] * r // n_rounds
-            drain()
+            w.drain()
             tr = time.perf_counter()
             for _ in range(n):
                 t = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - t)
-            drain()
+            w.drain()
             rec = {"tokens": n, "seconds": time.perf_counter() - tr}
             hwm = max(hwm, status_bytes("VmHWM"))
             if per_token:  # its buffers come and go outside the RSS measurement
@@ -315,17 +304,12 @@ def work_pair(spec: dict) -> dict:
         for i in range(spec["pairs"] + 1):  # the first pair warms up
             for r in runs:
                 m = r["model"]
-                for t in m.weights.tickets:  # no pair is credited with the other's prefetches
-                    if t is not None:
-                        t.wait()
+                m.weights.drain()  # no pair is credited with the other's prefetches
                 t0 = time.perf_counter()
                 for _ in range(spec["group"]):
-                    tok = int(torch.argmax(r["logits"]))
-                    r["logits"] = m.forward(torch.tensor([[tok]]), r["pos"], last_only=True)[0, -1]
+                    _, r["logits"] = greedy_step(m, r["logits"], r["pos"])
                     r["pos"] += 1
-                for t in m.weights.tickets:
-                    if t is not None:
-                        t.wait()
+                m.weights.drain()
                 if i:
                     r["times"].append((time.perf_counter() - t0) / spec["group"])
         ratios = [b / a for a, b in zip(runs[0]["times"], runs[1]["times"])]

@@ -19,8 +19,9 @@ ring size, stream the fewest layers that make the budget fit, spread evenly betw
 (so the copy queue works while resident layers compute), then spend what budget is left keeping
 whole attention/FFN tensors of streamed layers resident. The candidate with the lowest predicted
 workload time wins, with two kinds of tie (see `ranked`): among candidates within 3% of the fastest
-that all stream small loads through the ring, the deepest pipeline (most staging bytes ahead); otherwise, within 0.1%, the one
-moving fewer bytes per step, then the one using less of the resident tier.
+that all stream small loads through the ring, the deepest pipeline (most staging bytes ahead);
+otherwise, within 0.1%, the one moving fewer bytes per step, then the one using less of the
+resident tier.
 """
 from __future__ import annotations
 

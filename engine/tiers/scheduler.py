@@ -94,6 +94,12 @@ class TieredWeights:
         i, slot = self.seq[n % len(self.seq)], n % self.k
         self.tickets[slot] = self.reader.submit(self.plans[i], self.slots[slot], self.units[i].name)
 
+    def drain(self) -> None:
+        """Wait until no read is in flight (benchmarks time whole tokens this way); re-raises a failure."""
+        for t in self.tickets:
+            if t is not None:
+                t.wait()
+
     def _resync(self, i: int) -> None:
         """A forward pass was interrupted: drain in-flight reads and restart the cycle at unit i."""
         for t in self.tickets:
