@@ -231,3 +231,81 @@ def test_trace_shows_every_read_and_compute_and_their_overlap(tmp_path, reader_k
         assert any(name.startswith("reads in flight") for name in named.values())
         # each read records how long it waited for a reader thread after submit: a real interval
         assert all(0 <= r["args"]["queued_us"] < 30e6 for r in reads)
+
+
+@pytest.mark.parametrize("ring", [1, 2, 3])
+def test_read_error_on_the_first_streamed_unit_recovers(tmp_path, reader_kind, ring):
+    """A failed read of the first unit of the cycle (the case layer() cannot detect by a unit mismatch):
+    the error is typed each time the fault is present, and the first pass after it clears is bit-identical."""
+    path, m = _streamed_model(tmp_path)
+    with m:
+        f = GGUFFile(path)
+        spec = ModelSpec.from_gguf(f)
+        lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+    with Model.load(path, placement=Placement.uniform(lays, head_info(f, spec), stream=True, ring_size=ring)) as m:
+        expected = m.logits(TOKENS[:4])
+        m.reader.inject_fault(0, errno.EIO)  # every chunk of every streamed unit fails
+        with pytest.raises(WeightIOError, match="Input/output error"):  # the first unit not yet prefetched
+            m.logits(TOKENS[:4])
+        for _ in range(2):  # the pass restarts the cycle at blk.0, whose read now fails
+            with pytest.raises(WeightIOError, match=r"blk\.0.*Input/output error"):
+                m.logits(TOKENS[:4])
+        m.reader.inject_fault(None)
+        assert np.array_equal(m.logits(TOKENS[:4]), expected)
+        text = "".join(m.generate(TOKENS[:3], max_tokens=6, temperature=0, stop=()))
+        m.reader.inject_fault(0, errno.EIO)
+        with pytest.raises(WeightIOError):
+            list(m.generate(TOKENS[:3], max_tokens=6, temperature=0, stop=()))
+        m.reader.inject_fault(None)
+        assert "".join(m.generate(TOKENS[:3], max_tokens=6, temperature=0, stop=())) == text
+
+
+def test_python_ticket_fails_only_after_every_chunk_stopped_writing():
+    """The Python-fallback ticket: a failed chunk must not let wait() return while another chunk still
+    writes into the slot (a resync would then reissue reads that the stale chunk overwrites)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.tiers.io import Ticket
+
+    finished = []
+
+    def slow():
+        time.sleep(0.3)
+        finished.append("slow")
+
+    def fail():
+        raise WeightIOError("chunk failed", path="x.gguf")
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(fail), pool.submit(slow)]
+        time.sleep(0.05)  # both chunks started
+        queued = pool.submit(lambda: finished.append("queued"))  # waits for a free thread
+        with pytest.raises(WeightIOError, match="chunk failed"):
+            Ticket(futures + [queued], "blk.0", "x.gguf").wait()
+        assert "slow" in finished and all(f.done() for f in futures + [queued])
+
+
+def test_failed_odirect_probe_does_not_leak_its_descriptor(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"\0" * 8192)
+    real = os.preadv
+
+    def refuse(fd, bufs, offset):
+        if os.get_blocking(fd) and fcntl_flags(fd) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, bufs, offset)
+
+    def fcntl_flags(fd):
+        import fcntl
+        return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(engine.tiers.io.os, "preadv", refuse)
+    reader = FileReader(str(path), backend="odirect")
+    monkeypatch.setattr(engine.tiers.io.os, "preadv", real)
+    try:
+        assert not reader.direct
+        assert len(set(os.listdir("/proc/self/fd")) - before) == 1  # the buffered descriptor only
+    finally:
+        reader.close()
+    assert set(os.listdir("/proc/self/fd")) - before == set()

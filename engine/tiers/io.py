@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,14 +102,18 @@ class FileReader:
         self.direct = False
         self.fd = os.open(path, os.O_RDONLY)
         if backend in ("odirect", "auto") and hasattr(os, "O_DIRECT"):
+            dfd = -1
             try:
                 dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
                 probe = aligned_empty(DIRECT_ALIGN)
                 os.preadv(dfd, [memoryview(probe.numpy())], 0)
+            except OSError as e:
+                if dfd >= 0:  # the open worked but the probe read did not: keep the buffered descriptor
+                    os.close(dfd)
+                log.warning("O_DIRECT refused for %s (%s); using buffered reads", path, e.strerror)
+            else:
                 os.close(self.fd)
                 self.fd, self.direct = dfd, True
-            except OSError as e:
-                log.warning("O_DIRECT refused for %s (%s); using buffered reads", path, e.strerror)
         self.align = DIRECT_ALIGN if self.direct else 1
         self.tracer = None
         lib = _native_library()
@@ -143,7 +147,7 @@ class FileReader:
                 m = min(self.chunk, n - c)
                 futures.append(self.pool.submit(self._read, mv[dest + c:dest + c + m], off + c,
                                                 max(0, min(m, need - c)), label))
-        return Ticket(futures)
+        return Ticket(futures, label, self.path)
 
     def _submit_native(self, plan: ReadPlan, buf: torch.Tensor, label: str) -> "NativeTicket":
         ptr = buf.data_ptr()
@@ -267,16 +271,27 @@ class NativeTicket:
 
 
 class Ticket:
-    """Completion of one submitted read: wait() re-raises the first error."""
+    """Completion of one submitted read (Python threads): wait() re-raises the first error, but only
+    once no chunk of the ticket is still writing into the buffer (queued chunks are cancelled)."""
 
-    __slots__ = ("futures",)
+    __slots__ = ("futures", "label", "path")
 
-    def __init__(self, futures: list[Future]):
-        self.futures = futures
+    def __init__(self, futures: list[Future], label: str = "", path: str = ""):
+        self.futures, self.label, self.path = futures, label, path
 
     def wait(self) -> None:
+        error = None
         for f in self.futures:
-            f.result()
+            if error is not None:
+                f.cancel()  # not started yet: never writes
+            try:
+                f.result()  # a running chunk is waited for, so a later submit cannot race with it
+            except CancelledError:
+                error = error or WeightIOError(f"{self.label}: read cancelled", path=self.path)
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise error
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)

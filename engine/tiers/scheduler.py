@@ -81,6 +81,7 @@ class TieredWeights:
         self.uploads: list[Any] = [None] * self.k
         self.cyclic = m > self.k  # else every streamed unit keeps its own buffer: read once
         self.cur = 0  # occurrence number of the next streamed unit to consume
+        self._stale = False  # a wait failed or was interrupted: the ring must be re-read before use
         self._t_ready = 0.0
         self.head_rows: tuple[tuple[int, int], ...] = ()  # row ranges of the head units (after the blocks)
         for n in range(self.k):
@@ -94,14 +95,23 @@ class TieredWeights:
         i, slot = self.seq[n % len(self.seq)], n % self.k
         self.tickets[slot] = self.reader.submit(self.plans[i], self.slots[slot], self.units[i].name)
 
+    def _wait(self, ticket: Ticket) -> None:
+        """Wait for one ticket; a failure (or Ctrl-C) marks the ring stale so the next layer() re-reads it."""
+        try:
+            ticket.wait()
+        except BaseException:
+            self._stale = True
+            raise
+
     def drain(self) -> None:
         """Wait until no read is in flight (benchmarks time whole tokens this way); re-raises a failure."""
         for t in self.tickets:
             if t is not None:
-                t.wait()
+                self._wait(t)
 
     def _resync(self, i: int) -> None:
-        """A forward pass was interrupted: drain in-flight reads and restart the cycle at unit i."""
+        """A forward pass was interrupted or a read failed: drain in-flight reads (every chunk of every
+        ticket has finished writing when wait() returns or raises) and restart the cycle at unit i."""
         for t in self.tickets:
             if t is not None:
                 try:
@@ -110,6 +120,7 @@ class TieredWeights:
                     pass
         pos = self.seq.index(i)
         self.cur = pos
+        self._stale = False
         for n in range(pos, pos + self.k):
             self._issue(n)
 
@@ -120,12 +131,12 @@ class TieredWeights:
                 self._t_ready = self.tracer.now()
             return got
         m = len(self.seq)
-        if self.seq[self.cur % m] != i:
+        if self._stale or self.seq[self.cur % m] != i:
             self._resync(i)
         slot = self.cur % self.k
         tr = self.tracer
         t0 = tr.now() if tr else 0.0
-        self.tickets[slot].wait()
+        self._wait(self.tickets[slot])
         up = self.uploads[slot] = self.staging.upload(self.slots[slot], self.dev_slots[slot], self.plans[i].size)
         self.staging.wait(up)
         if tr:
