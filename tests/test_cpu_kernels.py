@@ -12,7 +12,7 @@ from gguf.quants import dequantize, quantize
 
 from engine import cpu
 from engine.cpu.build import BuildSpec, build
-from engine.cpu.launcher import FORMATS, Kernels
+from engine.cpu.launcher import FORMATS, INT16_FORMATS, Kernels
 from engine.errors import KernelError
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU kernels could not be built")
@@ -24,6 +24,13 @@ FLOATS = ("F32", "F16", "BF16")
 KQUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 # Max error relative to sum_k |x_k w_k| (the scale of fp32 rounding in a length-K dot product).
 TOL = 1e-5
+# The same for the integer path (x rounded to int16 per 256-element block: 0.5 / 32767 of the
+# block's largest |x| per element, about 1e-5 relative in a dot product).
+TOL_INT16 = 3e-5
+
+
+def tol(fmt: str, exact: bool = False) -> float:
+    return TOL_INT16 if fmt in INT16_FORMATS and not exact else TOL
 
 
 def make_weight(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -49,11 +56,11 @@ def reference(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int) -> tuple
     return x64 @ w.T, np.abs(x64) @ np.abs(w).T
 
 
-def run(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None) -> np.ndarray:
+def run(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None, exact=False) -> np.ndarray:
     xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(raw).reshape(-1))
     if kernels is None:
-        return cpu.linear(xt, wt, fmt, n, k).numpy()
-    return kernels.linear(xt, wt, fmt, n, k).numpy()
+        return cpu.linear(xt, wt, fmt, n, k, exact=exact).numpy()
+    return kernels.linear(xt, wt, fmt, n, k, exact=exact).numpy()
 
 
 def shape_for(fmt: str) -> tuple[int, int]:
@@ -69,21 +76,46 @@ def test_supported_matches_table():
     assert cpu.SUPPORTED == {"F32", "F16", "BF16", *LEGACY, *KQUANTS}
 
 
-@pytest.mark.parametrize("fmt", FLOATS + LEGACY + KQUANTS)
-def test_matches_float64_reference(fmt):
+@pytest.mark.parametrize("fmt, exact", [(f, False) for f in FLOATS + LEGACY + KQUANTS]
+                         + [(f, True) for f in sorted(INT16_FORMATS)])
+def test_matches_float64_reference(fmt, exact):
     rng = np.random.default_rng(sum(map(ord, fmt)))
     n, k = shape_for(fmt)
     raw = make_weight(fmt, n, k, rng)
     for t in (1, 2, 3, 8, 37):
         x = rng.standard_normal((t, k)).astype(np.float32)
-        y = run(x, raw, fmt, n, k)
+        y = run(x, raw, fmt, n, k, exact=exact)
         ref, scale = reference(x, raw, fmt, n, k)
         assert y.shape == (t, n) and y.dtype == np.float32
         err = np.max(np.abs(y - ref) / scale)
-        assert err < TOL, f"{fmt} T={t}: error {err:.3g}"
+        assert err < tol(fmt, exact), f"{fmt} T={t}: error {err:.3g}"
 
 
-@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q6_K", "F16"))
+def test_int16_path_quantizes_each_block_on_its_own_scale():
+    """A block of tiny activations next to a block of huge ones keeps its own precision, a
+    non-finite activation gives NaN instead of garbage, and an all-zero block gives zero."""
+    rng = np.random.default_rng(5)
+    for fmt in sorted(INT16_FORMATS):
+        n, k = 9, 512
+        raw = make_weight(fmt, n, k, rng)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        x[0, :256] *= 1e-6
+        x[0, 256:] *= 1e4
+        y = run(x, raw, fmt, n, k)
+        for half in (slice(0, 256), slice(256, 512)):  # each block's share against its own scale
+            xh = np.zeros_like(x)
+            xh[0, half] = x[0, half]
+            ref, scale = reference(xh, raw, fmt, n, k)
+            assert np.max(np.abs(run(xh, raw, fmt, n, k) - ref) / scale) < TOL_INT16
+        ref, scale = reference(x, raw, fmt, n, k)
+        assert np.max(np.abs(y - ref) / scale) < TOL_INT16
+        assert not run(np.zeros((1, k), np.float32), raw, fmt, n, k).any()
+        bad = x.copy()
+        bad[0, 300] = np.inf
+        assert np.isnan(run(bad, raw, fmt, n, k)).all()
+
+
+@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16"))
 def test_bit_identical_across_threads_and_batch(fmt):
     rng = np.random.default_rng(7)
     n, k = 1001, (512 if fmt in KQUANTS else 320)
@@ -104,7 +136,7 @@ def test_bit_identical_across_threads_and_batch(fmt):
     for t in (2, 3):
         assert np.array_equal(run(x[:t], raw, fmt, n, k, kern).view(np.uint32), results[0][:t].view(np.uint32))
     ref, scale = reference(x, raw, fmt, n, k)
-    assert np.max(np.abs(results[0] - ref) / scale) < TOL
+    assert np.max(np.abs(results[0] - ref) / scale) < tol(fmt)
 
 
 def test_portable_build_is_bit_identical_to_native():
@@ -117,11 +149,11 @@ def test_portable_build_is_bit_identical_to_native():
     for fmt in sorted(cpu.SUPPORTED):
         n, k = shape_for(fmt)
         raw = make_weight(fmt, n, k, rng)
-        for t in (1, 6):
+        for t, exact in ((1, False), (2, False), (6, False), (1, True), (6, True)):
             x = rng.standard_normal((t, k)).astype(np.float32)
-            a, b = run(x, raw, fmt, n, k, native), run(x, raw, fmt, n, k, portable)
+            a, b = run(x, raw, fmt, n, k, native, exact), run(x, raw, fmt, n, k, portable, exact)
             ref, scale = reference(x, raw, fmt, n, k)
-            assert np.max(np.abs(b - ref) / scale) < TOL, fmt
+            assert np.max(np.abs(b - ref) / scale) < tol(fmt, exact), fmt
             assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), fmt
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import KernelError
-from .launcher import FORMAT_NAMES, default_kernels
+from .launcher import FORMAT_NAMES, INT16_FORMATS, default_kernels
 
 SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
 
-__all__ = ["SUPPORTED", "available", "linear", "set_num_threads"]
+__all__ = ["INT16_FORMATS", "SUPPORTED", "available", "linear", "set_num_threads"]
 
 
 def available() -> bool:
@@ -25,13 +25,14 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
     """x (T, K) float32 contiguous, w raw GGUF bytes of an (N, K) `fmt` matrix -> (T, N) float32.
 
     `out`, if given, must be a contiguous (T, N) float32 tensor not overlapping x or w.
-    Raises KernelError on bad arguments or if the kernels are unavailable.
+    Formats in INT16_FORMATS round x to int16 per 256-element block (~1e-5 relative error) unless
+    `exact`. Raises KernelError on bad arguments or if the kernels are unavailable.
     """
-    return default_kernels().linear(x, w, fmt, n, k, out)
+    return default_kernels().linear(x, w, fmt, n, k, out, exact)
 
 
 def set_num_threads(n: int) -> None:

@@ -16,7 +16,9 @@ from ..errors import KernelError
 from .build import BuildSpec, build
 
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-ABI_VERSION = 3
+# Formats with an integer path (activations quantized to int16 per 256-element block).
+INT16_FORMATS = frozenset({"Q4_K", "Q6_K"})
+ABI_VERSION = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,7 @@ class Kernels:
             ("ql_pool_free", None, (_vp,)),
             ("ql_pool_set_threads", None, (_vp, _int)),
             ("ql_pool_threads", _int, (_vp,)),
-            ("ql_linear", _int, (_vp, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
+            ("ql_linear", _int, (_vp, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -86,7 +88,9 @@ class Kernels:
         self._lib.ql_pool_set_threads(self._pool, n)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+        """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS quantize x to int16 per 256-block
+        (relative error ~1e-5) unless `exact`, which takes the fp32 path (slower)."""
         # Hot path (hundreds of calls per token): one fused test of cheap attributes; on any
         # failure, _diagnose() re-checks everything and raises the precise error.
         info = FORMATS.get(fmt)
@@ -112,7 +116,7 @@ class Kernels:
             _diagnose(x, w, fmt, n, k, out)
             raise KernelError(f"invalid arguments for {fmt} ({n}, {k})")  # _diagnose found nothing specific
         if t:
-            rc = self._call(self._pool, info.type_id, px, pw, po, t, n, k)
+            rc = self._call(self._pool, info.type_id, 1 if exact else 0, px, pw, po, t, n, k)
             if rc:
                 why = _RETURN_CODES.get(rc, f"error code {rc}")
                 raise KernelError(f"{fmt} ({n}, {k}) x ({t}, {k}): {why}")

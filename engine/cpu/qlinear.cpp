@@ -838,6 +838,364 @@ const float* permute_x(const float* x, i64 T, i64 K) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Integer path (Q4_K, Q6_K): the formats whose weights are small integers times per-sub-block
+// integer scales. Numerics (again identical in every code path, so results never depend on the
+// tiling, the thread count or T):
+//   * each row of x is quantized per 256-element block b: sx_b = amax_b / 32767 and
+//     x16 = rint(x * (32767 / amax_b)) (int16; error <= 0.5 sx_b per element, ~1e-5 relative
+//     in a dot product); a block holding a NaN or an infinity gets sx_b = NaN (the result is NaN);
+//   * a weight super-block is decoded to 256 int16 words w = q * sc (Q4_K: q 0..15, sc 6 bits;
+//     Q6_K: (q - 32) * sc, sc signed 8 bits), with its float factor d (and Q4_K's mins);
+//   * I_b = sum of w * x16 over the super-block, exactly, in 16 int32 lanes: lane l holds the
+//     products of elements 32j + 2l, 32j + 2l + 1 (j = 0..7); |lane| < 2^31 by the formats' ranges;
+//   * acc (16 fp32 lanes) = fma(float(I_b) * sx_b, d_b, acc) for b in order; Q4_K's mins go to an
+//     8-lane accumulator macc = fma(dmin * m_j (lane j), float(sum_j x16) * sx_b, macc);
+//   * out = vsum(acc) - sum8(macc) (the same pairwise trees as vsum).
+// ---------------------------------------------------------------------------------------------
+constexpr int kQBlock = 256;  // x quantization block (one weight super-block)
+
+struct QProblem {
+    const int16_t* xq;   // (T, K) quantized x
+    const float* xs;     // (T, K / 256) block scales sx_b
+    const float* xm;     // (T, K / 32) float(sum of x16 over each 32-chunk) * sx_b
+    const uint8_t* w;    // N rows of row_bytes
+    float* out;          // (T, N)
+    i64 T, N, K, row_bytes;
+};
+
+// Quantize T rows of x (see the contract above); one plain loop per block, the same on every ISA.
+void quantize_x(const float* x, i64 T, i64 K, int16_t* xq, float* xs, float* xm) {
+    for (i64 b = 0; b < T * K / kQBlock; ++b) {
+        const float* src = x + b * kQBlock;
+        int16_t* dst = xq + b * kQBlock;
+        float amax = 0.0f;
+        bool finite = true;
+        for (int i = 0; i < kQBlock; ++i) {
+            const float a = src[i] < 0 ? -src[i] : src[i];
+            amax = a > amax ? a : amax;
+            finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
+        }
+        if (!finite || amax == 0.0f) {
+            for (int i = 0; i < kQBlock; ++i) dst[i] = 0;
+            xs[b] = finite ? 0.0f : __builtin_nanf("");
+        } else {
+            const float inv = 32767.0f / amax;
+            for (int i = 0; i < kQBlock; ++i) {
+                const float v = __builtin_rintf(src[i] * inv);
+                dst[i] = int16_t(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
+            }
+            xs[b] = amax / 32767.0f;
+        }
+        for (int j = 0; j < kQBlock / 32; ++j) {
+            int s = 0;
+            for (int i = 0; i < 32; ++i) s += dst[32 * j + i];
+            xm[b * 8 + j] = float(s) * xs[b];
+        }
+    }
+}
+
+#if QL_AVX512
+using WI = __m512i;  // 32 int16 words: one 32-element chunk
+using AI = __m512i;  // 16 int32 lanes
+using M8 = __m256;   // 8 fp32 lanes (the mins)
+inline AI izero() { return _mm512_setzero_si512(); }
+inline WI wload(const int16_t* p) { return _mm512_loadu_si512(p); }
+inline void wstore(int16_t* p, WI v) { _mm512_storeu_si512(p, v); }
+inline AI dot_add(AI acc, WI w, const int16_t* x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, _mm512_loadu_si512(x));
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512(x)));
+#endif
+}
+inline V ito_float(AI v) { return _mm512_cvtepi32_ps(v); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vbcast(float a) { return _mm512_set1_ps(a); }
+inline M8 m8zero() { return _mm256_setzero_ps(); }
+inline M8 m8load(const float* p) { return _mm256_loadu_ps(p); }
+inline void m8store(float* p, M8 v) { _mm256_storeu_ps(p, v); }
+inline M8 m8fma(M8 a, M8 b, M8 c) { return _mm256_fmadd_ps(a, b, c); }
+inline float m8sum(M8 a) {
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+// The 16 bytes [sc_0..7, m_0..7] of a Q4_K / Q5_K super-block's 12 packed scale bytes.
+inline __m128i kquant_scale_min_bytes(const uint8_t* packed) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+    const __m128i a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i hb = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i lo = _mm_mask_blend_epi8(0xF000, a, _mm_srli_epi16(a, 4));  // mins 4..7: high nibbles
+    const __m128i low_bits = _mm_and_si128(lo, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    const __m128i high_bits = _mm_and_si128(_mm_srli_epi16(hb, 2), _mm_set1_epi8(0x30));
+    return _mm_or_si128(low_bits, high_bits);
+}
+#else
+typedef int16_t W16 __attribute__((vector_size(32)));
+using WI = Pair<W16>;  // words 0..15, 16..31
+using AI = VI;         // int32 lanes 0..7, 8..15
+using M8 = F8;
+inline AI izero() { return {I8{}, I8{}}; }
+inline WI wload(const int16_t* p) {
+    WI v;
+    std::memcpy(&v.a, p, sizeof v.a);
+    std::memcpy(&v.b, p + 16, sizeof v.b);
+    return v;
+}
+inline void wstore(int16_t* p, WI v) {
+    std::memcpy(p, &v.a, sizeof v.a);
+    std::memcpy(p + 16, &v.b, sizeof v.b);
+}
+// 16 words of w times 16 words of x -> 8 int32 lanes, lane l = w[2l] x[2l] + w[2l+1] x[2l+1].
+inline I8 madd8(W16 w, const int16_t* x) {
+#if defined(__AVX2__)
+    return I8(_mm256_madd_epi16(__m256i(w), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))));
+#else
+    I8 r;
+    for (int l = 0; l < 8; ++l) r[l] = int32_t(w[2 * l]) * x[2 * l] + int32_t(w[2 * l + 1]) * x[2 * l + 1];
+    return r;
+#endif
+}
+inline AI dot_add(AI acc, WI w, const int16_t* x) { return {acc.a + madd8(w.a, x), acc.b + madd8(w.b, x + 16)}; }
+inline V ito_float(AI v) { return to_float(v); }
+inline V vmul(V a, V b) { return a * b; }
+inline V vbcast(float a) { return vset(a); }
+inline M8 m8zero() { return F8{}; }
+inline M8 m8load(const float* p) { M8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void m8store(float* p, M8 v) { std::memcpy(p, &v, sizeof v); }
+inline M8 m8fma(M8 a, M8 b, M8 c) { return fma8(a, b, c); }
+inline float m8sum(M8 v) {
+    float s4[4];
+    for (int i = 0; i < 4; ++i) s4[i] = v[i] + v[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+// Widen 16 bytes to 16 words (unsigned or signed).
+inline W16 u8_words(const uint8_t* p) {
+    typedef uint8_t B16 __attribute__((vector_size(16)));
+    B16 b;
+    std::memcpy(&b, p, 16);
+    return __builtin_convertvector(b, W16);
+}
+inline W16 s8_words(const uint8_t* p) {
+    typedef int8_t B16 __attribute__((vector_size(16)));
+    B16 b;
+    std::memcpy(&b, p, 16);
+    return __builtin_convertvector(b, W16);
+}
+#endif
+
+// Decoders: super-block -> w[8] (chunk j = elements 32j..32j+31, natural order), d and the
+// 8 mins dmin * m_j (formats without mins leave them alone).
+struct IntQ4_K {
+    static constexpr int kBytes = 144;
+    static constexpr bool kMins = true;
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
+        d = half_at(sb);
+        const float dmin = half_at(sb + 2);
+#if QL_AVX512
+        const __m128i sm = kquant_scale_min_bytes(sb + 4);
+        mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
+        const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm));  // words sc_0..7, m_0..7
+        for (int g = 0; g < 4; ++g) {
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * g)));
+            w[2 * g] = _mm512_mullo_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)),
+                                          _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g)), scw));
+            w[2 * g + 1] = _mm512_mullo_epi16(_mm512_srli_epi16(v, 4),
+                                              _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g + 1)), scw));
+        }
+#else
+        for (int j = 0; j < 8; ++j) {
+            int sc, mn;
+            kquant_scale_min(sb + 4, j, sc, mn);
+            mins[j] = dmin * float(mn);
+            const uint8_t* qs = sb + 16 + 32 * (j >> 1);
+            const int shift = (j & 1) * 4;
+            w[j].a = ((u8_words(qs) >> shift) & 15) * int16_t(sc);
+            w[j].b = ((u8_words(qs + 16) >> shift) & 15) * int16_t(sc);
+        }
+#endif
+    }
+};
+
+struct IntQ6_K {
+    static constexpr int kBytes = 210;
+    static constexpr bool kMins = false;
+    // Chunk c = 4h + cc: q = low nibble of ql[64h + 32(cc & 1) + l] (nibble cc >> 1) | bits 2cc..2cc+1
+    // of qh[32h + l] << 4; scale sc[8h + 2cc] for l < 16, sc[8h + 2cc + 1] above.
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8&) {
+        d = half_at(sb + 208);
+#if QL_AVX512
+        const __m512i scw = _mm512_castsi256_si512(
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 192))));
+        for (int h = 0; h < 2; ++h) {
+            const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * h)));
+            for (int cc = 0; cc < 4; ++cc) {
+                const __m512i l = _mm512_srli_epi16(
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 64 * h + 32 * (cc & 1)))),
+                    4 * (cc >> 1));
+                const __m512i hb = cc < 2 ? _mm512_slli_epi16(qh, 4 - 2 * cc) : _mm512_srli_epi16(qh, 2 * cc - 4);
+                const __m512i q = _mm512_and_si512(_mm512_ternarylogic_epi32(_mm512_set1_epi16(15), l, hb, 0xCA),
+                                                   _mm512_set1_epi16(63));
+                const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(short(8 * h + 2 * cc)),
+                                                       _mm256_set1_epi16(short(8 * h + 2 * cc + 1)), 1);
+                w[4 * h + cc] = _mm512_mullo_epi16(_mm512_sub_epi16(q, _mm512_set1_epi16(32)),
+                                                   _mm512_permutexvar_epi16(idx, scw));
+            }
+        }
+#else
+        for (int c = 0; c < 8; ++c) {
+            const int h = c >> 2, cc = c & 3;
+            const uint8_t* ql = sb + 64 * h + 32 * (cc & 1);
+            const uint8_t* qh = sb + 128 + 32 * h;
+            const int ls = 4 * (cc >> 1), hs = 2 * cc;
+            const auto half = [&](int o, int sc) {
+                return ((((u8_words(ql + o) >> ls) & 15) | (((u8_words(qh + o) >> hs) & 3) << 4)) - 32) * int16_t(sc);
+            };
+            w[c].a = half(0, int8_t(sb[192 + 8 * h + 2 * cc]));
+            w[c].b = half(16, int8_t(sb[192 + 8 * h + 2 * cc + 1]));
+        }
+#endif
+    }
+};
+
+// Direct path: R rows of W times all TT (= T <= 3) rows of x; each super-block is decoded into
+// registers once and used for every row of x.
+template <class F, int R, int TT>
+void int_direct_tile(const QProblem& p, i64 n0) {
+    V acc[R][TT];
+    M8 macc[R][TT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = vzero(), macc[r][t] = m8zero();
+    const i64 nb = p.K / kQBlock;
+    const uint8_t* row0 = p.w + n0 * p.row_bytes;
+    for (i64 b = 0; b < nb; ++b) {
+        for (int r = 0; r < R; ++r) {
+            const uint8_t* sb = row0 + r * p.row_bytes + b * F::kBytes;
+            // Weights stream from memory: fetch ~1 KiB ahead in each of the R row streams.
+            for (int o = 0; o < F::kBytes; o += 64) __builtin_prefetch(sb + 1024 + o);
+            WI w[8];
+            float d;
+            M8 mins;
+            F::decode(sb, w, d, mins);
+            for (int t = 0; t < TT; ++t) {
+                const int16_t* xq = p.xq + t * p.K + b * kQBlock;
+                AI s = izero();
+                for (int j = 0; j < 8; ++j) s = dot_add(s, w[j], xq + 32 * j);
+                acc[r][t] = vfma(vmul(ito_float(s), vbcast(p.xs[t * nb + b])), vbcast(d), acc[r][t]);
+                if constexpr (F::kMins) macc[r][t] = m8fma(mins, m8load(p.xm + t * (p.K / 32) + 8 * b), macc[r][t]);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r)
+            p.out[t * p.N + n0 + r] = F::kMins ? vsum(acc[r][t]) - m8sum(macc[r][t]) : vsum(acc[r][t]);
+}
+
+template <class F, int R, int TT>
+void int_direct_range(const QProblem& p, i64 n, i64 n_end) {
+    for (; n + R <= n_end; n += R) int_direct_tile<F, R, TT>(p, n);
+    for (; n < n_end; ++n) int_direct_tile<F, 1, TT>(p, n);
+}
+
+// Panel path: decode rows into int16 words (plus d and mins per super-block), then a
+// format-independent microkernel with the same per-element arithmetic as the direct path.
+struct IntPanel {
+    int16_t* w;  // (rows, K)
+    float* d;    // (rows, K / 256)
+    float* m;    // (rows, K / 32)
+};
+
+template <class F>
+void int_decode_rows(const QProblem& p, i64 n0, int nrows, const IntPanel& panel) {
+    const i64 nb = p.K / kQBlock;
+    for (int r = 0; r < nrows; ++r) {
+        const uint8_t* row = p.w + (n0 + r) * p.row_bytes;
+        for (i64 b = 0; b < nb; ++b) {
+            WI w[8];
+            M8 mins = m8zero();
+            F::decode(row + b * F::kBytes, w, panel.d[r * nb + b], mins);
+            for (int j = 0; j < 8; ++j) wstore(panel.w + r * p.K + b * kQBlock + 32 * j, w[j]);
+            m8store(panel.m + r * (p.K / 32) + 8 * b, mins);
+        }
+    }
+}
+
+template <bool kMins, int R, int TT>
+void int_panel_tile(const QProblem& p, const IntPanel& panel, i64 n0, i64 t0) {
+    V acc[R][TT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
+    const i64 nb = p.K / kQBlock;
+    for (i64 b = 0; b < nb; ++b) {
+        AI s[R][TT];
+        for (int r = 0; r < R; ++r)
+            for (int t = 0; t < TT; ++t) s[r][t] = izero();
+        for (int j = 0; j < 8; ++j) {
+            WI w[R];
+            for (int r = 0; r < R; ++r) w[r] = wload(panel.w + r * p.K + b * kQBlock + 32 * j);
+            for (int t = 0; t < TT; ++t)
+                for (int r = 0; r < R; ++r) s[r][t] = dot_add(s[r][t], w[r], p.xq + (t0 + t) * p.K + b * kQBlock + 32 * j);
+        }
+        for (int r = 0; r < R; ++r) {
+            const V d = vbcast(panel.d[r * nb + b]);
+            for (int t = 0; t < TT; ++t)
+                acc[r][t] = vfma(vmul(ito_float(s[r][t]), vbcast(p.xs[(t0 + t) * nb + b])), d, acc[r][t]);
+        }
+    }
+    for (int t = 0; t < TT; ++t) {
+        for (int r = 0; r < R; ++r) {
+            float y = vsum(acc[r][t]);
+            if constexpr (kMins) {
+                M8 macc = m8zero();
+                const float* xm = p.xm + (t0 + t) * (p.K / 32);
+                const float* wm = panel.m + r * (p.K / 32);
+                for (i64 b = 0; b < nb; ++b) macc = m8fma(m8load(wm + 8 * b), m8load(xm + 8 * b), macc);
+                y -= m8sum(macc);
+            }
+            p.out[(t0 + t) * p.N + n0 + r] = y;
+        }
+    }
+}
+
+constexpr int kIntPanelRows = 2;               // microkernel tile: rows of W
+constexpr int kIntPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
+constexpr int kIntRowsT1 = QL_AVX512 ? 4 : 2;  // direct path, T = 1
+constexpr int kIntRowsSmallT = 2;              // direct path, T = 2..3
+
+template <bool kMins, int R>
+void int_panel_rows(const QProblem& p, const IntPanel& panel, i64 n0) {
+    i64 t0 = 0;
+    for (; t0 + kIntPanelT <= p.T; t0 += kIntPanelT) int_panel_tile<kMins, R, kIntPanelT>(p, panel, n0, t0);
+    for (; t0 < p.T; ++t0) int_panel_tile<kMins, R, 1>(p, panel, n0, t0);
+}
+
+template <class F>
+void int_run_groups(const QProblem& p, i64 g0, i64 g1) {
+    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
+    i64 n = g0 * kRows;
+    switch (p.T) {
+        case 1: int_direct_range<F, kIntRowsT1, 1>(p, n, n_end); return;
+        case 2: int_direct_range<F, kIntRowsSmallT, 2>(p, n, n_end); return;
+        case 3: int_direct_range<F, kIntRowsSmallT, 3>(p, n, n_end); return;
+        default: break;
+    }
+    thread_local Scratch buf;
+    const i64 nb = p.K / kQBlock;
+    // Words, d and mins of kIntPanelRows rows in one float-sized scratch (words take K/2 floats a row).
+    float* base = buf.get(kIntPanelRows * (p.K / 2 + nb + p.K / 32));
+    const IntPanel panel{reinterpret_cast<int16_t*>(base), base + kIntPanelRows * p.K / 2,
+                         base + kIntPanelRows * (p.K / 2 + nb)};
+    for (; n + kIntPanelRows <= n_end; n += kIntPanelRows) {
+        int_decode_rows<F>(p, n, kIntPanelRows, panel);
+        int_panel_rows<F::kMins, kIntPanelRows>(p, panel, n);
+    }
+    for (; n < n_end; ++n) {
+        int_decode_rows<F>(p, n, 1, panel);
+        int_panel_rows<F::kMins, 1>(p, panel, n);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Thread pool: persistent workers plus the calling thread. Work items (row groups) are claimed
 // dynamically; each item is computed entirely by the thread that claims it, so results do not
 // depend on the thread count or on who ran what.
@@ -989,20 +1347,29 @@ private:
 struct FormatEntry {
     int type, block, bytes;
     bool permuted;
-    ItemsFn run;
+    ItemsFn run;      // fp32 path (Problem)
+    ItemsFn run_int;  // integer path (QProblem), nullptr where the format has none
 };
 
 template <class F>
 FormatEntry entry(int type) {
     return {type, F::kBlock, F::kBytes, F::kPermuted,
-            [](const void* ctx, i64 g0, i64 g1) { run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1); }};
+            [](const void* ctx, i64 g0, i64 g1) { run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1); },
+            nullptr};
+}
+
+template <class F, class I>
+FormatEntry entry_int(int type) {
+    FormatEntry e = entry<F>(type);
+    e.run_int = [](const void* ctx, i64 g0, i64 g1) { int_run_groups<I>(*static_cast<const QProblem*>(ctx), g0, g1); };
+    return e;
 }
 
 const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry<FmtQ8_0>(kQ8_0),
         entry<FmtQ4_0>(kQ4_0), entry<FmtQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
-        entry<FmtQ4_K>(kQ4_K), entry<FmtQ5_K>(kQ5_K), entry<FmtQ6_K>(kQ6_K),
+        entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry<FmtQ5_K>(kQ5_K), entry_int<FmtQ6_K, IntQ6_K>(kQ6_K),
     };
     for (const auto& e : table)
         if (e.type == type) return &e;
@@ -1015,7 +1382,7 @@ const FormatEntry* find_format(int type) {
 // C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape, 3 out of memory.
 // Pointers are not checked here; the Python launcher validates dtypes, shapes and sizes.
 // ---------------------------------------------------------------------------------------------
-QL_EXPORT int ql_abi_version() { return 3; }
+QL_EXPORT int ql_abi_version() { return 4; }
 
 QL_EXPORT int ql_isa() { return QL_AVX512 ? 512 : 0; }
 
@@ -1033,22 +1400,41 @@ QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
 QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
 QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->threads(); }
 
-QL_EXPORT int ql_linear(void* pool_handle, int type, const float* x, const uint8_t* w, float* out, i64 T, i64 N, i64 K) {
-    const FormatEntry* e = find_format(type);
-    if (!e) return 1;
-    if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
-    if (T == 0) return 0;
-    const float* xs = e->permuted ? permute_x(x, T, K) : x;
-    if (!xs) return 3;
-    const Problem p{xs, w, out, T, N, K, K / e->block * e->bytes};
-    const i64 groups = (N + kRows - 1) / kRows;
-    // Claim about 16 KiB of weights (or at least one group) at a time, finer when there are few.
-    const i64 group_bytes = p.row_bytes * kRows;
+// Rows of W handed out per work item: about 16 KiB of weights (or at least one group), finer
+// when there are few groups for the pool's threads.
+static i64 grain_for(const Pool* pool, i64 groups, i64 row_bytes) {
+    const i64 group_bytes = row_bytes * kRows;
     i64 grain = (i64(16) << 10) / (group_bytes > 0 ? group_bytes : 1);
-    Pool* pool = static_cast<Pool*>(pool_handle);
     const i64 fair = groups / (i64(pool->threads()) * 4);
     if (grain > fair) grain = fair;
-    if (grain < 1) grain = 1;
-    pool->run(e->run, &p, groups, grain);
+    return grain < 1 ? 1 : grain;
+}
+
+// mode: 0 = the format's fastest path (integer where it has one), 1 = the fp32 path.
+QL_EXPORT int ql_linear(void* pool_handle, int type, int mode, const float* x, const uint8_t* w, float* out,
+                        i64 T, i64 N, i64 K) {
+    const FormatEntry* e = find_format(type);
+    if (!e) return 1;
+    if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0) || mode < 0 || mode > 1) return 2;
+    if (T == 0) return 0;
+    Pool* pool = static_cast<Pool*>(pool_handle);
+    const i64 row_bytes = K / e->block * e->bytes;
+    const i64 groups = (N + kRows - 1) / kRows;
+    if (mode == 0 && e->run_int) {
+        thread_local Scratch buf;  // x16 (T*K/2 floats' worth), sx (T*K/256), chunk sums (T*K/32)
+        float* base = buf.try_get(T * K / 2 + T * K / kQBlock + T * K / 32);
+        if (!base) return 3;
+        int16_t* xq = reinterpret_cast<int16_t*>(base);
+        float* xs = base + T * K / 2;
+        float* xm = xs + T * K / kQBlock;
+        quantize_x(x, T, K, xq, xs, xm);
+        const QProblem p{xq, xs, xm, w, out, T, N, K, row_bytes};
+        pool->run(e->run_int, &p, groups, grain_for(pool, groups, row_bytes));
+        return 0;
+    }
+    const float* xs = e->permuted ? permute_x(x, T, K) : x;
+    if (!xs) return 3;
+    const Problem p{xs, w, out, T, N, K, row_bytes};
+    pool->run(e->run, &p, groups, grain_for(pool, groups, row_bytes));
     return 0;
 }
