@@ -48,3 +48,7 @@ class WeightIOError(EngineError):
 
 class KernelError(EngineError):
     """A compute kernel was called with bad arguments or could not be built."""
+
+
+class DraftMismatchError(EngineError):
+    """A draft model that cannot draft for the target: another vocabulary."""

@@ -45,16 +45,21 @@ class Sampler:
         self.gen = torch.Generator()
         self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """logits (vocab,) fp32 -> the next token id."""
+    def penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """logits (vocab,) with the repetition penalty of the last repeat_last_n tokens applied."""
         p = self.p
         if p.repeat_penalty != 1.0 and p.repeat_last_n and history:
             logits = logits.clone()
             ids = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
             sel = logits[ids]
             logits[ids] = torch.where(sel > 0, sel / p.repeat_penalty, sel * p.repeat_penalty)
-        if p.greedy:
-            return int(torch.argmax(logits))
+        return logits
+
+    def distribution(self, logits: torch.Tensor, history: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distribution a non-greedy draw samples from: (token ids (n,), probabilities (n,)) after
+        penalty, top-k, top-p, min-p and temperature; tokens outside `ids` have probability 0."""
+        p = self.p
+        logits = self.penalised(logits, history)
         k = p.top_k if 0 < p.top_k < logits.numel() else logits.numel()
         vals, ids = torch.topk(logits, k)  # sorted, descending
         probs = torch.softmax(vals, dim=0)
@@ -65,5 +70,18 @@ class Sampler:
         if p.min_p > 0:
             keep = min(keep, max(1, int((probs >= p.min_p * probs[0]).sum())))
         vals, ids = vals[:keep], ids[:keep]
-        probs = torch.softmax(vals / p.temperature, dim=0)
+        return ids, torch.softmax(vals / p.temperature, dim=0)
+
+    def draw(self, ids: torch.Tensor, probs: torch.Tensor) -> int:
+        """One token from a (ids, probs) distribution, with this sampler's generator."""
         return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
+
+    def uniform(self) -> float:
+        """A uniform [0, 1) number from this sampler's generator (speculative acceptance tests)."""
+        return float(torch.rand((), generator=self.gen))
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits (vocab,) fp32 -> the next token id."""
+        if self.p.greedy:
+            return int(torch.argmax(self.penalised(logits, history)))
+        return self.draw(*self.distribution(logits, history))

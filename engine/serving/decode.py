@@ -1,0 +1,136 @@
+"""One generation on one sequence, as a state machine the scheduler drives: `feed()` says which
+tokens the next pass runs for it (a prompt chunk, or the last token plus drafts), `take(logits)`
+turns that pass's logits into accepted tokens and text. Text is assembled like llama.cpp streams it:
+stop strings are cut (text that may be the start of one is held back), end-of-generation tokens end
+the generation without text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling import Sampler, SamplingParams
+from .speculative import Proposal, verify
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0  # tokens of the prompt
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from a reused KV prefix)
+    completion_tokens: int = 0
+    passes: int = 0  # passes over the target's weights that produced tokens
+    drafted: int = 0
+    accepted: int = 0  # drafts kept
+
+
+class TextStream:
+    """Generated tokens -> text pieces, with stop strings cut and held back while they may be forming."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.dec, self.stops = tokenizer.decoder(), stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        """-> (text ready to emit, whether a stop string ended the text)."""
+        self.pending += self.dec.push(tok)
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        if len(self.pending) > self.hold:
+            n = len(self.pending) - self.hold
+            out, self.pending = self.pending[:n], self.pending[n:]
+            return out, False
+        return "", False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending + self.dec.flush(), ""
+        return out
+
+
+@dataclass(eq=False)
+class Decode:
+    """`tokens` is the whole history (prompt and accepted tokens); the sequence caches tokens[:seq.pos]
+    and the rest is fed by the next pass. `drafter`/`depth`: speculation (depth = tokens verified
+    per pass, 1 = off)."""
+
+    slots: object
+    seq: object
+    tokens: list[int]
+    params: SamplingParams
+    max_tokens: int
+    tokenizer: object
+    drafter: object = None
+    depth: int = 1
+    prefill_chunk: int = 512
+    usage: Usage = field(default_factory=Usage)
+    finish_reason: str | None = None  # "stop" | "length" once done
+    generated: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sampler = Sampler(self.params)
+        self.text = TextStream(self.tokenizer, self.params.stop)
+        self.usage.prompt_tokens = len(self.tokens)
+        self.usage.prefill_tokens = len(self.tokens) - self.seq.pos
+        self.draft_state = self.drafter.start(self.sampler) if self.drafter is not None else None
+        self._prop = Proposal()
+        if self.max_tokens <= 0:
+            self.finish_reason = "length"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def feed(self) -> tuple[list[int], int]:
+        """-> (token ids for the next pass, how many last positions need logits)."""
+        todo = self.tokens[self.seq.pos:]
+        if len(todo) > self.prefill_chunk:
+            return todo[:self.prefill_chunk], 1
+        k = min(self.depth - 1, self.max_tokens - len(self.generated) - 1,
+                self.slots.n_ctx - len(self.tokens) - 1)
+        self._prop = Proposal()
+        if self.drafter is not None and k > 0:
+            self._prop = self.drafter.propose(self.draft_state, self.tokens, k)
+        return todo + self._prop.tokens, len(self._prop.tokens) + 1
+
+    def take(self, logits: torch.Tensor) -> str:
+        """logits (want, vocab) of the pass that ran `feed()` -> the text it produced."""
+        if self.seq.pos < len(self.tokens):  # a prompt chunk: nothing to sample yet
+            return ""
+        prop, self._prop = self._prop, Proposal()
+        base = len(self.tokens)
+        new = verify(self.sampler, self.tokens, logits, prop)
+        kept = len(new) - 1
+        self.seq.truncate(base + kept)  # drop the KV of rejected drafts
+        u = self.usage
+        u.passes += 1
+        u.drafted += len(prop.tokens)
+        u.accepted += kept
+        out, cut = [], False
+        for tok in new:
+            u.completion_tokens += 1
+            if tok in self.tokenizer.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(tok)
+            self.generated.append(tok)
+            piece, cut = self.text.push(tok)
+            out.append(piece)
+            if cut:
+                self.finish_reason = "stop"
+                break
+            if len(self.generated) >= self.max_tokens or len(self.tokens) >= self.slots.n_ctx:
+                self.finish_reason = "length"
+                break
+        if self.done:
+            if not cut:  # the bytes the decoder and the stop-string check held back
+                out.append(self.text.flush())
+            self.seq.truncate(min(self.seq.pos, len(self.tokens)))  # the cache holds tokens[:pos] only
+        return "".join(out)
+
+    def close(self) -> None:
+        if self.drafter is not None and self.draft_state is not None:
+            self.drafter.close(self.draft_state)
+            self.draft_state = None
