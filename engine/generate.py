@@ -1,6 +1,8 @@
 """python -m engine.generate [PROMPT] [--model PATH] [--chat] [--max-tokens N] [sampling] [--json]
 
 Streams text to stdout as it is generated; a stats line goes to stderr. Errors: one line, exit 1.
+--interactive: a multi-turn chat read from stdin (one message per line; an empty line or EOF ends it),
+the KV cache of earlier turns reused. --draft PATH / --prompt-lookup: speculative decoding (same text).
 """
 from __future__ import annotations
 
@@ -34,7 +36,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length (KV cache size)")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace of reads, copies and compute to this file")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming text")
+    p.add_argument("--interactive", action="store_true",
+                   help="multi-turn chat: one message per stdin line, earlier turns' KV cache reused")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", help="speculative decoding with this draft GGUF (same vocabulary as --model)")
+    spec.add_argument("--prompt-lookup", action="store_true",
+                      help="speculative decoding with drafts from n-grams of the context")
+    p.add_argument("--speculate", type=int, default=None,
+                   help="tokens verified per pass with --draft/--prompt-lookup (default: from the cost model)")
     return p
+
+
+def sampling_args(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                stop=tuple(args.stop))
+
+
+def draft_arg(args: argparse.Namespace) -> str | None:
+    if args.speculate is not None and args.speculate < 1:
+        raise EngineError("must be >= 1", field="--speculate")
+    if args.speculate is not None and not (args.draft or args.prompt_lookup):
+        raise EngineError("needs --draft or --prompt-lookup", field="--speculate")
+    return args.draft or ("prompt-lookup" if args.prompt_lookup else None)
+
+
+def interactive(model, args: argparse.Namespace) -> dict:
+    """Read messages from stdin, stream replies to stdout; per-turn stats to stderr."""
+    from .serving.chat import ChatSession
+    from .serving.speculative import default_depth, drafter_for
+
+    draft = draft_arg(args)
+    drafter = drafter_for(model, draft, threads=args.threads) if draft else None
+    depth = (args.speculate or default_depth(model, drafter)) if drafter else 1
+    chat = ChatSession(model, args.system, drafter=drafter, depth=depth)
+    turns = 0
+    try:
+        while True:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line.strip():
+                break
+            for piece in chat.turn(line.rstrip("\n"), args.max_tokens, **sampling_args(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            u = chat.usage
+            sys.stdout.write("\n")
+            print(f"[prompt {u.prompt_tokens} tok, {u.prefill_tokens} computed | {u.completion_tokens} generated in "
+                  f"{u.passes} passes]", file=sys.stderr)
+            turns += 1
+    finally:
+        chat.close()
+        if drafter is not None:
+            drafter.shutdown()
+    return {"turns": turns}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -50,14 +106,18 @@ def run(args: argparse.Namespace) -> dict:
         prompt = sys.stdin.read()
     if prompt is None:
         prompt = DEFAULT_PROMPT
+    draft = draft_arg(args)
     model = load(path, config=args.config, n_ctx=args.ctx, threads=args.threads, trace=args.trace)
+    if args.interactive:
+        try:
+            return interactive(model, args)
+        finally:
+            model.close()
     pieces = []
     stream = not args.json
     try:
-        for piece in model.generate(prompt, args.max_tokens, chat=args.chat, system=args.system,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                                    repeat_last_n=args.repeat_last_n, seed=args.seed, stop=tuple(args.stop)):
+        for piece in model.generate(prompt, args.max_tokens, chat=args.chat, system=args.system, draft=draft,
+                                    speculate=args.speculate, **sampling_args(args)):
             pieces.append(piece)
             if stream:
                 sys.stdout.write(piece)
@@ -78,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     code, rec = guarded(lambda: run(args))
     if code:
         return code
+    if args.interactive:
+        return 0
     if args.json:
         print(json.dumps(rec))
     else:

@@ -111,7 +111,9 @@ class Model:
         except BaseException:
             reader.close()
             raise
-        return cls(f, spec, device, weights, glob, tok, n_ctx, time.perf_counter() - t0, reader, plan, tracer)
+        model = cls(f, spec, device, weights, glob, tok, n_ctx, time.perf_counter() - t0, reader, plan, tracer)
+        model.config = cfg
+        return model
 
     def plan_summary(self) -> str:
         w = self.weights
@@ -181,15 +183,30 @@ class Model:
         return ids
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, chat: bool = False,
-                 system: str | None = None, **sampling) -> Iterator[str]:
-        """Yield text pieces as they are generated. Sampling keywords: see SamplingParams."""
+                 system: str | None = None, draft=None, speculate: int | None = None,
+                 **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated. Sampling keywords: see SamplingParams.
+        `draft`: speculative decoding with "prompt-lookup", a draft Model or GGUF path sharing this
+        model's vocabulary (same output: see engine.serving.speculative); `speculate`: tokens verified
+        per pass (default: from the cost model)."""
         params = SamplingParams(**sampling)
         ids = list(prompt) if not isinstance(prompt, str) else self.prompt_ids(prompt, chat, system)
         if not ids:
             raise EngineError("the prompt is empty (no tokens)", field="prompt")
         if len(ids) >= self.n_ctx:
             raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}", field="prompt")
-        yield from _Generation(self, ids, params, max_tokens).run()
+        if draft is None:
+            yield from _Generation(self, ids, params, max_tokens).run()
+            return
+        from .serving import batcher, speculative
+
+        drafter = speculative.drafter_for(self, draft)
+        try:
+            depth = speculate if speculate is not None else speculative.default_depth(self, drafter)
+            yield from batcher.generate(self, ids, params, max_tokens, drafter=drafter, depth=depth, stats=self.stats)
+        finally:
+            if drafter is not draft:
+                drafter.shutdown()
 
 
 @dataclass(slots=True)

@@ -18,7 +18,9 @@ from .cli import guarded
 from .tiers.config import AUTO, TierConfig, load_config
 from .tiers.footprint import MIXES, ModelFootprint, describe, footprint_from_gguf
 from .tiers.hardware import PRESETS, HardwareProfile, detect_device, load_profile, resolve_profile
+from .tiers import speculation
 from .tiers.planner import Plan, Workload, plan
+from .tiers.speculation import DEFAULT_ACCEPTANCE, Speculation
 
 
 def hardware_for(cfg: TierConfig, override: str | None = None) -> HardwareProfile:
@@ -62,15 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=Workload().batch)
     p.add_argument("--prompt-tokens", type=int, default=Workload().prompt_tokens)
     p.add_argument("--gen-tokens", type=int, default=Workload().gen_tokens)
+    p.add_argument("--acceptance", type=float, default=DEFAULT_ACCEPTANCE,
+                   help="speculative decoding: the assumed chance that a draft token is kept "
+                        f"(default {DEFAULT_ACCEPTANCE}); the plan reports how many tokens to verify per pass")
+    p.add_argument("--draft-ms", type=float, default=0.0,
+                   help="speculative decoding: the drafter's time per drafted token in ms (0 = prompt lookup)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
 
-def run(args: argparse.Namespace) -> Plan:
+def run(args: argparse.Namespace) -> tuple[Plan, Speculation]:
     cfg = load_config(args.config)
     work = Workload(batch=args.batch, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
     fp = model_footprint(args.model, args.describe)
-    return plan(fp, hardware_for(cfg, args.hardware), cfg, work)
+    hw = hardware_for(cfg, args.hardware)
+    result = plan(fp, hw, cfg, work)
+    return result, speculation.choose(fp, hw, cfg, result, acceptance=args.acceptance,
+                                      draft_token_s=args.draft_ms / 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     code, result = guarded(lambda: run(args))
     if code:
         return code
-    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    p, spec = result
+    if args.json:
+        print(json.dumps({**p.to_json(), "speculation": spec.to_json()}, indent=2))
+    else:
+        print(p.table())
+        print(spec.line())
     return 0
 
 

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFWriter, dequantize, quantize
 from gguf.constants import GGML_QUANT_SIZES
 
-from vocab_models import bpe_vocab
+from vocab_models import bpe_vocab, spm_vocab
 
 # K-quant blocks are random bytes with their fp16 super-block scales overwritten by these values
 # (byte offset of d, of dmin or None, scale) so the weights stay in a sane range.
@@ -32,6 +32,8 @@ class TinyConfig:
     fmt: tuple[QT, ...] = (QT.Q8_0,)  # cycled over the block matrices
     embd_fmt: QT = QT.Q8_0
     seed: int = 0
+    vocab: str = "bpe"  # "bpe" (byte-level BPE) or "spm" (SentencePiece-style), from vocab_models
+    chat_template: str | None = None
 
 
 def _quantized(rng: np.random.Generator, shape: tuple[int, int], qt: QT) -> np.ndarray:
@@ -50,7 +52,7 @@ def _quantized(rng: np.random.Generator, shape: tuple[int, int], qt: QT) -> np.n
 
 def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     rng = np.random.default_rng(cfg.seed)
-    voc = bpe_vocab()
+    voc = {"bpe": bpe_vocab, "spm": spm_vocab}[cfg.vocab]()
     vocab = len(voc["tokens"])
     hd = cfg.dim // cfg.n_heads
     w = GGUFWriter(str(path), arch="llama")
@@ -65,10 +67,16 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model(voc["model"])
-    w.add_tokenizer_pre(voc["pre"])
+    if "pre" in voc:
+        w.add_tokenizer_pre(voc["pre"])
     w.add_token_list(voc["tokens"])
     w.add_token_types(voc["types"])
-    w.add_token_merges(voc["merges"])
+    if "merges" in voc:
+        w.add_token_merges(voc["merges"])
+    if "scores" in voc:
+        w.add_token_scores(voc["scores"])
+    if cfg.chat_template is not None:
+        w.add_chat_template(cfg.chat_template)
     w.add_bos_token_id(voc["bos"])
     w.add_eos_token_id(voc["eos"])
 

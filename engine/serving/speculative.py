@@ -98,6 +98,11 @@ class PromptLookup:
     def close(self, state) -> None:
         pass
 
+    token_s = 0.0
+
+    def shutdown(self) -> None:
+        pass
+
 
 @dataclass(slots=True)
 class _DraftState:
@@ -108,16 +113,27 @@ class _DraftState:
 
 class DraftModel:
     """A smaller model sharing the target's vocabulary drafts k tokens autoregressively (greedy for a
-    greedy target, otherwise sampled from the draft's distribution under the same sampling params)."""
+    greedy target, otherwise sampled from the draft's distribution under the same sampling params).
+    `owned`: close the draft model with this drafter."""
 
-    def __init__(self, draft, target):
+    def __init__(self, draft, target, owned: bool = False):
         a, b = draft.tokenizer, target.tokenizer
         if (draft.spec.vocab_size != target.spec.vocab_size or a.vocab_size != b.vocab_size
                 or any(a.id_to_token(i) != b.id_to_token(i) for i in range(a.vocab_size))):
             raise DraftMismatchError(
                 f"the draft's vocabulary ({a.vocab_size} tokens) differs from the target's "
                 f"({b.vocab_size} tokens, {target.file.path})", path=draft.file.path, field="tokenizer.ggml.tokens")
-        self.model, self.slots = draft, Slots(draft)
+        self.model, self.slots, self.owned = draft, Slots(draft), owned
+
+    @property
+    def token_s(self) -> float:
+        """Predicted time per drafted token (0 when the draft was loaded without a plan)."""
+        plan = self.model.plan
+        return plan.predicted.token_s if plan is not None else 0.0
+
+    def shutdown(self) -> None:
+        if self.owned:
+            self.model.close()
 
     def start(self, sampler: Sampler) -> _DraftState:
         p = sampler.p
@@ -156,3 +172,40 @@ class DraftModel:
 
     def close(self, st: _DraftState) -> None:
         st.seq.close()
+
+
+PROMPT_LOOKUP = "prompt-lookup"
+
+
+def drafter_for(target, draft, **load_options):
+    """`draft`: "prompt-lookup", a drafter, a loaded Model, or a GGUF path (loaded and owned)."""
+    if draft == PROMPT_LOOKUP:
+        return PromptLookup()
+    if isinstance(draft, (PromptLookup, DraftModel)):
+        return draft
+    if hasattr(draft, "tokenizer") and hasattr(draft, "spec"):
+        return DraftModel(draft, target)
+    from ..model import Model
+
+    model = Model.load(draft, n_ctx=target.n_ctx, **load_options)
+    try:
+        return DraftModel(model, target, owned=True)
+    except BaseException:
+        model.close()
+        raise
+
+
+def default_depth(target, drafter, acceptance: float | None = None) -> int:
+    """Tokens to verify per pass for `target` from the cost model (4 when it was loaded without a plan)."""
+    from ..tiers import speculation
+    from ..tiers.footprint import footprint_from_gguf
+    from ..plan import hardware_for
+
+    plan, cfg = target.plan, getattr(target, "config", None)
+    if plan is None or cfg is None:
+        return 4
+    fp = footprint_from_gguf(target.file, target.spec)
+    choice = speculation.choose(fp, hardware_for(cfg), cfg, plan,
+                                acceptance=speculation.DEFAULT_ACCEPTANCE if acceptance is None else acceptance,
+                                draft_token_s=drafter.token_s)
+    return choice.tokens

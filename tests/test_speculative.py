@@ -1,0 +1,129 @@
+"""Speculative decoding never changes what the user gets: greedy output equals plain greedy token for
+token (prompt lookup, a draft model, the target as its own draft); sampled output follows the
+target's distribution (chi-square on a tiny model's next-token distribution)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import engine
+from engine.errors import DraftMismatchError
+from engine.sampling import Sampler, SamplingParams
+from engine.serving.batcher import generate
+from engine.serving.speculative import DraftModel, PromptLookup, Proposal, verify
+from tiny_llama import TinyConfig, write_tiny_llama
+
+PROMPT = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7]  # repeats: prompt lookup has n-grams to draft from
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spec")
+    target = engine.load(write_tiny_llama(d / "t.gguf", TinyConfig(n_layers=2, ctx=96)))
+    draft = engine.load(write_tiny_llama(d / "d.gguf", TinyConfig(n_layers=1, seed=3, ctx=96)))
+    other = engine.load(write_tiny_llama(d / "o.gguf", TinyConfig(n_layers=1, vocab="spm")))
+    yield target, draft, other
+    for m in (target, draft, other):
+        m.close()
+
+
+def greedy(n=40, **kw):
+    return SamplingParams(temperature=0, **kw)
+
+
+def run(model, params, n, **kw):
+    return "".join(generate(model, list(PROMPT), params, n, **kw))
+
+
+@pytest.mark.parametrize("depth", [2, 5])
+def test_prompt_lookup_greedy_equals_plain(models, depth):
+    target = models[0]
+    plain = "".join(target.generate(list(PROMPT), 40, temperature=0))
+    st = target.stats
+    spec = run(target, greedy(), 40, drafter=PromptLookup(), depth=depth, stats=st)
+    assert spec == plain and len(plain) > 20
+
+
+def test_draft_model_and_self_draft_greedy_equal_plain(models):
+    target, draft, _ = models
+    plain = "".join(target.generate(list(PROMPT), 40, temperature=0, repeat_penalty=1.3))
+    assert run(target, greedy(repeat_penalty=1.3), 40, drafter=DraftModel(draft, target), depth=4) == plain
+    assert run(target, greedy(repeat_penalty=1.3), 40, drafter=DraftModel(target, target), depth=4) == plain
+
+
+def test_self_draft_accepts_its_own_greedy_tokens(models):
+    """The target drafting for itself proposes exactly what it verifies: nearly every draft is kept
+    (a rejection needs a near tie that the one-token and multi-token passes round differently)."""
+    from engine.serving.decode import Decode
+    from engine.serving.slots import Slots
+
+    target = models[0]
+    slots = Slots(target)
+    d = Decode(slots, slots.open(), list(PROMPT), greedy(), 40, target.tokenizer, DraftModel(target, target), 4)
+    from engine.serving.batcher import run_round
+    while not d.done:
+        run_round(slots, [d])
+    d.close()
+    d.seq.close()
+    u = d.usage
+    assert u.drafted > 20 and u.accepted >= 0.9 * u.drafted
+    assert u.passes < u.completion_tokens  # several tokens per weight pass
+
+
+def test_draft_with_another_vocabulary_is_refused(models):
+    target, _, other = models
+    with pytest.raises(DraftMismatchError, match="tokenizer.ggml.tokens"):
+        DraftModel(other, target)
+
+
+def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
+    pl = PromptLookup(max_ngram=2)
+    assert pl.propose(None, [1, 2, 3, 9, 1, 2, 4, 7, 1, 2], 3).tokens == [4, 7, 1]  # latest "1 2" first
+    assert pl.propose(None, [1, 2, 3], 3).tokens == []
+    assert pl.propose(None, [3, 8, 8, 3], 2).tokens == [8, 8]
+
+
+def _chi2_pvalue(counts: dict[int, int], probs: dict[int, float], n: int) -> float:
+    stat = sum((counts.get(t, 0) - n * p) ** 2 / (n * p) for t, p in probs.items())
+    assert set(counts) <= set(probs)  # nothing outside the target's support
+    df = len(probs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("source", ["draft-model", "point-mass"])
+def test_rejection_sampling_preserves_the_target_distribution(models, source):
+    """First emitted token of verify() over 2 drafts vs the target's own sampling distribution."""
+    target, draft, _ = models
+    params = SamplingParams(temperature=1.3, top_k=6, top_p=1.0, min_p=0.0, seed=11)
+    ctx = list(PROMPT)
+    p_logits = torch.from_numpy(target.logits(ctx)[-1])
+    q_logits = torch.from_numpy(draft.logits(ctx)[-1])
+    sampler = Sampler(params)
+    ids, p = sampler.distribution(p_logits, ctx)
+    expect = dict(zip(ids.tolist(), p.tolist()))
+    q_ids, q = Sampler(params).distribution(q_logits, ctx)
+    qd = dict(zip(q_ids.tolist(), q.tolist()))
+    tv = 0.5 * sum(abs(expect.get(t, 0.0) - qd.get(t, 0.0)) for t in set(expect) | set(qd))
+    assert tv > 0.2  # the draft really differs: keeping its tokens unverified would fail the test
+    rows = torch.stack([p_logits, p_logits, p_logits])  # rows after the first are not reached by the test
+    n, counts = 6000, collections.Counter()
+    drafter_gen = torch.Generator().manual_seed(5)
+    for i in range(n):
+        if source == "draft-model":
+            x = int(q_ids[torch.multinomial(q, 1, generator=drafter_gen)])
+            prop = Proposal([x, x], [(q_ids, q), (q_ids, q)])
+        else:  # a deterministic drafter that always proposes the target's second most likely token
+            prop = Proposal([int(ids[1]), int(ids[0])])
+        counts[verify(sampler, ctx, rows, prop)[0]] += 1
+    assert _chi2_pvalue(counts, expect, n) > 1e-3
+
+
+def test_sampled_speculation_is_reproducible_and_stops(models):
+    target, draft, _ = models
+    params = dict(temperature=0.9, seed=4)
+    a = run(target, SamplingParams(**params), 30, drafter=DraftModel(draft, target), depth=3)
+    b = run(target, SamplingParams(**params), 30, drafter=DraftModel(draft, target), depth=3)
+    assert a == b and a
