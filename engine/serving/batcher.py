@@ -98,6 +98,7 @@ class Batcher:
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.passes = 0  # passes run (tests and stats)
         self.max_rows = 0  # the most generations one pass served
+        self.cancelled = 0  # generations ended because their client went away
         self._waiting: list[Handle] = []
         self._active: list[tuple[Handle, Decode]] = []
         self._cond = threading.Condition()
@@ -160,6 +161,7 @@ class Batcher:
             live = []
             for h, d in self._active:
                 if h.cancelled.is_set():
+                    self.cancelled += 1
                     self._finish(h, d, Event(finish_reason="cancelled", usage=d.usage))
                 elif d.done:  # max_tokens 0
                     self._finish(h, d, Event(finish_reason=d.finish_reason, usage=d.usage))

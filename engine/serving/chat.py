@@ -11,6 +11,17 @@ from .decode import Decode, Usage
 from .slots import Slots
 
 
+def chat_ids(tok, messages: list[dict], rendered: str | None = None) -> list[int]:
+    """Token ids of the conversation rendered with the chat template (one BOS even when the template
+    writes its own)."""
+    if rendered is None:
+        rendered = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.encode(rendered, add_special=True)
+    if tok.bos_id is not None and len(ids) > 1 and ids[0] == ids[1] == tok.bos_id:
+        ids = ids[1:]
+    return ids
+
+
 class ChatSession:
     def __init__(self, model, system: str | None = None, *, drafter=None, depth: int = 1):
         self.model, self.slots = model, Slots(model)
@@ -25,10 +36,7 @@ class ChatSession:
         tok = self.model.tokenizer
         if self.text and rendered.startswith(self.text):  # extend the cached tokens, never re-tokenize them
             return self.tokens + tok.encode(rendered[len(self.text):], add_special=False)
-        ids = tok.encode(rendered, add_special=True)
-        if tok.bos_id is not None and len(ids) > 1 and ids[0] == ids[1] == tok.bos_id:  # template wrote BOS
-            ids = ids[1:]
-        return ids
+        return chat_ids(tok, [], rendered)
 
     def turn(self, user: str, max_tokens: int = 256, **sampling) -> Iterator[str]:
         """Text pieces of the reply to `user`; `self.usage.prefill_tokens` counts what was computed."""
