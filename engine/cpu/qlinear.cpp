@@ -44,8 +44,11 @@ using i64 = int64_t;
 // GGML type ids (the numbers stored in GGUF tensor infos).
 enum TypeId : int {
     kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
-    kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+    kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23, kBF16 = 30,
 };
+
+// The 16 levels of the IQ4_NL / IQ4_XS codes (llama.cpp's kvalues_iq4nl).
+constexpr float kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 // Lane order of the 4-bit/5-bit/6-bit formats: lane L of a 16-element half holds element
 // kSigma[L] (a 4x4 transpose, what a 128-bit broadcast plus per-lane shifts yields; see Formats).
@@ -198,6 +201,15 @@ inline VI sigma_u8_lanes(const uint8_t* p) {
     return r;
 }
 #endif
+// Lane L = t[idx lane L] (idx in 0..15): the IQ4 level tables.
+inline V lookup_lanes(const float* t, VI idx) {
+    V v;
+    for (int l = 0; l < 8; ++l) {
+        v.a[l] = t[idx.a[l]];
+        v.b[l] = t[idx.b[l]];
+    }
+    return v;
+}
 // Bit 4 of the 5-bit codes of a legacy Q5 block, as 0/1 per lane (kSigma order).
 inline void q5_high_bits(const uint8_t* qh, VI& lo, VI& hi) {
     const U8 bits = U8{} + load_u32(qh);
@@ -598,6 +610,176 @@ struct FmtQ6_K {
         lo = half(0, s + 4 * c);
         hi = half(16, s + 4 * c + 1);
 #endif
+    }
+};
+
+// Q2_K / Q3_K: 16-element sub-blocks, so chunk j of a super-block has two scales (sub-blocks 2j,
+// 2j+1), laid out as Q6_K's: s[4c .. 4c+3] = scale lo, scale hi, offset lo, offset hi, with
+// w = fma(q, scale, offset). The 2-bit low parts of chunk j are bit pair j % 4 of quant bytes
+// 32 * (j / 4) + 0..31 (lo half: bytes 0..15).
+inline const uint8_t* k2_quants(const uint8_t* sb, i64 c, int& shift) {
+    const int j = int(c & 7);
+    shift = (j & 3) * 2;
+    return sb + (j >> 2) * 32;
+}
+#if QL_AVX512
+// o[4j + k] = scale[2j + k], o[4j + 2 + k] = offset[2j + k] for the 16 sub-blocks of a super-block.
+inline void store_scale_pairs(float* o, __m512 scale, __m512 offset) {
+    const __m512i lo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+    _mm512_storeu_ps(o, _mm512_permutex2var_ps(scale, lo, offset));
+    _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(scale, _mm512_add_epi32(lo, _mm512_set1_epi32(8)), offset));
+}
+#endif
+
+// Q2_K: {u8 scales[16] (low nibble scale, high nibble min); u8 qs[64]; fp16 d, dmin}, 84 bytes.
+// w = fma(q, d * scale, -dmin * min), q = 0..3.
+struct FmtQ2_K {
+    static constexpr int kBlock = 256, kBytes = 84, kScales = 4;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) {
+        for (i64 b = 0; b < chunks / 8; ++b) {
+            const uint8_t* sb = row + b * kBytes;
+            const float d = half_at(sb + 80), dmin = half_at(sb + 82);
+            float* o = s + 32 * b;
+#if QL_AVX512
+            const __m512i packed = bytes_u32(sb);
+            const __m512 sc = _mm512_cvtepi32_ps(_mm512_and_si512(packed, _mm512_set1_epi32(15)));
+            const __m512 mn = _mm512_cvtepi32_ps(_mm512_srli_epi32(packed, 4));
+            store_scale_pairs(o, _mm512_mul_ps(sc, _mm512_set1_ps(d)), _mm512_mul_ps(mn, _mm512_set1_ps(-dmin)));
+#else
+            for (int j = 0; j < 8; ++j) {
+                for (int k = 0; k < 2; ++k) {
+                    const int packed = sb[2 * j + k];
+                    o[4 * j + k] = d * float(packed & 15);
+                    o[4 * j + 2 + k] = -dmin * float(packed >> 4);
+                }
+            }
+#endif
+        }
+    }
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
+        int shift;
+        const uint8_t* qs = k2_quants(row + (c >> 3) * kBytes + 16, c, shift);
+#if QL_AVX512
+        const auto half = [&](int o, const float* sc) {
+            const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(bcast16(qs + o), sigma_shift(shift)), _mm512_set1_epi32(3));
+            return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc[0]), _mm512_set1_ps(sc[2]));
+        };
+#else
+        const auto half = [&](int o, const float* sc) {
+            return vfma(to_float((sigma_u8_lanes(qs + o) >> shift) & 3), vset(sc[0]), vset(sc[2]));
+        };
+#endif
+        lo = half(0, s + 4 * c);
+        hi = half(16, s + 4 * c + 1);
+    }
+};
+
+// Q3_K: {u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d}, 110 bytes. Element 32j + l: low 2 bits as
+// in Q2_K, high bit = bit j of hmask[l]; q3 = low | high << 2 (0..7) stands for q3 - 4, so
+// w = fma(q3, d * sc, -4 * d * sc) (the offset is exact). Sub-block scale i (0..15): nibble i of
+// bytes 0..7 (low nibbles first), bits 4-5 from bit pair i / 4 of byte 8 + i % 4, minus 32.
+struct FmtQ3_K {
+    static constexpr int kBlock = 256, kBytes = 110, kScales = 4;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) {
+        for (i64 b = 0; b < chunks / 8; ++b) {
+            const uint8_t* sb = row + b * kBytes;
+            const uint8_t* packed = sb + 96;
+            const float d = half_at(sb + 108);
+            float* o = s + 32 * b;
+#if QL_AVX512
+            uint64_t low8;
+            std::memcpy(&low8, packed, 8);
+            const __m512i low = _mm512_and_si512(
+                _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(int64_t(low8))),
+                                  _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)),
+                _mm512_set1_epi32(15));
+            const __m512i high = _mm512_and_si512(
+                _mm512_srlv_epi32(_mm512_set1_epi32(int(load_u32(packed + 8))),
+                                  _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30)),
+                _mm512_set1_epi32(3));
+            const __m512i sc = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
+            const __m512 ds = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(d));
+            store_scale_pairs(o, ds, _mm512_mul_ps(ds, _mm512_set1_ps(-4.0f)));
+#else
+            for (int i = 0; i < 16; ++i) {
+                const int low = (packed[i & 7] >> (i & 8 ? 4 : 0)) & 15;
+                const int high = (packed[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
+                const int j = i >> 1, k = i & 1;
+                o[4 * j + k] = d * float((low | high << 4) - 32);
+                o[4 * j + 2 + k] = o[4 * j + k] * -4.0f;
+            }
+#endif
+        }
+    }
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
+        const uint8_t* sb = row + (c >> 3) * kBytes;
+        const int j = int(c & 7);
+        int shift;
+        const uint8_t* qs = k2_quants(sb + 32, c, shift);
+#if QL_AVX512
+        const auto half = [&](int o, const float* sc) {
+            const __m512i l = _mm512_and_si512(_mm512_srlv_epi32(bcast16(qs + o), sigma_shift(shift)), _mm512_set1_epi32(3));
+            const __m512i h = _mm512_and_si512(_mm512_srlv_epi32(bcast16(sb + o), sigma_shift(j)), _mm512_set1_epi32(1));
+            const __m512i q = _mm512_or_si512(l, _mm512_slli_epi32(h, 2));
+            return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc[0]), _mm512_set1_ps(sc[2]));
+        };
+#else
+        const auto half = [&](int o, const float* sc) {
+            const VI q = ((sigma_u8_lanes(qs + o) >> shift) & 3) | (((sigma_u8_lanes(sb + o) >> j) & 1) << 2);
+            return vfma(to_float(q), vset(sc[0]), vset(sc[2]));
+        };
+#endif
+        lo = half(0, s + 4 * c);
+        hi = half(16, s + 4 * c + 1);
+    }
+};
+
+// IQ4: 4-bit codes (as Q4_0's nibbles: bytes 0..15, low nibbles = elements 0..15) naming one of
+// kIQ4Levels; w = level * scale (one rounding, as gguf-py).
+inline void iq4_decode(const uint8_t* codes, float scale, V& lo, V& hi) {
+#if QL_AVX512
+    const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kIQ4Levels), _mm512_set1_ps(scale));
+    lo = lookup4(codes, 0, table);
+    hi = lookup4(codes, 4, table);
+#else
+    float t[16];
+    for (int i = 0; i < 16; ++i) t[i] = kIQ4Levels[i] * scale;
+    const VI q = sigma_u8_lanes(codes);
+    lo = lookup_lanes(t, q & 15);
+    hi = lookup_lanes(t, q >> 4);
+#endif
+}
+
+// IQ4_NL: {fp16 d; u8 codes[16]}, 18 bytes.
+struct FmtIQ4_NL {
+    static constexpr int kBlock = 32, kBytes = 18, kScales = 2;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) { prepare_halves<kBytes>(row, chunks, s); }
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
+        iq4_decode(row + c * kBytes + 2, s[2 * c], lo, hi);
+    }
+};
+
+// IQ4_XS: {fp16 d; u16 scales_h; u8 scales_l[4]; u8 codes[128]}, 136 bytes. Chunk j = sub-block j:
+// codes bytes 16j..16j+15, scale d * ((nibble j of scales_l | bit pair j of scales_h << 4) - 32).
+struct FmtIQ4_XS {
+    static constexpr int kBlock = 256, kBytes = 136, kScales = 1;
+    static constexpr bool kPermuted = true;
+    static void prepare(const uint8_t* row, i64 chunks, float* s) {
+        for (i64 b = 0; b < chunks / 8; ++b) {
+            const uint8_t* sb = row + b * kBytes;
+            const float d = half_at(sb);
+            const int high = load_u16(sb + 2);
+            for (int j = 0; j < 8; ++j) {
+                const int low = (sb[4 + (j >> 1)] >> (4 * (j & 1))) & 15;
+                s[8 * b + j] = d * float((low | ((high >> (2 * j)) & 3) << 4) - 32);
+            }
+        }
+    }
+    static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
+        iq4_decode(row + (c >> 3) * kBytes + 8 + (c & 7) * 16, s[c], lo, hi);
     }
 };
 
@@ -1369,7 +1551,8 @@ const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry<FmtQ8_0>(kQ8_0),
         entry<FmtQ4_0>(kQ4_0), entry<FmtQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
-        entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry<FmtQ5_K>(kQ5_K), entry_int<FmtQ6_K, IntQ6_K>(kQ6_K),
+        entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry<FmtQ5_K>(kQ5_K),
+        entry_int<FmtQ6_K, IntQ6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
     };
     for (const auto& e : table)
         if (e.type == type) return &e;
