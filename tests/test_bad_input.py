@@ -81,9 +81,9 @@ def test_unknown_tensor_type(good, tmp_path):
 
 
 def test_known_but_unsupported_type(tmp_path):
-    p = write_tiny_llama(tmp_path / "q2k.gguf", TinyConfig(n_layers=1, fmt=(QT.Q8_0,)))
+    p = write_tiny_llama(tmp_path / "iq2xxs.gguf", TinyConfig(n_layers=1, fmt=(QT.Q8_0,)))
     d = bytearray(p.read_bytes())
-    struct.pack_into("<I", d, tensor_type_pos(d, "blk.0.attn_q.weight"), int(QT.Q2_K))
+    struct.pack_into("<I", d, tensor_type_pos(d, "blk.0.attn_q.weight"), int(QT.IQ2_XXS))
     p.write_bytes(bytes(d))
     e = load_error(p)
     assert isinstance(e, UnsupportedModelError) and e.field == "blk.0.attn_q.weight"

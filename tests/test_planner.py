@@ -82,7 +82,7 @@ def test_description_matches_the_real_file(smollm2):
     with pytest.raises(ConfigError, match="no format given"):
         footprint_from_description(spec, {"attn_q": "Q4_0"})
     with pytest.raises(ConfigError, match="unknown format"):
-        footprint_from_description(spec, fmts | {"attn_q": "Q3_K"})
+        footprint_from_description(spec, fmts | {"attn_q": "IQ2_XXS"})
 
 
 def test_llama70b_description(llama70b):
