@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from engine.gguf_file import GGUFFile
 from engine.spec import ModelSpec
 from engine.tiers.config import load_config
 from engine.tiers.footprint import (MATRIX_ROLES, describe, describe_spec, footprint_from_description,
-                                    footprint_from_gguf)
+                                    footprint_from_gguf, quant_mix)
 from engine.tiers.hardware import PRESETS, ComputeRate, HardwareProfile
 from engine.tiers.planner import (DISK_QUEUE_SATURATION, LayerPlacement, Workload, evaluate, plan, ranked,
                                   workspace_bytes)
@@ -69,6 +70,61 @@ def test_footprint_matches_gguf_py(tmp_path):
     assert fp.output.nbytes == ref["output.weight"] and fp.embedding.nbytes == ref["token_embd.weight"]
     assert fp.weight_bytes == sum(ref.values())
     assert {t.role for t in fp.small} == {"output_norm", "rope_freqs"}
+
+
+@pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M"])
+def test_mix_prices_a_file_written_in_it(mix, tmp_path):
+    """A GGUF written (gguf.GGUFWriter; gguf-py quantize, else random valid blocks) with the formats
+    quant_mix gives every tensor: the description, the file's footprint and the plan count its bytes."""
+    # 16 layers: the first 16th / 8th of the layers differ; ffn 640: ffn_down rows fall back from 256-blocks
+    base = TinyConfig(n_layers=16, dim=256, n_heads=8, n_kv_heads=2, ffn=640, tied=False)
+    f = GGUFFile(write_tiny_llama(tmp_path / "shape.gguf", base))
+    spec = ModelSpec.from_gguf(f)
+    f.close()
+    fmts = quant_mix(spec, mix)
+    names = [f"blk.{i}.{r}" for i in range(spec.n_layers) for r in MATRIX_ROLES] + ["token_embd", "output"]
+    chosen = {n: fmts.get(n, fmts[n.rsplit(".", 1)[-1]]) for n in names}
+    cfg = replace(base, fmt_of=tuple((n, QT[fmt]) for n, fmt in chosen.items()))
+    path = write_tiny_llama(tmp_path / f"{mix}.gguf", cfg)
+    ref = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in GGUFReader(str(path)).tensors}
+    assert {fmt for fmt, _ in ref.values()} >= {"Q6_K", _MIX_BASE[mix]}
+    f = GGUFFile(path)
+    from_file = footprint_from_gguf(f, spec)
+    f.close()
+    desc = footprint_from_description(spec, fmts)
+    for fp in (from_file, desc):
+        for lay in fp.layers:
+            for t in lay.tensors:
+                assert (t.fmt, t.nbytes) == ref[f"blk.{lay.index}.{t.role}.weight"], (mix, lay.index, t.role)
+        assert (fp.output.fmt, fp.output.nbytes) == ref["output.weight"]
+        assert (fp.embedding.fmt, fp.embedding.nbytes) == ref["token_embd.weight"]
+        assert fp.weight_bytes == sum(n for _, n in ref.values())
+    hw = cpu_profile()
+    p = plan(desc, hw, load_config({"device": "cpu", "resident_budget": "100%"}), Workload(1, 16, 16))
+    assert p.resident_weight_bytes == sum(n for _, n in ref.values())
+
+
+_MIX_BASE = {"Q2_K": "Q2_K", "Q3_K_M": "Q3_K", "IQ4_XS": "IQ4_XS", "Q4_K_M": "Q4_K"}
+
+
+def test_llama_cpp_mixes_of_a_70b():
+    """The sizes of llama.cpp's Llama-3-70B files of these types (42.5, 34.3, 26.4 GB; IQ4_XS without
+    an importance matrix ~38 GB) and their per-layer choices."""
+    sizes = {mix: describe(f"llama3-70b:{mix}").weight_bytes / 1e9 for mix in ("Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS")}
+    assert 42.0 < sizes["Q4_K_M"] < 43.0 and 33.8 < sizes["Q3_K_M"] < 34.8 and 26.0 < sizes["Q2_K"] < 26.8
+    assert 37.5 < sizes["IQ4_XS"] < 38.8
+    spec = describe_spec("llama3-70b")
+
+    def fmt(mix, i, role):
+        fmts = quant_mix(spec, mix)
+        return fmts.get(f"blk.{i}.{role}", fmts[role])
+
+    assert [fmt("Q2_K", 5, r) for r in ("attn_q", "ffn_down", "attn_output")] == ["Q2_K", "Q3_K", "Q3_K"]
+    assert fmt("Q2_K", 5, "attn_v") == "Q5_K"  # Q4_K for 8 heads per KV head, then the 70B bump
+    assert quant_mix(spec, "Q2_K")["output"] == "Q6_K"
+    assert [fmt("Q3_K_M", i, "ffn_down") for i in (0, 4, 5, 79)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert [fmt("IQ4_XS", i, r) for i, r in ((0, "attn_q"), (9, "ffn_down"), (10, "ffn_down"))] == \
+           ["IQ4_XS", "Q5_K", "IQ4_XS"]
 
 
 def test_description_matches_the_real_file(smollm2):

@@ -36,6 +36,7 @@ class TinyConfig:
     seed: int = 0
     vocab: str = "bpe"  # "bpe" (byte-level BPE) or "spm" (SentencePiece-style), from vocab_models
     chat_template: str | None = None
+    fmt_of: tuple[tuple[str, QT], ...] = ()  # (tensor name without ".weight", format) overrides
 
 
 def _quantized(rng: np.random.Generator, shape: tuple[int, int], qt: QT) -> np.ndarray:
@@ -82,7 +83,10 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     w.add_bos_token_id(voc["bos"])
     w.add_eos_token_id(voc["eos"])
 
+    overrides = {f"{name}.weight": qt for name, qt in cfg.fmt_of}
+
     def mat(name, shape, qt):
+        qt = overrides.get(name, qt)
         w.add_tensor(name, _quantized(rng, shape, qt), raw_dtype=qt)
 
     def vec(name, n, around=1.0):

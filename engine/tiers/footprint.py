@@ -142,8 +142,13 @@ _MODELS: dict[str, dict] = {
                          vocab_size=49152, context_length=8192, rope_base=100000.0, tied_output=True),
 }
 MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# llama.cpp's named file types (mix -> its default matrix format) and the uniform mixes (every matrix in
+# one format).
+_LLAMA_CPP_MIXES = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL"}
 _UNIFORM_MIXES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0")
-MIXES = ("Q4_K_M", *_UNIFORM_MIXES)
+MIXES = (*_LLAMA_CPP_MIXES, *_UNIFORM_MIXES)
+# llama.cpp's replacement for a format whose block does not divide a tensor's row length
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 
 def describe_spec(model: str) -> ModelSpec:
@@ -154,29 +159,68 @@ def describe_spec(model: str) -> ModelSpec:
     return ModelSpec(architecture="llama", rms_eps=1e-5, source=model, **kw)
 
 
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layers that get more bits in the *_M mixes: the first and last eighth, every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _llama_cpp_block_format(mix: str, spec: ModelSpec, role: str, i: int) -> str:
+    """The format llama-quantize (no importance matrix) gives block matrix `role` of layer i of a dense
+    llama in file type `mix`."""
+    base, n, gqa = _LLAMA_CPP_MIXES[mix], spec.n_layers, spec.n_heads // spec.n_kv_heads
+    fmt = base
+    if role == "attn_v":
+        if mix == "Q2_K":
+            fmt = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif mix == "Q3_K_M":
+            fmt = "Q5_K" if i < 2 else "Q4_K"
+        elif mix == "Q4_K_M" and _more_bits(i, n):
+            fmt = "Q6_K"
+        elif mix in ("IQ4_XS", "IQ4_NL") and gqa >= 4:
+            fmt = "Q5_K"
+        if n == 80 and gqa > 1 and fmt in ("Q3_K", "Q4_K"):  # llama.cpp's 70B rule: small, shared attn_v
+            fmt = "Q5_K"
+    elif role == "ffn_down":
+        if mix == "Q2_K":
+            fmt = "Q3_K"
+        elif mix == "Q3_K_M":
+            fmt = "Q5_K" if i < n // 16 else "Q4_K"
+        elif mix == "Q4_K_M" and _more_bits(i, n):
+            fmt = "Q6_K"
+        elif mix in ("IQ4_XS", "IQ4_NL") and i < n // 8:
+            fmt = "Q5_K"
+    elif role == "attn_output":
+        fmt = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K"}.get(mix, base)
+    return fmt
+
+
 def quant_mix(spec: ModelSpec, mix: str) -> dict[str, str]:
-    """Formats per role for a named mix. "Q4_K_M" here is an approximation of llama.cpp's mix of that
-    name: Q4_K matrices, with attn_v and ffn_down in Q6_K on the first and last eighth of the layers
-    and on every third layer between them, and a Q6_K output head. A K-quant whose 256-element
-    super-block does not divide a row length falls back to Q8_0."""
+    """Formats per role (and per "blk.i.role" where layers differ) for a named mix.
+
+    Q4_K_M, Q3_K_M, Q2_K, IQ4_XS and IQ4_NL follow llama-quantize's choices for a dense llama without an
+    importance matrix: a Q6_K output head (Q8_0 when its rows do not divide into 256-blocks; a tied head
+    is the embedding), more bits for attn_v, ffn_down (and attn_output in Q2_K / Q3_K_M) by layer as
+    llama.cpp's rules say, the embedding in the mix's default format. The other mixes put every matrix
+    in the named format. A format whose block does not divide a row length falls back as in llama.cpp
+    (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; then F16)."""
     if mix not in MIXES:
         raise ConfigError(f"unknown quantization mix {mix!r} (known: {', '.join(MIXES)})", field="--describe")
-    base = "Q4_K" if mix == "Q4_K_M" else mix
-    fmts: dict[str, str] = {role: base for role in (*MATRIX_ROLES, "token_embd", "output")}
-    if mix == "Q4_K_M":
-        fmts["output"] = "Q6_K"
-        n, eighth = spec.n_layers, spec.n_layers // 8
-        for i in range(n):
-            if i < eighth or i >= n - eighth or (i - eighth) % 3 == 2:
-                fmts[f"blk.{i}.attn_v"] = fmts[f"blk.{i}.ffn_down"] = "Q6_K"
+    base = _LLAMA_CPP_MIXES.get(mix, mix)
+    fmts: dict[str, str] = {role: base for role in (*MATRIX_ROLES, "token_embd")}
+    if not spec.tied_output:
+        fmts["output"] = base
+    if mix in _LLAMA_CPP_MIXES:
+        fmts["token_embd" if spec.tied_output else "output"] = "Q6_K"
+        for role in ("attn_v", "ffn_down", "attn_output"):
+            per_layer = [_llama_cpp_block_format(mix, spec, role, i) for i in range(spec.n_layers)]
+            fmts[role] = max(set(per_layer), key=per_layer.count)  # the most common; the others per layer
+            fmts.update((f"blk.{i}.{role}", fmt) for i, fmt in enumerate(per_layer) if fmt != fmts[role])
     row_len = {"ffn_down": spec.ffn_dim, "attn_output": spec.q_dim}
-    for key, fmt in list(fmts.items()):
-        role = key.rsplit(".", 1)[-1]
-        if spec.tied_output and role == "output":
-            del fmts[key]
-            continue
-        if FORMATS[fmt].block_size > 1 and row_len.get(role, spec.dim) % FORMATS[fmt].block_size:
-            fmts[key] = "Q8_0"
+    for key, fmt in fmts.items():
+        n = row_len.get(key.rsplit(".", 1)[-1], spec.dim)
+        if n % FORMATS[fmt].block_size:
+            fmt = _FALLBACK.get(fmt, fmt)
+            fmts[key] = fmt if n % FORMATS[fmt].block_size == 0 else "F16"
     return fmts
 
 
