@@ -282,6 +282,158 @@ struct FmtQ6_K {
     }
 };
 
+// ---- 2-bit-based K-quants: chunk sub = 8 quant bytes = 32 weights, one group per bit pair -----------
+// In half h (128 weights) bit pair g of quant byte l (0..31) is weight 32g + l. Chunk sub: h = sub/4,
+// bytes l0 = 8*(sub%4) .. +7, group g = columns 128h + 32g + l0 .. +7, in 16-weight sub-block
+// 8h + 2g + sub%4/2.
+__device__ __forceinline__ int k2_col(int sub, int g) { return 128 * (sub >> 2) + 8 * (sub & 3) + 32 * g; }
+
+// Q2_K: {u8 scales[16] (low nibble scale, high nibble min); u8 qs[64]; fp16 d, dmin}, 84 bytes
+// (4-byte aligned: 32-bit loads). w = d*scale*q - dmin*min.
+struct FmtQ2_K {
+    static constexpr int QK = 256, BYTES = 84, SUBS = 8, GROUPS = 4;
+    static constexpr bool BIAS = true;
+    struct Raw { u32 q0, q1; float scale[4], bias[4]; };
+    __device__ static __forceinline__ Raw fetch(const u8* __restrict__ blk, int sub) {
+        const u32* w = reinterpret_cast<const u32*>(blk);
+        const int h = sub >> 2, s0 = (sub & 3) >> 1;
+        const float d = half_bits_to_float(w[20] & 0xffffu), dmin = half_bits_to_float(w[20] >> 16);
+        Raw r;
+        r.q0 = w[4 + 8 * h + 2 * (sub & 3)];
+        r.q1 = w[5 + 8 * h + 2 * (sub & 3)];
+        const u32 lo = w[2 * h], hi = w[2 * h + 1];  // scale bytes 8h .. 8h+7
+        GK_UNROLL
+        for (int g = 0; g < 4; ++g) {
+            const u32 sc = ((g >> 1) ? hi : lo) >> (8 * (s0 + 2 * (g & 1)));
+            r.scale[g] = __fmul_rn(d, float(sc & 0xfu));
+            r.bias[g] = -__fmul_rn(dmin, float((sc >> 4) & 0xfu));
+        }
+        return r;
+    }
+    __device__ static __forceinline__ int col(int sub, int g) { return k2_col(sub, g); }
+    __device__ static __forceinline__ void decode(const Raw& r, int g, float (&q)[8], float& scale, float& bias) {
+        GK_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            q[j] = qf((r.q0 >> (8 * j + 2 * g)) & 3u, 0.0f);
+            q[4 + j] = qf((r.q1 >> (8 * j + 2 * g)) & 3u, 0.0f);
+        }
+        scale = r.scale[g];
+        bias = r.bias[g];
+    }
+};
+
+// Q3_K: {u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d}, 110 bytes (2-byte aligned: 16-bit loads).
+// Weight 128h + 32g + l: low 2 bits as in Q2_K, bit 4h + g of hmask[l] set adds 4, minus 4 (q in
+// -4..3). Scale of sub-block i: nibble i of bytes 0..7 (low nibbles first) | bit pair i/4 of byte
+// 8 + i%4 << 4, minus 32. w = d*scale*q.
+struct FmtQ3_K {
+    static constexpr int QK = 256, BYTES = 110, SUBS = 8, GROUPS = 4;
+    static constexpr bool BIAS = false;
+    struct Raw { u32 q0, q1, m0, m1; float scale[4]; };
+    __device__ static __forceinline__ u32 load4(const u16* p) { return p[0] | (u32(p[1]) << 16); }
+    __device__ static __forceinline__ Raw fetch(const u8* __restrict__ blk, int sub) {
+        const u16* h16 = reinterpret_cast<const u16*>(blk);
+        const int h = sub >> 2, l0 = 8 * (sub & 3), s0 = (sub & 3) >> 1;
+        Raw r;
+        r.q0 = load4(h16 + (32 + 32 * h + l0) / 2);
+        r.q1 = load4(h16 + (36 + 32 * h + l0) / 2);
+        r.m0 = load4(h16 + l0 / 2) >> (4 * h);  // bit g of each byte: this half's high bit of group g
+        r.m1 = load4(h16 + (l0 + 4) / 2) >> (4 * h);
+        const float d = half_bits_to_float(h16[54]);
+        const u32 low[2] = {load4(h16 + 48), load4(h16 + 50)}, high = load4(h16 + 52);
+        GK_UNROLL
+        for (int g = 0; g < 4; ++g) {
+            const u32 lb = low[g >> 1] >> (8 * (s0 + 2 * (g & 1)) + 4 * h);  // byte 2g + s0, nibble h
+            const u32 hb = high >> (8 * (s0 + 2 * (g & 1)) + 2 * (2 * h + (g >> 1)));
+            const int sc = int((lb & 0xfu) | ((hb & 3u) << 4)) - 32;
+            r.scale[g] = __fmul_rn(d, float(sc));
+        }
+        return r;
+    }
+    __device__ static __forceinline__ int col(int sub, int g) { return k2_col(sub, g); }
+    __device__ static __forceinline__ void decode(const Raw& r, int g, float (&q)[8], float& scale, float& bias) {
+        GK_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            q[j] = qf(((r.q0 >> (8 * j + 2 * g)) & 3u) | (((r.m0 >> (8 * j + g)) & 1u) << 2), 4.0f);
+            q[4 + j] = qf(((r.q1 >> (8 * j + 2 * g)) & 3u) | (((r.m1 >> (8 * j + g)) & 1u) << 2), 4.0f);
+        }
+        scale = r.scale[g];
+        bias = 0.0f;
+    }
+};
+
+// ---- IQ4: 4-bit codes naming one of 16 int8 levels (llama.cpp's kvalues_iq4nl) -------------------
+// The levels of the 4 codes in nibbles 0..3 of s, as int8 bytes 0..3: codes 0-7 and 8-15 are looked
+// up in both table halves (the levels as bytes, 4 per word) and bit 3 of each code picks one.
+__device__ __forceinline__ u32 iq4_lookup4(u32 s) {
+    const u32 lo = __byte_perm(0xBFAD9881u, 0xF6EADDCFu, s), hi = __byte_perm(0x26190D01u, 0x71594535u, s);
+    return __byte_perm(lo, hi, 0x3210u | ((s >> 1) & 0x4444u));
+}
+// A word of 8 codes (byte j: code of column j in its low nibble, of column j + 16 in the high one)
+// -> the levels of its low nibbles (lo) and high nibbles (hi), as int8 bytes in column order.
+__device__ __forceinline__ void iq4_levels(u32 codes, u32& lo, u32& hi) {
+    const u32 a = iq4_lookup4(codes), b = iq4_lookup4(codes >> 16);  // levels of lo0 hi0 lo1 hi1 / lo2 hi2 lo3 hi3
+    lo = __byte_perm(a, b, 0x6420u);
+    hi = __byte_perm(a, b, 0x7531u);
+}
+// Eight int8 levels (two words) -> floats.
+__device__ __forceinline__ void iq4_floats(u32 a, u32 b, float (&q)[8]) {
+    GK_UNROLL
+    for (int j = 0; j < 4; ++j) {  // int8 -> (byte ^ 0x80) - 128
+        q[j] = qf(((a >> (8 * j)) & 0xffu) ^ 0x80u, 128.0f);
+        q[4 + j] = qf(((b >> (8 * j)) & 0xffu) ^ 0x80u, 128.0f);
+    }
+}
+
+// IQ4_NL: {fp16 d; u8 codes[16]}, 18 bytes (16-bit loads); Q4_0's layout. w = d * level.
+struct FmtIQ4_NL {
+    static constexpr int QK = 32, BYTES = 18, SUBS = 2, GROUPS = 2;
+    static constexpr bool BIAS = false;
+    struct Raw { u32 lv[4]; float d; };  // levels: group 0 (low nibbles) lv[0..1], group 1 lv[2..3]
+    __device__ static __forceinline__ Raw fetch(const u8* __restrict__ blk, int sub) {
+        const u16* h = reinterpret_cast<const u16*>(blk);
+        const u16* qs = h + 1 + 4 * sub;
+        Raw r;
+        iq4_levels(qs[0] | (u32(qs[1]) << 16), r.lv[0], r.lv[2]);
+        iq4_levels(qs[2] | (u32(qs[3]) << 16), r.lv[1], r.lv[3]);
+        r.d = half_bits_to_float(h[0]);
+        return r;
+    }
+    __device__ static __forceinline__ int col(int sub, int g) { return 16 * g + 8 * sub; }
+    __device__ static __forceinline__ void decode(const Raw& r, int g, float (&q)[8], float& scale, float& bias) {
+        iq4_floats(r.lv[2 * g], r.lv[2 * g + 1], q);
+        scale = r.d;
+        bias = 0.0f;
+    }
+};
+
+// IQ4_XS: {fp16 d; u16 scales_h; u8 scales_l[4]; u8 codes[128]}, 136 bytes (8-byte aligned: 64-bit
+// loads). Chunk sub = sub-block sub: codes bytes 16*sub .. +15, low nibbles = columns 0..15, high =
+// 16..31; scale d * ((nibble sub of scales_l | bit pair sub of scales_h << 4) - 32).
+struct FmtIQ4_XS {
+    static constexpr int QK = 256, BYTES = 136, SUBS = 8, GROUPS = 4;
+    static constexpr bool BIAS = false;
+    struct Raw { u32 lv[8]; float scale; };  // group g: lv[2g], lv[2g+1]
+    __device__ static __forceinline__ Raw fetch(const u8* __restrict__ blk, int sub) {
+        const uint2* w = reinterpret_cast<const uint2*>(blk);
+        const uint2 head = w[0], c0 = w[1 + 2 * sub], c1 = w[2 + 2 * sub];
+        Raw r;
+        iq4_levels(c0.x, r.lv[0], r.lv[4]);  // columns 0..3 | 16..19
+        iq4_levels(c0.y, r.lv[1], r.lv[5]);
+        iq4_levels(c1.x, r.lv[2], r.lv[6]);  // columns 8..11 | 24..27
+        iq4_levels(c1.y, r.lv[3], r.lv[7]);
+        const u32 sc = ((head.y >> (4 * sub)) & 0xfu) | (((head.x >> (16 + 2 * sub)) & 3u) << 4);
+        r.scale = __fmul_rn(half_bits_to_float(head.x & 0xffffu), float(int(sc) - 32));
+        return r;
+    }
+    __device__ static __forceinline__ int col(int sub, int g) { return 32 * sub + 8 * g; }
+    __device__ static __forceinline__ void decode(const Raw& r, int g, float (&q)[8], float& scale, float& bias) {
+        iq4_floats(r.lv[2 * g], r.lv[2 * g + 1], q);
+        scale = r.scale;
+        bias = 0.0f;
+    }
+};
+
 // ---- unquantized: "blocks" of 8 values = one 128-bit load (rows must be 16-byte aligned) ----------
 // Cvt::lo / Cvt::hi widen the low / high 16-bit value of a 32-bit word to float.
 template <class Cvt>
@@ -330,9 +482,13 @@ using FmtBF16 = Fmt16Bit<Bf16Pair>;
     X(q5_0, FmtQ5_0)    \
     X(q5_1, FmtQ5_1)    \
     X(q8_0, FmtQ8_0)    \
+    X(q2_k, FmtQ2_K)    \
+    X(q3_k, FmtQ3_K)    \
     X(q4_k, FmtQ4_K)    \
     X(q5_k, FmtQ5_K)    \
     X(q6_k, FmtQ6_K)    \
+    X(iq4_nl, FmtIQ4_NL) \
+    X(iq4_xs, FmtIQ4_XS) \
     X(f16, FmtF16)      \
     X(bf16, FmtBF16)
 #endif

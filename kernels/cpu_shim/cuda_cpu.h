@@ -117,6 +117,13 @@ inline unsigned __float_as_uint(float v) { return cuda_cpu_bit_cast<unsigned>(v)
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8 bytes {y:x} (x = bytes 0..3); s bits 16+ unused.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = (static_cast<unsigned long long>(y) << 32) | x;
+    unsigned r = 0;
+    for (int n = 0; n < 4; ++n) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * n)) & 7u))) & 0xffu) << (8 * n);
+    return r;
+}
 template <class T>
 inline T __ldg(const T* p) { return *p; }
 using std::max;
