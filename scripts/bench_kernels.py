@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.cuda.kernels import FORMATS, KernelLibrary  # noqa: E402
+from engine.formats import FORMATS as QUANT_FORMATS  # noqa: E402
 
 # (n, k): typical 7B projection shapes plus the default model's small ones
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (49152, 576))
@@ -98,15 +99,11 @@ def _sanitise_scales(torch, w, fmt) -> None:
     small finite scales where each block keeps them."""
     blocks = w.view(w.shape[0], -1, fmt.type_size)
     scale = torch.tensor([0.01], dtype=torch.float16, device=w.device).view(torch.uint8)
-    if fmt.name == "Q6_K":
-        blocks[:, :, 208:210] = scale
-    elif fmt.name in ("F16", "BF16"):
+    if fmt.name in ("F16", "BF16"):
         dtype = torch.float16 if fmt.name == "F16" else torch.bfloat16
         w.copy_(torch.randn(w.shape[0], w.shape[1] // 2, device=w.device).to(dtype).view(torch.uint8))
-    else:
-        blocks[:, :, 0:2] = scale  # d
-        if fmt.name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
-            blocks[:, :, 2:4] = scale  # m / dmin
+    for off in QUANT_FORMATS[fmt.name].scale_offsets:  # d, and m / dmin where the block has one
+        blocks[:, :, off:off + 2] = scale
 
 
 def _row(kind, fmt, n, k, t, sec, nbytes, info) -> dict:

@@ -7,11 +7,8 @@ import numpy as np
 
 from engine.formats import FORMATS
 
-# Byte offsets of the fp16 fields inside one block of each block format (the ggml block structs).
-FP16_FIELDS = {
-    "Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,),
-}
+# Byte offsets of the fp16 fields inside one block of each block format.
+FP16_FIELDS = {name: f.scale_offsets for name, f in FORMATS.items() if f.block_size > 1}
 # Formats gguf-py cannot quantize: their test data is random bytes with finite fp16 fields.
 RANDOM_ONLY = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 

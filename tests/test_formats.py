@@ -107,6 +107,23 @@ def test_sizes_match_gguf(name):
         assert tensor_nbytes(name, shape) == tensor_nbytes(fmt, shape) == expected
 
 
+@pytest.mark.parametrize("name", BLOCK_FORMATS)
+def test_scale_offsets_are_the_fp16_fields(name):
+    """gguf-py's decode of a random block is all zeros once exactly the listed fp16 fields are zero,
+    and not once any of them is left: they are the block's scales (and mins)."""
+    fmt = FORMATS[name]
+    assert fmt.scale_offsets and all(0 <= off <= fmt.type_size - 2 for off in fmt.scale_offsets)
+    blocks = random_blocks(np.random.default_rng(1), name, 8, "random", "random")
+    blocks[:, [off for off in range(fmt.type_size) if all(off - s not in (0, 1) for s in fmt.scale_offsets)]] |= 1
+    for keep in (None, *fmt.scale_offsets):
+        b = blocks.copy()
+        for off in fmt.scale_offsets:
+            if off != keep:
+                b[:, off:off + 2] = 0
+        values = gguf_dequantize(b.reshape(1, -1), qtype(name))
+        assert (values == 0).all() == (keep is None), (name, keep)
+
+
 @pytest.mark.parametrize("t", [GGMLQuantizationType.Q4_K, 12, np.uint32(12), "Q4_K"])
 def test_format_for_accepts_enum_id_and_name(t):
     assert format_for(t) is FORMATS["Q4_K"]

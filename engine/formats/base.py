@@ -31,6 +31,7 @@ class QuantFormat:
     ggml_type: int  # gguf.GGMLQuantizationType value
     block_size: int  # elements per block (1 for F32/F16/BF16)
     type_size: int  # bytes per block
+    scale_offsets: tuple[int, ...] = ()  # byte offsets of the block's fp16 fields (scales, mins)
 
     # -- byte accounting (pure: never touches weights) ------------------------------------------
     def row_nbytes(self, k: int, *, path: PathLike = None, field: str | None = None) -> int:
