@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from .cuda.device import select_device
-from .cuda.kvikio_io import open_reader
 from .errors import EngineError, ModelFormatError, PlanError
 from .gguf_file import GGUFFile
 from .models.llama import KVCache, Llama
 from .sampling import Sampler, SamplingParams
 from .spec import ModelSpec
 from .tiers.config import load_config
+from .tiers.io import open_reader
 from .tiers.runtime import Placement, build_weights, head_info
 from .tiers.trace import Tracer
 from .weights import layer_layout
@@ -104,10 +104,14 @@ class Model:
             placement = Placement.from_plan(plan, layouts, head_info(f, spec))
         device = select_device(cfg.device, threads=threads or cfg.compute_threads)
         tracer = Tracer(trace) if trace else None
-        reader = open_reader(f.path, cfg.io_backend, threads=cfg.io_threads or 2)
+        if plan is not None:  # the backend and thread count the plan's prediction assumed
+            reader = open_reader(f.path, plan.io_backend, threads=plan.io_threads)
+        else:
+            reader = open_reader(f.path, cfg.io_backend, threads=cfg.io_threads or 2)
         reader.tracer = tracer
         try:
-            weights, glob = build_weights(f, spec, layouts, placement, reader, device, tracer)
+            weights, glob = build_weights(f, spec, layouts, placement, reader, device, tracer,
+                                          cpu_threads=threads or cfg.compute_threads)
         except BaseException:
             reader.close()
             raise
@@ -117,12 +121,20 @@ class Model:
 
     def plan_summary(self) -> str:
         w = self.weights
-        n_stream, n_units = len(w.seq), len(w.units)
-        if not n_stream:
+        n_units, n_ring = len(w.units), len(w.sequences[False])
+        n_host = sum(1 for src in w.sources if src == "host")
+        parts = [f"{len(w.fixed) - (n_host if not w.staging.separate else 0)}/{n_units} units resident "
+                 f"({w.resident.nbytes / 2**20:.0f} MiB)"]
+        if w.host.nbytes:
+            where = "page-locked" if w.staging.separate else "in RAM, computed in place"
+            parts.append(f"{n_host} in the host tier ({w.host.nbytes / 2**20:.0f} MiB {where}"
+                         f"{f', {len(w.cpu_units)} computed on the CPU at <= {w.cpu_max_rows} rows' if w.cpu_units else ''})")
+        if n_ring:
+            parts.append(f"{n_ring} streamed through {w.k} x {w.slot_bytes / 2**20:.1f} MiB staging "
+                         f"({'O_DIRECT' if self.reader.direct else 'buffered'})")
+        if len(parts) == 1 and not n_ring:
             return f"all resident ({w.resident.nbytes / 2**20:.0f} MiB)"
-        return (f"{n_units - n_stream}/{n_units} units resident "
-                f"({w.resident.nbytes / 2**20:.0f} MiB), {n_stream} streamed through {w.k} x "
-                f"{w.slot_bytes / 2**20:.1f} MiB staging ({'O_DIRECT' if self.reader.direct else 'buffered'})")
+        return ", ".join(parts)
 
     def close(self) -> None:
         self.weights.close()

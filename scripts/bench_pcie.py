@@ -64,7 +64,7 @@ def timed_read(reader, path: Path, nbytes: int, buf, reps: int) -> float:
 
 
 def bench_reads(path: Path, nbytes: int, reps: int, device) -> dict:
-    from engine.cuda.device import CudaStaging, TorchCudaOps
+    from engine.cuda.staging import CudaStaging, TorchCudaOps
     from engine.cuda.kvikio_io import KvikioReader
     from engine.tiers.io import FileReader
 

@@ -144,7 +144,7 @@ def ring_bandwidth(w, tokens: int, busy: bool = False) -> dict:
         dt = took[0]
     else:
         dt = timed_reads(w.reader, reads, w.slots, "ring benchmark")
-    w._resync(w.seq[w.cur % len(w.seq)])
+    w.reload()
     nbytes = sum(p.size for p in reads)
     return {"bytes": nbytes, "seconds": dt, "bandwidth": nbytes / dt}
 

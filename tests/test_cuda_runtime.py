@@ -23,16 +23,8 @@ import torch
 from engine.cuda import device as cuda_device_mod
 from engine.cuda import kvikio_io, nvml
 from engine.cuda.cpu_shim import CpuBuildSpec, CpuKernels, PendingBuild
-from engine.cuda.device import (
-    CudaDevice,
-    CudaStaging,
-    HostStaging,
-    TorchCudaOps,
-    cuda_unavailable_reason,
-    linear_path,
-    select_device,
-    staging_for,
-)
+from engine.cuda.device import CudaDevice, cuda_unavailable_reason, linear_path, select_device
+from engine.cuda.staging import CudaStaging, TorchCudaOps
 from engine.device import CpuDevice
 from engine.errors import KernelError, WeightIOError
 from engine.formats import FORMATS as QFORMATS
@@ -44,9 +36,11 @@ from engine.tiers.hardware import (
     load_profile,
     save_profile,
 )
-from engine.tiers.io import FileReader, ReadPlan, aligned_empty
+from engine.tiers.io import FileReader, ReadPlan, aligned_empty, open_reader
+from engine.tiers.staging import HostStaging, staging_for
 from engine.tiers.runtime import Placement, head_info
 from engine.weights import QWeight, layer_layout
+from stream_sim import POLICIES, SimOps, sim_staging
 
 GiB = 1 << 30
 
@@ -57,102 +51,6 @@ def _keep_torch_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-# =============================================================================================
-# Stream simulator: StreamOps whose streams are deferred queues
-# =============================================================================================
-@dataclass(frozen=True, slots=True)
-class SimEvent:
-    stream: SimStream
-    index: int  # done once the stream has executed this many operations
-
-
-@dataclass(frozen=True, slots=True)
-class Barrier:
-    event: SimEvent
-
-
-class SimStream:
-    def __init__(self, name: str):
-        self.name, self.ops, self.done = name, [], 0
-
-
-class SimOps:
-    """Streams run only when forced: those named in `eager` as far as they can after every call, the
-    others when the host synchronises on one of their events (or at `finish`). `drop` removes one
-    kind of fence, to show the ring test catches a staging that forgets it."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, eager: frozenset[str], drop: str | None = None):
-        self.eager, self.drop = eager, drop
-        self.streams = {name: SimStream(name) for name in ("compute", "copy")}
-
-    def current_stream(self):
-        return self.streams["compute"]
-
-    def new_stream(self):
-        return self.streams["copy"]
-
-    def use(self, stream):
-        return contextlib.nullcontext()
-
-    def empty_host(self, nbytes):
-        return torch.zeros(nbytes, dtype=torch.uint8)
-
-    def empty_device(self, nbytes):
-        return torch.zeros(nbytes, dtype=torch.uint8)
-
-    def copy(self, dst, src, stream):
-        self.enqueue(stream, lambda: dst.copy_(src))
-
-    def record(self, stream):
-        return SimEvent(stream, len(stream.ops))
-
-    def wait(self, stream, event):
-        if self.drop != f"{stream.name}_wait":
-            self.enqueue(stream, Barrier(event))
-
-    def synchronize(self, event):
-        if self.drop != "host_sync":
-            self._run_until(event)
-            self._pump()
-
-    def enqueue(self, stream, op):
-        stream.ops.append(op)
-        self._pump()
-
-    def finish(self):
-        for s in self.streams.values():
-            self._run_until(SimEvent(s, len(s.ops)))
-
-    def _step(self, s: SimStream) -> bool:
-        if s.done == len(s.ops):
-            return False
-        op = s.ops[s.done]
-        if isinstance(op, Barrier):
-            if op.event.stream.done < op.event.index:
-                return False
-        else:
-            op()
-        s.done += 1
-        return True
-
-    def _pump(self):
-        while any(self._step(self.streams[name]) for name in sorted(self.eager)):
-            pass
-
-    def _run_until(self, ev: SimEvent):
-        s = ev.stream
-        while s.done < ev.index:
-            op = s.ops[s.done]
-            if isinstance(op, Barrier) and op.event.stream.done < op.event.index:
-                self._run_until(op.event)
-            self._step(s)
-
-
-POLICIES = {"copy-eager": frozenset({"copy"}), "compute-eager": frozenset({"compute"}), "lazy": frozenset()}
 
 
 def pattern(n: int, nbytes: int) -> torch.Tensor:
@@ -174,6 +72,7 @@ def run_ring(staging, launch, finish, units: int = 7, k: int = 2, nbytes: int = 
         launch(lambda n=n, data=h.data: seen.__setitem__(n, data.clone()))
         staging.release(h)
         if n + k < units:
+            staging.wait_host_free(h)  # the copy has read the pinned slot
             host[s].copy_(pattern(n + k, nbytes))  # the reader refills the slot
     finish()
     return seen
@@ -181,11 +80,6 @@ def run_ring(staging, launch, finish, units: int = 7, k: int = 2, nbytes: int = 
 
 def ring_errors(seen: dict[int, torch.Tensor], units: int = 7, nbytes: int = 4096) -> list[int]:
     return [n for n in range(units) if not torch.equal(seen[n].cpu(), pattern(n, nbytes))]
-
-
-def sim_staging(policy: str, drop: str | None = None) -> tuple[CudaStaging, SimOps]:
-    ops = SimOps(POLICIES[policy], drop)
-    return CudaStaging(ops, ops.current_stream(), ops.new_stream(), "sim"), ops
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -618,7 +512,7 @@ def test_kvikio_reader_reads_a_plan_like_file_reader(monkeypatch, data_file):
     path, data = data_file
     fake = fake_kvikio()
     monkeypatch.setitem(sys.modules, "kvikio", fake)
-    r = kvikio_io.open_reader(path, "kvikio")
+    r = open_reader(path, "kvikio")
     assert isinstance(r, kvikio_io.KvikioReader) and (r.mode, r.direct, r.align) == ("compat", False, 4096)
     plan = r.plan(RUNS)
     assert plan == ReadPlan.build(RUNS, 4096)
@@ -665,7 +559,7 @@ def test_kvikio_fallback_to_file_reader(monkeypatch, caplog, data_file, module):
         kvikio_io.KvikioReader(path)
     assert e.value.field == "io_backend"
     with caplog.at_level(logging.INFO, logger="engine.io"):
-        r = kvikio_io.open_reader(path, "kvikio", threads=1)
+        r = open_reader(path, "kvikio", threads=1)
     assert isinstance(r, FileReader)
     lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("kvikio unavailable")]
     assert len(lines) == 1 and ("not installed" in lines[0] or "libcuda" in lines[0])

@@ -46,8 +46,13 @@ def placements(path):
     mixed = [frozenset(t.name for r, t in lay.tensors if (i % 2 == 1) or (i == 0 and r.startswith("ffn_")))
              for i, lay in enumerate(lays)]
     whole = ((0, head.shape[0]),)
-    yield "mixed-head-resident", Placement(tuple(mixed) + (frozenset(),), whole, True, 2)
-    yield "mixed-head-streamed", Placement(tuple(mixed) + (frozenset({head.name}),), whole, False, 2)
+    yield "mixed-head-resident", Placement(tuple(mixed) + (frozenset(),), whole, "resident", 2)
+    yield "mixed-head-streamed", Placement(tuple(mixed) + (frozenset({head.name}),), whole, "disk", 2)
+    # the host tier (on the CPU: bound in the host store, no ring) beside disk units and a resident one
+    yield "host-all", Placement.uniform(lays, head, stream=True, ring_size=2, head_chunks=2, source="host")
+    n = len(mixed)
+    yield "host-and-disk", Placement(tuple(mixed) + (frozenset({head.name}),), whole, "host", 2,
+                                     sources=tuple("host" if i % 3 == 0 else "disk" for i in range(n + 1)))
 
 
 def run(path, placement):
@@ -66,7 +71,7 @@ def test_all_placements_bit_identical_tiny(tmp_path, cfg):
     for name, (logits, text, summary) in results.items():
         assert np.array_equal(logits, ref_logits), name
         assert text == ref_text, name
-        assert "streamed" in summary
+        assert ("host tier" if name.startswith("host") else "streamed") in summary, (name, summary)
 
 
 def run_config(path, config, rank=0):

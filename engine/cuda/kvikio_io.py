@@ -6,12 +6,11 @@ host bounce; where GDS is unavailable (GeForce cards, most file systems, contain
 compat mode (POSIX reads through its own pinned bounce buffers). kvikio picks the mode itself
 (KVIKIO_COMPAT_MODE=AUTO); `mode` reports it. Its thread pool size comes from KVIKIO_NTHREADS.
 
-`open_reader` is what the runtime calls for io_backend "kvikio": without kvikio or a CUDA driver it
-logs one line and returns a FileReader instead.
+engine.tiers.io.open_reader imports this module only for io_backend "kvikio"; without kvikio or a
+CUDA driver it logs one line and returns a FileReader instead.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
@@ -19,9 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import KernelError, WeightIOError
-from ..tiers.io import DIRECT_ALIGN, FileReader, ReadPlan, Ticket
-
-log = logging.getLogger("engine.io")
+from ..tiers.io import DIRECT_ALIGN, ReadPlan, Ticket
 
 
 def _import_kvikio():
@@ -104,6 +101,8 @@ class KvikioReader:
         preferred = getattr(defaults, "is_compat_mode_preferred", None) or defaults.compat_mode  # kvikio < 24.12
         self.mode = "compat" if preferred() else "gds"
         self.direct = self.mode == "gds"  # page cache bypassed
+        # GPUDirect Storage: the scheduler reads straight into device slots (no pinned bounce, no upload)
+        self.device_reads = self.mode == "gds"
 
     def _probe(self) -> None:
         """One small host read: kvikio needs the CUDA driver even for host memory (pointer queries)."""
@@ -157,14 +156,3 @@ class KvikioReader:
             self._closed = True
             self._file.close()
 
-
-def open_reader(path: str | os.PathLike, backend: str = "auto", threads: int = 2) -> KvikioReader | FileReader:
-    """The reader for a config's io_backend: "kvikio" tries KvikioReader and falls back to a FileReader
-    (O_DIRECT where allowed) with one log line; other backends are FileReader's."""
-    if backend != "kvikio":
-        return FileReader(os.fspath(path), backend=backend, threads=threads)
-    try:
-        return KvikioReader(path)
-    except KernelError as e:
-        log.warning("kvikio unavailable (%s); reading with the POSIX reader", e)
-        return FileReader(os.fspath(path), backend="auto", threads=threads)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightIOError
+from ..errors import KernelError, WeightIOError
 from .units import DIRECT_IO_ALIGN as DIRECT_ALIGN
 from .units import HUGE_PAGE
 from .units import READ_CHUNK as CHUNK
@@ -58,6 +58,26 @@ class ReadPlan:
             dest += hi - lo
         return cls(tuple(spans), dest, align)
 
+    def pieces(self, max_bytes: int) -> list[tuple[int, "ReadPlan"]]:
+        """The plan cut into consecutive parts of at most max_bytes of buffer (rounded up to the
+        alignment): (buffer offset of the part, the part as a plan whose buffer starts at 0)."""
+        step = max(self.align, max_bytes // self.align * self.align)
+        out: list[tuple[int, ReadPlan]] = []
+        part: list[tuple[int, int, int, int]] = []
+        start = 0
+        for off, n, dest, need in self.spans:
+            for c in range(0, n, step):
+                m = min(step, n - c)
+                if part and dest + c + m - start > step:
+                    out.append((start, ReadPlan(tuple(part), part[-1][2] + part[-1][1], self.align)))
+                    part = []
+                if not part:
+                    start = dest + c
+                part.append((off + c, m, dest + c - start, max(0, min(m, need - c))))
+        if part:
+            out.append((start, ReadPlan(tuple(part), part[-1][2] + part[-1][1], self.align)))
+        return out
+
     def where(self, file_offset: int) -> int:
         """Buffer offset of a byte that lies in one of the runs."""
         for off, n, dest, _ in self.spans:
@@ -77,11 +97,11 @@ def aligned_empty(nbytes: int, align: int = DIRECT_ALIGN) -> torch.Tensor:
     shift = (-raw.data_ptr()) % align
     buf = raw[shift:shift + nbytes]
     if huge:
-        _madvise_huge(buf.data_ptr(), nbytes // HUGE_PAGE * HUGE_PAGE)
+        madvise_huge(buf.data_ptr(), nbytes // HUGE_PAGE * HUGE_PAGE)
     return buf
 
 
-def _madvise_huge(addr: int, length: int) -> None:
+def madvise_huge(addr: int, length: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), 14)  # MADV_HUGEPAGE; advisory only
@@ -115,6 +135,7 @@ class FileReader:
                 os.close(self.fd)
                 self.fd, self.direct = dfd, True
         self.align = DIRECT_ALIGN if self.direct else 1
+        self.device_reads = False  # reads land in host memory only
         self.tracer = None
         lib = _native_library()
         self._lib = lib
@@ -324,3 +345,18 @@ def _native_library():
         log.warning("native reader: ABI %d, expected 2; reading with Python threads", lib.pq_abi_version())
         return None
     return lib
+
+
+def open_reader(path, backend: str = "auto", threads: int = 2):
+    """The reader for a plan's io_backend: "kvikio" tries engine.cuda.kvikio_io.KvikioReader (imported
+    only then) and falls back to a FileReader (O_DIRECT where allowed) with one log line; the other
+    backends are FileReader's."""
+    if backend == "kvikio":
+        from ..cuda.kvikio_io import KvikioReader
+
+        try:
+            return KvikioReader(path)
+        except KernelError as e:
+            log.warning("kvikio unavailable (%s); reading with the POSIX reader", e)
+            backend = "auto"
+    return FileReader(os.fspath(path), backend=backend, threads=threads)

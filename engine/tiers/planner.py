@@ -74,6 +74,7 @@ class LayerPlacement:
     resident_roles: frozenset[str]  # kept resident even when the layer streams (partial residency)
     streamed_roles: frozenset[str]
     streamed_bytes: int  # per decode step
+    cpu_decode: bool = False  # hybrid: computed on the CPU over the host tier in passes of <= cpu_max_rows rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,8 @@ class Plan:
     output_chunks: int
     predicted: Prediction
     notes: tuple[str, ...] = ()
+    output_cpu_decode: bool = False  # hybrid: the head's chunks computed on the CPU at small passes
+    cpu_max_rows: int = 0  # hybrid: passes of at most this many rows compute cpu_decode units on the CPU
 
     @property
     def streamed_bytes(self) -> Mapping[str, int]:

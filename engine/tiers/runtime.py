@@ -1,53 +1,85 @@
 """From a frozen Plan to live stores: the resident store, the reader and the streaming scheduler."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..errors import PlanError
 from ..gguf_file import GGUFFile, TensorInfo
 from ..spec import ModelSpec
 from ..weights import GlobalWeights, LayerLayout, QWeight, global_weights
 from .io import FileReader
-from .scheduler import ResidentStore, TieredWeights, Unit
+from .planner import HOST, RESIDENT, TIERS
+from .scheduler import HostStore, ResidentStore, TieredWeights, Unit
+from .staging import staging_for
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """What the runtime needs of a plan: per unit (blocks 0..L-1, then the output head's row chunks),
-    the names of the tensors that stream from disk; the head's row ranges; whether the embedding rows
-    are resident; the ring depth and the size of one staging buffer (0: as the largest load needs)."""
+    """What the runtime needs of a plan, per unit (blocks 0..L-1, then the output head's row chunks):
+    `streamed[i]` the names of the tensors that are not in the resident store and `sources[i]` where
+    they come from ("disk": read from the model file every pass; "host": the exact-size pinned host
+    store, read once at load; empty for resident units; default "disk"). The head's row ranges; the
+    embedding's tier ("resident": the compute device, "host": the host store, "disk": the file's
+    memory map; a tied embedding whose head is not resident looks rows up in the memory map); the
+    ring depth and the size of one staging buffer (0: as the largest load needs). Hybrid compute:
+    `cpu_units` compute on the CPU in passes of at most `cpu_max_rows` rows (batch x tokens)."""
 
     streamed: tuple[frozenset[str], ...]
     head_rows: tuple[tuple[int, int], ...]
-    embedding_resident: bool
+    embedding_tier: str
     ring_size: int
     staging_bytes: int = 0
+    sources: tuple[str, ...] = ()
+    cpu_units: frozenset[int] = frozenset()
+    cpu_max_rows: int = 0
+
+    def __post_init__(self):
+        if self.embedding_tier not in TIERS:
+            raise PlanError(f"must be one of {', '.join(TIERS)}, got {self.embedding_tier!r}", field="embedding_tier")
+        bad = [s for s in self.sources if s not in ("", "host", "disk")]
+        if bad:
+            raise PlanError(f"unit sources must be host or disk, got {bad[0]!r}", field="sources")
+
+    def source(self, i: int) -> str:
+        if not self.streamed[i]:
+            return ""
+        return self.sources[i] if i < len(self.sources) and self.sources[i] else "disk"
 
     @classmethod
     def from_plan(cls, plan, layouts: Sequence[LayerLayout], head: TensorInfo) -> "Placement":
-        streamed = [frozenset() if lp.tier == "resident" else
+        streamed = [frozenset() if lp.tier == RESIDENT else
                     frozenset(t.name for role, t in lay.tensors if role in lp.streamed_roles)
                     for lp, lay in zip(plan.layers, layouts)]
+        sources = [lp.tier if s else "" for lp, s in zip(plan.layers, streamed)]
+        cpu = {lp.index for lp in plan.layers if lp.cpu_decode}
         vocab = head.shape[0]
-        if plan.output_tier == "resident":
+        if plan.output_tier == RESIDENT:
             rows = ((0, vocab),)
         else:
             step = plan.output_chunk_rows
             rows = tuple((r, min(vocab, r + step)) for r in range(0, vocab, step))
         for r0, r1 in rows:
-            streamed.append(frozenset() if plan.output_tier == "resident" else frozenset({_rows_name(head, r0, r1)}))
-        return cls(tuple(streamed), rows, plan.embedding_tier != "disk", plan.ring_size, plan.staging_bytes)
+            if plan.output_cpu_decode:
+                cpu.add(len(streamed))
+            streamed.append(frozenset() if plan.output_tier == RESIDENT else frozenset({_rows_name(head, r0, r1)}))
+            sources.append("" if plan.output_tier == RESIDENT else plan.output_tier)
+        return cls(tuple(streamed), rows, plan.embedding_tier, plan.ring_size, plan.staging_bytes, tuple(sources),
+                   frozenset(cpu), plan.cpu_max_rows)
 
     @classmethod
     def uniform(cls, layouts: Sequence[LayerLayout], head: TensorInfo, stream: bool, ring_size: int = 2,
-                head_chunks: int = 1):
-        """Everything resident, or every block and the head (in `head_chunks` row chunks) streamed."""
+                head_chunks: int = 1, source: str = "disk"):
+        """Everything resident, or every block and the head (in `head_chunks` row chunks) streamed
+        from `source` (the embedding then lives there too)."""
         s = [frozenset(t.name for _, t in lay.tensors) if stream else frozenset() for lay in layouts]
         vocab = head.shape[0]
         step = -(-vocab // head_chunks)
         rows = tuple((r, min(vocab, r + step)) for r in range(0, vocab, step))
         s += [frozenset({_rows_name(head, r0, r1)}) if stream else frozenset() for r0, r1 in rows]
-        return cls(tuple(s), rows, not stream, ring_size)
+        return cls(tuple(s), rows, source if stream else RESIDENT, ring_size,
+                   sources=tuple(source if x else "" for x in s))
 
 
 def _rows_name(head: TensorInfo, r0: int, r1: int) -> str:
@@ -66,25 +98,43 @@ def head_info(f: GGUFFile, spec: ModelSpec) -> TensorInfo:
 
 
 def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], placement: Placement,
-                  reader: FileReader, device, tracer=None) -> tuple[TieredWeights, GlobalWeights]:
-    from ..cuda.device import staging_for
-
+                  reader: FileReader, device, tracer=None, cpu_threads: int | None = None
+                  ) -> tuple[TieredWeights, GlobalWeights]:
+    """The stores and the scheduler of a placement on `device`. Every tier is bound where the placement
+    says: resident tensors in the device's memory, host-tier units in the host store (uploaded through
+    the ring, or computed there by the CPU), disk units read through the ring."""
     staging = staging_for(device)
     head = head_info(f, spec)
     units = [Unit(f"blk.{lay.index}", tuple(t for _, t in lay.tensors), lay.bind) for lay in layouts]
     for r0, r1 in placement.head_rows:
         t = head_rows_info(head, r0, r1)
         units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, t=t: QWeight(t.name, t.fmt, t.shape, view(t))))
+    if len(placement.streamed) != len(units):
+        raise PlanError(f"the placement has {len(placement.streamed)} units, the model {len(units)}", field="streamed")
     resident = [t for u, s in zip(units, placement.streamed) for t in u.tensors if t.name not in s]
     embd = f.tensor("token_embd.weight")
-    if placement.embedding_resident and all(t.name != embd.name for t in resident):
-        resident.append(embd)
+    regions = {u.name: [t for t in u.tensors if t.name in placement.streamed[i]]
+               for i, u in enumerate(units) if placement.source(i) == "host"}
+    if not spec.tied_output:  # tied: the head's tensor, resident with it or else looked up in the map
+        if placement.embedding_tier == RESIDENT:
+            resident.append(embd)
+        elif placement.embedding_tier == HOST:
+            regions[embd.name] = [embd]
     store = ResidentStore(reader, resident, staging)
+    host = HostStore(reader, regions, staging)
     glob = global_weights(f, spec)
-    if embd in store:  # embedding rows from the resident copy, else from the (page-cached) map
-        glob = GlobalWeights(QWeight(embd.name, embd.fmt, embd.shape, store.view(embd)), glob.output_norm,
-                             glob.rope_freqs)
+    if embd in store:  # embedding rows from the resident copy, else the host store, else the file's map
+        glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, store.view(embd)))
+    elif embd.name in host.plans:
+        glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, host.view(embd.name, embd)))
+    cpu_device = device
+    if placement.cpu_units and staging.separate:
+        from ..device import CpuDevice
+
+        cpu_device = CpuDevice(cpu_threads)
     weights = TieredWeights(units, placement.streamed, reader, store, placement.ring_size, staging, tracer,
-                            slot_bytes=placement.staging_bytes)
+                            slot_bytes=placement.staging_bytes, host=host,
+                            sources=[placement.source(i) for i in range(len(units))], cpu_units=placement.cpu_units,
+                            cpu_max_rows=placement.cpu_max_rows, device=device, cpu_device=cpu_device)
     weights.head_rows = placement.head_rows
     return weights, glob
