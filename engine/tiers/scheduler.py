@@ -223,9 +223,10 @@ class TieredWeights:
         t0 = tr.now() if tr else 0.0
         self._pump()
         if self.dev_unit[s] != i:  # not uploaded yet: its read (or the slot) is what we wait for
-            if self.sources[i] == "disk":
-                self._start_read(s, i, block=True)
-            self._finish(s, i, block=True)
+            try:
+                self._bring(s, i)
+            except Exception:  # a failed read (perhaps a prefetch from before a fault cleared): once more
+                self._bring(s, i)
         if not self.waited[s]:
             self.staging.wait(self.uploads[s])
             self.waited[s] = True
@@ -296,6 +297,11 @@ class TieredWeights:
             if in_order and not self._finish(s, i, block=False):
                 in_order = False  # the copy queue stays in occurrence order
 
+    def _bring(self, s: int, i: int) -> None:
+        if self.sources[i] == "disk":
+            self._start_read(s, i, block=True)
+        self._finish(s, i, block=True)
+
     def _start_read(self, s: int, i: int, block: bool) -> bool:
         """Unit i's read into slot s is issued (or done); False if the slot is still busy (block=False)."""
         if self.host_unit[s] == i:
@@ -342,6 +348,12 @@ class TieredWeights:
             return True
         if not block and not t.done():
             return False
+        if not block:  # a failed prefetch is raised by the layer() that needs it, never by release()
+            try:
+                t.wait()
+            except Exception:
+                return False
+            return True
         try:
             t.wait()  # returns or raises only once no chunk of the read is writing into the slot
         except Exception:
