@@ -1,4 +1,4 @@
-"""python -m engine.plan [--model PATH | --describe MODEL:MIX] [--config YAML] [--hardware NAME|JSON] [--json]
+"""python -m engine.plan [--model PATH | --describe MODEL:MIX] [--config YAML] [--hardware NAME|JSON] [--hybrid auto|off] [--json]
 
 Prints where every layer, the embedding, the output head and the KV cache would live, the staging
 ring, and the predicted per-token time (compute and transfer per tier) -- without loading weights.
@@ -10,12 +10,13 @@ Errors: one line on stderr, exit 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 from .cli import guarded
-from .tiers.config import AUTO, TierConfig, load_config
+from .tiers.config import AUTO, HYBRID, TierConfig, load_config
 from .tiers.footprint import MIXES, ModelFootprint, describe, footprint_from_gguf
 from .tiers.hardware import PRESETS, HardwareProfile, detect_device, load_profile, resolve_profile
 from .tiers import speculation
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="tier config YAML (default: auto)")
     p.add_argument("--hardware", help=f"hardware profile: a preset ({', '.join(PRESETS)}) or a JSON file "
                                       f"(default: the config's, else the calibrated one, else defaults)")
+    p.add_argument("--hybrid", choices=HYBRID, help="override the config's hybrid_compute: auto lets host-tier "
+                                                      "layers compute on the CPU in small passes, off streams them")
     p.add_argument("--batch", type=int, default=Workload().batch)
     p.add_argument("--prompt-tokens", type=int, default=Workload().prompt_tokens)
     p.add_argument("--gen-tokens", type=int, default=Workload().gen_tokens)
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> tuple[Plan, Speculation]:
     cfg = load_config(args.config)
+    if args.hybrid is not None:
+        cfg = dataclasses.replace(cfg, hybrid_compute=args.hybrid)
     work = Workload(batch=args.batch, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
     fp = model_footprint(args.model, args.describe)
     hw = hardware_for(cfg, args.hardware)

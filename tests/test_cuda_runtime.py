@@ -8,12 +8,10 @@ torch CUDA / cupy / kvikio / pynvml, and hardware profiles from fake NVML values
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import types
-from dataclasses import dataclass
 
 import gguf
 import numpy as np

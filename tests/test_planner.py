@@ -2,6 +2,7 @@
 described without weights on 24 GB cards, and the cost model checked against closed-form pipelines."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -222,7 +223,11 @@ def _check_consistent(p, fp, hw):
     if tied:
         assert p.embedding_tier == p.output_tier
     assert p.resident_weight_bytes == res_weights
-    kv = p.kv_bytes if p.kv_tier == "resident" else 0
+    cpu = [lp for lp in p.layers if lp.cpu_decode]  # hybrid: whole host-tier layers, their KV in host RAM
+    assert all(lp.tier == "host" and not lp.resident_roles for lp in cpu) and (p.cpu_max_rows > 0) == bool(
+        cpu or p.output_cpu_decode)
+    assert not p.output_cpu_decode or p.output_tier == "host"
+    kv = p.kv_bytes - len(cpu) * (p.kv_bytes // len(p.layers)) if p.kv_tier == "resident" else 0
     assert p.resident_bytes == res_weights + p.ring_size * p.staging_bytes + kv + p.workspace_bytes
     assert p.resident_bytes <= p.resident_budget
     streamed = [lp.streamed_bytes for lp in p.layers if lp.streamed_bytes]
@@ -397,9 +402,11 @@ def test_embedding_leaves_the_budget_before_any_layer_streams():
 
 # -- 70B-class models on GPU presets (predicted, never measured here) --------------------------------------
 def test_llama70b_on_rtx4090(llama70b):
+    """Without hybrid compute: every host-tier layer streams over PCIe every token."""
     hw = PRESETS["rtx4090"]()
-    cfg = load_config(CONFIGS / "rtx4090-70b.yaml")
+    cfg = dataclasses.replace(load_config(CONFIGS / "rtx4090-70b.yaml"), hybrid_compute="off")
     p = plan(llama70b, hw, cfg)
+    assert p.cpu_max_rows == 0 and not any(lp.cpu_decode for lp in p.layers)
     _check_consistent(p, llama70b, hw)
     assert p.resident_bytes <= 22.5 * GiB and p.host_bytes <= 40 * GiB
     assert {lp.tier for lp in p.layers} == {"resident", "host"}  # 40 GiB of pinned RAM: no disk reads
@@ -413,6 +420,48 @@ def test_llama70b_on_rtx4090(llama70b):
     assert p.predicted.token_s >= host_bytes / hw.host_to_device * (1 - 1e-9)
     assert p.predicted.token_s <= 1.1 * p.predicted.bound_s  # the copy queue is kept busy
     assert 0.5 < p.predicted.tokens_per_s < 3
+
+
+def test_llama70b_on_rtx4090_hybrid(llama70b):
+    """With hybrid compute (the config's auto): host-RAM layers compute on the CPU at batch-1 decode
+    while the GPU's share of them streams over PCIe meanwhile; prefill streams them all to the GPU."""
+    hw = PRESETS["rtx4090"]()
+    cfg = load_config(CONFIGS / "rtx4090-70b.yaml")
+    p = plan(llama70b, hw, cfg)
+    off = plan(llama70b, hw, dataclasses.replace(cfg, hybrid_compute="off"))
+    _check_consistent(p, llama70b, hw)
+    cpu = [lp for lp in p.layers if lp.cpu_decode]
+    gpu_host = [lp for lp in p.layers if lp.tier == "host" and not lp.cpu_decode]
+    assert cpu and gpu_host  # both devices work on the host tier: CPU compute overlaps PCIe copies
+    assert p.predicted.tokens_per_s > 3 > 2 * off.predicted.tokens_per_s
+    # the CPU's share: its kernels over its layers' bytes, and the PCIe share: the rest of the host tier
+    cpu_bytes = sum(lp.streamed_bytes for lp in cpu) + (llama70b.head.nbytes if p.output_cpu_decode else 0)
+    assert p.predicted.cpu_s >= cpu_bytes / hw.host_rate("Q4_K").t1 * 0.99
+    assert p.streamed_bytes["host"] == sum(lp.streamed_bytes for lp in gpu_host) + (
+        0 if p.output_cpu_decode else llama70b.head.nbytes)
+    assert p.predicted.token_s >= max(p.predicted.compute_s, p.streamed_bytes["host"] / hw.host_to_device) * (1 - 1e-9)
+    # prefill: the same placement streamed to the GPU, so the same prefill prediction as without hybrid
+    assert p.predicted.prefill_s == pytest.approx(plan(llama70b, hw, dataclasses.replace(
+        cfg, hybrid_compute="off")).predicted.prefill_s, rel=0.05)
+    # the CPU computes a pass of r rows no slower than PCIe streams it exactly up to cpu_max_rows
+    tensors = [t for lp in cpu for t in llama70b.layers[lp.index].tensors] + (
+        [llama70b.head] if p.output_cpu_decode else [])
+
+    def cpu_time(rows):
+        return sum(hw.host_rate(t.fmt).seconds(t.nbytes, rows) for t in tensors)
+
+    assert cpu_time(p.cpu_max_rows) <= cpu_bytes / hw.host_to_device < cpu_time(p.cpu_max_rows + 1)
+    assert any("hybrid" in n and "Streaming every host-tier unit instead" in n for n in p.notes)
+    text = p.table()
+    assert "C" in text.split("layer map")[1].splitlines()[1] and "hybrid: passes of <=" in text
+
+
+def test_hybrid_needs_host_cpu_rates(llama70b):
+    hw = dataclasses.replace(PRESETS["rtx4090"](), host_compute={}, host_bandwidth=0.0)
+    p = plan(llama70b, hw, load_config(CONFIGS / "rtx4090-70b.yaml"))
+    assert p.cpu_max_rows == 0 and any("no host CPU rates" in n for n in p.notes)
+    cpu = plan(describe("llama3-8b:Q4_K_M"), cpu_profile(), load_config(CONFIGS / "cpu-tight.yaml"))
+    assert cpu.cpu_max_rows == 0 and not any("hybrid" in n for n in cpu.notes)  # the CPU path has none
 
 
 def test_llama70b_on_rtx3090_uses_disk(llama70b):

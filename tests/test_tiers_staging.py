@@ -4,14 +4,13 @@ uploads that overlap compute, units that own their slot uploaded once, GPUDirect
 hybrid compute (device_for / kv_device) following the placement."""
 from __future__ import annotations
 
-import os
 import sys
 import types
-import weakref
 
 import numpy as np
 import pytest
 import torch
+from stream_sim import POLICIES, Barrier, sim_staging
 
 from engine.cuda.staging import TorchCudaOps
 from engine.formats import FORMATS
@@ -19,7 +18,6 @@ from engine.gguf_file import TensorInfo
 from engine.tiers.io import FileReader, ReadPlan
 from engine.tiers.scheduler import HostStore, ResidentStore, TieredWeights, Unit
 from engine.tiers.staging import HostStaging
-from stream_sim import POLICIES, Barrier, sim_staging
 
 FMT = FORMATS["F32"]
 SIZES = (5000, 12000, 300, 7000, 9000, 4096, 6000)  # bytes of each unit's two tensors together
@@ -329,3 +327,97 @@ def test_read_plan_pieces_cover_the_plan():
     file_of = {dest + d: off for dest, part in parts for off, _, d, _ in part.spans}
     for off, n, dest, _ in p.spans:
         assert file_of[dest] == off
+
+
+# -- a real plan, bound on a simulated CUDA device ---------------------------------------------------------
+PLAN_CASES = {  # tiny model of 8 layers (3.2 MiB each): budgets that make the planner use every tier
+    "tiers": {"resident_budget": 14_000_000, "host_budget": 10_000_000, "hybrid_compute": "off"},
+    "hybrid": {"resident_budget": 14_000_000, "host_budget": 10_000_000, "hybrid_compute": "auto"},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny8(tmp_path_factory):
+    from tiny_llama import TinyConfig, write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny8") / "t.gguf",
+                            TinyConfig(n_layers=8, dim=512, ffn=1536, tied=False, seed=3, ctx=256))
+
+
+@pytest.mark.parametrize("case", list(PLAN_CASES))
+def test_every_planned_tier_is_bound_where_the_plan_says(tiny8, case):
+    """planner -> Placement.from_plan -> build_weights on a simulated CUDA device: resident tensors in
+    device memory, host-tier layers in the exact-size pinned host store (and, hybrid, computed there by
+    the CPU at decode), disk layers read through the ring, the embedding in its tier; device_for and
+    kv_device follow the plan; every bound byte is the file's."""
+    import dataclasses
+
+    from engine.gguf_file import GGUFFile
+    from engine.spec import ModelSpec
+    from engine.tiers.config import load_config
+    from engine.tiers.footprint import footprint_from_gguf
+    from engine.tiers.hardware import PRESETS
+    from engine.tiers.planner import Workload, plan
+    from engine.tiers.runtime import Placement, build_weights, head_info
+    from engine.weights import layer_layout
+
+    f = GGUFFile(tiny8)
+    spec = ModelSpec.from_gguf(f)
+    hw = dataclasses.replace(PRESETS["rtx4090"](), resident_bytes=1 << 30, host_bytes=1 << 30)
+    cfg = load_config({"device": "cuda", "io_backend": "posix", "kv_cache": {"max_context": 64}, **PLAN_CASES[case]})
+    p = plan(footprint_from_gguf(f, spec), hw, cfg, Workload(1, 16, 16))
+    tiers = {lp.tier for lp in p.layers}
+    assert tiers == {"resident", "host", "disk"} if case == "tiers" else {"resident", "host"} <= tiers
+    assert any(lp.cpu_decode for lp in p.layers) == (case == "hybrid")
+    layouts = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+    placement = Placement.from_plan(p, layouts, head_info(f, spec))
+    staging, ops = sim_staging("lazy")
+    device = types.SimpleNamespace(name="cuda-sim", staging=staging)
+    threads = torch.get_num_threads()
+    reader = FileReader(str(tiny8), backend="posix", threads=p.io_threads)
+    try:
+        w, glob = build_weights(f, spec, layouts, placement, reader, device, cpu_threads=1)
+        host = w.host.buf
+        assert (host.data_ptr(), host.numel()) in ops.pinned  # the host tier: one exact-size pinned allocation
+        assert host.numel() == sum(pl.size for pl in w.host.plans.values())
+
+        def inside(t, buf):
+            return buf.data_ptr() <= t.data_ptr() and t.data_ptr() + t.numel() <= buf.data_ptr() + buf.numel()
+
+        seen = []
+        for rows in (16, 1, 1):  # a prefill pass, then decode passes
+            for lp, lay in zip(p.layers, layouts):
+                i = lp.index
+                dev = w.device_for(i, rows)
+                assert dev is (w.cpu_device if lp.cpu_decode and rows <= p.cpu_max_rows else device)
+                assert w.kv_device(i) is (w.cpu_device if lp.cpu_decode else device)
+                got = w.layer(i, rows)
+                for role, t in lay.tensors:
+                    data = getattr(got, role)
+                    data = data.data if hasattr(data, "data") and not isinstance(data, torch.Tensor) else data
+                    if role in lp.resident_roles:
+                        where = inside(data, w.resident.buf) and ops.on_device(data)
+                    elif dev is not device:  # hybrid decode: the CPU reads the pinned host store itself
+                        where = lp.tier == "host" and inside(data, host)
+                    else:  # host and disk tiers alike reach the GPU through a ring slot
+                        where = any(inside(data, s) for s in w.dev_slots)
+                    assert where, (rows, i, role, lp.tier)
+                    seen.append((t, data.view(torch.uint8) if data.dtype != torch.uint8 else data))
+                    ops.enqueue(ops.streams["compute"], lambda s=seen, n=len(seen) - 1: s.__setitem__(
+                        n, (s[n][0], s[n][1].clone())))  # the 'kernel' reads the bytes in stream order
+                w.release(i)
+        ops.finish()
+        for t, data in seen:
+            assert torch.equal(data, torch.from_numpy(f.view(t).numpy().copy())), t.name
+        embd = glob.token_embd.data
+        if p.embedding_tier == "resident":
+            assert ops.on_device(embd)
+        elif p.embedding_tier == "host":
+            assert inside(embd, host) and not ops.on_device(embd)
+        else:
+            assert not ops.on_device(embd) and not inside(embd, host)
+        assert torch.equal(embd, f.view(f.tensor("token_embd.weight")))
+        assert w.cpu_max_rows == p.cpu_max_rows and w.cpu_units == placement.cpu_units
+    finally:
+        torch.set_num_threads(threads)
+        reader.close()

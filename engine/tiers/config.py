@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -28,6 +29,7 @@ SLOW_TIERS = ("disk", "none")
 KV_PLACEMENTS = ("auto", "resident", "host")
 KV_DTYPES = ("auto", "f32", "f16")
 IO_BACKENDS = ("auto", "kvikio", "posix", "odirect")
+HYBRID = ("auto", "off")
 AUTO = "auto"
 
 
@@ -65,7 +67,7 @@ class Budget:
         return self.nbytes is None and self.fraction is None
 
     @classmethod
-    def parse(cls, value: object, *, field: str, path: str | None, allow_fraction: bool) -> "Budget":
+    def parse(cls, value: object, *, field: str, path: str | None, allow_fraction: bool) -> Budget:
         if isinstance(value, Budget):
             return value
         if value is None or value == AUTO:
@@ -117,6 +119,9 @@ class TierConfig:
     io_threads: int | None = None
     compute_threads: int | None = None
     hardware: str = AUTO  # auto (calibrated profile, else defaults) | preset name | profile JSON path
+    # auto: on CUDA, host-tier layers compute on the CPU in small passes where the cost model predicts
+    # that faster than streaming them over PCIe | off: every layer computes on the GPU
+    hybrid_compute: str = AUTO
     source: str | None = field(default=None, compare=False, repr=False)  # file it was read from
 
     def __post_init__(self):
@@ -124,6 +129,7 @@ class TierConfig:
         _choice(self, "device", DEVICES)
         _choice(self, "slow_tier", SLOW_TIERS)
         _choice(self, "io_backend", IO_BACKENDS)
+        _choice(self, "hybrid_compute", HYBRID)
         object.__setattr__(self, "resident_budget",
                            Budget.parse(self.resident_budget, field="resident_budget", path=p, allow_fraction=True))
         object.__setattr__(self, "host_budget",
@@ -174,7 +180,7 @@ class TierConfig:
         return out
 
 
-def load_config(src: "str | os.PathLike | Mapping | TierConfig | None" = None) -> TierConfig:
+def load_config(src: str | os.PathLike | Mapping | TierConfig | None = None) -> TierConfig:
     """A validated TierConfig from a YAML path, a mapping, a TierConfig (returned as is) or None (auto)."""
     if src is None:
         return TierConfig()

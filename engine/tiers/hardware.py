@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 from ..errors import ConfigError
 from ..formats import FORMATS
@@ -61,6 +61,11 @@ class HardwareProfile:
     token_overhead_s: float  # fixed per decode step: sampling, embedding, bookkeeping
     source: str = "default"
     measurements: Mapping[str, object] = field(default_factory=dict, compare=False)
+    # the host CPU beside a GPU (hybrid compute; empty: unknown, so nothing computes on the CPU): its
+    # linear kernels per format, per-layer overhead, and RAM read bandwidth (attention over host KV)
+    host_compute: Mapping[str, ComputeRate] = field(default_factory=dict)
+    host_layer_overhead_s: float = 0.0
+    host_bandwidth: float = 0.0
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -71,10 +76,14 @@ class HardwareProfile:
                 raise ConfigError(f"must be a positive bandwidth in bytes/s, got {v!r}", field=name)
         if not self.compute:
             raise ConfigError("needs at least one format's compute rate", field="compute")
-        unknown = [f for f in self.compute if f not in FORMATS]
-        if unknown:
-            raise ConfigError(f"unknown formats {unknown} (known: {', '.join(FORMATS)})", field="compute")
-        object.__setattr__(self, "compute", MappingProxyType(dict(self.compute)))
+        for name in ("compute", "host_compute"):
+            unknown = [f for f in getattr(self, name) if f not in FORMATS]
+            if unknown:
+                raise ConfigError(f"unknown formats {unknown} (known: {', '.join(FORMATS)})", field=name)
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        if self.host_compute and not self.host_bandwidth > 0:
+            raise ConfigError(f"must be a positive bandwidth in bytes/s with host_compute, got {self.host_bandwidth!r}",
+                              field="host_bandwidth")
         object.__setattr__(self, "measurements", MappingProxyType(dict(self.measurements)))
 
     def rate(self, fmt: str) -> ComputeRate:
@@ -84,6 +93,12 @@ class HardwareProfile:
             got = min(self.compute.values(), key=lambda r: r.t1)
         return got
 
+    def host_rate(self, fmt: str) -> ComputeRate | None:
+        """The host CPU's rate for a format (the slowest known for an unmeasured one); None if unknown."""
+        if not self.host_compute:
+            return None
+        return self.host_compute.get(fmt) or min(self.host_compute.values(), key=lambda r: r.t1)
+
     def disk_read(self, io_backend: str) -> float:
         """Bandwidth of the slow tier for a config's io_backend (posix = buffered, others = direct)."""
         return self.disk_read_buffered if io_backend == "posix" else self.disk_read_direct
@@ -91,14 +106,16 @@ class HardwareProfile:
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["compute"] = {k: asdict(v) for k, v in self.compute.items()}
+        d["host_compute"] = {k: asdict(v) for k, v in self.host_compute.items()}
         d["measurements"] = dict(self.measurements)
         return d
 
     @classmethod
-    def from_json(cls, data: Mapping, *, path: str | None = None) -> "HardwareProfile":
+    def from_json(cls, data: Mapping, *, path: str | None = None) -> HardwareProfile:
         try:
             d = dict(data)
             d["compute"] = {k: ComputeRate(**v) for k, v in d["compute"].items()}
+            d["host_compute"] = {k: ComputeRate(**v) for k, v in d.get("host_compute", {}).items()}
             return cls(**d)
         except ConfigError as e:
             raise ConfigError(str(e).split(": ", 1)[-1], path=path, field=e.field) from None
@@ -169,32 +186,43 @@ def default_profile(device: str = "cpu") -> HardwareProfile:
 
 
 def _gpu_preset(name: str, vram_gib: float, mem_bw: float, pcie: float, dense_flops: float,
-                host_gib: float, nvme: float) -> Callable[[], HardwareProfile]:
+                host_gib: float, nvme: float, ram_bw: float, cpu_ops: float) -> Callable[[], HardwareProfile]:
     """A datasheet-derived GPU profile. Assumed efficiencies (not measured): quantized GEMV at 70% of
     the memory bandwidth, dequant matmul at 40% of dense fp16 tensor throughput, pinned host->device
-    at 80% of the PCIe link, NVMe at its sequential-read rating."""
+    at 80% of the PCIe link, NVMe at its sequential-read rating. The host CPU (hybrid compute): its
+    quantized GEMV at 70% of the RAM's peak bandwidth (llama.cpp-class kernels reach 75-93%), batched
+    at 40% of `cpu_ops` multiply-adds/s, 80 us per layer (norms, rope, attention, two activation
+    hand-overs)."""
 
     def make() -> HardwareProfile:
-        compute = {}
+        compute, host = {}, {}
         for fmt_name, fmt in FORMATS.items():
             bytes_per_weight = fmt.type_size / fmt.block_size
             compute[fmt_name] = ComputeRate(t1=0.7 * mem_bw, batched=0.4 * dense_flops / 2 * bytes_per_weight)
+            host[fmt_name] = ComputeRate(t1=0.7 * ram_bw, batched=0.4 * cpu_ops * bytes_per_weight)
         return HardwareProfile(
             device="cuda", name=name, resident_bytes=int(vram_gib * GiB), host_bytes=int(host_gib * GiB),
             disk_read_direct=nvme, disk_read_buffered=0.7 * nvme, disk_latency_s=80e-6,
             host_to_device=0.8 * pcie, memcpy=20e9, resident_bandwidth=0.8 * mem_bw,
             compute=compute, layer_overhead_s=60e-6, token_overhead_s=1e-3,
-            source=f"preset {name}: datasheet-derived assumptions, predicted (not measured)")
+            source=f"preset {name}: datasheet-derived assumptions, predicted (not measured)",
+            host_compute=host, host_layer_overhead_s=80e-6, host_bandwidth=0.8 * ram_bw)
 
     return make
 
 
 # name -> profile factory. Datasheet figures: memory bandwidth, PCIe link (per direction), dense fp16
-# tensor FLOP/s; host RAM and NVMe are assumptions about a typical machine carrying that card.
+# tensor FLOP/s; host RAM, NVMe, RAM bandwidth and CPU int8 multiply-adds/s are assumptions about a
+# typical machine carrying that card: a 3090 desktop with dual-channel DDR4-3200 (51 GB/s) and 8 cores,
+# a 4090 desktop with dual-channel DDR5-6000 (96 GB/s) and 16 AVX-512 cores, an H100 server with
+# 8-channel DDR5-4800 (307 GB/s).
 PRESETS: Mapping[str, Callable[[], HardwareProfile]] = MappingProxyType({
-    "rtx3090": _gpu_preset("NVIDIA RTX 3090 (24 GB GDDR6X, PCIe 4.0 x16)", 24, 936e9, 32e9, 71e12, 64, 7e9),
-    "rtx4090": _gpu_preset("NVIDIA RTX 4090 (24 GB GDDR6X, PCIe 4.0 x16)", 24, 1008e9, 32e9, 165e12, 64, 7e9),
-    "h100": _gpu_preset("NVIDIA H100 SXM (80 GB HBM3, PCIe 5.0 x16)", 80, 3350e9, 64e9, 990e12, 512, 12e9),
+    "rtx3090": _gpu_preset("NVIDIA RTX 3090 (24 GB GDDR6X, PCIe 4.0 x16)", 24, 936e9, 32e9, 71e12, 64, 7e9,
+                           51.2e9, 0.5e12),
+    "rtx4090": _gpu_preset("NVIDIA RTX 4090 (24 GB GDDR6X, PCIe 4.0 x16)", 24, 1008e9, 32e9, 165e12, 64, 7e9,
+                           96e9, 1e12),
+    "h100": _gpu_preset("NVIDIA H100 SXM (80 GB HBM3, PCIe 5.0 x16)", 80, 3350e9, 64e9, 990e12, 512, 12e9,
+                        307e9, 2e12),
 })
 
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import PlanError
 from ..gguf_file import GGUFFile, TensorInfo
@@ -48,7 +48,7 @@ class Placement:
         return self.sources[i] if i < len(self.sources) and self.sources[i] else "disk"
 
     @classmethod
-    def from_plan(cls, plan, layouts: Sequence[LayerLayout], head: TensorInfo) -> "Placement":
+    def from_plan(cls, plan, layouts: Sequence[LayerLayout], head: TensorInfo) -> Placement:
         streamed = [frozenset() if lp.tier == RESIDENT else
                     frozenset(t.name for role, t in lay.tensors if role in lp.streamed_roles)
                     for lp, lay in zip(plan.layers, layouts)]

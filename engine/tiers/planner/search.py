@@ -1,200 +1,40 @@
-"""The planner: a pure function from (footprint, hardware profile, tier config, workload) to a Plan.
-
-Tiers. "resident": the compute device's memory (VRAM on CUDA, RAM within `resident_budget` on CPU).
-"host": pinned RAM beside a GPU; on CPU it does not exist as a separate tier (the CPU computes
-straight from RAM, so a host copy *is* resident) and host_budget is ignored. "disk": byte ranges
-read from the model file itself (O_DIRECT unless io_backend is posix).
-
-Execution model the prediction assumes (and the scheduler implements): per decode step the units
-run in order -- embedding lookup, layers 0..L-1, output head. A unit with streamed bytes is loaded
-into one of `ring_size` staging buffers; a load may start as soon as a buffer is free (the unit that
-used it `ring_size` loads earlier has finished computing), and loads continue across the step
-boundary (weights do not depend on the token). Each link (disk, host->device) serves one load at a
-time in order. Resident units cost compute only. The predicted step time comes from simulating this
-pipeline to its steady state; it can never beat max(total compute, busy time of the busiest link).
-
-Placement search: for each way of splitting a streamed layer (whole layer / FFN only with attention
-resident / attention only), each output head and embedding placement, each KV placement and each
-ring size, stream the fewest layers that make the budget fit, spread evenly between resident ones
-(so the copy queue works while resident layers compute), then spend what budget is left keeping
-whole attention/FFN tensors of streamed layers resident. The candidate with the lowest predicted
-workload time wins, with two kinds of tie (see `ranked`): among candidates within 3% of the fastest
-that all stream small loads through the ring, the deepest pipeline (most staging bytes ahead);
-otherwise, within 0.1%, the one moving fewer bytes per step, then the one using less of the
-resident tier.
-"""
+"""The placement search: candidate placements that fit the budgets, their predicted times, and the
+Plan built from the chosen one."""
 from __future__ import annotations
 
-import math
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterator, Mapping, Sequence
 
-from ..errors import ConfigError, PlanError
-from .config import AUTO, TierConfig
-from .footprint import GROUPS, ModelFootprint, TensorFootprint
-from .hardware import HardwareProfile
-from .units import DIRECT_IO_ALIGN, READ_CHUNK, format_seconds, format_size
+from ...errors import PlanError
+from ..config import AUTO, TierConfig
+from ..footprint import GROUPS, ModelFootprint, TensorFootprint
+from ..hardware import HardwareProfile
+from ..units import DIRECT_IO_ALIGN, READ_CHUNK, format_size
+from .contract import (
+    AUTO_HOST_FRACTION,
+    AUTO_IO_THREADS,
+    AUTO_RESIDENT_FRACTION,
+    DEFAULT_CONTEXT,
+    DISK,
+    DISK_QUEUE_SATURATION,
+    HOST,
+    LINK_DISK,
+    LINK_H2D,
+    RESIDENT,
+    RING_CHOICES,
+    LayerPlacement,
+    Plan,
+    Prediction,
+    Workload,
+    workspace_bytes,
+)
+from .simulation import _one_pass, _steady_state
 
-RESIDENT, HOST, DISK = "resident", "host", "disk"
-TIERS = (RESIDENT, HOST, DISK)
-LINK_DISK, LINK_H2D = "disk", "host->device"
-DEFAULT_CONTEXT = 4096  # auto kv_cache.max_context (capped by the model, raised to fit the workload)
-RING_CHOICES = (1, 2, 3, 4, 6, 8)
-DISK_QUEUE_SATURATION = 2  # read requests in flight for the calibrated (multi-reader) bandwidth
-AUTO_IO_THREADS = 4
-AUTO_RESIDENT_FRACTION = {"cpu": 0.8, "cuda": 0.9}  # of available RAM / of VRAM
-AUTO_HOST_FRACTION = 0.5  # of available RAM, pinned beside a GPU
 _SPLITS = {"layer": GROUPS, "ffn": ("ffn",), "attn": ("attn",)}  # what a streamed layer streams
-_NEAR = 0.03  # predicted times this close to the fastest are ties for pipeline depth (see ranked)
-_TIE = 1e-3  # relative time difference treated as a tie otherwise
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    batch: int = 1
-    prompt_tokens: int = 128
-    gen_tokens: int = 128
-
-    def __post_init__(self):
-        for name, low in (("batch", 1), ("prompt_tokens", 1), ("gen_tokens", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"must be an integer >= {low}, got {v!r}", field=f"workload.{name}")
-
-    @property
-    def context(self) -> int:
-        return self.prompt_tokens + self.gen_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class LayerPlacement:
-    index: int
-    tier: str  # "resident", or where its streamed tensors come from: "host" | "disk"
-    resident_roles: frozenset[str]  # kept resident even when the layer streams (partial residency)
-    streamed_roles: frozenset[str]
-    streamed_bytes: int  # per decode step
-    cpu_decode: bool = False  # hybrid: computed on the CPU over the host tier in passes of <= cpu_max_rows rows
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    token_s: float  # steady-state decode step (one token for each of `batch` sequences)
-    compute_s: float  # device busy time per step: kernels, per-layer overheads, attention, lookup
-    transfer_s: Mapping[str, float]  # busy seconds per step of each link ("disk", "host->device")
-    bound_s: float  # max(compute_s, every link's busy time): no schedule beats it
-    bound: str  # the resource that sets bound_s: "compute" or a link name
-    prefill_s: float  # one pass over the prompt
-    total_s: float  # prefill + gen_tokens decode steps
-    batch: int
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.batch / self.token_s
-
-    def to_json(self) -> dict:
-        return {"token_s": self.token_s, "tokens_per_s": self.tokens_per_s, "compute_s": self.compute_s,
-                "transfer_s": dict(self.transfer_s), "bound_s": self.bound_s, "bound": self.bound,
-                "prefill_s": self.prefill_s, "total_s": self.total_s, "batch": self.batch}
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """Where everything lives, and the contract the scheduler runs to meet the prediction:
-
-    * Units run in order: layers 0..L-1, then the output head. A layer's `streamed_roles` tensors (its
-      `resident_roles` stay resident) are loaded per step into one staging buffer; a streamed head is
-      loaded as `output_chunks` row ranges of `output_chunk_rows` rows, each its own load.
-    * `ring_size` buffers of `staging_bytes` each (alignment slack included); at most
-      `prefetch_depth` + 1 loads hold buffers at once, the computing one included; a buffer is reused
-      as soon as the unit in it has been computed, and loading runs on into the next step.
-    * embedding_tier "disk": rows are read from the model file per token; "host": from pinned RAM.
-    * On CPU there is no host tier; "disk" loads read the model file (O_DIRECT unless io_backend posix).
-    """
-
-    model: str
-    hardware: str
-    device: str
-    workload: Workload
-    layers: tuple[LayerPlacement, ...]
-    embedding_tier: str  # rows are looked up per token: host or disk costs a small read per token
-    output_tier: str  # the output head; equals embedding_tier when tied
-    kv_tier: str
-    kv_bytes: int
-    kv_context: int
-    kv_dtype: str
-    ring_size: int  # staging buffers (0 when nothing streams)
-    prefetch_depth: int  # loads in flight ahead of the computing unit
-    staging_bytes: int  # per buffer, including O_DIRECT alignment slack
-    host_staging: bool  # disk loads on CUDA bounce through ring_size pinned host buffers
-    resident_bytes: int  # planned use of the resident tier (weights + staging + KV + workspace)
-    host_bytes: int
-    resident_budget: int
-    host_budget: int
-    resident_weight_bytes: int
-    host_weight_bytes: int
-    workspace_bytes: int
-    io_backend: str
-    io_threads: int
-    compute_threads: int | None  # None: all cores
-    output_bytes: int  # the output head (the embedding matrix when tied)
-    output_chunk_rows: int  # a streamed head is loaded and applied in row chunks of this many rows
-    output_chunks: int
-    predicted: Prediction
-    notes: tuple[str, ...] = ()
-    output_cpu_decode: bool = False  # hybrid: the head's chunks computed on the CPU at small passes
-    cpu_max_rows: int = 0  # hybrid: passes of at most this many rows compute cpu_decode units on the CPU
-
-    @property
-    def streamed_bytes(self) -> Mapping[str, int]:
-        """Bytes loaded per decode step from each tier (layers and output head)."""
-        out = {HOST: 0, DISK: 0}
-        for p in self.layers:
-            if p.streamed_bytes:
-                out[p.tier] += p.streamed_bytes
-        if self.output_tier != RESIDENT:
-            out[self.output_tier] += self.output_bytes
-        return MappingProxyType(out)
-
-    def table(self) -> str:
-        return _render(self)
-
-    def to_json(self) -> dict:
-        return {
-            "model": self.model, "hardware": self.hardware, "device": self.device,
-            "workload": {"batch": self.workload.batch, "prompt_tokens": self.workload.prompt_tokens,
-                         "gen_tokens": self.workload.gen_tokens},
-            "layers": [{"index": p.index, "tier": p.tier, "resident_roles": sorted(p.resident_roles),
-                        "streamed_roles": sorted(p.streamed_roles), "streamed_bytes": p.streamed_bytes}
-                       for p in self.layers],
-            "embedding_tier": self.embedding_tier,
-            "output": {"tier": self.output_tier, "bytes": self.output_bytes, "chunks": self.output_chunks,
-                       "chunk_rows": self.output_chunk_rows},
-            "kv": {"tier": self.kv_tier, "bytes": self.kv_bytes, "context": self.kv_context, "dtype": self.kv_dtype},
-            "staging": {"ring_size": self.ring_size, "prefetch_depth": self.prefetch_depth,
-                        "bytes_per_buffer": self.staging_bytes, "host_staging": self.host_staging},
-            "memory": {"resident_bytes": self.resident_bytes, "resident_budget": self.resident_budget,
-                       "resident_weight_bytes": self.resident_weight_bytes, "host_bytes": self.host_bytes,
-                       "host_budget": self.host_budget, "host_weight_bytes": self.host_weight_bytes,
-                       "workspace_bytes": self.workspace_bytes},
-            "streamed_bytes_per_step": dict(self.streamed_bytes),
-            "io": {"backend": self.io_backend, "threads": self.io_threads},
-            "compute_threads": self.compute_threads,
-            "predicted": self.predicted.to_json(),
-            "notes": list(self.notes),
-        }
-
-
-def workspace_bytes(fp: ModelFootprint, batch: int, tokens: int, context: int) -> int:
-    """Estimated activation memory of the largest step (the prompt pass, last-token logits only):
-    residual, norm, q/k/v, attention output, gate/up/act rows in fp32, one layer's attention
-    scores, and the logits."""
-    s = fp.spec
-    rows = batch * tokens
-    per_row = 3 * s.dim + s.q_dim + 2 * s.kv_dim + s.q_dim + 3 * s.ffn_dim
-    scores = batch * s.n_heads * tokens * context
-    return 4 * (rows * per_row + scores + batch * s.vocab_size)
-
+HANDOVER_S = 20e-6  # assumed: activations change device (a few KiB copied, one stream sync)
+MAX_CPU_ROWS = 256  # hybrid: the largest pass the planner lets the CPU compute
 
 # -- internal model of one candidate -----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
@@ -206,6 +46,7 @@ class _Unit:
     groups: Mapping[str, tuple[TensorFootprint, ...]]  # group -> tensors ("head" for the output head)
     decode_s: float  # compute per decode step (KV reads excluded: they depend on the KV tier)
     prefill_s: float
+    cpu_decode_s: float | None = None  # the same step on the host CPU (hybrid; None: no CPU rates)
 
     def bytes_of(self, groups) -> int:
         return sum(t.nbytes for g in groups for t in self.groups[g])
@@ -245,6 +86,7 @@ class _Candidate:
     resident_bytes: int
     host_bytes: int
     moved_bytes: int  # loaded per decode step
+    cpu: frozenset[int] = frozenset()  # hybrid: units computed on the CPU at decode (host tier, whole)
 
 
 class _Planner:
@@ -259,6 +101,11 @@ class _Planner:
         self.io_backend = cfg.io_backend if cfg.io_backend != AUTO else ("kvikio" if self.cuda else "odirect")
         self.disk_bw = hw.disk_read(self.io_backend)
         self.slow = cfg.slow_tier == "disk"
+        # hybrid compute: host-tier units may compute on the host CPU in small passes (CUDA, CPU rates known)
+        self.hybrid = self.cuda and cfg.hybrid_compute != "off" and bool(hw.host_compute)
+        if self.cuda and cfg.hybrid_compute != "off" and not hw.host_compute:
+            self.notes.append("hybrid compute off: the hardware profile has no host CPU rates "
+                              "(calibrate the CPU: python -m engine.calibrate)")
         self._kv_setup()
         self.workspace = workspace_bytes(fp, work.batch, work.prompt_tokens, self.kv_context)
         self.small = sum(t.nbytes for t in fp.small)
@@ -347,12 +194,17 @@ class _Planner:
         def cost(tensors, tokens: int) -> float:
             return sum(hw.rate(t.fmt).seconds(t.nbytes, tokens) for t in tensors)
 
+        def cpu_cost(tensors) -> float | None:
+            if not self.hybrid:
+                return None
+            return sum(hw.host_rate(t.fmt).seconds(t.nbytes, b) for t in tensors) + hw.host_layer_overhead_s
+
         units = []
         for lay in self.fp.layers:
             groups = {g: lay.group_tensors(g) for g in GROUPS}
             units.append(_Unit(f"layer {lay.index}", lay.index, MappingProxyType(groups),
                                cost(lay.tensors, b) + hw.layer_overhead_s,
-                               cost(lay.tensors, rows) + hw.layer_overhead_s))
+                               cost(lay.tensors, rows) + hw.layer_overhead_s, cpu_cost(lay.tensors)))
         head = self.fp.head
         vocab, row_bytes = head.shape[0], head.nbytes // head.shape[0]
         target = max((u.bytes_of(_SPLITS[split]) for u in units), default=head.nbytes)
@@ -363,7 +215,7 @@ class _Planner:
             # the head projects the last position of each sequence only, in the prompt pass too
             c = cost((part,), b) + hw.layer_overhead_s
             units.append(_Unit(f"the output head rows {first}-{first + n - 1}", None,
-                               MappingProxyType({"head": (part,)}), c, c))
+                               MappingProxyType({"head": (part,)}), c, c, cpu_cost((part,))))
         return _Layout(split, tuple(units), len(self.fp.layers), chunk_rows)
 
     def lookahead(self, ring: int) -> int:
@@ -403,11 +255,14 @@ class _Planner:
             return rows * row / self.hw.host_to_device + self.hw.layer_overhead_s
         return rows * (self.hw.disk_latency_s + row / self.disk_bw)
 
-    def kv_read_s(self, kv_tier: str) -> float:
-        """Per layer per decode step: read the cached keys and values at the mean context."""
+    def kv_read_s(self, kv_tier: str, on_cpu: bool = False) -> float:
+        """Per layer per decode step: read the cached keys and values at the mean context (a layer that
+        computes on the CPU keeps its KV in host RAM and reads it there)."""
         s, w = self.fp.spec, self.work
         mean_ctx = w.prompt_tokens + w.gen_tokens / 2
         nbytes = 2 * w.batch * mean_ctx * s.kv_dim * (2 if self.kv_dtype == "f16" else 4)
+        if on_cpu:
+            return nbytes / self.hw.host_bandwidth
         bw = self.hw.resident_bandwidth if kv_tier == RESIDENT else self.hw.host_to_device
         return nbytes / bw
 
@@ -427,11 +282,14 @@ class _Planner:
                             cand = self._candidate(kv_tier, split, head_streamed, emb, ring)
                             if cand is None:
                                 continue
-                            key = (tuple(sorted(cand.streamed.items())), tuple(sorted(cand.source.items())),
-                                   cand.ring if cand.streamed else 0, cand.embedding_tier, cand.kv_tier)
-                            if key not in seen:
-                                seen.add(key)
-                                yield cand
+                            for c in (cand, self.with_hybrid(cand) if self.hybrid else None):
+                                if c is None:
+                                    continue
+                                key = (tuple(sorted(c.streamed.items())), tuple(sorted(c.source.items())),
+                                       c.ring if c.streamed else 0, c.embedding_tier, c.kv_tier, c.cpu)
+                                if key not in seen:
+                                    seen.add(key)
+                                    yield c
 
     def _candidate(self, kv_tier: str, split: str, head_streamed: bool, emb: str | None, ring: int
                    ) -> _Candidate | None:
@@ -495,7 +353,7 @@ class _Planner:
         if head_streamed:
             sizes[-1] = self.fp.head.nbytes
         host_fixed = (self.kv_bytes if kv_tier == HOST else 0) + (self.fp.embedding.nbytes if emb == HOST else 0)
-        for n_disk in range(0, len(order) + 1):
+        for n_disk in range(len(order) + 1):
             if not self.cuda and n_disk < len(order):
                 continue  # no host tier on CPU: every streamed unit comes from disk
             if n_disk and not self.slow:
@@ -518,17 +376,26 @@ class _Planner:
     def predict(self, c: _Candidate) -> Prediction:
         b = self.work.batch
         kv_s = self.kv_read_s(c.kv_tier)
-        seq_decode, seq_prefill = [], []
+        seq_decode, seq_prefill, on_cpu = [], [], []
         for i, u in enumerate(self.layout(c.split).units):
             stages = self.stages(c.source[i], u.bytes_of(c.streamed[i]), c.ring) if i in c.streamed else ()
-            extra = kv_s if u.layer is not None else 0.0
-            seq_decode.append((u.decode_s + extra, stages))
+            if i in c.cpu:  # computes where its bytes are: no load at decode
+                extra = self.kv_read_s(c.kv_tier, on_cpu=True) if u.layer is not None else 0.0
+                seq_decode.append((u.cpu_decode_s + extra, ()))
+            else:
+                seq_decode.append((u.decode_s + (kv_s if u.layer is not None else 0.0), stages))
+            on_cpu.append(i in c.cpu)
             seq_prefill.append((u.prefill_s, stages))
-        start = self.hw.token_overhead_s + self.lookup_s(c.embedding_tier, b)
+        # activations change device at every CPU<->GPU boundary of the decode order (the step starts
+        # and ends on the GPU: embedding rows in, sampling out)
+        edges = [False, *on_cpu, False]
+        handovers = sum(x != y for x, y in zip(edges, edges[1:]))
+        start = self.hw.token_overhead_s + self.lookup_s(c.embedding_tier, b) + handovers * HANDOVER_S
         lookahead = self.lookahead(c.ring)
         token_s = _steady_state(seq_decode, lookahead, start)
         prefill_s = _one_pass(seq_prefill, lookahead, self.lookup_s(c.embedding_tier, b * self.work.prompt_tokens))
         compute_s = start + sum(cs for cs, _ in seq_decode)
+        cpu_s = sum(cs for (cs, _), cpu in zip(seq_decode, on_cpu) if cpu)
         links: dict[str, float] = {}
         for _, stages in seq_decode:
             for link, dur in stages:
@@ -538,7 +405,74 @@ class _Planner:
             if busy > bound_s:
                 bound, bound_s = link, busy
         return Prediction(token_s, compute_s, MappingProxyType(links), bound_s, bound, prefill_s,
-                          prefill_s + self.work.gen_tokens * token_s, b)
+                          prefill_s + self.work.gen_tokens * token_s, b, cpu_s)
+
+    # -- hybrid compute ---------------------------------------------------------------------------------
+    def cpu_max_rows(self, c: _Candidate) -> int:
+        """The largest pass (rows) in which the CPU computes c's CPU units no slower than streaming them
+        over PCIe; at most MAX_CPU_ROWS."""
+        units = self.layout(c.split).units
+        tensors = [t for i in c.cpu for g in units[i].groups.values() for t in g]
+        nbytes = sum(t.nbytes for t in tensors)
+        rows = 0
+        while rows < MAX_CPU_ROWS and sum(self.hw.host_rate(t.fmt).seconds(t.nbytes, rows + 1) for t in tensors) \
+                <= nbytes / self.hw.host_to_device:
+            rows += 1
+        return rows
+
+    def with_hybrid(self, c: _Candidate) -> _Candidate | None:
+        """c with the host-tier units (whole layers; the head's chunks as one) that should compute on the
+        CPU at decode: the count that minimises the predicted step, spread evenly so the PCIe copies of
+        the GPU's units overlap the CPU's work. None if no CPU share beats streaming everything."""
+        lay = self.layout(c.split)
+        L = lay.n_layers
+        items = [(i,) for i in sorted(c.streamed) if i < L and c.source[i] == HOST
+                 and c.streamed[i] == frozenset(lay.units[i].groups)]
+        head = tuple(i for i in lay.head if c.source.get(i) == HOST)
+        if head:
+            items.append(head)
+        if not items:
+            return None
+        kv_layer = self.kv_bytes // self.fp.spec.n_layers
+
+        def variant(n: int) -> _Candidate | None:
+            cpu = frozenset(i for j in _spread(n, len(items)) for i in items[j])
+            n_layers = sum(1 for i in cpu if i < L)
+            moved = n_layers * kv_layer if c.kv_tier == RESIDENT else 0  # their KV lives in host RAM
+            if c.host_bytes + moved > self.host_budget:
+                return None
+            res = c.resident_bytes - (moved if self.resident_weights_fraction is None else 0)
+            return dataclasses.replace(c, cpu=cpu, host_bytes=c.host_bytes + moved, resident_bytes=res)
+
+        # coarse: the analytic bound of every count; fine: simulate the best few
+        scored = []
+        for n in range(1, len(items) + 1):
+            v = variant(n)
+            if v is not None and self.cpu_max_rows(v) >= self.work.batch:
+                scored.append((self.predict_bound(v), n, v))
+        scored.sort(key=lambda x: (x[0], x[1]))
+        best = None
+        for _, _, v in scored[:3]:
+            pred = self.predict(v)
+            if best is None or pred.token_s < best[0]:
+                best = (pred.token_s, v)
+        if best is None or best[0] >= self.predict(c).token_s * (1 - 1e-3):
+            return None
+        return best[1]
+
+    def predict_bound(self, c: _Candidate) -> float:
+        """max(compute, every link's busy time) per decode step: cheap, for ranking hybrid splits."""
+        units = self.layout(c.split).units
+        compute, links = 0.0, {}
+        for i, u in enumerate(units):
+            if i in c.cpu:
+                compute += u.cpu_decode_s + HANDOVER_S * 2
+            else:
+                compute += u.decode_s
+                if i in c.streamed:
+                    for link, dur in self.stages(c.source[i], u.bytes_of(c.streamed[i]), c.ring):
+                        links[link] = links.get(link, 0.0) + dur
+        return max(compute, *links.values()) if links else compute
 
     # -- result ---------------------------------------------------------------------------------------
     def build(self, c: _Candidate, pred: Prediction) -> Plan:
@@ -549,7 +483,7 @@ class _Planner:
             if i in c.streamed:
                 moved = frozenset(t.role for g in c.streamed[i] for t in lf.group_tensors(g))
                 layers.append(LayerPlacement(i, c.source[i], roles - moved, moved,
-                                             lay.units[i].bytes_of(c.streamed[i])))
+                                             lay.units[i].bytes_of(c.streamed[i]), i in c.cpu))
             else:
                 layers.append(LayerPlacement(i, RESIDENT, roles, frozenset(), 0))
         output_tier = c.source.get(lay.n_layers, RESIDENT)
@@ -561,9 +495,20 @@ class _Planner:
                         + (fp.embedding.nbytes if fp.output is not None and c.embedding_tier == HOST else 0))
         resident_bytes = c.resident_bytes
         resident_budget = self.resident_budget
+        n_cpu = sum(1 for i in c.cpu if i < lay.n_layers)
         if self.resident_weights_fraction is not None and c.kv_tier == RESIDENT:
-            resident_bytes += self.kv_bytes
+            resident_bytes += self.kv_bytes - n_cpu * (self.kv_bytes // fp.spec.n_layers)
             resident_budget += self.kv_bytes
+        notes = list(self.notes)
+        cpu_rows = self.cpu_max_rows(c) if c.cpu else 0
+        if c.cpu:
+            gpu = self.predict(dataclasses.replace(c, cpu=frozenset()))
+            rate = self.hw.host_rate(fp.head.fmt)
+            notes.append(f"hybrid: {n_cpu} host-tier layers{' and the head' if lay.n_layers in c.cpu else ''} "
+                         f"compute on the CPU (its kernels {rate.t1 / 1e9:.0f} GB/s vs PCIe "
+                         f"{self.hw.host_to_device / 1e9:.1f} GB/s) in passes of <= {cpu_rows} rows; larger "
+                         f"passes (prefill, batches) stream them to the GPU. Streaming every host-tier unit "
+                         f"instead: {gpu.tokens_per_s:.3g} tokens/s")
         return Plan(
             model=fp.source, hardware=f"{self.hw.name} [{self.hw.source}]", device=self.device, workload=self.work,
             layers=tuple(layers), embedding_tier=c.embedding_tier, output_tier=output_tier, kv_tier=c.kv_tier,
@@ -576,7 +521,8 @@ class _Planner:
             io_threads=self.cfg.io_threads or AUTO_IO_THREADS, compute_threads=self.cfg.compute_threads,
             output_bytes=fp.head.nbytes,
             output_chunk_rows=lay.chunk_rows if output_tier != RESIDENT else fp.head.shape[0],
-            output_chunks=len(lay.head) if output_tier != RESIDENT else 1, predicted=pred, notes=tuple(self.notes))
+            output_chunks=len(lay.head) if output_tier != RESIDENT else 1, predicted=pred, notes=tuple(notes),
+            output_cpu_decode=lay.n_layers in c.cpu, cpu_max_rows=cpu_rows)
 
     # -- infeasible -----------------------------------------------------------------------------------
     def explain(self) -> PlanError:
@@ -626,197 +572,3 @@ def _spread(n: int, total: int) -> list[int]:
     if n <= 0:
         return []
     return [i for i in range(total) if (i + 1) * n // total != i * n // total]
-
-
-def _simulate(seq, lookahead: int, start_s: float, steps: int) -> list[float]:
-    """Compute end time of each step. seq: per unit (compute seconds, load stages ((link, seconds), ...))."""
-    link_free: dict[str, float] = {}
-    done: list[float] = []  # compute end of each streamed unit, in load order
-    t, ends = 0.0, []
-    for _ in range(steps):
-        t += start_s
-        for compute, stages in seq:
-            if stages:
-                m = len(done)
-                ready = done[m - lookahead] if m >= lookahead else 0.0
-                for link, dur in stages:
-                    ready = max(ready, link_free.get(link, 0.0)) + dur
-                    link_free[link] = ready
-                t = max(t, ready)
-            t += compute
-            if stages:
-                done.append(t)
-        ends.append(t)
-    return ends
-
-
-def _steady_state(seq, lookahead: int, start_s: float) -> float:
-    n_streamed = sum(1 for _, s in seq if s)
-    if not n_streamed:
-        return start_s + sum(c for c, _ in seq)
-    warm = 3 + math.ceil(2 * lookahead / n_streamed)
-    measure = 4
-    ends = _simulate(seq, lookahead, start_s, warm + measure)
-    return (ends[-1] - ends[-1 - measure]) / measure
-
-
-def _one_pass(seq, lookahead: int, start_s: float) -> float:
-    return _simulate(seq, max(1, lookahead), start_s, 1)[0]
-
-
-def plan(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload()) -> Plan:
-    """The placement with the lowest predicted time for `work`. Pure: reads no weights, allocates nothing.
-    Raises PlanError (saying what is needed) when no placement fits the budgets."""
-    return ranked(fp, hw, cfg, work, 1)[0]
-
-
-def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload(),
-           n: int = 2) -> list[Plan]:
-    """The planner's n best placements, best first (fewer when fewer fit): `plan()` is the first; the
-    others let a benchmark check the ranking against measurements. Raises PlanError like plan().
-
-    Placements predicted within _NEAR of the fastest are ties the cost model cannot separate. If they
-    all stream loads smaller than DISK_QUEUE_SATURATION read requests through the staging ring, the
-    one with more staging bytes ahead of the computing unit comes first: paired runs of SmolLM2
-    (bench_tiers --runner-up) found that one up to 10% faster at 50% and 33% budgets, because
-    compute-bound stretches fill a shallow ring and idle the disk. Otherwise the faster prediction
-    wins, where _TIE apart counts as equal, and between equals fewer bytes moved per step (robust to
-    a cost model that is off), then sparing the resident tier."""
-    p = _Planner(fp, hw, cfg, work)
-    left = [(cand, p.predict(cand)) for cand in p.candidates()]
-    if not left:
-        raise p.explain()
-    fastest = min(pred.total_s for _, pred in left)
-    near = [cp for cp in left if cp[1].total_s <= fastest * (1 + _NEAR)]
-    # depth matters where one load in flight does not saturate the disk (disk_bw_at): small loads
-    by_depth = all(c.streamed and c.staging_bytes < DISK_QUEUE_SATURATION * READ_CHUNK for c, _ in near)
-    ahead = {id(c): (p.lookahead(c.ring) - 1) * c.staging_bytes for c, _ in near} if by_depth else {}
-
-    def better(a: tuple[_Candidate, Prediction], b: tuple[_Candidate, Prediction]) -> bool:
-        da, db = ahead.get(id(a[0])), ahead.get(id(b[0]))
-        if da is not None and db is not None and da != db:
-            return da > db
-        return _better(*a, *b)
-
-    out = []
-    while left and len(out) < n:
-        best = left[0]
-        for cp in left[1:]:
-            if better(cp, best):
-                best = cp
-        left.remove(best)
-        out.append(p.build(*best))
-    return out
-
-
-def _better(c: _Candidate, pred: Prediction, c0: _Candidate, pred0: Prediction) -> bool:
-    if pred.total_s < pred0.total_s * (1 - _TIE):
-        return True
-    if pred.total_s > pred0.total_s * (1 + _TIE):
-        return False
-    # equal predicted time: prefer fewer bytes moved per step (robust to a cost model that is off),
-    # then sparing the scarce resident tier, then the (slightly) faster one
-    if c.moved_bytes != c0.moved_bytes:
-        return c.moved_bytes < c0.moved_bytes
-    if c.resident_bytes != c0.resident_bytes:
-        return c.resident_bytes < c0.resident_bytes
-    return pred.total_s < pred0.total_s
-
-
-def evaluate(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, layers: Sequence[LayerPlacement], *,
-             output_tier: str = RESIDENT, embedding_tier: str = RESIDENT, kv_tier: str = RESIDENT,
-             ring_size: int = 2, work: Workload = Workload()) -> Prediction:
-    """The cost model's prediction for a placement chosen by hand (budgets are not checked): lets a
-    caller compare the planner's choice with an alternative, or a measurement with its prediction."""
-    p = _Planner(fp, hw, cfg, work)
-    if len(layers) != len(fp.layers):
-        raise PlanError(f"{len(layers)} placements for {len(fp.layers)} layers", field="layers")
-    lay_out = p.layout("layer")
-    streamed, source = {}, {}
-    for lp, lay in zip(layers, fp.layers):
-        if lp.tier not in TIERS:
-            raise PlanError(f"tier must be one of {', '.join(TIERS)}, got {lp.tier!r}", field=f"layers[{lp.index}]")
-        groups = frozenset(g for g in GROUPS if any(t.role in lp.streamed_roles for t in lay.group_tensors(g)))
-        if lp.tier != RESIDENT and groups:
-            streamed[lp.index], source[lp.index] = groups, lp.tier
-    if output_tier != RESIDENT:
-        for i in lay_out.head:
-            streamed[i], source[i] = frozenset(lay_out.units[i].groups), output_tier
-    cand = _Candidate("layer", streamed, source, ring_size if streamed else 0, embedding_tier, kv_tier, 0, 0, 0, 0)
-    return p.predict(cand)
-
-
-# -- rendering ------------------------------------------------------------------------------------------
-_SYMBOL = {RESIDENT: "R", HOST: "H", DISK: "D"}
-
-
-def _render(p: Plan) -> str:
-    w, pr = p.workload, p.predicted
-    dev_mem = "VRAM" if p.device == "cuda" else "RAM"
-    lines = [f"plan: {p.model} on {p.hardware}",
-             f"workload: batch {w.batch}, prompt {w.prompt_tokens} tokens, generate {w.gen_tokens} tokens"]
-    kv_res = p.kv_bytes if p.kv_tier == RESIDENT else 0
-    lines.append(f"resident ({dev_mem}): {format_size(p.resident_bytes)} of {format_size(p.resident_budget)} "
-                 f"= weights {format_size(p.resident_weight_bytes)} + staging {p.ring_size} x "
-                 f"{format_size(p.staging_bytes)} + KV {format_size(kv_res)} + workspace "
-                 f"{format_size(p.workspace_bytes)}")
-    if p.device == "cuda":
-        bounce = p.ring_size * p.staging_bytes if p.host_staging else 0
-        kv_host = p.kv_bytes if p.kv_tier == HOST else 0
-        lines.append(f"host (pinned RAM): {format_size(p.host_bytes)} of {format_size(p.host_budget)} = weights "
-                     f"{format_size(p.host_weight_bytes)} + disk bounce buffers {format_size(bounce)} + KV "
-                     f"{format_size(kv_host)}")
-    head = f" in {p.output_chunks} chunks of {p.output_chunk_rows} rows" if p.output_chunks > 1 else ""
-    lines.append(f"KV cache: {p.kv_tier}, {format_size(p.kv_bytes)} ({p.kv_context} tokens x batch {w.batch}, "
-                 f"{p.kv_dtype}); embedding: {p.embedding_tier}; output head: {p.output_tier}{head}")
-    if p.ring_size:
-        lines.append(f"staging: ring of {p.ring_size} x {format_size(p.staging_bytes)}, prefetch depth "
-                     f"{p.prefetch_depth}; io {p.io_backend}, {p.io_threads} threads")
-    lines.append("layer map (R resident, H host, D disk; lower case = partly resident):")
-    lines.append("  " + "".join(_SYMBOL[lp.tier].lower() if lp.tier != RESIDENT and lp.resident_roles
-                                else _SYMBOL[lp.tier] for lp in p.layers))
-    lines.append(f"  {'tier':<9} {'resident part':<14} {'streamed/step':<22} layers")
-    for (tier, kept), group in _groups(p.layers).items():
-        per = sum(lp.streamed_bytes for lp in group)
-        per = f"{format_size(per)} ({len(group)} layer{'s' if len(group) > 1 else ''})" if per else "-"
-        lines.append(f"  {tier:<9} {kept:<14} {per:<22} {_ranges([lp.index for lp in group])}")
-    streamed = ", ".join(f"{t} {format_size(n)}" for t, n in p.streamed_bytes.items() if n) or "none"
-    links = ", ".join(f"{k} {format_seconds(v)}" for k, v in pr.transfer_s.items()) or "no transfers"
-    lines.append(f"streamed per step: {streamed}")
-    lines.append(f"predicted per step: compute {format_seconds(pr.compute_s)}; {links}; bound "
-                 f"{format_seconds(pr.bound_s)} ({pr.bound}); pipeline {format_seconds(pr.token_s)} -> "
-                 f"{pr.tokens_per_s:.3g} tokens/s")
-    lines.append(f"predicted workload: prefill {format_seconds(pr.prefill_s)} + {w.gen_tokens} steps = "
-                 f"{format_seconds(pr.total_s)}")
-    lines.extend(f"note: {n}" for n in p.notes)
-    return "\n".join(lines)
-
-
-def _groups(layers: Sequence[LayerPlacement]) -> dict[tuple[str, str], list[LayerPlacement]]:
-    """Layers grouped by (tier, which part stays resident), in first-seen order."""
-    out: dict[tuple[str, str], list[LayerPlacement]] = {}
-    for lp in layers:
-        if not lp.streamed_roles:
-            kept = "all"
-        else:
-            kept = ", ".join(g for g in GROUPS if any(r.startswith(g + "_") for r in lp.resident_roles)) or "none"
-        out.setdefault((lp.tier, kept), []).append(lp)
-    return out
-
-
-def _ranges(idx: Sequence[int]) -> str:
-    """[0, 2, 4, 6, 9, 10] -> "0..6 step 2, 9, 10" (arithmetic runs of three or more are folded)."""
-    parts, i = [], 0
-    while i < len(idx):
-        j = i + 1
-        if j < len(idx):
-            step = idx[j] - idx[i]
-            while j + 1 < len(idx) and idx[j + 1] - idx[j] == step:
-                j += 1
-        if j - i >= 2:
-            parts.append(f"{idx[i]}-{idx[j]}" if step == 1 else f"{idx[i]}..{idx[j]} step {step}")
-            i = j + 1
-        else:
-            parts.append(str(idx[i]))
-            i += 1
-    return ", ".join(parts)

@@ -1,0 +1,179 @@
+"""The planner's contract: the workload it plans for, the Plan it returns, and the prediction in it."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from ...errors import ConfigError
+from ..footprint import ModelFootprint
+
+RESIDENT, HOST, DISK = "resident", "host", "disk"
+TIERS = (RESIDENT, HOST, DISK)
+LINK_DISK, LINK_H2D = "disk", "host->device"
+DEFAULT_CONTEXT = 4096  # auto kv_cache.max_context (capped by the model, raised to fit the workload)
+RING_CHOICES = (1, 2, 3, 4, 6, 8)
+DISK_QUEUE_SATURATION = 2  # read requests in flight for the calibrated (multi-reader) bandwidth
+AUTO_IO_THREADS = 4
+AUTO_RESIDENT_FRACTION = {"cpu": 0.8, "cuda": 0.9}  # of available RAM / of VRAM
+AUTO_HOST_FRACTION = 0.5  # of available RAM, pinned beside a GPU
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    batch: int = 1
+    prompt_tokens: int = 128
+    gen_tokens: int = 128
+
+    def __post_init__(self):
+        for name, low in (("batch", 1), ("prompt_tokens", 1), ("gen_tokens", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"must be an integer >= {low}, got {v!r}", field=f"workload.{name}")
+
+    @property
+    def context(self) -> int:
+        return self.prompt_tokens + self.gen_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class LayerPlacement:
+    index: int
+    tier: str  # "resident", or where its streamed tensors come from: "host" | "disk"
+    resident_roles: frozenset[str]  # kept resident even when the layer streams (partial residency)
+    streamed_roles: frozenset[str]
+    streamed_bytes: int  # per decode step
+    cpu_decode: bool = False  # hybrid: computed on the CPU over the host tier in passes of <= cpu_max_rows rows
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    token_s: float  # steady-state decode step (one token for each of `batch` sequences)
+    compute_s: float  # device busy time per step: kernels, per-layer overheads, attention, lookup
+    transfer_s: Mapping[str, float]  # busy seconds per step of each link ("disk", "host->device")
+    bound_s: float  # max(compute_s, every link's busy time): no schedule beats it
+    bound: str  # the resource that sets bound_s: "compute" or a link name
+    prefill_s: float  # one pass over the prompt
+    total_s: float  # prefill + gen_tokens decode steps
+    batch: int
+    cpu_s: float = 0.0  # hybrid: the host CPU's share of compute_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch / self.token_s
+
+    def to_json(self) -> dict:
+        return {"token_s": self.token_s, "tokens_per_s": self.tokens_per_s, "compute_s": self.compute_s,
+                "transfer_s": dict(self.transfer_s), "bound_s": self.bound_s, "bound": self.bound,
+                "prefill_s": self.prefill_s, "total_s": self.total_s, "batch": self.batch, "cpu_s": self.cpu_s}
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Where everything lives, and the contract the scheduler runs to meet the prediction:
+
+    * Units run in order: layers 0..L-1, then the output head. A layer's `streamed_roles` tensors (its
+      `resident_roles` stay resident) are loaded per step into one staging buffer; a streamed head is
+      loaded as `output_chunks` row ranges of `output_chunk_rows` rows, each its own load.
+    * `ring_size` buffers of `staging_bytes` each (alignment slack included); at most
+      `prefetch_depth` + 1 loads hold buffers at once, the computing one included; a buffer is reused
+      as soon as the unit in it has been computed, and loading runs on into the next step.
+    * embedding_tier "disk": rows are read from the model file per token; "host": from pinned RAM.
+    * On CPU there is no host tier; "disk" loads read the model file (O_DIRECT unless io_backend posix).
+    """
+
+    model: str
+    hardware: str
+    device: str
+    workload: Workload
+    layers: tuple[LayerPlacement, ...]
+    embedding_tier: str  # rows are looked up per token: host or disk costs a small read per token
+    output_tier: str  # the output head; equals embedding_tier when tied
+    kv_tier: str
+    kv_bytes: int
+    kv_context: int
+    kv_dtype: str
+    ring_size: int  # staging buffers (0 when nothing streams)
+    prefetch_depth: int  # loads in flight ahead of the computing unit
+    staging_bytes: int  # per buffer, including O_DIRECT alignment slack
+    host_staging: bool  # disk loads on CUDA bounce through ring_size pinned host buffers
+    resident_bytes: int  # planned use of the resident tier (weights + staging + KV + workspace)
+    host_bytes: int
+    resident_budget: int
+    host_budget: int
+    resident_weight_bytes: int
+    host_weight_bytes: int
+    workspace_bytes: int
+    io_backend: str
+    io_threads: int
+    compute_threads: int | None  # None: all cores
+    output_bytes: int  # the output head (the embedding matrix when tied)
+    output_chunk_rows: int  # a streamed head is loaded and applied in row chunks of this many rows
+    output_chunks: int
+    predicted: Prediction
+    notes: tuple[str, ...] = ()
+    output_cpu_decode: bool = False  # hybrid: the head's chunks computed on the CPU at small passes
+    cpu_max_rows: int = 0  # hybrid: passes of at most this many rows compute cpu_decode units on the CPU
+
+    @property
+    def kv_host_bytes(self) -> int:
+        """KV cache bytes in host RAM: all of it (kv_tier host), else the CPU-decoded layers' share."""
+        if self.kv_tier == HOST:
+            return self.kv_bytes
+        return sum(lp.cpu_decode for lp in self.layers) * (self.kv_bytes // max(1, len(self.layers)))
+
+    @property
+    def streamed_bytes(self) -> Mapping[str, int]:
+        """Bytes loaded per decode step from each tier (layers and output head); units the CPU computes
+        at decode (hybrid) are not loaded then."""
+        out = {HOST: 0, DISK: 0}
+        for p in self.layers:
+            if p.streamed_bytes and not p.cpu_decode:
+                out[p.tier] += p.streamed_bytes
+        if self.output_tier != RESIDENT and not self.output_cpu_decode:
+            out[self.output_tier] += self.output_bytes
+        return MappingProxyType(out)
+
+    def table(self) -> str:
+        from .rendering import render
+
+        return render(self)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "hardware": self.hardware, "device": self.device,
+            "workload": {"batch": self.workload.batch, "prompt_tokens": self.workload.prompt_tokens,
+                         "gen_tokens": self.workload.gen_tokens},
+            "layers": [{"index": p.index, "tier": p.tier, "resident_roles": sorted(p.resident_roles),
+                        "streamed_roles": sorted(p.streamed_roles), "streamed_bytes": p.streamed_bytes,
+                        "decode_device": "cpu" if p.cpu_decode else self.device}
+                       for p in self.layers],
+            "embedding_tier": self.embedding_tier,
+            "output": {"tier": self.output_tier, "bytes": self.output_bytes, "chunks": self.output_chunks,
+                       "chunk_rows": self.output_chunk_rows,
+                       "decode_device": "cpu" if self.output_cpu_decode else self.device},
+            "hybrid": {"cpu_max_rows": self.cpu_max_rows},
+            "kv": {"tier": self.kv_tier, "bytes": self.kv_bytes, "host_bytes": self.kv_host_bytes, "context": self.kv_context, "dtype": self.kv_dtype},
+            "staging": {"ring_size": self.ring_size, "prefetch_depth": self.prefetch_depth,
+                        "bytes_per_buffer": self.staging_bytes, "host_staging": self.host_staging},
+            "memory": {"resident_bytes": self.resident_bytes, "resident_budget": self.resident_budget,
+                       "resident_weight_bytes": self.resident_weight_bytes, "host_bytes": self.host_bytes,
+                       "host_budget": self.host_budget, "host_weight_bytes": self.host_weight_bytes,
+                       "workspace_bytes": self.workspace_bytes},
+            "streamed_bytes_per_step": dict(self.streamed_bytes),
+            "io": {"backend": self.io_backend, "threads": self.io_threads},
+            "compute_threads": self.compute_threads,
+            "predicted": self.predicted.to_json(),
+            "notes": list(self.notes),
+        }
+
+
+def workspace_bytes(fp: ModelFootprint, batch: int, tokens: int, context: int) -> int:
+    """Estimated activation memory of the largest step (the prompt pass, last-token logits only):
+    residual, norm, q/k/v, attention output, gate/up/act rows in fp32, one layer's attention
+    scores, and the logits."""
+    s = fp.spec
+    rows = batch * tokens
+    per_row = 3 * s.dim + s.q_dim + 2 * s.kv_dim + s.q_dim + 3 * s.ffn_dim
+    scores = batch * s.n_heads * tokens * context
+    return 4 * (rows * per_row + scores + batch * s.vocab_size)
