@@ -192,7 +192,7 @@ class TieredWeights:
         self._pump()
 
     # -- the provider interface -------------------------------------------------------------------
-    def device_for(self, i: int, rows: int = 1):
+    def device_for(self, i: int, rows: int):
         """The device that computes unit i in a pass of `rows` rows (batch x tokens)."""
         return self.cpu_device if i in self.cpu_units and rows <= self.cpu_max_rows else self.device
 
@@ -204,9 +204,10 @@ class TieredWeights:
     def staging_bytes(self) -> int:
         return self.arena.numel()
 
-    def layer(self, i: int, rows: int = 1):
+    def layer(self, i: int, rows: int | None = None):
+        """Unit i bound where device_for(i, rows) computes it; rows None: on the compute device."""
         got = self.fixed.get(i)
-        small = rows <= self.cpu_max_rows
+        small = rows is not None and rows <= self.cpu_max_rows
         if got is None and small and i in self.cpu_units:
             got = self.host_bound[i]
         if got is not None:
