@@ -63,7 +63,7 @@ def choose(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, plan: Plan,
         work = Workload(batch=t, prompt_tokens=w.prompt_tokens, gen_tokens=w.gen_tokens)
         pred = evaluate(fp, hw, cfg, plan.layers, output_tier=plan.output_tier,
                         embedding_tier=plan.embedding_tier, kv_tier=plan.kv_tier,
-                        ring_size=max(plan.ring_size, 1), work=work)
+                        ring_size=max(plan.ring_size, 1), work=work, output_cpu_decode=plan.output_cpu_decode)
         return pred.token_s + (t - 1) * draft_token_s
 
     base = pass_s(1)
