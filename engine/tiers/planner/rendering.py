@@ -45,7 +45,7 @@ def render(p: Plan) -> str:
     if p.cpu_max_rows:
         lines.append(f"hybrid: passes of <= {p.cpu_max_rows} rows compute the C layers"
                      f"{' and the output head' if p.output_cpu_decode else ''} on the CPU over pinned RAM (their "
-                     f"KV cache in host RAM); larger passes stream them to the {p.device}")
+                     "KV cache in host RAM); larger passes stream them to the GPU")
     streamed = ", ".join(f"{t} {format_size(n)}" for t, n in p.streamed_bytes.items() if n) or "none"
     links = ", ".join(f"{k} {format_seconds(v)}" for k, v in pr.transfer_s.items()) or "no transfers"
     lines.append(f"streamed per step: {streamed}")
