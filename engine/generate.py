@@ -64,11 +64,11 @@ def draft_arg(args: argparse.Namespace) -> str | None:
 def interactive(model, args: argparse.Namespace) -> dict:
     """Read messages from stdin, stream replies to stdout; per-turn stats to stderr."""
     from .serving.chat import ChatSession
-    from .serving.speculative import default_depth, drafter_for
+    from .serving.speculative import describe_widths, drafter_for, verify_widths
 
     draft = draft_arg(args)
     drafter = drafter_for(model, draft, threads=args.threads) if draft else None
-    depth = (args.speculate or default_depth(model, drafter)) if drafter else 1
+    depth = (args.speculate or verify_widths(model, drafter)) if drafter else 1
     chat = ChatSession(model, args.system, drafter=drafter, depth=depth)
     turns = 0
     try:

@@ -214,7 +214,7 @@ class Model:
 
         drafter = speculative.drafter_for(self, draft)
         try:
-            depth = speculate if speculate is not None else speculative.default_depth(self, drafter)
+            depth = speculate if speculate is not None else speculative.verify_widths(self, drafter)
             yield from batcher.generate(self, ids, params, max_tokens, drafter=drafter, depth=depth, stats=self.stats)
         finally:
             if drafter is not draft:

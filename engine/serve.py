@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
     from .defaults import default_model_path
     from .serving.batcher import Batcher
     from .serving.openai_api import Server, Service
-    from .serving.speculative import default_depth, drafter_for
+    from .serving.speculative import describe_widths, drafter_for, verify_widths
 
     if args.speculate is not None and (args.speculate < 1 or not (args.draft or args.prompt_lookup)):
         raise EngineError("must be >= 1 and needs --draft or --prompt-lookup", field="--speculate")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
         model = load(args.model or default_model_path(), config=args.config, n_ctx=args.ctx, threads=args.threads)
         draft = args.draft or ("prompt-lookup" if args.prompt_lookup else None)
         drafter = drafter_for(model, draft, threads=args.threads) if draft else None
-        depth = (args.speculate or default_depth(model, drafter)) if drafter else 1
+        depth = (args.speculate or verify_widths(model, drafter)) if drafter else 1
         batcher = Batcher(model, drafter=drafter, depth=depth, max_batch=args.max_batch,
                           prefill_chunk=args.prefill_chunk)
         server.service = Service(model, batcher)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
             timer.daemon = True
             timer.start()
         host, port = server.server_address[:2]
-        spec = f", speculation {draft} x{depth}" if drafter else ""
+        spec = f", speculation {draft}, width {describe_widths(depth)}" if drafter else ""
         print(f"listening on http://{host}:{port} (model {server.service.model_id}, {model.plan_summary()}"
               f"{spec})", file=sys.stderr, flush=True)
         server.serve_until(stop)

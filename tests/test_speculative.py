@@ -29,7 +29,7 @@ def models(tmp_path_factory):
         m.close()
 
 
-def greedy(n=40, **kw):
+def greedy(**kw):
     return SamplingParams(temperature=0, **kw)
 
 
@@ -41,8 +41,7 @@ def run(model, params, n, **kw):
 def test_prompt_lookup_greedy_equals_plain(models, depth):
     target = models[0]
     plain = "".join(target.generate(list(PROMPT), 40, temperature=0))
-    st = target.stats
-    spec = run(target, greedy(), 40, drafter=PromptLookup(), depth=depth, stats=st)
+    spec = run(target, greedy(), 40, drafter=PromptLookup(), depth=depth)
     assert spec == plain and len(plain) > 20
 
 
@@ -127,3 +126,50 @@ def test_sampled_speculation_is_reproducible_and_stops(models):
     a = run(target, SamplingParams(**params), 30, drafter=DraftModel(draft, target), depth=3)
     b = run(target, SamplingParams(**params), 30, drafter=DraftModel(draft, target), depth=3)
     assert a == b and a
+
+
+class _WrongDrafter:
+    """Always proposes the last vocabulary entry (a special token greedy never picks here)."""
+
+    token_s = 0.0
+
+    def __init__(self, vocab):
+        self.tok = vocab - 1
+
+    def start(self, sampler):
+        return None
+
+    def propose(self, state, tokens, k):
+        return Proposal([self.tok] * k)
+
+    def close(self, state):
+        pass
+
+
+def test_width_follows_measured_acceptance_and_pass_costs(models):
+    from engine.serving.batcher import run_round
+    from engine.serving.decode import Decode
+    from engine.serving.slots import Slots
+    from engine.tiers.speculation import PassCosts
+
+    target = models[0]
+    slots = Slots(target)
+    flat, linear = PassCosts((1.0,) * 8), PassCosts(tuple(float(t) for t in range(1, 9)))
+
+    def decode(drafter, costs):
+        d = Decode(slots, slots.open(), list(PROMPT), greedy(), 30, target.tokenizer, drafter, costs)
+        widths = []
+        while not d.done:
+            widths.append(d.width())
+            run_round(slots, [d])
+        d.close()
+        d.seq.close()
+        return d, widths
+
+    d, widths = decode(_WrongDrafter(target.spec.vocab_size), flat)
+    assert widths[0] == 8 and widths[-1] == 2  # free rows: keep probing, but narrowly
+    assert d.usage.accepted == 0
+    d, widths = decode(_WrongDrafter(target.spec.vocab_size), linear)
+    assert set(widths) == {1} and d.usage.drafted == 0  # rows cost what they save: never speculate
+    d, widths = decode(DraftModel(target, target), flat)
+    assert min(widths[1:-1]) >= 7  # drafts kept: the width stays wide

@@ -33,13 +33,15 @@ def check_prompt(ids: Sequence[int], n_ctx: int) -> None:
         raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {n_ctx}", field="prompt")
 
 
-def generate(model, ids: list[int], params: SamplingParams, max_tokens: int, *, drafter=None, depth: int = 1,
-             stats=None) -> Iterator[str]:
-    """Text pieces of one generation, run in this thread; `stats` (a GenerationStats) is filled in."""
+def generate(model, ids: list[int], params: SamplingParams, max_tokens: int, *, drafter=None, depth=1,
+             stats=None, usage: Usage | None = None) -> Iterator[str]:
+    """Text pieces of one generation, run in this thread; `stats` (a GenerationStats) and `usage` (passes,
+    drafts kept) are filled in."""
     slots = Slots(model)
     check_prompt(ids, slots.n_ctx)
     seq = slots.open()
-    d = Decode(slots, seq, list(ids), params, max_tokens, model.tokenizer, drafter, depth)
+    d = Decode(slots, seq, list(ids), params, max_tokens, model.tokenizer, drafter, depth,
+               usage=usage if usage is not None else Usage())
     t0 = time.perf_counter()
     first = True
     try:
@@ -90,8 +92,9 @@ class Handle:
 class Batcher:
     """The scheduler thread. `max_batch` generations share each pass; more wait for a free slot."""
 
-    def __init__(self, model, *, drafter=None, depth: int = 1, max_batch: int = 8, prefill_chunk: int = 512):
-        if max_batch < 1 or depth < 1 or prefill_chunk < 1:
+    def __init__(self, model, *, drafter=None, depth=1, max_batch: int = 8, prefill_chunk: int = 512):
+        """depth: tokens verified per pass, or the cost model's PassCosts (see Decode)."""
+        if max_batch < 1 or prefill_chunk < 1 or (isinstance(depth, int) and depth < 1):
             raise EngineError("max_batch, depth and prefill_chunk must be >= 1", field="batcher")
         self.model, self.slots = model, Slots(model)
         self.drafter, self.depth = drafter, depth

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import Sampler, SamplingParams
+from ..tiers.speculation import DEFAULT_ACCEPTANCE
 from .speculative import Proposal, verify
 
 
@@ -50,11 +51,16 @@ class TextStream:
         return out
 
 
+PRIOR_WEIGHT = 2.0  # drafts' worth of belief in the cost model's default acceptance
+DECAY = 0.9  # per pass: old acceptance evidence fades, so a width that fell to 1 is tried again later
+
+
 @dataclass(eq=False)
 class Decode:
     """`tokens` is the whole history (prompt and accepted tokens); the sequence caches tokens[:seq.pos]
-    and the rest is fed by the next pass. `drafter`/`depth`: speculation (depth = tokens verified
-    per pass, 1 = off)."""
+    and the rest is fed by the next pass. `drafter`/`depth`: speculation; depth is the number of tokens
+    verified per pass (1 = off), or the cost model's PassCosts: then each pass takes the width that
+    predicts the most tokens per second at the acceptance measured so far."""
 
     slots: object
     seq: object
@@ -76,6 +82,7 @@ class Decode:
         self.usage.prefill_tokens = len(self.tokens) - self.seq.pos
         self.draft_state = self.drafter.start(self.sampler) if self.drafter is not None else None
         self._prop = Proposal()
+        self._kept = self._tried = 0.0  # decayed counts of drafts kept / verified
         if self.max_tokens <= 0:
             self.finish_reason = "length"
 
@@ -88,12 +95,22 @@ class Decode:
         todo = self.tokens[self.seq.pos:]
         if len(todo) > self.prefill_chunk:
             return todo[:self.prefill_chunk], 1
-        k = min(self.depth - 1, self.max_tokens - len(self.generated) - 1,
+        k = min(self.width() - 1, self.max_tokens - len(self.generated) - 1,
                 self.slots.n_ctx - len(self.tokens) - 1)
         self._prop = Proposal()
         if self.drafter is not None and k > 0:
             self._prop = self.drafter.propose(self.draft_state, self.tokens, k)
         return todo + self._prop.tokens, len(self._prop.tokens) + 1
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that a draft is kept: measured, pulled towards the cost model's default."""
+        return (self._kept + PRIOR_WEIGHT * DEFAULT_ACCEPTANCE) / (self._tried + PRIOR_WEIGHT)
+
+    def width(self) -> int:
+        if self.drafter is None:
+            return 1
+        return self.depth if isinstance(self.depth, int) else self.depth.best(self.acceptance)
 
     def take(self, logits: torch.Tensor) -> str:
         """logits (want, vocab) of the pass that ran `feed()` -> the text it produced."""
@@ -108,6 +125,8 @@ class Decode:
         u.passes += 1
         u.drafted += len(prop.tokens)
         u.accepted += kept
+        self._kept = DECAY * self._kept + kept
+        self._tried = DECAY * self._tried + len(prop.tokens)
         out, cut = [], False
         for tok in new:
             u.completion_tokens += 1

@@ -195,17 +195,20 @@ def drafter_for(target, draft, **load_options):
         raise
 
 
-def default_depth(target, drafter, acceptance: float | None = None) -> int:
-    """Tokens to verify per pass for `target` from the cost model (4 when it was loaded without a plan)."""
+def verify_widths(target, drafter):
+    """Tokens to verify per pass for `target`: the cost model's pass times (speculation.PassCosts; each
+    generation picks the width from them with the acceptance it measures), or 4 when the model was
+    loaded without a plan."""
+    from ..plan import hardware_for
     from ..tiers import speculation
     from ..tiers.footprint import footprint_from_gguf
-    from ..plan import hardware_for
 
     plan, cfg = target.plan, getattr(target, "config", None)
     if plan is None or cfg is None:
         return 4
     fp = footprint_from_gguf(target.file, target.spec)
-    choice = speculation.choose(fp, hardware_for(cfg), cfg, plan,
-                                acceptance=speculation.DEFAULT_ACCEPTANCE if acceptance is None else acceptance,
-                                draft_token_s=drafter.token_s)
-    return choice.tokens
+    return speculation.pass_costs(fp, hardware_for(cfg), cfg, plan, draft_token_s=drafter.token_s)
+
+
+def describe_widths(widths) -> str:
+    return str(widths) if isinstance(widths, int) else f"auto (cost model, up to {len(widths.pass_s)})"

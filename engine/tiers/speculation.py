@@ -5,7 +5,9 @@ one-token pass but computes T rows. With each draft kept with probability `accep
 the chain model of Leviathan et al.), a pass yields E(T) = (1 - a^T) / (1 - a) tokens on average.
 The choice maximises E(T) / (pass time at T tokens + the drafter's time for T-1 drafts): large
 when the pass is I/O-bound (streamed weights cost the same for any T), 1 (speculation off) when
-the extra rows cost more compute than the kept drafts save.
+the extra rows cost more compute than the kept drafts save. A generation re-chooses T before every
+pass with the acceptance it has measured so far (engine.serving.decode), so a drafter that keeps
+missing stops costing verification rows.
 """
 from __future__ import annotations
 
@@ -48,13 +50,32 @@ def expected_tokens(t: int, acceptance: float) -> float:
     return float(t) if a >= 1.0 else (1.0 - a ** t) / (1.0 - a)
 
 
-def choose(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, plan: Plan, *,
-           acceptance: float = DEFAULT_ACCEPTANCE, draft_token_s: float = 0.0,
-           max_tokens: int = MAX_VERIFY) -> Speculation:
-    """The verification width for `plan` (the placement the model runs); `draft_token_s` is the
-    drafter's time per drafted token (0 for prompt lookup)."""
-    if not 0.0 <= acceptance <= 1.0:
-        raise ConfigError(f"must be in [0, 1], got {acceptance}", field="acceptance")
+@dataclass(frozen=True, slots=True)
+class PassCosts:
+    """Predicted pass times for verifying 1..len(pass_s) tokens, drafting included; `best(a)` is the
+    width with the most tokens per second at per-draft acceptance a."""
+
+    pass_s: tuple[float, ...]
+
+    def best(self, acceptance: float) -> int:
+        best_t, best_rate = 1, 1.0 / self.pass_s[0]
+        for t in range(2, len(self.pass_s) + 1):
+            rate = expected_tokens(t, acceptance) / self.pass_s[t - 1]
+            if rate > best_rate * 1.02:  # a 2% gain at least: ties keep the cheaper pass
+                best_t, best_rate = t, rate
+        return best_t
+
+    def speculation(self, acceptance: float) -> Speculation:
+        t = self.best(acceptance)
+        s = self.pass_s[t - 1]
+        return Speculation(t, acceptance, s, 1.0 / self.pass_s[0], expected_tokens(t, acceptance) / s)
+
+
+def pass_costs(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, plan: Plan, *,
+               draft_token_s: float = 0.0, max_tokens: int = MAX_VERIFY) -> PassCosts:
+    """The cost model's pass time for `plan` (the placement the model runs) at 1..max_tokens tokens;
+    `draft_token_s` is the drafter's time per drafted token (0 for prompt lookup). The KV read is
+    counted per row, a slight overestimate for the rows of one sequence."""
     if max_tokens < 1:
         raise ConfigError(f"must be >= 1, got {max_tokens}", field="max_tokens")
     w = plan.workload
@@ -66,11 +87,17 @@ def choose(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, plan: Plan,
                         ring_size=max(plan.ring_size, 1), work=work, output_cpu_decode=plan.output_cpu_decode)
         return pred.token_s + (t - 1) * draft_token_s
 
-    base = pass_s(1)
-    best_t, best_s, best_rate = 1, base, 1.0 / base
-    for t in range(2, max_tokens + 1):
-        s = pass_s(t)
-        rate = expected_tokens(t, acceptance) / s
-        if rate > best_rate * 1.02:  # a 2% gain at least: ties keep the cheaper pass
-            best_t, best_s, best_rate = t, s, rate
-    return Speculation(best_t, acceptance, best_s, 1.0 / base, best_rate)
+    return PassCosts(tuple(pass_s(t) for t in range(1, max_tokens + 1)))
+
+
+def choose(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, plan: Plan, *,
+           acceptance: float = DEFAULT_ACCEPTANCE, draft_token_s: float = 0.0,
+           max_tokens: int = MAX_VERIFY) -> Speculation:
+    """The verification width for `plan` at a given acceptance."""
+    check_acceptance(acceptance)
+    return pass_costs(fp, hw, cfg, plan, draft_token_s=draft_token_s, max_tokens=max_tokens).speculation(acceptance)
+
+
+def check_acceptance(acceptance: float) -> None:
+    if not 0.0 <= acceptance <= 1.0:
+        raise ConfigError(f"must be in [0, 1], got {acceptance}", field="acceptance")

@@ -1,0 +1,172 @@
+"""Speculative decoding and batching benchmark: many tokens per pass over the weights.
+
+    python scripts/bench_spec.py [--tokens 96] [--budgets 100,10] [--widths auto,4,8] [--rounds 2]
+                                 [--synthetic PATH] [--batches 1,4,16] [--synthetic-budgets 10,33]
+                                 [--json]
+
+Part 1, prompt lookup on SmolLM2 (the default model): a code-editing chat prompt (the answer repeats
+much of the prompt), greedy. Per weight budget (engine.load with {"resident_budget": "N%", io_backend
+odirect}, as bench_tiers.py sets them; 10% streams nearly every layer from disk per pass), in one process:
+plain decode and prompt-lookup speculation at each verification width (auto = the cost model's
+choice, engine.tiers.speculation), alternated `rounds` times; per row decode tok/s (medians), passes
+over the weights, tokens per pass, drafts kept, and whether the text equals plain greedy.
+
+Part 2, batching (only with a model that has step(): continuous batching in one pass): total tok/s of
+`batch` concurrent generations through the Batcher, on the synthetic 8B-shaped model
+(scripts/make_synthetic_model.py) streamed at the given budgets. With the serialised fallback every
+row is its own pass, so this part reports that it was skipped.
+Numbers on a shared 2-core VM are noisy: compare rows of one invocation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tiers import config_for, drop_page_cache  # noqa: E402
+
+DEFAULT_SYNTHETIC = Path(tempfile.gettempdir()) / "engine-bench" / "synthetic-8b.gguf"
+PROMPTS = {  # chat prompts whose answers repeat much of the prompt
+    "summarise": "Summarize the following text in two sentences.\n\nThe James Webb Space Telescope is a space "
+                 "telescope designed to conduct infrared astronomy. Its high-resolution and high-sensitivity "
+                 "instruments allow it to view objects too old, distant, or faint for the Hubble Space Telescope. "
+                 "This enables investigations across many fields of astronomy and cosmology, such as observation "
+                 "of the first stars and the formation of the first galaxies.",
+    "edit": "Correct the spelling mistakes in this paragraph and write out the corrected paragraph:\n\nThe quick "
+            "brown fox jumpd over the lazy dog. Every morning the fox runs thru the forest, looking for food and "
+            "water. The dog sleeps all day in the sun and never notices the fox.",
+}
+
+
+def run_once(m, ids, tokens, drafter, depth):
+    from engine.model import GenerationStats
+    from engine.sampling import SamplingParams
+    from engine.serving.batcher import generate
+    from engine.serving.decode import Usage
+
+    st = GenerationStats()
+    usage = Usage()
+    text = "".join(generate(m, ids, SamplingParams(temperature=0), tokens, drafter=drafter, depth=depth,
+                            stats=st, usage=usage))
+    return text, st, usage
+
+
+def bench_prompt(m, ids, widths, tokens: int, rounds: int, drafter) -> list[dict]:
+    """Plain decode (width 1) and each width, alternated `rounds` times in this process."""
+    runs = [[] for _ in widths]
+    run_once(m, ids, 8, None, 1)  # warm up
+    for _ in range(rounds):
+        for i, d in enumerate(widths):
+            runs[i].append(run_once(m, ids, tokens, drafter if d != 1 else None, d))
+    plain_text, rows = runs[0][0][0], []
+    for d, rs in zip(widths, runs):
+        u = rs[-1][2]
+        rows.append({"width": d if isinstance(d, int) else "auto",
+                     "decode_tps": statistics.median(r[1].decode_tps for r in rs),
+                     "passes": u.passes, "tokens": u.completion_tokens,
+                     "tokens_per_pass": u.completion_tokens / max(1, u.passes), "drafted": u.drafted,
+                     "accepted": u.accepted, "same_text": {r[0] for r in rs} == {plain_text}})
+    for r in rows:
+        r["speedup"] = r["decode_tps"] / rows[0]["decode_tps"]
+    return rows
+
+
+def bench_lookup(args) -> list[dict]:
+    import engine
+    from engine.serving.speculative import PromptLookup, verify_widths
+
+    rows = []
+    for budget in args.budgets:
+        dropped = drop_page_cache()
+        m = engine.load(config=config_for(budget, 4, 2048), n_ctx=2048, threads=args.threads)
+        try:
+            pl = PromptLookup()
+            widths = [1] + [verify_widths(m, pl) if d == "auto" else int(d) for d in args.depths if d != "1"]
+            for name, prompt in PROMPTS.items():
+                for r in bench_prompt(m, m.prompt_ids(prompt, chat=True), widths, args.tokens, args.rounds, pl):
+                    rows.append({"budget": budget, "prompt": name, "plan": m.plan_summary(),
+                                 "cache_dropped": dropped, **r})
+        finally:
+            m.close()
+    return rows
+
+
+def bench_batch(args) -> list[dict]:
+    import engine
+    from engine.sampling import SamplingParams
+    from engine.serving.batcher import Batcher
+
+    if not args.synthetic.exists():
+        print(f"part 2 skipped: {args.synthetic} missing (python scripts/make_synthetic_model.py {args.synthetic})",
+              file=sys.stderr)
+        return []
+    rows = []
+    for budget in args.synthetic_budgets:
+        drop_page_cache()
+        m = engine.load(args.synthetic, config=config_for(budget, 4, 512), n_ctx=512, threads=args.threads)
+        try:
+            if not hasattr(m, "step"):
+                print("part 2 skipped: this model has no step() (continuous batching needs it)", file=sys.stderr)
+                return []
+            for batch in args.batches:
+                b = Batcher(m, max_batch=batch)
+                try:
+                    vocab = m.spec.vocab_size
+                    prompts = [[(17 + 7919 * (i + j)) % vocab for i in range(16)] for j in range(batch)]
+                    t0 = time.perf_counter()
+                    handles = [b.submit(p, SamplingParams(temperature=0), args.batch_tokens) for p in prompts]
+                    done = sum(ev.usage.completion_tokens for h in handles for ev in h if ev.usage)
+                    dt = time.perf_counter() - t0
+                    rows.append({"budget": budget, "batch": batch, "tokens": done, "seconds": dt, "tps": done / dt,
+                                 "passes": b.passes, "plan": m.plan_summary()})
+                finally:
+                    b.close()
+        finally:
+            m.close()
+    return rows
+
+
+def table(lookup: list[dict], batch: list[dict]) -> str:
+    out = ["| SmolLM2 budget | prompt | tokens verified per pass | decode tok/s | vs plain | tokens per weight pass "
+           "| drafts kept | text = plain greedy |", "|---|---|---|---|---|---|---|---|"]
+    for r in lookup:
+        width = {1: "1 (plain)", "auto": "auto (cost model)"}.get(r["width"], str(r["width"]))
+        kept = f"{r['accepted']}/{r['drafted']}" if r["drafted"] else "-"
+        out.append(f"| {r['budget']}% | {r['prompt']} | {width} | {r['decode_tps']:.1f} | {r['speedup']:.2f}x | "
+                   f"{r['tokens_per_pass']:.2f} | {kept} | {'yes' if r['same_text'] else 'NO'} |")
+    if batch:
+        out += ["", "| synthetic budget | batch | total tok/s | passes |", "|---|---|---|---|"]
+        out += [f"| {r['budget']}% | {r['batch']} | {r['tps']:.2f} | {r['passes']} |" for r in batch]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--budgets", default="100,10")
+    p.add_argument("--widths", dest="depths", default="auto,4,8")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--synthetic", type=Path, default=DEFAULT_SYNTHETIC)
+    p.add_argument("--synthetic-budgets", default="10,33")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--batch-tokens", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    args.synthetic_budgets = [int(b) for b in args.synthetic_budgets.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.depths = args.depths.split(",")
+    lookup = bench_lookup(args)
+    batch = bench_batch(args)
+    print(json.dumps({"lookup": lookup, "batch": batch}, indent=1) if args.json else table(lookup, batch))
+    return 0 if all(r["same_text"] for r in lookup) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
