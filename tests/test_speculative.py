@@ -84,6 +84,27 @@ def test_prompt_lookup_proposes_the_continuation_of_the_latest_match():
     assert pl.propose(None, [3, 8, 8, 3], 2).tokens == [8, 8]
 
 
+def test_prompt_lookup_tree_merges_continuations_level_by_level():
+    pl = PromptLookup(max_ngram=2, branches=3)
+    ctx = [1, 2, 3, 9, 1, 2, 4, 7, 1, 2, 3, 5, 1, 2]  # "1 2" continues as 3 5 / 4 7 / 3 9 (latest first)
+    prop = pl.propose(None, ctx, 5, tree=True)
+    # level 0: 3 (shared by two continuations), 4; level 1: 5 under 3, 7 under 4, 9 under 3
+    assert prop.tokens == [3, 4, 5, 7, 9] and prop.parents == [-1, -1, 0, 1, 0]
+    assert pl.propose(None, ctx, 2, tree=True).tokens == [3, 4]  # the node budget is respected
+    assert pl.propose(None, [1, 2, 3, 1, 2], 3, tree=True).parents is None  # one continuation: a chain
+
+
+def test_tree_verification_follows_the_greedy_path():
+    sampler = Sampler(SamplingParams(temperature=0))
+    V = 10
+    logits = torch.zeros(6, V)
+    # root row prefers 4; under draft 1 (token 4) row 2 prefers 7; under draft 3 (token 7) row 4 prefers 2
+    for row, tok in ((0, 4), (2, 7), (4, 2), (1, 0), (3, 0), (5, 0)):
+        logits[row, tok] = 5.0
+    prop = Proposal([3, 4, 9, 7, 1], parents=[-1, -1, 0, 1, 3])
+    assert verify(sampler, [0], logits, prop) == ([1, 3], [4, 7, 2])  # draft 4 (token 1) is rejected for 2
+
+
 def _chi2_pvalue(counts: dict[int, int], probs: dict[int, float], n: int) -> float:
     stat = sum((counts.get(t, 0) - n * p) ** 2 / (n * p) for t, p in probs.items())
     assert set(counts) <= set(probs)  # nothing outside the target's support
@@ -92,7 +113,7 @@ def _chi2_pvalue(counts: dict[int, int], probs: dict[int, float], n: int) -> flo
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
-@pytest.mark.parametrize("source", ["draft-model", "point-mass"])
+@pytest.mark.parametrize("source", ["draft-model", "point-mass", "point-mass-tree"])
 def test_rejection_sampling_preserves_the_target_distribution(models, source):
     """First emitted token of verify() over 2 drafts vs the target's own sampling distribution."""
     target, draft, _ = models
@@ -107,16 +128,18 @@ def test_rejection_sampling_preserves_the_target_distribution(models, source):
     qd = dict(zip(q_ids.tolist(), q.tolist()))
     tv = 0.5 * sum(abs(expect.get(t, 0.0) - qd.get(t, 0.0)) for t in set(expect) | set(qd))
     assert tv > 0.2  # the draft really differs: keeping its tokens unverified would fail the test
-    rows = torch.stack([p_logits, p_logits, p_logits])  # rows after the first are not reached by the test
+    rows = p_logits.expand(5, -1)  # rows after the first only matter for later tokens, not tested here
     n, counts = 6000, collections.Counter()
     drafter_gen = torch.Generator().manual_seed(5)
     for i in range(n):
         if source == "draft-model":
             x = int(q_ids[torch.multinomial(q, 1, generator=drafter_gen)])
             prop = Proposal([x, x], [(q_ids, q), (q_ids, q)])
-        else:  # a deterministic drafter that always proposes the target's second most likely token
+        elif source == "point-mass":  # a deterministic drafter proposing the target's second most likely token
             prop = Proposal([int(ids[1]), int(ids[0])])
-        counts[verify(sampler, ctx, rows, prop)[0]] += 1
+        else:  # a tree: three candidates for the first token (the 2nd, 3rd and 1st most likely), one child
+            prop = Proposal([int(ids[1]), int(ids[2]), int(ids[0]), int(ids[0])], parents=[-1, -1, -1, 0])
+        counts[verify(sampler, ctx, rows, prop)[1][0]] += 1
     assert _chi2_pvalue(counts, expect, n) > 1e-3
 
 
@@ -139,7 +162,7 @@ class _WrongDrafter:
     def start(self, sampler):
         return None
 
-    def propose(self, state, tokens, k):
+    def propose(self, state, tokens, k, tree=False):
         return Proposal([self.tok] * k)
 
     def close(self, state):

@@ -22,7 +22,8 @@ from .slots import Slots
 def run_round(slots: Slots, decodes: Sequence[Decode]) -> list[str]:
     """One pass over the weights for every decode -> the text each produced."""
     feeds = [d.feed() for d in decodes]
-    outs = slots.step([(d.seq, ids) for d, (ids, _) in zip(decodes, feeds)], [w for _, w in feeds])
+    outs = slots.step([(d.seq, ids) for d, (ids, _, _) in zip(decodes, feeds)], [w for _, w, _ in feeds],
+                      [tree for _, _, tree in feeds])
     return [d.take(o) for d, o in zip(decodes, outs)]
 
 

@@ -81,7 +81,7 @@ class Decode:
         self.usage.prompt_tokens = len(self.tokens)
         self.usage.prefill_tokens = len(self.tokens) - self.seq.pos
         self.draft_state = self.drafter.start(self.sampler) if self.drafter is not None else None
-        self._prop = Proposal()
+        self._prop, self._fed = Proposal(), 0
         self._kept = self._tried = 0.0  # decayed counts of drafts kept / verified
         if self.max_tokens <= 0:
             self.finish_reason = "length"
@@ -90,17 +90,22 @@ class Decode:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def feed(self) -> tuple[list[int], int]:
-        """-> (token ids for the next pass, how many last positions need logits)."""
+    def feed(self) -> tuple[list[int], int, list[int] | None]:
+        """-> (token ids for the next pass, how many last positions need logits, the row's tree parents
+        or None for a chain)."""
         todo = self.tokens[self.seq.pos:]
         if len(todo) > self.prefill_chunk:
-            return todo[:self.prefill_chunk], 1
+            return todo[:self.prefill_chunk], 1, None
         k = min(self.width() - 1, self.max_tokens - len(self.generated) - 1,
                 self.slots.n_ctx - len(self.tokens) - 1)
-        self._prop = Proposal()
+        self._prop = prop = Proposal()
         if self.drafter is not None and k > 0:
-            self._prop = self.drafter.propose(self.draft_state, self.tokens, k)
-        return todo + self._prop.tokens, len(self._prop.tokens) + 1
+            self._prop = prop = self.drafter.propose(self.draft_state, self.tokens, k, tree=self.slots.trees)
+        tree, self._fed = None, len(todo)
+        if prop.parents is not None:  # the uncached tokens are a chain, the drafts hang under the last
+            n = len(todo)
+            tree = list(range(-1, n - 1)) + [n - 1 if par < 0 else n + par for par in prop.parents]
+        return todo + prop.tokens, len(prop.tokens) + 1, tree
 
     @property
     def acceptance(self) -> float:
@@ -118,9 +123,12 @@ class Decode:
             return ""
         prop, self._prop = self._prop, Proposal()
         base = len(self.tokens)
-        new = verify(self.sampler, self.tokens, logits, prop)
-        kept = len(new) - 1
-        self.seq.truncate(base + kept)  # drop the KV of rejected drafts
+        path, new = verify(self.sampler, self.tokens, logits, prop)
+        kept = len(path)
+        if prop.parents is None:
+            self.seq.truncate(base + kept)  # drop the KV of rejected drafts
+        else:  # keep the uncached tokens and the accepted path's KV, contiguous
+            self.seq.keep_path(list(range(self._fed)) + [self._fed + j for j in path])
         u = self.usage
         u.passes += 1
         u.drafted += len(prop.tokens)

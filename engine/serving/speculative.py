@@ -32,30 +32,54 @@ Dist = tuple[torch.Tensor, torch.Tensor]  # (token ids (n,), probabilities (n,))
 class Proposal:
     tokens: list[int] = field(default_factory=list)
     dists: list[Dist] | None = None  # the draft distribution of each token; None: deterministic
+    parents: list[int] | None = None  # a tree: parents[j] = index of draft j's parent, -1 = the root; None: a chain
+
+    def children(self) -> dict[int, list[int]]:
+        parents = self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
+        out: dict[int, list[int]] = {}
+        for j, par in enumerate(parents):
+            out.setdefault(par, []).append(j)
+        return out
 
 
-def verify(sampler: Sampler, history: list[int], logits: torch.Tensor, prop: Proposal) -> list[int]:
-    """logits (k+1, vocab): row j scores the position after history + drafts[:j].
-    -> the kept drafts followed by one token of the target's (1..k+1 tokens)."""
-    drafts, out = prop.tokens, []
-    for j, x in enumerate(drafts):
-        hist = history + out
+def verify(sampler: Sampler, history: list[int], logits: torch.Tensor, prop: Proposal) -> tuple[list[int], list[int]]:
+    """logits (1 + drafts, vocab): row 0 scores the position after history, row j+1 the position after
+    draft j (and its ancestors). -> (the kept drafts' indices, a path from the root; the emitted tokens:
+    the kept drafts followed by one token of the target's)."""
+    children, path, out = prop.children(), [], []
+    v = -1
+    while True:
+        row, kids, hist = v + 1, children.get(v, []), history + out
+        if not kids:
+            return path, out + [sampler(logits[row], hist)]
         if sampler.p.greedy:
-            t = int(torch.argmax(sampler.penalised(logits[j], hist)))
-            if t != x:
-                return out + [t]
+            t = int(torch.argmax(sampler.penalised(logits[row], hist)))
+            nxt = next((j for j in kids if prop.tokens[j] == t), None)
+            if nxt is None:
+                return path, out + [t]
         else:
-            ids, p = sampler.distribution(logits[j], hist)
-            px = float(p[ids == x].sum())
-            if prop.dists is None:
-                qx, q_ids, q = 1.0, torch.tensor([x]), torch.ones(1)
-            else:
-                q_ids, q = prop.dists[j]
-                qx = float(q[q_ids == x].sum())
-            if not (qx > 0 and sampler.uniform() < px / qx):
-                return out + [_residual(sampler, ids, p, q_ids, q)]
-        out.append(x)
-    return out + [sampler(logits[len(drafts)], history + out)]
+            ids, p = sampler.distribution(logits[row], hist)
+            if prop.dists is None:  # deterministic candidates: try each with its remaining probability
+                nxt = None
+                for j in kids:
+                    hit = ids == prop.tokens[j]
+                    if sampler.uniform() < float(p[hit].sum()):
+                        nxt = j
+                        break
+                    p = p.masked_fill(hit, 0.0)
+                    p = p / p.sum()
+                if nxt is None:
+                    return path, out + [sampler.draw(ids, p)]
+            else:  # one sampled candidate (a chain): keep it with probability min(1, p/q)
+                nxt = kids[0]
+                x = prop.tokens[nxt]
+                q_ids, q = prop.dists[nxt]
+                px, qx = float(p[ids == x].sum()), float(q[q_ids == x].sum())
+                if not (qx > 0 and sampler.uniform() < px / qx):
+                    return path, out + [_residual(sampler, ids, p, q_ids, q)]
+        path.append(nxt)
+        out.append(prop.tokens[nxt])
+        v = nxt
 
 
 def _residual(sampler: Sampler, ids: torch.Tensor, p: torch.Tensor, q_ids: torch.Tensor, q: torch.Tensor) -> int:
@@ -73,32 +97,59 @@ def _residual(sampler: Sampler, ids: torch.Tensor, p: torch.Tensor, q_ids: torch
 
 
 class PromptLookup:
-    """Drafts by finding the latest earlier occurrence of the context's last n-gram (longest first,
-    `max_ngram` down to `min_ngram` tokens) and proposing the tokens that followed it."""
+    """Drafts from the context itself: the continuations of earlier occurrences of the context's last
+    n-gram (longest n first, `max_ngram` down to `min_ngram` tokens, latest occurrence first). As a
+    chain: the latest continuation. As a tree (tree=True): up to `branches` distinct continuations
+    merged into a trie, filled level by level."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
-        if not 1 <= min_ngram <= max_ngram:
-            raise EngineError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}", field="ngram")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 4):
+        if not 1 <= min_ngram <= max_ngram or branches < 1:
+            raise EngineError(f"need 1 <= min_ngram <= max_ngram and branches >= 1, got {min_ngram}, "
+                              f"{max_ngram}, {branches}", field="ngram")
+        self.max_ngram, self.min_ngram, self.branches = max_ngram, min_ngram, branches
+
+    token_s = 0.0
 
     def start(self, sampler: Sampler):
         return None
 
-    def propose(self, state, tokens: list[int], k: int) -> Proposal:
-        n_tok = len(tokens)
+    def continuations(self, tokens: list[int], k: int, most: int) -> list[list[int]]:
+        n_tok, found, seen = len(tokens), [], set()
         for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
             tail = tokens[n_tok - n:]
             for i in range(n_tok - n - 1, -1, -1):  # latest match first; the tail itself excluded
                 if tokens[i:i + n] == tail:
-                    got = tokens[i + n:i + n + k]
-                    if got:
-                        return Proposal(got)
-        return Proposal()
+                    got = tuple(tokens[i + n:i + n + k])
+                    if got and got not in seen:
+                        seen.add(got)
+                        found.append(list(got))
+                        if len(found) == most:
+                            return found
+        return found
+
+    def propose(self, state, tokens: list[int], k: int, tree: bool = False) -> Proposal:
+        conts = self.continuations(tokens, k, self.branches if tree else 1)
+        if not tree or len(conts) < 2:
+            return Proposal(conts[0] if conts else [])
+        prop = Proposal(parents=[])
+        node = [-1] * len(conts)  # each continuation's deepest node so far
+        index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+        for depth in range(k):
+            for c, cont in enumerate(conts):
+                if depth >= len(cont):
+                    continue
+                key = (node[c], cont[depth])
+                if key not in index:
+                    if len(prop.tokens) == k:
+                        return prop
+                    index[key] = len(prop.tokens)
+                    prop.tokens.append(cont[depth])
+                    prop.parents.append(node[c])
+                node[c] = index[key]
+        return prop
 
     def close(self, state) -> None:
         pass
-
-    token_s = 0.0
 
     def shutdown(self) -> None:
         pass
@@ -142,7 +193,8 @@ class DraftModel:
                                 repeat_penalty=p.repeat_penalty, repeat_last_n=p.repeat_last_n, seed=seed)
         return _DraftState(self.slots.open(), Sampler(params))
 
-    def propose(self, st: _DraftState, tokens: list[int], k: int) -> Proposal:
+    def propose(self, st: _DraftState, tokens: list[int], k: int, tree: bool = False) -> Proposal:
+        """A chain of k drafted tokens (`tree` is ignored: the draft model drafts chains)."""
         k = min(k, self.slots.n_ctx - len(tokens))
         if k <= 0:
             return Proposal()
