@@ -196,3 +196,21 @@ def test_width_follows_measured_acceptance_and_pass_costs(models):
     assert set(widths) == {1} and d.usage.drafted == 0  # rows cost what they save: never speculate
     d, widths = decode(DraftModel(target, target), flat)
     assert min(widths[1:-1]) >= 7  # drafts kept: the width stays wide
+
+
+def test_smollm2_speculative_greedy_equals_plain():
+    """The default model: prompt lookup (a tree once step() verifies trees) and the model as its own
+    draft give plain greedy's text on an editing prompt whose answer repeats the prompt."""
+    m = engine.load()
+    try:
+        ids = m.prompt_ids("Correct the spelling mistakes in this sentence and write it out again: The quick "
+                           "brown fox jumpd over the lazy dog and ran thru the forest.", chat=True)
+        plain = "".join(m.generate(ids, 32, temperature=0))
+        from engine.serving.decode import Usage
+
+        u = Usage()
+        assert "".join(generate(m, ids, greedy(), 32, drafter=PromptLookup(), depth=6, usage=u)) == plain
+        assert u.accepted > 0 and u.passes < u.completion_tokens
+        assert "".join(m.generate(ids, 32, temperature=0, draft=m, speculate=3)) == plain
+    finally:
+        m.close()
