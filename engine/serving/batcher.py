@@ -20,8 +20,10 @@ from .slots import Slots
 
 
 def run_round(slots: Slots, decodes: Sequence[Decode]) -> list[str]:
-    """One pass over the weights for every decode -> the text each produced."""
-    feeds = [d.feed() for d in decodes]
+    """One pass over the weights for every decode -> the text each produced. A pass that feeds a prompt
+    verifies no drafts, so it needs only each row's last logits (no output head over prompt tokens)."""
+    speculate = not any(d.prefilling for d in decodes)
+    feeds = [d.feed(speculate) for d in decodes]
     outs = slots.step([(d.seq, ids) for d, (ids, _, _) in zip(decodes, feeds)], [w for _, w, _ in feeds],
                       [tree for _, _, tree in feeds])
     return [d.take(o) for d, o in zip(decodes, outs)]

@@ -90,14 +90,19 @@ class Decode:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def feed(self) -> tuple[list[int], int, list[int] | None]:
+    @property
+    def prefilling(self) -> bool:
+        """More than one uncached token: the next pass feeds (part of) a prompt."""
+        return len(self.tokens) - self.seq.pos > 1
+
+    def feed(self, speculate: bool = True) -> tuple[list[int], int, list[int] | None]:
         """-> (token ids for the next pass, how many last positions need logits, the row's tree parents
-        or None for a chain)."""
+        or None for a chain). No drafts while prefilling or when `speculate` is False."""
         todo = self.tokens[self.seq.pos:]
         if len(todo) > self.prefill_chunk:
             return todo[:self.prefill_chunk], 1, None
-        k = min(self.width() - 1, self.max_tokens - len(self.generated) - 1,
-                self.slots.n_ctx - len(self.tokens) - 1)
+        k = 0 if self.prefilling or not speculate else min(
+            self.width() - 1, self.max_tokens - len(self.generated) - 1, self.slots.n_ctx - len(self.tokens) - 1)
         self._prop = prop = Proposal()
         if self.drafter is not None and k > 0:
             self._prop = prop = self.drafter.propose(self.draft_state, self.tokens, k, tree=self.slots.trees)
