@@ -31,3 +31,14 @@ class CpuDevice:
         else:
             y = torch.matmul(x2, w.dequantize().T, out=out)
         return y.view(*x.shape[:-1], n)
+
+    def linear_many(self, x: torch.Tensor, ws) -> list[torch.Tensor]:
+        """[linear(x, w) for w in ws] (same K: q/k/v, gate/up) in one kernel call; each result is
+        bit-identical to its own linear()."""
+        k = ws[0].shape[1]
+        x2 = x.reshape(-1, k)  # (T, K)
+        if self.kernels and len(ws) <= cpu_kernels.MAX_MANY and all(
+                w.shape[1] == k and w.fmt.name in cpu_kernels.SUPPORTED for w in ws):
+            ys = cpu_kernels.linear_many(x2.contiguous(), [(w.data, w.fmt.name, w.shape[0]) for w in ws], k)
+            return [y.view(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
+        return [self.linear(x, w) for w in ws]

@@ -4,17 +4,31 @@ Each run is a fresh subprocess (so load time and peak RSS are per run); engine a
 alternate, and the medians are reported with their ratio. Both decode a fixed number of greedy
 tokens (end-of-generation ignored) after the same prompt, with the same thread count.
 
-    python scripts/bench_decode.py [--model PATH] [--threads 2] [--tokens 128] [--runs 3] [--json]
+    python scripts/bench_decode.py [--model PATH] [--threads 2 [1 ...]] [--isa native [avx2]]
+                                   [--tokens 128] [--runs 3] [--json]
+    python scripts/bench_decode.py --big-layers 4 --threads 1 2 --isa native avx2 --tokens 16
+
+--big-layers N writes (once, cached under $ENGINE_CACHE_DIR/bench) a synthetic GGUF of N blocks shaped
+like Llama-70B's (hidden 8192, FFN 28672, 64/8 heads of 128, Q4_K blocks, vocab 4096 with a Q6_K head)
+with the project's writer (scripts/make_synthetic_model.py); both engines then get the same prompt of
+token ids. Every round also measures the machine's read bandwidth (a torch sum over 1 GiB with the same
+thread count) in its own process, so the weights' GB/s per decoded token can be set against it.
+--isa runs the engine once per kernel flavour (ENGINE_CPU_ISA: native = AVX-512 here, avx2 = the
+portable path as an AVX2 CPU builds it); llama.cpp runs as installed.
 llama.cpp comes from llama-cpp-python if installed (it is not a dependency of the engine).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -32,7 +46,34 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-def worker_engine(model: str, threads: int, n: int) -> dict:
+def weight_bytes(model: str) -> int:
+    """Bytes of the weights one decoded token reads: every tensor but the embedding table (unless the
+    output head is tied to it)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(model).tensors}
+    tied = "output.weight" not in tensors
+    return sum(n for name, n in tensors.items() if tied or name != "token_embd.weight")
+
+
+def worker_read(model: str, threads: int, n: int, prompt_ids) -> dict:
+    """The machine's read bandwidth with `threads` threads: best of 5 sums over 1 GiB."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(1 << 28)
+    a.sum()
+    best = min(_timed(a.sum) for _ in range(5))
+    return {"read_GBps": a.numel() * 4 / best / 1e9}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def worker_engine(model: str, threads: int, n: int, prompt_ids) -> dict:
     t0 = time.perf_counter()
     import torch
 
@@ -40,7 +81,7 @@ def worker_engine(model: str, threads: int, n: int) -> dict:
 
     m = engine.load(model, threads=threads)
     load_s = time.perf_counter() - t0
-    ids = m.tokenize(PROMPT)
+    ids = prompt_ids or m.tokenize(PROMPT)
     t1 = time.perf_counter()
     logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
     t2 = time.perf_counter()
@@ -54,7 +95,7 @@ def worker_engine(model: str, threads: int, n: int) -> dict:
             "decode_tps": n / (t3 - t2), "peak_rss_mb": peak_rss_mb()}
 
 
-def worker_llamacpp(model: str, threads: int, n: int) -> dict:
+def worker_llamacpp(model: str, threads: int, n: int, prompt_ids) -> dict:
     t0 = time.perf_counter()
     import llama_cpp
     import numpy as np
@@ -62,7 +103,7 @@ def worker_llamacpp(model: str, threads: int, n: int) -> dict:
     llm = llama_cpp.Llama(model, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
                           verbose=False)
     load_s = time.perf_counter() - t0
-    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    ids = prompt_ids or llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     t1 = time.perf_counter()
     llm.eval(ids)
     t2 = time.perf_counter()
@@ -74,60 +115,114 @@ def worker_llamacpp(model: str, threads: int, n: int) -> dict:
             "decode_tps": n / (t3 - t2), "peak_rss_mb": peak_rss_mb()}
 
 
-WORKERS = {"engine": worker_engine, "llama.cpp": worker_llamacpp}
+WORKERS = {"engine": worker_engine, "llama.cpp": worker_llamacpp, "read": worker_read}
 
 
-def measure(which: str, model: str, threads: int, n: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--worker", which, "--model", model, "--threads", str(threads),
-                        "--tokens", str(n)], capture_output=True, text=True, timeout=900)
+def measure(which: str, model: str, threads: int, n: int, prompt_ids, isa: str = "native") -> dict:
+    cmd = [sys.executable, __file__, "--worker", which, "--model", model, "--threads", str(threads),
+           "--tokens", str(n)]
+    if prompt_ids:
+        cmd += ["--prompt-ids", ",".join(map(str, prompt_ids))]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ, "ENGINE_CPU_ISA": isa})
     if r.returncode:
         raise SystemExit(f"{which} worker failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def big_layer_model(n_layers: int) -> str:
+    """The cached synthetic GGUF of n_layers Llama-70B-shaped Q4_K blocks (written on first use)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_synthetic_model import SyntheticConfig, write_synthetic_model
+
+    cfg = SyntheticConfig(n_layers=n_layers, dim=8192, ffn=28672, n_heads=64, n_kv_heads=8, vocab=4096, ctx=1024)
+    cache = Path(os.environ.get("ENGINE_CACHE_DIR") or Path.home() / ".cache" / "engine") / "bench"
+    path = cache / f"llama70b-shaped-{n_layers}.gguf"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"writing {path} ...", file=sys.stderr)
+        write_synthetic_model(path, cfg)
+    return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--big-layers", type=int, metavar="N", help="synthetic model of N Llama-70B-shaped blocks")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
+    ap.add_argument("--isa", nargs="+", default=["native"], choices=["native", "avx2"])
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the --big-layers model")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.model is None:
-        sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    if a.worker:
+        ids = [int(i) for i in a.prompt_ids.split(",")] if a.prompt_ids else None
+        print(json.dumps(WORKERS[a.worker](a.model, a.threads[0], a.tokens, ids)))
+        return
+    prompt_ids = None
+    if a.big_layers:
+        a.model = big_layer_model(a.big_layers)
+        prompt_ids = [600 + 7 * i % 3000 for i in range(a.prompt_tokens)]  # ordinary tokens of the synthetic vocab
+    elif a.model is None:
+        sys.path.insert(0, str(ROOT))
         from engine.defaults import default_model_path
 
         a.model = str(default_model_path())
-    if a.worker:
-        print(json.dumps(WORKERS[a.worker](a.model, a.threads, a.tokens)))
-        return
+    names = [f"engine/{isa}" for isa in a.isa]
     try:
-        import llama_cpp  # noqa: F401
+        import llama_cpp
 
-        names = ["engine", "llama.cpp"]
+        names.append("llama.cpp")
+        llama_version = llama_cpp.__version__
     except ImportError:
         print("llama-cpp-python is not installed: measuring the engine alone", file=sys.stderr)
-        names = ["engine"]
-    runs: dict[str, list[dict]] = {k: [] for k in names}
-    for _ in range(a.runs):
-        for k in names:
-            runs[k].append(measure(k, a.model, a.threads, a.tokens))
-    med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
-    out = {"model": a.model, "threads": a.threads, "decode_tokens": a.tokens, "runs": a.runs, "median": med}
-    if "llama.cpp" in med:
-        out["ratio_engine_over_llamacpp"] = {f: med["engine"][f] / med["llama.cpp"][f] for f in
-                                             ("decode_tps", "prompt_tps")}
+        llama_version = None
+    if a.big_layers:
+        names.append("read")
+    wbytes = weight_bytes(a.model)
+    load = os.getloadavg()[0]
+    out = {"model": a.model, "weight_bytes_per_token": wbytes, "decode_tokens": a.tokens, "runs": a.runs,
+           "llama_cpp": llama_version, "load_avg_1min_before": load, "threads": {}}
+    for threads in a.threads:
+        runs: dict[str, list[dict]] = {k: [] for k in names}
+        for _ in range(a.runs):  # alternate: one run of each, in fresh processes, per round
+            for k in names:
+                which, _, isa = k.partition("/")
+                runs[k].append(measure(which, a.model, threads, a.tokens, prompt_ids, isa or "native"))
+        med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
+        for m in med.values():
+            if "decode_tps" in m:
+                m["decode_GBps"] = m["decode_tps"] * wbytes / 1e9
+        res = {"median": med}
+        if "llama.cpp" in med:
+            res["ratio_over_llamacpp"] = {k: {f: med[k][f] / med["llama.cpp"][f] for f in ("decode_tps", "prompt_tps")}
+                                          for k in med if k.startswith("engine")}
+        if "read" in med:
+            res["decode_GBps_over_read"] = {k: med[k]["decode_GBps"] / med["read"]["read_GBps"]
+                                            for k in med if "decode_GBps" in med[k]}
+        out["threads"][threads] = res
+    out["load_avg_1min_after"] = os.getloadavg()[0]
     if a.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"{'':12} {'load s':>8} {'prompt tok/s':>13} {'decode tok/s':>13} {'peak RSS MB':>12}")
-    for k, m in med.items():
-        print(f"{k:12} {m['load_s']:8.2f} {m['prompt_tps']:13.1f} {m['decode_tps']:13.1f} {m['peak_rss_mb']:12.0f}")
-    if "ratio_engine_over_llamacpp" in out:
-        r = out["ratio_engine_over_llamacpp"]
-        print(f"engine / llama.cpp: decode {r['decode_tps']:.2f}x, prompt {r['prompt_tps']:.2f}x "
-              f"(medians of {a.runs}, {a.threads} threads, {a.tokens} decode tokens, prompt {m['prompt_tokens']} tokens)")
+    print(f"{a.model}: {wbytes / 2**20:.0f} MiB of weights per token; llama-cpp-python {llama_version}; "
+          f"load average {out['load_avg_1min_before']:.1f} before, {out['load_avg_1min_after']:.1f} after")
+    for threads, res in out["threads"].items():
+        print(f"-- {threads} thread(s), medians of {a.runs} alternated fresh processes")
+        print(f"{'':16} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'decode GB/s':>12} "
+              f"{'peak RSS MB':>12} {'x llama.cpp':>16} {'/ read':>7}")
+        for k, m in res["median"].items():
+            if k == "read":
+                print(f"{'read (torch sum)':16} {'':7} {'':13} {'':13} {m['read_GBps']:12.1f}")
+                continue
+            r = res.get("ratio_over_llamacpp", {}).get(k)
+            ratio = f"{r['decode_tps']:.2f} / {r['prompt_tps']:.2f}" if r else ""
+            frac = res.get("decode_GBps_over_read", {}).get(k)
+            print(f"{k:16} {m['load_s']:7.2f} {m['prompt_tps']:13.1f} {m['decode_tps']:13.1f} {m['decode_GBps']:12.1f} "
+                  f"{m['peak_rss_mb']:12.0f} {ratio:>16} {'' if frac is None else f'{frac:.2f}':>7}")
+    print("(x llama.cpp: decode / prompt ratio of medians)")
 
 
 if __name__ == "__main__":

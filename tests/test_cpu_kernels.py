@@ -12,7 +12,7 @@ from gguf.quants import dequantize, quantize
 
 from engine import cpu
 from engine.cpu.build import BuildSpec, build
-from engine.cpu.launcher import FORMATS, INT16_FORMATS, Kernels
+from engine.cpu.launcher import FORMATS, INT16_FORMATS, ISA_FLAGS, Kernels, isa_flags
 from engine.errors import KernelError
 from quant_data import RANDOM_ONLY, random_blocks
 
@@ -133,11 +133,53 @@ def test_bit_identical_across_threads_and_batch(fmt):
     assert np.max(np.abs(results[0] - ref) / scale) < tol(fmt)
 
 
+def test_linear_many_equals_separate_calls():
+    """One call over matrices sharing x (mixed formats and paths, as in a Q4_K_M file's q/k/v)
+    gives each matrix's own linear() bits, at any thread count."""
+    rng = np.random.default_rng(11)
+    k = 512
+    mats = [(torch.from_numpy(make_weight(fmt, n, k, rng).reshape(-1)), fmt, n)
+            for fmt, n in (("Q4_K", 67), ("Q6_K", 16), ("Q4_1", 40), ("F16", 9), ("Q8_0", 1))]
+    kern = Kernels(build(BuildSpec.default()), 1)
+    for threads in (1, 3):
+        kern.set_num_threads(threads)
+        for t in (1, 2, 5):
+            x = torch.from_numpy(rng.standard_normal((t, k)).astype(np.float32))
+            for exact in (False, True):
+                got = kern.linear_many(x, mats, k, exact=exact)
+                for y, (w, fmt, n) in zip(got, mats):
+                    assert y.shape == (t, n)
+                    assert torch.equal(y.view(torch.int32), kern.linear(x, w, fmt, n, k, exact=exact).view(torch.int32))
+    with pytest.raises(KernelError) as e:
+        kern.linear_many(x, [mats[0], (mats[1][0], "Q6_K", 17)], k)
+    assert e.value.field == "w"
+    with pytest.raises(KernelError):
+        kern.linear_many(x, [], k)
+
+
+def test_cpu_device_linear_many():
+    """CpuDevice.linear_many (the block's fused q/k/v and gate/up call) returns each matrix's
+    linear() bits, with the leading shape of x kept."""
+    from engine.device import CpuDevice
+    from engine.formats.registry import format_for
+    from engine.weights import QWeight
+
+    rng = np.random.default_rng(12)
+    k = 512
+    ws = [QWeight(f"w{n}", format_for(fmt), (n, k), torch.from_numpy(make_weight(fmt, n, k, rng).reshape(-1)))
+          for fmt, n in (("Q4_K", 24), ("Q4_K", 8), ("Q6_K", 8))]
+    dev = CpuDevice(threads=2)
+    x = torch.randn(2, 3, k)
+    for y, w in zip(dev.linear_many(x, ws), ws):
+        assert y.shape == (2, 3, w.shape[0])
+        assert torch.equal(y, dev.linear(x, w))
+
+
 def test_portable_build_is_bit_identical_to_native():
     """The portable (vector-extension) fallback, built as for an AVX2-only CPU, follows the same
     numeric contract as the AVX-512 path, bit for bit."""
     native = Kernels(build(BuildSpec.default()), 2)
-    portable = Kernels(build(BuildSpec.default(("-DQL_PORTABLE", "-mno-avx512f"))), 2)
+    portable = Kernels(build(BuildSpec.default(ISA_FLAGS["avx2"])), 2)
     assert portable.isa == "portable"
     rng = np.random.default_rng(3)
     for fmt in sorted(cpu.SUPPORTED):
@@ -225,6 +267,15 @@ def test_bad_arguments_raise_kernel_error(mutate, field):
     with pytest.raises(KernelError) as info:
         cpu.linear(args["x"], args["w"], args["fmt"], args["n"], args["k"], out=args["out"])
     assert info.value.field == field
+
+
+def test_isa_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("ENGINE_CPU_ISA", "avx2")
+    assert isa_flags() == ISA_FLAGS["avx2"]
+    monkeypatch.setenv("ENGINE_CPU_ISA", "avx9")
+    with pytest.raises(KernelError) as e:
+        isa_flags()
+    assert e.value.field == "ENGINE_CPU_ISA"
 
 
 def test_build_errors_are_kernel_errors(tmp_path, monkeypatch):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import KernelError
-from .launcher import FORMAT_NAMES, INT16_FORMATS, default_kernels
+from .launcher import FORMAT_NAMES, INT16_FORMATS, MAX_MANY, default_kernels
 
 SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
 
-__all__ = ["INT16_FORMATS", "SUPPORTED", "available", "linear", "set_num_threads"]
+__all__ = ["INT16_FORMATS", "MAX_MANY", "SUPPORTED", "available", "linear", "linear_many", "set_num_threads"]
 
 
 def available() -> bool:
@@ -33,6 +33,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
     `exact`. Raises KernelError on bad arguments or if the kernels are unavailable.
     """
     return default_kernels().linear(x, w, fmt, n, k, out, exact)
+
+
+def linear_many(x: torch.Tensor, mats, k: int, exact: bool = False) -> list[torch.Tensor]:
+    """[linear(x, w, fmt, n, k) for (w, fmt, n) in mats] in one call and one pool job (q/k/v,
+    gate/up): x is quantized once, every result is bit-identical to the separate call."""
+    return default_kernels().linear_many(x, mats, k, exact)
 
 
 def set_num_threads(n: int) -> None:

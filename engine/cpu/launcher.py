@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ FORMATS: dict[str, FormatInfo] = {
 }
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+MAX_MANY = 16  # matrices per linear_many call (kMaxParts in qlinear.cpp)
 _RETURN_CODES = {1: "format unknown to the library", 2: "shape rejected by the library",
                  3: "out of memory for the permuted copy of x"}
 
@@ -56,6 +58,8 @@ class Kernels:
             ("ql_pool_set_threads", None, (_vp, _int)),
             ("ql_pool_threads", _int, (_vp,)),
             ("ql_linear", _int, (_vp, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
+            ("ql_linear_many", _int, (_vp, _int, ctypes.POINTER(_int), _int, _vp, ctypes.POINTER(_vp),
+                                      ctypes.POINTER(_vp), _i64, ctypes.POINTER(_i64), _i64)),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -69,6 +73,7 @@ class Kernels:
                                   f"({block.value}, {nbytes.value}) != ({info.block}, {info.nbytes})")
         self._lib = lib
         self._call = lib.ql_linear
+        self._many = lib.ql_linear_many
         self.isa = "avx512" if lib.ql_isa() == 512 else "portable"
         self._pool = lib.ql_pool_new(1)
         self.set_num_threads(threads)
@@ -90,38 +95,61 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
                out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
-        """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS quantize x to int16 per 256-block
+        """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS round x to int16 per 256-block
         (relative error ~1e-5) unless `exact`, which takes the fp32 path (slower)."""
-        # Hot path (hundreds of calls per token): one fused test of cheap attributes; on any
-        # failure, _diagnose() re-checks everything and raises the precise error.
-        info = FORMATS.get(fmt)
-        try:
-            t, kx = x.shape
-            ok = (info is not None and type(n) is int and type(k) is int and n > 0 and kx == k > 0
-                  and k % info.block == 0 and x.dtype is torch.float32 and w.dtype is torch.uint8
-                  and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous()
-                  and w.numel() == n * (k // info.block) * info.nbytes)
-            if ok:
-                px, pw = x.data_ptr(), w.data_ptr()
-                if out is None:
-                    out = torch.empty((t, n), dtype=torch.float32)
-                    po = out.data_ptr()
-                else:
-                    po = out.data_ptr()
-                    end = po + 4 * t * n
-                    ok = (out.dtype is torch.float32 and out.is_cpu and out.is_contiguous() and out.shape == (t, n)
-                          and (t == 0 or ((end <= px or px + 4 * t * k <= po) and (end <= pw or pw + w.numel() <= po))))
-        except (AttributeError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            _diagnose(x, w, fmt, n, k, out)
-            raise KernelError(f"invalid arguments for {fmt} ({n}, {k})")  # _diagnose found nothing specific
+        info, t, out = _checked(x, w, fmt, n, k, out)
         if t:
-            rc = self._call(self._pool, info.type_id, 1 if exact else 0, px, pw, po, t, n, k)
+            rc = self._call(self._pool, info.type_id, 1 if exact else 0, x.data_ptr(), w.data_ptr(), out.data_ptr(),
+                            t, n, k)
             if rc:
-                why = _RETURN_CODES.get(rc, f"error code {rc}")
-                raise KernelError(f"{fmt} ({n}, {k}) x ({t}, {k}): {why}")
+                raise KernelError(f"{fmt} ({n}, {k}) x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
         return out
+
+    def linear_many(self, x: torch.Tensor, mats, k: int, exact: bool = False) -> list[torch.Tensor]:
+        """[x @ W_i^T for (W_i, fmt_i, n_i) in mats]: matrices sharing x (T, K) (q/k/v, gate/up) in one
+        call and one pool job. Each output is bit-identical to linear() of that matrix alone."""
+        count = len(mats)
+        if not 0 < count <= MAX_MANY:
+            raise KernelError(f"expected 1 to {MAX_MANY} matrices, got {count}", field="mats")
+        outs, types, ws, ns = [], (_int * count)(), (_vp * count)(), (_i64 * count)()
+        for i, (w, fmt, n) in enumerate(mats):
+            info, t, out = _checked(x, w, fmt, n, k, None)
+            outs.append(out)
+            types[i], ws[i], ns[i] = info.type_id, w.data_ptr(), n
+        if t:
+            po = (_vp * count)(*(o.data_ptr() for o in outs))
+            rc = self._many(self._pool, count, types, 1 if exact else 0, x.data_ptr(), ws, po, t, ns, k)
+            if rc:
+                shapes = ", ".join(f"{fmt} ({n}, {k})" for _, fmt, n in mats)
+                raise KernelError(f"{shapes} x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
+        return outs
+
+
+def _checked(x, w, fmt, n, k, out):
+    """(format info, T, out) for valid linear() arguments (out allocated if None), else KernelError."""
+    # Hot path (hundreds of calls per token): one fused test of cheap attributes; on any
+    # failure, _diagnose() re-checks everything and raises the precise error.
+    info = FORMATS.get(fmt)
+    try:
+        t, kx = x.shape
+        ok = (info is not None and type(n) is int and type(k) is int and n > 0 and kx == k > 0
+              and k % info.block == 0 and x.dtype is torch.float32 and w.dtype is torch.uint8
+              and x.is_cpu and w.is_cpu and x.is_contiguous() and w.is_contiguous()
+              and w.numel() == n * (k // info.block) * info.nbytes)
+        if ok:
+            if out is None:
+                out = torch.empty((t, n), dtype=torch.float32)
+            else:
+                px, pw, po = x.data_ptr(), w.data_ptr(), out.data_ptr()
+                end = po + 4 * t * n
+                ok = (out.dtype is torch.float32 and out.is_cpu and out.is_contiguous() and out.shape == (t, n)
+                      and (t == 0 or ((end <= px or px + 4 * t * k <= po) and (end <= pw or pw + w.numel() <= po))))
+    except (AttributeError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        _diagnose(x, w, fmt, n, k, out)
+        raise KernelError(f"invalid arguments for {fmt} ({n}, {k})")  # _diagnose found nothing specific
+    return info, t, out
 
 
 def _describe(t) -> str:
@@ -156,10 +184,23 @@ def _diagnose(x, w, fmt, n, k, out) -> None:
         raise KernelError("must not overlap x or w", field="out")
 
 
+# $ENGINE_CPU_ISA: which flavour of the kernels this process builds and loads. "native" (default):
+# -march=native, AVX-512 where the CPU has it; "avx2": the portable path without AVX-512, as an
+# AVX2 + FMA CPU builds it (to measure that flavour on an AVX-512 machine).
+ISA_FLAGS = {"native": (), "avx2": ("-DQL_PORTABLE", "-mno-avx512f")}
+
+
+def isa_flags() -> tuple[str, ...]:
+    isa = os.environ.get("ENGINE_CPU_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise KernelError(f"ENGINE_CPU_ISA={isa!r}: expected one of {', '.join(ISA_FLAGS)}", field="ENGINE_CPU_ISA")
+    return ISA_FLAGS[isa]
+
+
 @functools.cache
 def _load() -> Kernels | KernelError:
     try:
-        return Kernels(build(BuildSpec.default()), torch.get_num_threads())
+        return Kernels(build(BuildSpec.default(isa_flags())), torch.get_num_threads())
     except KernelError as exc:
         return exc
     except OSError as exc:

@@ -1081,6 +1081,7 @@ using WI = __m512i;  // 32 int16 words: one 32-element chunk
 using AI = __m512i;  // 16 int32 lanes
 using M8 = __m256;   // 8 fp32 lanes (the mins)
 inline AI izero() { return _mm512_setzero_si512(); }
+inline AI iadd(AI a, AI b) { return _mm512_add_epi32(a, b); }
 inline WI wload(const int16_t* p) { return _mm512_loadu_si512(p); }
 inline void wstore(int16_t* p, WI v) { _mm512_storeu_si512(p, v); }
 inline AI dot_add(AI acc, WI w, const int16_t* x) {
@@ -1118,6 +1119,7 @@ using WI = Pair<W16>;  // words 0..15, 16..31
 using AI = VI;         // int32 lanes 0..7, 8..15
 using M8 = F8;
 inline AI izero() { return {I8{}, I8{}}; }
+inline AI iadd(AI a, AI b) { return a + b; }
 inline WI wload(const int16_t* p) {
     WI v;
     std::memcpy(&v.a, p, sizeof v.a);
@@ -1251,6 +1253,7 @@ void int_direct_tile(const QProblem& p, i64 n0) {
     const i64 nb = p.K / kQBlock;
     const uint8_t* row0 = p.w + n0 * p.row_bytes;
     for (i64 b = 0; b < nb; ++b) {
+#pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const uint8_t* sb = row0 + r * p.row_bytes + b * F::kBytes;
             // Weights stream from memory: fetch ~1 KiB ahead in each of the R row streams.
@@ -1261,9 +1264,10 @@ void int_direct_tile(const QProblem& p, i64 n0) {
             F::decode(sb, w, d, mins);
             for (int t = 0; t < TT; ++t) {
                 const int16_t* xq = p.xq + t * p.K + b * kQBlock;
-                AI s = izero();
-                for (int j = 0; j < 8; ++j) s = dot_add(s, w[j], xq + 32 * j);
-                acc[r][t] = vfma(vmul(ito_float(s), vbcast(p.xs[t * nb + b])), vbcast(d), acc[r][t]);
+                AI s[4] = {izero(), izero(), izero(), izero()};  // 4 chains (integer sums: exact in any order)
+                for (int j = 0; j < 8; ++j) s[j & 3] = dot_add(s[j & 3], w[j], xq + 32 * j);
+                s[0] = iadd(iadd(s[0], s[1]), iadd(s[2], s[3]));
+                acc[r][t] = vfma(vmul(ito_float(s[0]), vbcast(p.xs[t * nb + b])), vbcast(d), acc[r][t]);
                 if constexpr (F::kMins) macc[r][t] = m8fma(mins, m8load(p.xm + t * (p.K / 32) + 8 * b), macc[r][t]);
             }
         }
@@ -1559,6 +1563,43 @@ const FormatEntry* find_format(int type) {
     return nullptr;
 }
 
+// Rows of W handed out per work item: about 16 KiB of weights (or at least one group), finer
+// when there are few groups for the pool's threads.
+i64 grain_for(const Pool* pool, i64 groups, i64 row_bytes) {
+    const i64 group_bytes = row_bytes * kRows;
+    i64 grain = (i64(16) << 10) / (group_bytes > 0 ? group_bytes : 1);
+    const i64 fair = groups / (i64(pool->threads()) * 4);
+    if (grain > fair) grain = fair;
+    return grain < 1 ? 1 : grain;
+}
+
+// One matrix of a ql_linear_many call: its row groups are items [first, first + groups) of the job.
+struct ManyPart {
+    const FormatEntry* e;
+    bool quantized;  // integer path
+    Problem fp;
+    QProblem qp;
+    i64 first, groups;
+};
+
+struct ManyJob {
+    const ManyPart* parts;
+    int count;
+};
+
+void run_many(const void* ctx, i64 g0, i64 g1) {
+    const ManyJob& job = *static_cast<const ManyJob*>(ctx);
+    for (int i = 0; i < job.count && g0 < g1; ++i) {
+        const ManyPart& m = job.parts[i];
+        const i64 end = m.first + m.groups;
+        if (g0 >= end) continue;
+        const i64 stop = g1 < end ? g1 : end;
+        if (m.quantized) m.e->run_int(&m.qp, g0 - m.first, stop - m.first);
+        else m.e->run(&m.fp, g0 - m.first, stop - m.first);
+        g0 = stop;
+    }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -1583,41 +1624,57 @@ QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
 QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
 QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->threads(); }
 
-// Rows of W handed out per work item: about 16 KiB of weights (or at least one group), finer
-// when there are few groups for the pool's threads.
-static i64 grain_for(const Pool* pool, i64 groups, i64 row_bytes) {
-    const i64 group_bytes = row_bytes * kRows;
-    i64 grain = (i64(16) << 10) / (group_bytes > 0 ? group_bytes : 1);
-    const i64 fair = groups / (i64(pool->threads()) * 4);
-    if (grain > fair) grain = fair;
-    return grain < 1 ? 1 : grain;
-}
-
-// mode: 0 = the format's fastest path (integer where it has one), 1 = the fp32 path.
-QL_EXPORT int ql_linear(void* pool_handle, int type, int mode, const float* x, const uint8_t* w, float* out,
-                        i64 T, i64 N, i64 K) {
-    const FormatEntry* e = find_format(type);
-    if (!e) return 1;
-    if (T < 0 || N < 1 || K < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0) || mode < 0 || mode > 1) return 2;
+// mode: 0 = each format's fastest path (integer where it has one), 1 = the fp32 path.
+// outs[i] (T, ns[i]) = x (T, K) @ W_i (ns[i], K)^T for `count` matrices sharing x, in one pool job
+// (x is quantized or permuted once). Every output element is computed exactly as by a call with
+// that matrix alone.
+QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int mode, const float* x,
+                             const uint8_t* const* ws, float* const* outs, i64 T, const i64* ns, i64 K) {
+    constexpr int kMaxParts = 16;
+    if (count < 1 || count > kMaxParts || T < 0 || K < 1 || mode < 0 || mode > 1) return 2;
+    ManyPart parts[kMaxParts];
+    bool need_q = false, need_perm = false;
+    for (int i = 0; i < count; ++i) {
+        const FormatEntry* e = find_format(types[i]);
+        if (!e) return 1;
+        if (ns[i] < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
+        parts[i].e = e;
+        parts[i].quantized = mode == 0 && e->run_int;
+        need_q |= parts[i].quantized;
+        need_perm |= !parts[i].quantized && e->permuted;
+    }
     if (T == 0) return 0;
-    Pool* pool = static_cast<Pool*>(pool_handle);
-    const i64 row_bytes = K / e->block * e->bytes;
-    const i64 groups = (N + kRows - 1) / kRows;
-    if (mode == 0 && e->run_int) {
+    const int16_t* xq = nullptr;
+    const float *xs = nullptr, *xm = nullptr, *xp = nullptr;
+    if (need_q) {
         thread_local Scratch buf;  // x16 (T*K/2 floats' worth), sx (T*K/256), chunk sums (T*K/32)
         float* base = buf.try_get(T * K / 2 + T * K / kQBlock + T * K / 32);
         if (!base) return 3;
-        int16_t* xq = reinterpret_cast<int16_t*>(base);
-        float* xs = base + T * K / 2;
-        float* xm = xs + T * K / kQBlock;
-        quantize_x(x, T, K, xq, xs, xm);
-        const QProblem p{xq, xs, xm, w, out, T, N, K, row_bytes};
-        pool->run(e->run_int, &p, groups, grain_for(pool, groups, row_bytes));
-        return 0;
+        int16_t* q = reinterpret_cast<int16_t*>(base);
+        float* s = base + T * K / 2;
+        float* m = s + T * K / kQBlock;
+        quantize_x(x, T, K, q, s, m);
+        xq = q, xs = s, xm = m;
     }
-    const float* xs = e->permuted ? permute_x(x, T, K) : x;
-    if (!xs) return 3;
-    const Problem p{xs, w, out, T, N, K, row_bytes};
-    pool->run(e->run, &p, groups, grain_for(pool, groups, row_bytes));
+    if (need_perm && !(xp = permute_x(x, T, K))) return 3;
+    Pool* pool = static_cast<Pool*>(pool_handle);
+    i64 items = 0, row_bytes_max = 0;
+    for (int i = 0; i < count; ++i) {
+        ManyPart& m = parts[i];
+        const i64 row_bytes = K / m.e->block * m.e->bytes;
+        m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.first = items;
+        m.groups = (ns[i] + kRows - 1) / kRows;
+        items += m.groups;
+        row_bytes_max = row_bytes > row_bytes_max ? row_bytes : row_bytes_max;
+    }
+    const ManyJob job{parts, count};
+    pool->run(run_many, &job, items, grain_for(pool, items, row_bytes_max));
     return 0;
+}
+
+QL_EXPORT int ql_linear(void* pool_handle, int type, int mode, const float* x, const uint8_t* w, float* out,
+                        i64 T, i64 N, i64 K) {
+    return ql_linear_many(pool_handle, 1, &type, mode, x, &w, &out, T, &N, K);
 }
