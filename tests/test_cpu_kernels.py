@@ -109,7 +109,7 @@ def test_int16_path_quantizes_each_block_on_its_own_scale():
         assert np.isnan(run(bad, raw, fmt, n, k)).all()
 
 
-@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q4_K", "Q6_K", "F16", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
+@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
 def test_bit_identical_across_threads_and_batch(fmt):
     rng = np.random.default_rng(7)
     n, k = 1001, (512 if fmt in KQUANTS else 320)

@@ -19,7 +19,7 @@ from .build import BuildSpec, build
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                 "IQ4_NL", "IQ4_XS")
 # Formats with an integer path (activations quantized to int16 per 256-element block).
-INT16_FORMATS = frozenset({"Q4_K", "Q6_K"})
+INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K"})
 ABI_VERSION = 4
 
 

@@ -1020,17 +1020,17 @@ const float* permute_x(const float* x, i64 T, i64 K) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Integer path (Q4_K, Q6_K): the formats whose weights are small integers times per-sub-block
+// Integer path (Q4_K, Q5_K, Q6_K): the formats whose weights are small integers times per-sub-block
 // integer scales. Numerics (again identical in every code path, so results never depend on the
 // tiling, the thread count or T):
 //   * each row of x is quantized per 256-element block b: sx_b = amax_b / 32767 and
 //     x16 = rint(x * (32767 / amax_b)) (int16; error <= 0.5 sx_b per element, ~1e-5 relative
 //     in a dot product); a block holding a NaN or an infinity gets sx_b = NaN (the result is NaN);
-//   * a weight super-block is decoded to 256 int16 words w = q * sc (Q4_K: q 0..15, sc 6 bits;
-//     Q6_K: (q - 32) * sc, sc signed 8 bits), with its float factor d (and Q4_K's mins);
+//   * a weight super-block is decoded to 256 int16 words w = q * sc (Q4_K: q 0..15, Q5_K: q 0..31,
+//     sc 6 bits; Q6_K: (q - 32) * sc, sc signed 8 bits), with its float factor d (and the mins);
 //   * I_b = sum of w * x16 over the super-block, exactly, in 16 int32 lanes: lane l holds the
 //     products of elements 32j + 2l, 32j + 2l + 1 (j = 0..7); |lane| < 2^31 by the formats' ranges;
-//   * acc (16 fp32 lanes) = fma(float(I_b) * sx_b, d_b, acc) for b in order; Q4_K's mins go to an
+//   * acc (16 fp32 lanes) = fma(float(I_b) * sx_b, d_b, acc) for b in order; Q4_K/Q5_K mins go to an
 //     8-lane accumulator macc = fma(dmin * m_j (lane j), float(sum_j x16) * sx_b, macc);
 //   * out = vsum(acc) - sum8(macc) (the same pairwise trees as vsum).
 // ---------------------------------------------------------------------------------------------
@@ -1196,6 +1196,46 @@ struct IntQ4_K {
             const int shift = (j & 1) * 4;
             w[j].a = ((u8_words(qs) >> shift) & 15) * int16_t(sc);
             w[j].b = ((u8_words(qs + 16) >> shift) & 15) * int16_t(sc);
+        }
+#endif
+    }
+};
+
+struct IntQ5_K {
+    static constexpr int kBytes = 176;
+    static constexpr bool kMins = true;
+    // Element 32j + l: low nibble (nibble j & 1) of qs[32(j >> 1) + l] | bit j of qh[l] << 4.
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
+        d = half_at(sb);
+        const float dmin = half_at(sb + 2);
+#if QL_AVX512
+        const __m128i sm = kquant_scale_min_bytes(sb + 4);
+        mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
+        const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm));  // words sc_0..7, m_0..7
+        const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16)));
+        const auto high = [&](int j) {  // bit j of qh -> bit 4
+            return _mm512_and_si512(j <= 4 ? _mm512_slli_epi16(qh, 4 - j) : _mm512_srli_epi16(qh, j - 4),
+                                    _mm512_set1_epi16(16));
+        };
+        for (int g = 0; g < 4; ++g) {
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 48 + 32 * g)));
+            const __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), high(2 * g), 0xEA);  // (v & 15) | h
+            const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), high(2 * g + 1));
+            w[2 * g] = _mm512_mullo_epi16(lo, _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g)), scw));
+            w[2 * g + 1] = _mm512_mullo_epi16(hi, _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g + 1)), scw));
+        }
+#else
+        for (int j = 0; j < 8; ++j) {
+            int sc, mn;
+            kquant_scale_min(sb + 4, j, sc, mn);
+            mins[j] = dmin * float(mn);
+            const uint8_t* qs = sb + 48 + 32 * (j >> 1);
+            const int shift = (j & 1) * 4;
+            const auto half = [&](int o) {
+                return (((u8_words(qs + o) >> shift) & 15) | (((u8_words(sb + 16 + o) >> j) & 1) << 4)) * int16_t(sc);
+            };
+            w[j].a = half(0);
+            w[j].b = half(16);
         }
 #endif
     }
@@ -1555,7 +1595,7 @@ const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry<FmtQ8_0>(kQ8_0),
         entry<FmtQ4_0>(kQ4_0), entry<FmtQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
-        entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry<FmtQ5_K>(kQ5_K),
+        entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry_int<FmtQ5_K, IntQ5_K>(kQ5_K),
         entry_int<FmtQ6_K, IntQ6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
     };
     for (const auto& e : table)
