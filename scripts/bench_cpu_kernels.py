@@ -13,12 +13,17 @@ ratio columns are the meaningful numbers on a shared machine. Also printed:
   * coexistence with torch: kernel calls interleaved with multi-threaded torch ops, against the
     sum of both run separately (a ratio near 1 means no oversubscription between the pools).
 
-    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick]
+  * --big: Llama-70B-shaped Q4_K/Q6_K matrices (130-190 MB each, so they stream from memory) at T=1
+    and T=64, the default integer path against exact=True (fp32), as wall GB/s and as GB/s per CPU
+    second of the process (the kernel's own speed, robust to other processes sharing the cores).
+
+    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick] [--big]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,6 +47,9 @@ SHAPES = (
     ("output", 49152, 576, "Q8_0", 1),
 )
 TS = (1, 8, 128)
+# Llama-70B shapes (hidden 8192, FFN 28672): ffn_gate/up, ffn_down, and a Q4_K_M file's Q6_K ffn_down.
+BIG_SHAPES = (("ffn_gate/up", 28672, 8192, "Q4_K"), ("ffn_down", 8192, 28672, "Q4_K"),
+              ("ffn_down", 8192, 28672, "Q6_K"))
 
 
 def timed(fn, min_time: float) -> float:
@@ -142,11 +150,37 @@ def coexistence(kern, rounds: int, rng) -> dict[str, float]:
         "interleaved_over_sum": times["interleaved"] / (times["kernel"] + times["torch"])}
 
 
+def big_layers(kern, rounds: int, rng) -> list[dict]:
+    """Integer path vs exact=True on 70B-shaped matrices, alternated call by call."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_synthetic_model import random_kquant
+
+    records = []
+    for name, n, k, fmt in BIG_SHAPES:
+        w = torch.from_numpy(random_kquant(rng, (n, k), fmt).reshape(-1))
+        for t in (1, 64):
+            x = torch.randn(t, k)
+            samples: dict[str, list[tuple[float, float]]] = {"int16": [], "exact": []}
+            for _ in range(rounds):
+                for path in samples:
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    kern.linear(x, w, fmt, n, k, exact=path == "exact")
+                    samples[path].append((time.perf_counter() - t0, time.process_time() - c0))
+            rec = {"name": name, "N": n, "K": k, "fmt": fmt, "T": t, "weight_bytes": w.numel()}
+            for path, v in samples.items():
+                wall, cpu = statistics.median(a for a, _ in v), statistics.median(b for _, b in v)
+                rec[path] = {"GBps": w.numel() / wall / 1e9, "GBps_per_cpu_s": w.numel() / max(cpu, 1e-9) / 1e9,
+                             "GMACps": t * n * k / wall / 1e9}
+            records.append(rec)
+    return records
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter timings")
+    ap.add_argument("--big", action="store_true", help="only the 70B-shaped integer-path vs exact comparison")
     args = ap.parse_args(argv)
 
     kern = default_kernels()
@@ -157,7 +191,21 @@ def main(argv=None) -> int:
 
     bw = bandwidth(args.threads)
     print(f"threads={args.threads} isa={kern.isa} torch={torch.__version__}  memory: copy "
-          f"{bw['copy_GBps']:.1f} GB/s (read+write), sum {bw['read_GBps']:.1f} GB/s (read), 256 MiB")
+          f"{bw['copy_GBps']:.1f} GB/s (read+write), sum {bw['read_GBps']:.1f} GB/s (read), 256 MiB; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if args.big:
+        records = big_layers(kern, rounds, rng)
+        print(f"{'matrix':12s} {'N x K':>12s} {'fmt':5s} {'T':>3s} | {'int16 GB/s':>10s} {'/cpu s':>7s} "
+              f"{'GMAC/s':>7s} | {'exact GB/s':>10s} {'/cpu s':>7s} {'GMAC/s':>7s} | {'int16/exact':>11s}")
+        for r in records:
+            a, b = r["int16"], r["exact"]
+            print(f"{r['name']:12s} {str(r['N']) + 'x' + str(r['K']):>12s} {r['fmt']:5s} {r['T']:3d} | {a['GBps']:10.1f} "
+                  f"{a['GBps_per_cpu_s']:7.1f} {a['GMACps']:7.1f} | {b['GBps']:10.1f} {b['GBps_per_cpu_s']:7.1f} "
+                  f"{b['GMACps']:7.1f} | {a['GBps'] / b['GBps']:11.2f}")
+        if args.json:
+            text = json.dumps({"threads": args.threads, "isa": kern.isa, "bandwidth": bw, "big": records}, indent=2)
+            print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+        return 0
     hdr = (f"{'matrix':12s} {'N x K':>12s} {'fmt':5s} {'T':>4s} | {'kernel us':>10s} {'GB/s':>6s} {'GFLOP/s':>8s}"
            f" | {'mm us':>9s} {'GFLOP/s':>8s} | {'dq+mm us':>9s} | {'mm/kern':>7s} {'dq+mm/kern':>10s}")
     print(hdr)

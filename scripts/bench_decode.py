@@ -118,12 +118,16 @@ def worker_llamacpp(model: str, threads: int, n: int, prompt_ids) -> dict:
 WORKERS = {"engine": worker_engine, "llama.cpp": worker_llamacpp, "read": worker_read}
 
 
-def measure(which: str, model: str, threads: int, n: int, prompt_ids, isa: str = "native") -> dict:
+def measure(which: str, model: str, threads: int, n: int, prompt_ids, isa: str = "native",
+            engine_path: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", model, "--threads", str(threads),
            "--tokens", str(n)]
     if prompt_ids:
         cmd += ["--prompt-ids", ",".join(map(str, prompt_ids))]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env={**os.environ, "ENGINE_CPU_ISA": isa})
+    env = {**os.environ, "ENGINE_CPU_ISA": isa}
+    if engine_path:  # another checkout of the engine (--baseline)
+        env["PYTHONPATH"] = engine_path
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if r.returncode:
         raise SystemExit(f"{which} worker failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -153,6 +157,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the --big-layers model")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baseline", metavar="DIR", help="also time the engine of another checkout (e.g. a git worktree "
+                                                      "of an older commit), as 'baseline'")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
@@ -170,7 +176,7 @@ def main() -> None:
         from engine.defaults import default_model_path
 
         a.model = str(default_model_path())
-    names = [f"engine/{isa}" for isa in a.isa]
+    names = [f"engine/{isa}" for isa in a.isa] + (["baseline"] if a.baseline else [])
     try:
         import llama_cpp
 
@@ -183,14 +189,17 @@ def main() -> None:
         names.append("read")
     wbytes = weight_bytes(a.model)
     load = os.getloadavg()[0]
-    out = {"model": a.model, "weight_bytes_per_token": wbytes, "decode_tokens": a.tokens, "runs": a.runs,
+    out = {"model": a.model, "baseline": a.baseline, "weight_bytes_per_token": wbytes, "decode_tokens": a.tokens, "runs": a.runs,
            "llama_cpp": llama_version, "load_avg_1min_before": load, "threads": {}}
     for threads in a.threads:
         runs: dict[str, list[dict]] = {k: [] for k in names}
         for _ in range(a.runs):  # alternate: one run of each, in fresh processes, per round
             for k in names:
                 which, _, isa = k.partition("/")
-                runs[k].append(measure(which, a.model, threads, a.tokens, prompt_ids, isa or "native"))
+                if which == "baseline":
+                    runs[k].append(measure("engine", a.model, threads, a.tokens, prompt_ids, engine_path=a.baseline))
+                else:
+                    runs[k].append(measure(which, a.model, threads, a.tokens, prompt_ids, isa or "native"))
         med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
         for m in med.values():
             if "decode_tps" in m:
@@ -198,7 +207,7 @@ def main() -> None:
         res = {"median": med}
         if "llama.cpp" in med:
             res["ratio_over_llamacpp"] = {k: {f: med[k][f] / med["llama.cpp"][f] for f in ("decode_tps", "prompt_tps")}
-                                          for k in med if k.startswith("engine")}
+                                          for k in med if k != "llama.cpp" and k != "read"}
         if "read" in med:
             res["decode_GBps_over_read"] = {k: med[k]["decode_GBps"] / med["read"]["read_GBps"]
                                             for k in med if "decode_GBps" in med[k]}

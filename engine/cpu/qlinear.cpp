@@ -1,7 +1,10 @@
 // Fused dequantize + matmul on raw GGUF weight blocks: out(T, N) = x(T, K) @ W(N, K)^T.
 //
-// Numerics (identical in every code path, so results never depend on T tiling, thread count or
-// which thread computed what):
+// Two numeric paths, each identical in every code path (so results never depend on T tiling,
+// thread count or which thread computed what). Q4_K, Q5_K and Q6_K take the integer path (see
+// "Integer path" below: x rounded to int16 per 256 elements, exact integer dot products, one fp32
+// fma per super-block) unless the caller asks for the fp32 path (mode 1); every other format
+// takes the fp32 path:
 //   * each weight is dequantized to fp32 by one fixed expression per format (d*q, fma(q, d, m), ...);
 //   * each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
 //     order, it does acc = fma(x[0:16], w[0:16], acc) then acc = fma(x[16:32], w[16:32], acc)
