@@ -1173,9 +1173,13 @@ inline W16 s8_words(const uint8_t* p) {
 
 // Decoders: super-block -> w[8] (chunk j = elements 32j..32j+31, natural order), d and the
 // 8 mins dmin * m_j (formats without mins leave them alone).
-struct IntQ4_K {
-    static constexpr int kBytes = 144;
+// Q4_K (kQ5 false) and Q5_K (kQ5 true): element 32j + l is nibble j & 1 of qs[32(j >> 1) + l], plus
+// for Q5_K bit j of qh[l] as bit 4.
+template <bool kQ5>
+struct IntQ45_K {
+    static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
+    static constexpr int kQs = kQ5 ? 48 : 16;  // offset of qs (Q5_K's qh sits at 16)
     static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
         d = half_at(sb);
         const float dmin = half_at(sb + 2);
@@ -1183,47 +1187,19 @@ struct IntQ4_K {
         const __m128i sm = kquant_scale_min_bytes(sb + 4);
         mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
         const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm));  // words sc_0..7, m_0..7
-        for (int g = 0; g < 4; ++g) {
-            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * g)));
-            w[2 * g] = _mm512_mullo_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)),
-                                          _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g)), scw));
-            w[2 * g + 1] = _mm512_mullo_epi16(_mm512_srli_epi16(v, 4),
-                                              _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g + 1)), scw));
-        }
-#else
-        for (int j = 0; j < 8; ++j) {
-            int sc, mn;
-            kquant_scale_min(sb + 4, j, sc, mn);
-            mins[j] = dmin * float(mn);
-            const uint8_t* qs = sb + 16 + 32 * (j >> 1);
-            const int shift = (j & 1) * 4;
-            w[j].a = ((u8_words(qs) >> shift) & 15) * int16_t(sc);
-            w[j].b = ((u8_words(qs + 16) >> shift) & 15) * int16_t(sc);
-        }
-#endif
-    }
-};
-
-struct IntQ5_K {
-    static constexpr int kBytes = 176;
-    static constexpr bool kMins = true;
-    // Element 32j + l: low nibble (nibble j & 1) of qs[32(j >> 1) + l] | bit j of qh[l] << 4.
-    static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
-        d = half_at(sb);
-        const float dmin = half_at(sb + 2);
-#if QL_AVX512
-        const __m128i sm = kquant_scale_min_bytes(sb + 4);
-        mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
-        const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm));  // words sc_0..7, m_0..7
-        const __m512i qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16)));
+        const __m512i qh = kQ5 ? _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16)))
+                               : _mm512_setzero_si512();
         const auto high = [&](int j) {  // bit j of qh -> bit 4
             return _mm512_and_si512(j <= 4 ? _mm512_slli_epi16(qh, 4 - j) : _mm512_srli_epi16(qh, j - 4),
                                     _mm512_set1_epi16(16));
         };
         for (int g = 0; g < 4; ++g) {
-            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 48 + 32 * g)));
-            const __m512i lo = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), high(2 * g), 0xEA);  // (v & 15) | h
-            const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(v, 4), high(2 * g + 1));
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kQs + 32 * g)));
+            __m512i lo = _mm512_and_si512(v, _mm512_set1_epi16(15)), hi = _mm512_srli_epi16(v, 4);
+            if constexpr (kQ5) {
+                lo = _mm512_or_si512(lo, high(2 * g));
+                hi = _mm512_or_si512(hi, high(2 * g + 1));
+            }
             w[2 * g] = _mm512_mullo_epi16(lo, _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g)), scw));
             w[2 * g + 1] = _mm512_mullo_epi16(hi, _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g + 1)), scw));
         }
@@ -1232,10 +1208,12 @@ struct IntQ5_K {
             int sc, mn;
             kquant_scale_min(sb + 4, j, sc, mn);
             mins[j] = dmin * float(mn);
-            const uint8_t* qs = sb + 48 + 32 * (j >> 1);
+            const uint8_t* qs = sb + kQs + 32 * (j >> 1);
             const int shift = (j & 1) * 4;
             const auto half = [&](int o) {
-                return (((u8_words(qs + o) >> shift) & 15) | (((u8_words(sb + 16 + o) >> j) & 1) << 4)) * int16_t(sc);
+                W16 q = (u8_words(qs + o) >> shift) & 15;
+                if constexpr (kQ5) q |= ((u8_words(sb + 16 + o) >> j) & 1) << 4;
+                return q * int16_t(sc);
             };
             w[j].a = half(0);
             w[j].b = half(16);
@@ -1243,6 +1221,8 @@ struct IntQ5_K {
 #endif
     }
 };
+using IntQ4_K = IntQ45_K<false>;
+using IntQ5_K = IntQ45_K<true>;
 
 struct IntQ6_K {
     static constexpr int kBytes = 210;
