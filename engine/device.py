@@ -8,8 +8,9 @@ from .weights import QWeight
 
 
 class CpuDevice:
-    """The CPU as the compute device: fused dequant-GEMV kernels on raw GGUF bytes (engine.cpu),
-    falling back to dequantize + torch matmul for formats or machines the kernels do not cover."""
+    """The CPU as the compute device: fused dequant-GEMV kernels on raw GGUF bytes (engine.cpu). If
+    they cannot be built this raises KernelError, unless ENGINE_SLOW_FALLBACK=1 opts in (logged) to
+    dequantize + torch matmul."""
 
     name = "cpu"
 

@@ -5,21 +5,31 @@ deterministic and independent of the thread count and of how many rows of x are 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..errors import KernelError
+from .build import slow_fallback_allowed
 from .launcher import FORMAT_NAMES, INT16_FORMATS, MAX_MANY, default_kernels
 
 SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
+
+log = logging.getLogger("engine.cpu")
 
 __all__ = ["INT16_FORMATS", "MAX_MANY", "SUPPORTED", "available", "linear", "linear_many", "set_num_threads"]
 
 
 def available() -> bool:
-    """False if the kernel library cannot be built or loaded (callers then fall back to torch)."""
+    """True if the kernel library is built and loaded. If it cannot be: raises its KernelError (the
+    compiler's message and the fix), or returns False, logged, under ENGINE_SLOW_FALLBACK=1."""
     try:
         default_kernels()
-    except KernelError:
+    except KernelError as e:
+        if not slow_fallback_allowed():
+            raise
+        log.warning("CPU kernels unavailable (%s); every matrix is dequantized to fp32 on each call "
+                    "(ENGINE_SLOW_FALLBACK=1: several times slower and above the memory plan)", e)
         return False
     return True
 

@@ -7,6 +7,7 @@ library; the loser of a race simply overwrites an identical file.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -70,26 +71,53 @@ def library_path(spec: BuildSpec) -> Path:
     return cache_dir() / f"{spec.source.stem}-{h.hexdigest()[:20]}.so"
 
 
+FIX_COMPILER = "install a C++20 compiler (e.g. `apt-get install g++`) or point CXX at one"
+FIX_CACHE = "set ENGINE_CACHE_DIR to a writable directory on a file system that allows executables (not noexec)"
+
+
 def build(spec: BuildSpec) -> Path:
-    """Return the path of the compiled library, compiling it if it is not cached yet."""
+    """Return the path of the compiled library, compiling it if it is not cached yet. Every failure is
+    a KernelError carrying the compiler's message and the fix."""
     if shutil.which(spec.compiler) is None:
-        raise KernelError(f"C++ compiler {spec.compiler!r} not found (set CXX)")
+        raise KernelError(f"C++ compiler {spec.compiler!r} not found; {FIX_COMPILER}", field="CXX")
     target = library_path(spec)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+    except OSError as exc:
+        raise KernelError(f"cannot write the compiled {spec.source.name} to {target.parent}: {exc.strerror}; "
+                          f"{FIX_CACHE}", field="ENGINE_CACHE_DIR") from None
     os.close(fd)
     try:
         try:
             res = subprocess.run([spec.compiler, *spec.flags, str(spec.source), "-o", tmp],
                                  capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KernelError(f"compiling {spec.source.name} failed: {exc}") from exc
+            raise KernelError(f"compiling {spec.source.name} failed: {exc}; {FIX_COMPILER}") from exc
         if res.returncode != 0:
-            raise KernelError(f"compiling {spec.source.name} failed:\n{res.stderr.strip()[-4000:]}")
+            raise KernelError(f"compiling {spec.source.name} failed (compiler {spec.compiler}; {FIX_COMPILER}):\n"
+                              f"{res.stderr.strip()[-4000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """dlopen a built library; a refusal (noexec mount, wrong architecture) is a KernelError with the fix."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelError(f"loading {path} failed: {exc}; {FIX_CACHE}", field="ENGINE_CACHE_DIR") from None
+
+
+SLOW_FALLBACK_ENV = "ENGINE_SLOW_FALLBACK"
+
+
+def slow_fallback_allowed() -> bool:
+    """The explicit opt-in to run without a native library (torch dequantize + matmul, Python reader
+    threads): ENGINE_SLOW_FALLBACK=1. Without it a failed build is an error."""
+    return os.environ.get(SLOW_FALLBACK_ENV, "") == "1"

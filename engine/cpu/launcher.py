@@ -14,7 +14,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import KernelError
-from .build import BuildSpec, build
+from .build import BuildSpec, build, load_library
 
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                 "IQ4_NL", "IQ4_XS")
@@ -48,7 +48,7 @@ class Kernels:
     """One loaded library plus its thread pool."""
 
     def __init__(self, lib_path: Path, threads: int):
-        lib = ctypes.CDLL(str(lib_path))
+        lib = load_library(lib_path)
         for name, res, args in (
             ("ql_abi_version", _int, ()),
             ("ql_isa", _int, ()),
@@ -203,8 +203,6 @@ def _load() -> Kernels | KernelError:
         return Kernels(build(BuildSpec.default(isa_flags())), torch.get_num_threads())
     except KernelError as exc:
         return exc
-    except OSError as exc:
-        return KernelError(f"loading the CPU kernel library failed: {exc}")
 
 
 def default_kernels() -> Kernels:

@@ -120,6 +120,7 @@ class FileReader:
         self.path, self.threads = path, max(1, threads)
         self.chunk = max(DIRECT_ALIGN, chunk // DIRECT_ALIGN * DIRECT_ALIGN)  # bytes per read request
         self.direct = False
+        lib = _native_library()  # first: a KernelError here leaves no descriptor open
         self.fd = os.open(path, os.O_RDONLY)
         if backend in ("odirect", "auto") and hasattr(os, "O_DIRECT"):
             dfd = -1
@@ -137,9 +138,13 @@ class FileReader:
         self.align = DIRECT_ALIGN if self.direct else 1
         self.device_reads = False  # reads land in host memory only
         self.tracer = None
-        lib = _native_library()
         self._lib = lib
         self._queue = lib.pq_open(self.fd, self.threads) if lib is not None else None
+        if lib is not None and not self._queue:  # the C++ side could not start its threads
+            os.close(self.fd)
+            self.fd = -1
+            raise WeightIOError(f"cannot start {self.threads} reader threads (lower io_threads)", path=path,
+                                field="io_threads")
         self._free: list[int] = []  # idle native tickets
         self._args: dict[tuple[int, int], tuple] = {}  # (id(plan), buffer address) -> ctypes arguments
         self.pool = None if lib is not None else ThreadPoolExecutor(self.threads, thread_name_prefix="engine-read")
@@ -183,6 +188,8 @@ class FileReader:
                                       arr(*(s[3] for s in plan.spans)),
                                       (ctypes.c_uint64 * n)(*(ptr + s[2] for s in plan.spans)))
         ticket = self._free.pop() if self._free else self._lib.pq_ticket_new()
+        if not ticket:
+            raise WeightIOError(f"{label}: out of memory for a read ticket", path=self.path)
         self._lib.pq_submit(self._queue, ticket, *args[1:], self.chunk)
         return NativeTicket(self, ticket, buf, label)
 
@@ -324,14 +331,17 @@ class Ticket:
 
 @functools.cache
 def _native_library():
-    """The compiled preadq.cpp, or None (logged once) when it cannot be built or loaded."""
-    from ..cpu.build import BuildSpec, build
+    """The compiled preadq.cpp. When it cannot be built or loaded: a KernelError, or None (logged once)
+    under the explicit opt-in ENGINE_SLOW_FALLBACK=1 (Python reader threads, slower under load)."""
+    from ..cpu.build import BuildSpec, build, load_library, slow_fallback_allowed
     from ..errors import KernelError
 
     try:
-        lib = ctypes.CDLL(str(build(BuildSpec.default(source=NATIVE_SOURCE))))
-    except (KernelError, OSError) as e:
-        log.warning("native reader unavailable (%s); reading with Python threads", e)
+        lib = load_library(build(BuildSpec.default(source=NATIVE_SOURCE)))
+    except KernelError as e:
+        if not slow_fallback_allowed():
+            raise
+        log.warning("native reader unavailable (%s); reading with Python threads (ENGINE_SLOW_FALLBACK=1)", e)
         return None
     vp, i64, i64p, u64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_uint64)
     for name, res, args in (("pq_abi_version", ctypes.c_int, ()), ("pq_open", vp, (ctypes.c_int, ctypes.c_int)),
@@ -342,8 +352,7 @@ def _native_library():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
     if lib.pq_abi_version() != 2:
-        log.warning("native reader: ABI %d, expected 2; reading with Python threads", lib.pq_abi_version())
-        return None
+        raise KernelError(f"native reader: ABI {lib.pq_abi_version()}, expected 2 (a stale build in the cache?)")
     return lib
 
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -49,16 +50,16 @@ struct Chunk {
 class Queue {
 public:
     Queue(int fd, int threads) : fd_(fd) {
-        for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+        try {
+            for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+        } catch (...) {  // std::system_error (thread limit) or bad_alloc: stop the started ones, rethrow
+            stop();
+            throw;
+        }
     }
 
     ~Queue() {
-        {
-            std::lock_guard<std::mutex> g(mu_);
-            stopping_ = true;
-        }
-        cv_.notify_all();
-        for (auto& t : workers_) t.join();
+        stop();
         // chunks never started: their tickets complete as cancelled
         for (const Chunk& c : queue_) finish(c, ECANCELED, 0, 0, 0);
     }
@@ -84,6 +85,16 @@ public:
         }
         if (count == 0) t->cv.notify_all();
         cv_.notify_all();
+    }
+
+    void stop() {
+        {
+            std::lock_guard<std::mutex> g(mu_);
+            stopping_ = true;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+        workers_.clear();
     }
 
     void fail_at(i64 offset, int err) {
@@ -150,11 +161,18 @@ private:
 
 PQ_EXPORT int pq_abi_version() { return 2; }
 
-PQ_EXPORT void* pq_open(int fd, int threads) { return new Queue(fd, threads < 1 ? 1 : threads); }
+// nullptr when the threads cannot be started (an exception must not cross the C boundary: it aborts)
+PQ_EXPORT void* pq_open(int fd, int threads) {
+    try {
+        return new Queue(fd, threads < 1 ? 1 : threads);
+    } catch (...) {
+        return nullptr;
+    }
+}
 
 PQ_EXPORT void pq_close(void* q) { delete static_cast<Queue*>(q); }
 
-PQ_EXPORT void* pq_ticket_new() { return new Ticket(); }
+PQ_EXPORT void* pq_ticket_new() { return new (std::nothrow) Ticket(); }
 
 PQ_EXPORT void pq_ticket_free(void* t) { delete static_cast<Ticket*>(t); }
 
