@@ -52,3 +52,20 @@ class KernelError(EngineError):
 
 class DraftMismatchError(EngineError):
     """A draft model that cannot draft for the target: another vocabulary."""
+
+
+def brief(value: object, limit: int = 60) -> str:
+    """A bounded rendering of an untrusted value for an error message. It never walks into containers
+    (a YAML alias bomb expands to billions of elements) nor converts a huge integer to decimal."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{repr(value[:limit])}... ({len(value)} {'chars' if isinstance(value, str) else 'bytes'})"
+    try:
+        return f"a {type(value).__name__} of {len(value)} items"  # type: ignore[arg-type]
+    except Exception:
+        return f"a {type(value).__name__}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -84,12 +85,12 @@ def test_unknown_key_suggests_closest(tmp_path):
     ({"resident_budget": "lots"}, "resident_budget", "cannot read"),
     ({"host_budget": "50%"}, "host_budget", "percentage is not allowed"),
     ({"resident_budget": "150%"}, "resident_budget", "(0, 100]"),
-    ({"prefetch_depth": 0}, "prefetch_depth", "positive integer"),
-    ({"io_threads": -2}, "io_threads", "positive integer"),
-    ({"compute_threads": True}, "compute_threads", "positive integer"),
+    ({"prefetch_depth": 0}, "prefetch_depth", "an integer in [1, "),
+    ({"io_threads": -2}, "io_threads", "an integer in [1, "),
+    ({"compute_threads": True}, "compute_threads", "an integer in [1, "),
     ({"staging_buffers": 2, "prefetch_depth": 2}, "staging_buffers", "at least 3"),
     ({"kv_cache": {"placement": "vram"}}, "kv_cache.placement", "resident"),
-    ({"kv_cache": {"max_context": "long"}}, "kv_cache.max_context", "positive integer"),
+    ({"kv_cache": {"max_context": "long"}}, "kv_cache.max_context", "an integer in [1, "),
     ({"kv_cache": {"dtype": "q8"}}, "kv_cache.dtype", "f16"),
     ({"kv_cache": "big"}, "kv_cache", "mapping"),
     ({"device": "cpu", "io_backend": "kvikio"}, "io_backend", "kvikio"),
@@ -210,3 +211,67 @@ def test_calibrate_quick_writes_a_profile_the_planner_uses(tmp_path, capsys):
     assert "calibrated" in capsys.readouterr().out
     assert calibrate.main(["--size", "1MiB"]) == 1
     assert "--size" in capsys.readouterr().err
+
+
+
+def _bomb_config(field: str) -> str:
+    """A YAML document whose `field` is an alias bomb of 9^10 elements once expanded (anchors nested
+    inside the value, so the document itself is a few hundred bytes)."""
+    value = "&a0 [" + ", ".join(["x"] * 9) + "]"
+    for i in range(1, 10):
+        value = f"&a{i} [{value}, " + ", ".join([f"*a{i - 1}"] * 8) + "]"
+    top, _, sub = field.partition(".")
+    return f"{top}: {value}\n" if not sub else f"{top}:\n  {sub}: {value}\n"
+
+
+@pytest.mark.parametrize("field", ["device", "resident_budget", "host_budget", "compute_threads", "io_threads",
+                                   "kv_cache", "kv_cache.placement", "kv_cache.max_context", "hardware"])
+def test_alias_bomb_is_refused_at_once(tmp_path, field):
+    """'Billion laughs' in a real field: a one-line ConfigError naming the field, at once, without
+    rendering the expansion (the validators used to format it with repr: minutes, or out of memory)."""
+    p = tmp_path / "bomb.yaml"
+    p.write_text(_bomb_config(field))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert time.monotonic() - t0 < 5
+    msg = str(e.value)
+    assert e.value.field == field and str(p) in msg and "\n" not in msg and len(msg) < 500, msg
+
+
+@pytest.mark.parametrize("text, field, fragment", [
+    ("io_threads: 65536\n", "io_threads", "[1, 64]"),
+    ("compute_threads: 100000\n", "compute_threads", "[1, 1024]"),
+    ("staging_buffers: 99999999999999999999999\n", "staging_buffers", "[1, 1024]"),
+    ("resident_budget: " + "9" * 400 + "\n", "resident_budget", "larger than"),
+    ("resident_budget: " + "9" * 300 + "TiB\n", "resident_budget", "cannot read"),  # > 64 chars
+    ("resident_budget: 99999999999999999999 TiB\n", "resident_budget", "larger than"),
+    ("resident_budget: .inf\n", "resident_budget", "whole number"),
+    ("resident_budget: .nan\n", "resident_budget", "whole number"),
+    ("host_budget: 1.0e+400\n", "host_budget", "whole number"),  # YAML reads it as inf
+    ("kv_cache:\n  max_context: 1e30\n", "kv_cache.max_context", "[1, "),
+    ("device: " + "c" * 100000 + "\n", "device", "(100000 chars)"),
+])
+def test_huge_values_are_refused_with_a_bounded_message(tmp_path, text, field, fragment):
+    p = tmp_path / "big.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert e.value.field == field and fragment in msg and len(msg) < 500, msg
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (b"device: cpu\n# caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 17)"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    (b"io_threads: " + b"7" * 5000 + b"\n", "not a usable config"),  # int() refuses > 4300 digits
+    (b"device: [cpu\n", "not valid YAML at line 2"),
+    (b"x" * (1 << 20) + b"xx", "larger than 1 MiB"),
+])
+def test_unreadable_configs_are_one_line_config_errors(tmp_path, raw, fragment):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(raw)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert fragment in msg and str(p) in msg and "\n" not in msg, msg

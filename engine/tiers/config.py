@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief
 from .hardware import PRESETS
 from .units import format_size, parse_percent, parse_size
 
@@ -31,9 +31,18 @@ KV_DTYPES = ("auto", "f32", "f16")
 IO_BACKENDS = ("auto", "kvikio", "posix", "odirect")
 HYBRID = ("auto", "off")
 AUTO = "auto"
+MAX_CONFIG_BYTES = 1 << 20
 
 
-def _suggest(word: str, options) -> str:
+MAX_IO_THREADS = 64  # reader threads: far beyond any disk's useful queue depth, far below thread limits
+MAX_COMPUTE_THREADS = 1024
+MAX_CONTEXT = 1 << 24
+MAX_RING = 1024  # staging buffers / prefetch depth
+
+
+def _suggest(word: object, options) -> str:
+    if not isinstance(word, str) or len(word) > 64:
+        return ""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -43,16 +52,17 @@ def _choice(obj, name: str, options: tuple[str, ...], prefix: str = "") -> None:
     if v is None:
         object.__setattr__(obj, name, AUTO if AUTO in options else options[0])
     elif not isinstance(v, str) or v not in options:
-        raise ConfigError(f"must be one of {', '.join(options)}, got {v!r}{_suggest(str(v), options)}",
+        raise ConfigError(f"must be one of {', '.join(options)}, got {brief(v)}{_suggest(v, options)}",
                           path=obj.source, field=prefix + name)
 
 
-def _count(obj, name: str, prefix: str = "") -> None:
+def _count(obj, name: str, prefix: str = "", limit: int = MAX_RING) -> None:
     v = getattr(obj, name)
-    if v is None or v == AUTO:
+    if v is None or (isinstance(v, str) and v == AUTO):
         object.__setattr__(obj, name, None)
-    elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"must be a positive integer or auto, got {v!r}", path=obj.source, field=prefix + name)
+    elif isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+        raise ConfigError(f"must be an integer in [1, {limit}] or auto, got {brief(v)}", path=obj.source,
+                          field=prefix + name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +80,15 @@ class Budget:
     def parse(cls, value: object, *, field: str, path: str | None, allow_fraction: bool) -> Budget:
         if isinstance(value, Budget):
             return value
-        if value is None or value == AUTO:
+        if value is None or (isinstance(value, str) and value == AUTO):
             return cls()
         if isinstance(value, str) and "%" in value:
             if not allow_fraction:
-                raise ConfigError(f"a percentage is not allowed here, give a size, got {value!r}",
+                raise ConfigError(f"a percentage is not allowed here, give a size, got {brief(value)}",
                                   path=path, field=field)
             frac = parse_percent(value, field=field, path=path)
             if frac is None:
-                raise ConfigError(f"cannot read {value!r} as a percentage (e.g. 33%)", path=path, field=field)
+                raise ConfigError(f"cannot read {brief(value)} as a percentage (e.g. 33%)", path=path, field=field)
             return cls(fraction=frac)
         return cls(nbytes=parse_size(value, field=field, path=path))
 
@@ -103,7 +113,7 @@ class KVCacheConfig:
     def __post_init__(self):
         _choice(self, "placement", KV_PLACEMENTS, "kv_cache.")
         _choice(self, "dtype", KV_DTYPES, "kv_cache.")
-        _count(self, "max_context", "kv_cache.")
+        _count(self, "max_context", "kv_cache.", MAX_CONTEXT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +144,14 @@ class TierConfig:
                            Budget.parse(self.resident_budget, field="resident_budget", path=p, allow_fraction=True))
         object.__setattr__(self, "host_budget",
                            Budget.parse(self.host_budget, field="host_budget", path=p, allow_fraction=False))
-        for name in ("prefetch_depth", "staging_buffers", "io_threads", "compute_threads"):
-            _count(self, name)
+        for name, limit in (("prefetch_depth", MAX_RING), ("staging_buffers", MAX_RING),
+                            ("io_threads", MAX_IO_THREADS), ("compute_threads", MAX_COMPUTE_THREADS)):
+            _count(self, name, limit=limit)
         kv = self.kv_cache
         if isinstance(kv, Mapping):
             kv = _build(KVCacheConfig, kv, p, "kv_cache.")
         elif not isinstance(kv, KVCacheConfig):
-            raise ConfigError(f"expected a mapping (placement, max_context, dtype), got {kv!r}", path=p,
+            raise ConfigError(f"expected a mapping (placement, max_context, dtype), got {brief(kv)}", path=p,
                               field="kv_cache")
         object.__setattr__(self, "kv_cache", kv)
         if self.prefetch_depth is not None and self.staging_buffers is not None \
@@ -153,10 +164,10 @@ class TierConfig:
                               field="io_backend")
         hw = self.hardware
         if not isinstance(hw, str) or not hw:
-            raise ConfigError(f"expected auto, a preset ({', '.join(PRESETS)}) or a JSON path, got {hw!r}",
+            raise ConfigError(f"expected auto, a preset ({', '.join(PRESETS)}) or a JSON path, got {brief(hw)}",
                               path=p, field="hardware")
         if hw != AUTO and hw not in PRESETS and not hw.endswith(".json"):
-            raise ConfigError(f"unknown hardware preset {hw!r}{_suggest(hw, (AUTO, *PRESETS))} "
+            raise ConfigError(f"unknown hardware preset {brief(hw)}{_suggest(hw, (AUTO, *PRESETS))} "
                               f"(or give a profile .json path)", path=p, field="hardware")
 
     def hardware_path(self) -> str | None:
@@ -193,14 +204,27 @@ def load_config(src: str | os.PathLike | Mapping | TierConfig | None = None) -> 
                           field="config")
     path = os.fspath(src)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config: {e.strerror}", path=path) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"larger than {format_size(MAX_CONFIG_BYTES)}; a tier config is a few lines", path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", path=path) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where}: {getattr(e, 'problem', None) or e}", path=path) from None
+        what = getattr(e, "problem", None) or getattr(e, "context", None) or type(e).__name__
+        raise ConfigError(f"not valid YAML{where}: {' '.join(str(what).split())}", path=path) from None
+    except RecursionError:
+        raise ConfigError("not a usable config: YAML nested too deeply", path=path) from None
+    except ValueError as e:  # the YAML constructors' int()/float() (e.g. an integer of > 4300 digits)
+        raise ConfigError(f"not a usable config: {brief(str(e), 120)}", path=path) from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -212,6 +236,6 @@ def _build(cls, data: Mapping[str, Any], path: str | None, prefix: str = ""):
     valid = [f.name for f in fields(cls) if f.name != "source"]
     for key in data:
         if not isinstance(key, str) or key not in valid:
-            raise ConfigError(f"unknown key{_suggest(str(key), valid)} (valid keys: {', '.join(valid)})",
-                              path=path, field=f"{prefix}{key}")
+            raise ConfigError(f"unknown key{_suggest(key, valid)} (valid keys: {', '.join(valid)})",
+                              path=path, field=prefix + (key if isinstance(key, str) and len(key) <= 64 else brief(key)))
     return cls(**data, source=path)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief
 
 DIRECT_IO_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
 HUGE_PAGE = 2 << 20  # a transparent huge page (x86-64, arm64 with 4 KiB base pages)
 READ_CHUNK = 8 << 20  # the reader splits loads into requests of this size, spread over its threads
+MAX_SIZE = 1 << 60  # 1 EiB: larger sizes in a config are refused, not overflowed
 
 
 # Binary prefixes (KiB..TiB, and the bare K/M/G/T that most tools treat as binary) and decimal ones.
@@ -22,33 +23,36 @@ _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
 
 
 def parse_size(value: object, *, field: str, path: str | None = None) -> int:
-    """Bytes from an int or a string with an optional unit; ConfigError naming `field` otherwise."""
+    """Bytes from an int or a string with an optional unit; ConfigError naming `field` otherwise
+    (negative, fractional byte counts, or more than MAX_SIZE)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"expected a size such as 8GiB, 512MB or a byte count, got {value!r}",
+        raise ConfigError(f"expected a size such as 8GiB, 512MB or a byte count, got {brief(value)}",
                           path=path, field=field)
     if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"a byte count must be a whole number, got {value!r}", path=path, field=field)
+        number, unit = value, ""
+        if isinstance(value, float) and not value.is_integer():  # nan and inf included
+            raise ConfigError(f"a byte count must be a whole number, got {brief(value)}", path=path, field=field)
     else:
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.match(value) if len(value) <= 64 else None
         if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"cannot read {value!r} as a size (use e.g. 20GiB, 512MB, 1.5 GB or bytes; "
+            raise ConfigError(f"cannot read {brief(value)} as a size (use e.g. 20GiB, 512MB, 1.5 GB or bytes; "
                               f"units: {', '.join(u for u in _UNITS if u)})", path=path, field=field)
         number, unit = float(m.group(1)), m.group(2).lower()
     if number < 0:
-        raise ConfigError(f"size must not be negative, got {value!r}", path=path, field=field)
+        raise ConfigError(f"size must not be negative, got {brief(value)}", path=path, field=field)
+    if number > MAX_SIZE / _UNITS[unit]:  # compared before any conversion: no OverflowError, no inf
+        raise ConfigError(f"size {brief(value)} is larger than {format_size(MAX_SIZE)}", path=path, field=field)
     return int(round(number * _UNITS[unit]))
 
 
 def parse_percent(value: str, *, field: str, path: str | None = None) -> float | None:
     """"33%" -> 0.33; None if `value` is not written as a percentage; ConfigError if out of (0, 100]."""
-    m = _PERCENT_RE.match(value) if isinstance(value, str) else None
+    m = _PERCENT_RE.match(value) if isinstance(value, str) and len(value) <= 64 else None
     if m is None:
         return None
     pct = float(m.group(1))
     if not 0 < pct <= 100:
-        raise ConfigError(f"percentage must be in (0, 100], got {value!r}", path=path, field=field)
+        raise ConfigError(f"percentage must be in (0, 100], got {brief(value)}", path=path, field=field)
     return pct / 100.0
 
 
