@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .cli import guarded
 from .errors import EngineError
+from .tiers.config import MAX_IO_THREADS
 from .tiers.hardware import ComputeRate, HardwareProfile, cache_dir, save_profile
 from .tiers.io import aligned_empty
 from .tiers.units import format_rate, format_size, parse_size
@@ -341,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> tuple[HardwareProfile, Path]:
-    if args.io_threads < 1:
-        raise EngineError("must be >= 1", field="--io-threads")
+    if not 1 <= args.io_threads <= MAX_IO_THREADS:
+        raise EngineError(f"must be in [1, {MAX_IO_THREADS}]", field="--io-threads")
+    if args.threads is not None and args.threads < 1:
+        raise EngineError("must be >= 1", field="--threads")
     size = parse_size(args.size, field="--size") if args.size else None
     if size is not None and size < CHUNK:
         raise EngineError(f"must be at least {format_size(CHUNK)}", field="--size")

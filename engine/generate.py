@@ -100,10 +100,18 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.max_tokens < 0:
         raise EngineError("must be >= 0", field="--max-tokens")
+    for flag, value in (("--ctx", args.ctx), ("--threads", args.threads)):
+        if value is not None and value < 1:  # 0 is not "default": leave the flag out for that
+            raise EngineError(f"must be >= 1, got {value}", field=flag)
     path = args.model or default_model_path()
     prompt = args.prompt
     if prompt == "-":
-        prompt = sys.stdin.read()
+        raw = sys.stdin.buffer.read()
+        try:
+            prompt = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EngineError(f"standard input is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                              field="prompt") from None
     if prompt is None:
         prompt = DEFAULT_PROMPT
     draft = draft_arg(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from gguf import GGUFValueType
 
-from .errors import ModelFormatError, UnsupportedModelError
+from .errors import ModelFormatError, UnsupportedModelError, brief
 from .formats import QuantFormat, format_for
 
 GGUF_MAGIC = b"GGUF"
@@ -40,6 +41,8 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+MAX_ARRAY_DEPTH = 4  # arrays of arrays: GGUF allows them, no model needs more than two levels
+MAX_NAME_BYTES = 1024  # metadata keys and tensor names (llama.cpp allows 63 for tensor names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,20 +99,28 @@ class _Cursor:
     def u64(self, field: str) -> int:
         return self.scalar(GGUFValueType.UINT64, field)
 
-    def string(self, field: str) -> str:
+    def string(self, field: str, limit: int | None = None) -> str:
         n = self.u64(field)
+        if limit is not None and n > limit:
+            raise ModelFormatError(f"name of {n} bytes (at most {limit} allowed)", path=self.path, field=field)
         start = self.take(n, field)
         try:
             return bytes(self.buf[start:start + n]).decode("utf-8")
         except UnicodeDecodeError as e:
             raise ModelFormatError(f"string is not valid UTF-8 ({e.reason})", path=self.path, field=field) from None
 
-    def value(self, vtype: int, field: str) -> Any:
+    def value(self, vtype: int, field: str, depth: int = 0) -> Any:
+        """One metadata value, the only reader of values: every failure is a ModelFormatError naming the
+        field; nested arrays are bounded (MAX_ARRAY_DEPTH) and every element consumes file bytes, so
+        neither recursion nor a huge count can run away."""
         if vtype in _SCALARS:
             return self.scalar(vtype, field)
         if vtype == GGUFValueType.STRING:
             return self.string(field)
         if vtype == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise ModelFormatError(f"arrays nested more than {MAX_ARRAY_DEPTH} deep", path=self.path,
+                                       field=field)
             etype, count = self.u32(field), self.u64(field)
             if etype in _SCALARS:
                 dt = np.dtype(_SCALARS[etype][1])
@@ -118,7 +129,11 @@ class _Cursor:
                 return arr.astype(bool).tolist() if etype == GGUFValueType.BOOL else arr.tolist()
             if etype == GGUFValueType.STRING:
                 return self._strings(count, field)
-            return [self.value(etype, field) for _ in range(count)]
+            if etype != GGUFValueType.ARRAY:
+                raise ModelFormatError(f"unknown array element type {etype}", path=self.path, field=field)
+            if count * 12 > self.size - self.pos:  # each nested array takes at least its 12-byte header
+                self.take(count * 12, field)  # raises the truncation error
+            return [self.value(etype, f"{field}[{i}]", depth + 1) for i in range(count)]
         raise ModelFormatError(f"unknown metadata value type {vtype}", path=self.path, field=field)
 
     def _strings(self, count: int, field: str) -> list[str]:
@@ -155,11 +170,20 @@ class GGUFFile:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise ModelFormatError(f"cannot open model file: {e.strerror}", path=self.path) from None
+        except ValueError as e:  # an embedded NUL byte in the path
+            raise ModelFormatError(f"cannot open model file: {e}", path=repr(self.path)) from None
         try:
-            self.file_size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                raise ModelFormatError(f"is {what}; give the path of a .gguf file", path=self.path)
+            self.file_size = st.st_size
             if self.file_size < 24:
                 raise ModelFormatError(f"not a GGUF file: only {self.file_size} bytes", path=self.path, field="magic")
-            self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            try:
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise ModelFormatError(f"cannot map the model file: {e}", path=self.path) from None
         finally:
             os.close(fd)
         self._parse()
@@ -181,7 +205,7 @@ class GGUFFile:
                                    path=self.path, field="tensor_count")
         meta: dict[str, Any] = {}
         for i in range(n_kv):
-            key = cur.string(f"metadata key #{i}")
+            key = cur.string(f"metadata key #{i}", MAX_NAME_BYTES)
             vtype = cur.u32(key)
             if key in meta:
                 raise ModelFormatError("duplicate metadata key", path=self.path, field=key)
@@ -190,13 +214,13 @@ class GGUFFile:
 
         align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise ModelFormatError(f"alignment must be a power of two, got {align!r}",
+            raise ModelFormatError(f"alignment must be a power of two, got {brief(align)}",
                                    path=self.path, field="general.alignment")
         self.alignment = align
 
         raw_infos = []
         for i in range(n_tensors):
-            name = cur.string(f"tensor #{i} name")
+            name = cur.string(f"tensor #{i} name", MAX_NAME_BYTES)
             n_dims = cur.u32(f"{name}.n_dims")
             if not 1 <= n_dims <= 4:
                 raise ModelFormatError(f"tensor has {n_dims} dimensions (1..4 allowed)", path=self.path, field=name)

@@ -11,12 +11,12 @@ import numpy as np
 import torch
 
 from .cuda.device import select_device
-from .errors import EngineError, ModelFormatError, PlanError
+from .errors import EngineError, ModelFormatError, PlanError, brief
 from .gguf_file import GGUFFile
 from .models.llama import KVCache, Llama
 from .sampling import Sampler, SamplingParams
 from .spec import ModelSpec
-from .tiers.config import load_config
+from .tiers.config import MAX_COMPUTE_THREADS, load_config
 from .tiers.io import open_reader
 from .tiers.runtime import Placement, build_weights, head_info
 from .tiers.trace import Tracer
@@ -75,6 +75,10 @@ class Model:
         takes the planner's (n+1)-th best placement instead of its best (benchmarks checking its ranking)."""
         from .tokenizer import Tokenizer
 
+        for name, v, hi in (("n_ctx", n_ctx, None), ("threads", threads, MAX_COMPUTE_THREADS)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1 or (hi and v > hi)):
+                raise EngineError(f"must be an integer >= 1{f' and <= {hi}' if hi else ''} (None: the default), "
+                                  f"got {brief(v)}", field=name)
         t0 = time.perf_counter()
         f = GGUFFile(path)
         spec = ModelSpec.from_gguf(f)

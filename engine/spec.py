@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ModelFormatError, UnsupportedModelError
+from .errors import ModelFormatError, UnsupportedModelError, brief
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -33,14 +33,14 @@ class ModelSpec:
 
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"architecture {self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+                f"architecture {brief(self.architecture)} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
                 path=self.source, field="general.architecture")
         a = self.architecture
         for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
                      "context_length", "rope_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                bad(f"{a}.{_KEYS.get(name, name)}", f"must be a positive integer, got {v!r}")
+                bad(f"{a}.{_KEYS.get(name, name)}", f"must be a positive integer, got {brief(v)}")
         if self.n_heads % self.n_kv_heads:
             bad(f"{a}.attention.head_count_kv",
                 f"{self.n_kv_heads} KV heads do not divide {self.n_heads} attention heads")
@@ -67,7 +67,7 @@ class ModelSpec:
         arch = f.require("general.architecture", str)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
+                f"architecture {brief(arch)} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})",
                 path=f.path, field="general.architecture")
 
         def req(key, kind=int):
@@ -75,6 +75,13 @@ class ModelSpec:
 
         def opt(key, default):
             return f.get(f"{arch}.{key}", default)
+
+        def num(key, default):  # an optional float: a string or array there is a typed error, not a crash
+            v = opt(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ModelFormatError(f"has type {type(v).__name__}, expected a number", path=f.path,
+                                       field=f"{arch}.{key}")
+            return float(v)
 
         dim = req("embedding_length")
         n_heads = req("attention.head_count")
@@ -88,9 +95,9 @@ class ModelSpec:
             vocab = len(f.get("tokenizer.ggml.tokens", ())) or embd.shape[0]
         scaling_type = opt("rope.scaling.type", "none")
         if scaling_type not in ("none", "linear"):
-            raise UnsupportedModelError(f"rope scaling {scaling_type!r} is not supported (none, linear)",
+            raise UnsupportedModelError(f"rope scaling {brief(scaling_type)} is not supported (none, linear)",
                                         path=f.path, field=f"{arch}.rope.scaling.type")
-        scale = float(opt("rope.scaling.factor", 1.0)) if scaling_type == "linear" else 1.0
+        scale = num("rope.scaling.factor", 1.0) if scaling_type == "linear" else 1.0
         spec = cls(
             architecture=arch,
             n_layers=req("block_count"),
@@ -102,16 +109,17 @@ class ModelSpec:
             vocab_size=vocab,
             context_length=req("context_length"),
             rms_eps=float(req("attention.layer_norm_rms_epsilon", (int, float))),
-            rope_base=float(opt("rope.freq_base", 10000.0)),
+            rope_base=num("rope.freq_base", 10000.0),
             rope_dim=opt("rope.dimension_count", head_dim),
             rope_scale=scale or 1.0,
             has_rope_freqs="rope_freqs.weight" in f.tensors,
             tied_output="output.weight" not in f.tensors,
             source=f.path,
         )
-        if embd.shape != (spec.vocab_size, spec.dim):
-            raise ModelFormatError(f"shape {embd.shape} does not match (vocab {spec.vocab_size}, dim {spec.dim})",
-                                   path=f.path, field="token_embd.weight")
+        for t in (embd,) if spec.tied_output else (embd, f.tensor("output.weight")):
+            if t.shape != (spec.vocab_size, spec.dim):
+                raise ModelFormatError(f"shape {t.shape} does not match (vocab {spec.vocab_size}, dim {spec.dim})",
+                                       path=f.path, field=t.name)
         return spec
 
 

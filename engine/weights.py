@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import ModelFormatError, UnsupportedModelError
@@ -37,6 +38,36 @@ class QWeight:
 
 
 @dataclass(frozen=True, slots=True)
+class FileRows:
+    """An (N, K) matrix left in the model file whose rows are read on demand with `read(offset, nbytes,
+    label)` (FileReader.pread): the embedding when it is not resident. A file that shrinks or fails under
+    a running model is then a WeightIOError; rows of a memory-mapped view would kill it with SIGBUS."""
+
+    name: str
+    fmt: QuantFormat
+    shape: tuple[int, int]  # (N rows, K)
+    offset: int  # absolute file offset of row 0
+    read: Callable[[int, int, str], bytes]
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the given rows (embedding lookup)."""
+        row_bytes = self.fmt.row_nbytes(self.shape[1])
+        flat = ids.reshape(-1).tolist()
+        raw = np.empty((len(flat), row_bytes), dtype=np.uint8)  # (T, row_bytes)
+        seen: dict[int, int] = {}
+        for j, i in enumerate(flat):
+            if i in seen:
+                raw[j] = raw[seen[i]]
+                continue
+            if not 0 <= i < self.shape[0]:
+                raise ModelFormatError(f"row {i} is outside [0, {self.shape[0]})", field=self.name)
+            raw[j] = np.frombuffer(self.read(self.offset + i * row_bytes, row_bytes, f"{self.name} row {i}"),
+                                   dtype=np.uint8)
+            seen[i] = j
+        return self.fmt.dequantize(torch.from_numpy(raw), (len(flat), self.shape[1]))  # (len(ids), K)
+
+
+@dataclass(frozen=True, slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # (dim,) float32
     attn_q: QWeight  # (q_dim, dim)
@@ -51,7 +82,7 @@ class LayerWeights:
 
 @dataclass(frozen=True, slots=True)
 class GlobalWeights:
-    token_embd: QWeight  # (vocab, dim)
+    token_embd: QWeight | FileRows  # (vocab, dim): rows() is all the model uses
     output_norm: torch.Tensor  # (dim,) float32
     rope_freqs: torch.Tensor | None  # (rope_dim/2,) float32 frequency divisors, or None
 
@@ -90,6 +121,8 @@ class LayerLayout:
 
 def _vector(info: TensorInfo, raw: torch.Tensor) -> torch.Tensor:
     if info.fmt.name == "F32":
+        if raw.data_ptr() % 4:  # general.alignment 1 or 2 puts F32 data at an odd offset: copy it aligned
+            raw = raw.clone()
         return raw.view(torch.float32)
     return info.fmt.dequantize(raw, info.shape)
 

@@ -41,7 +41,8 @@ FORMATS: dict[str, FormatInfo] = {
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 MAX_MANY = 16  # matrices per linear_many call (kMaxParts in qlinear.cpp)
 _RETURN_CODES = {1: "format unknown to the library", 2: "shape rejected by the library",
-                 3: "out of memory for the permuted copy of x"}
+                 3: "out of memory for the kernels' scratch buffers"}
+MAX_THREADS = 1024
 
 
 class Kernels:
@@ -76,6 +77,8 @@ class Kernels:
         self._many = lib.ql_linear_many
         self.isa = "avx512" if lib.ql_isa() == 512 else "portable"
         self._pool = lib.ql_pool_new(1)
+        if not self._pool:
+            raise KernelError("out of memory creating the kernel thread pool")
         self.set_num_threads(threads)
 
     def __del__(self):
@@ -89,8 +92,8 @@ class Kernels:
 
     def set_num_threads(self, n: int) -> None:
         """Threads per call, the calling thread included (n - 1 pool workers)."""
-        if type(n) is not int or n < 1:
-            raise KernelError(f"thread count must be a positive int, got {n!r}", field="n")
+        if type(n) is not int or not 1 <= n <= MAX_THREADS:
+            raise KernelError(f"thread count must be an int in [1, {MAX_THREADS}], got {n!r}", field="n")
         self._lib.ql_pool_set_threads(self._pool, n)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -807,9 +808,14 @@ constexpr int kPanelT = QL_AVX512 ? 4 : 2;     // microkernel tile: rows of x
 
 template <class F> constexpr bool kHasTail = F::kBlock == 1;
 
+// Allocation failures inside the kernels (any thread): ql_linear compares it before and after a
+// call and returns code 3 (out of memory) instead of aborting the process.
+std::atomic<uint64_t> g_alloc_failures{0};
+
 // Per-thread scratch, 64-byte aligned (whole cache lines per vector), grown on demand.
-// try_get() returns nullptr if memory is exhausted; get() is for the small per-row buffers
-// (a few rows of K floats) where that cannot reasonably happen.
+// try_get() returns nullptr if memory is exhausted; get() (the small per-row buffers) throws
+// std::bad_alloc, caught at the work-item boundary (entry()); shrink() frees a buffer that a long
+// prompt grew, so a one-off prefill does not keep T x K floats per thread for the process's life.
 class Scratch {
 public:
     Scratch() = default;
@@ -827,8 +833,15 @@ public:
     }
     float* get(i64 n) {
         float* p = try_get(n);
-        if (!p && n > 0) std::abort();
+        if (!p && n > 0) throw std::bad_alloc();
         return p;
+    }
+    void shrink(i64 keep) {
+        if (size_ > keep) {
+            std::free(data_);
+            data_ = nullptr;
+            size_ = 0;
+        }
     }
 
 private:
@@ -1013,9 +1026,13 @@ void run_groups(const Problem& p, i64 g0, i64 g1) {
 
 // x with each 16-group of every row permuted by kSigma (K is a multiple of 32 for those formats);
 // nullptr if out of memory.
-const float* permute_x(const float* x, i64 T, i64 K) {
+Scratch& permute_scratch() {
     thread_local Scratch buf;
-    float* dst = buf.try_get(T * K);
+    return buf;
+}
+
+const float* permute_x(const float* x, i64 T, i64 K) {
+    float* dst = permute_scratch().try_get(T * K);
     if (!dst) return nullptr;
     for (i64 g = 0; g < T * K; g += 16)
         for (int l = 0; l < 16; ++l) dst[g + l] = x[g + kSigma[l]];
@@ -1474,7 +1491,10 @@ private:
 
     void start(int threads) {
         stopping_.store(false);
-        for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+        try {
+            for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+        } catch (const std::exception&) {  // thread limit or memory: keep the workers that started
+        }
     }
 
     void stop() {
@@ -1563,14 +1583,26 @@ struct FormatEntry {
 template <class F>
 FormatEntry entry(int type) {
     return {type, F::kBlock, F::kBytes, F::kPermuted,
-            [](const void* ctx, i64 g0, i64 g1) { run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1); },
+            [](const void* ctx, i64 g0, i64 g1) {
+                try {
+                    run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1);
+                } catch (const std::bad_alloc&) {  // reported by ql_linear as code 3
+                    g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
+                }
+            },
             nullptr};
 }
 
 template <class F, class I>
 FormatEntry entry_int(int type) {
     FormatEntry e = entry<F>(type);
-    e.run_int = [](const void* ctx, i64 g0, i64 g1) { int_run_groups<I>(*static_cast<const QProblem*>(ctx), g0, g1); };
+    e.run_int = [](const void* ctx, i64 g0, i64 g1) {
+        try {
+            int_run_groups<I>(*static_cast<const QProblem*>(ctx), g0, g1);
+        } catch (const std::bad_alloc&) {
+            g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
+        }
+    };
     return e;
 }
 
@@ -1642,7 +1674,7 @@ QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
     return 1;
 }
 
-QL_EXPORT void* ql_pool_new(int threads) { return new Pool(threads < 1 ? 1 : threads); }
+QL_EXPORT void* ql_pool_new(int threads) { return new (std::nothrow) Pool(threads < 1 ? 1 : threads); }
 QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
 QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
 QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->threads(); }
@@ -1667,10 +1699,11 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         need_perm |= !parts[i].quantized && e->permuted;
     }
     if (T == 0) return 0;
+    const uint64_t failures = g_alloc_failures.load(std::memory_order_relaxed);
+    thread_local Scratch buf;  // x16 (T*K/2 floats' worth), sx (T*K/256), chunk sums (T*K/32)
     const int16_t* xq = nullptr;
     const float *xs = nullptr, *xm = nullptr, *xp = nullptr;
     if (need_q) {
-        thread_local Scratch buf;  // x16 (T*K/2 floats' worth), sx (T*K/256), chunk sums (T*K/32)
         float* base = buf.try_get(T * K / 2 + T * K / kQBlock + T * K / 32);
         if (!base) return 3;
         int16_t* q = reinterpret_cast<int16_t*>(base);
@@ -1694,7 +1727,10 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
     }
     const ManyJob job{parts, count};
     pool->run(run_many, &job, items, grain_for(pool, items, row_bytes_max));
-    return 0;
+    constexpr i64 kKeepScratchFloats = i64(1) << 20;  // per calling thread; a long prompt's is freed
+    buf.shrink(kKeepScratchFloats);
+    permute_scratch().shrink(kKeepScratchFloats);
+    return g_alloc_failures.load(std::memory_order_relaxed) != failures ? 3 : 0;
 }
 
 QL_EXPORT int ql_linear(void* pool_handle, int type, int mode, const float* x, const uint8_t* w, float* out,

@@ -121,7 +121,7 @@ class FileReader:
         self.chunk = max(DIRECT_ALIGN, chunk // DIRECT_ALIGN * DIRECT_ALIGN)  # bytes per read request
         self.direct = False
         lib = _native_library()  # first: a KernelError here leaves no descriptor open
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = self._bfd = os.open(path, os.O_RDONLY)  # _bfd: buffered, for pread() of small pieces
         if backend in ("odirect", "auto") and hasattr(os, "O_DIRECT"):
             dfd = -1
             try:
@@ -133,7 +133,6 @@ class FileReader:
                     os.close(dfd)
                 log.warning("O_DIRECT refused for %s (%s); using buffered reads", path, e.strerror)
             else:
-                os.close(self.fd)
                 self.fd, self.direct = dfd, True
         self.align = DIRECT_ALIGN if self.direct else 1
         self.device_reads = False  # reads land in host memory only
@@ -141,8 +140,7 @@ class FileReader:
         self._lib = lib
         self._queue = lib.pq_open(self.fd, self.threads) if lib is not None else None
         if lib is not None and not self._queue:  # the C++ side could not start its threads
-            os.close(self.fd)
-            self.fd = -1
+            self._close_fds()
             raise WeightIOError(f"cannot start {self.threads} reader threads (lower io_threads)", path=path,
                                 field="io_threads")
         self._free: list[int] = []  # idle native tickets
@@ -211,6 +209,24 @@ class FileReader:
         if tr:
             tr.span("read " + label, t0, tr.now(), tid=threading.get_ident(), args={"bytes": got})
 
+    def pread(self, offset: int, length: int, label: str) -> bytes:
+        """A small synchronous read through the page cache (embedding rows). Every failure, a file that
+        shrank under the model included, is a WeightIOError: a memory-mapped view would be a SIGBUS."""
+        fault = self._fault
+        if fault is not None and offset >= fault[0]:
+            raise self._os_error(label, offset, length, fault[1])
+        parts, got = [], 0
+        try:
+            while got < length:
+                b = os.pread(self._bfd, length - got, offset + got)
+                if not b:
+                    raise self._eof_error(label, offset, length)
+                parts.append(b)
+                got += len(b)
+        except OSError as e:
+            raise self._os_error(label, offset, length, e.errno) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _eof_error(self, label: str, offset: int, need: int) -> WeightIOError:
         size = os.fstat(self.fd).st_size
         return WeightIOError(f"{label}: file ended at {size} bytes while reading [{offset}, {offset + need}); was "
@@ -242,11 +258,15 @@ class FileReader:
             self._free.clear()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
-        fd, self.fd = self.fd, -1
-        if fd >= 0:  # once: a second close() must not close whatever reuses the descriptor number
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        fds = {self.fd, self._bfd} - {-1}
+        self.fd = self._bfd = -1  # once: a second close() must not close whatever reuses the numbers
+        for fd in fds:
             os.close(fd)
 
-    def __del__(self):  # a reader dropped without close(): stop its threads, release the descriptor
+    def __del__(self):  # a reader dropped without close(): stop its threads, release the descriptors
         if getattr(self, "fd", -1) >= 0:
             self.close()
 

@@ -5,10 +5,10 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import PlanError
+from ..errors import ModelFormatError, PlanError
 from ..gguf_file import GGUFFile, TensorInfo
 from ..spec import ModelSpec
-from ..weights import GlobalWeights, LayerLayout, QWeight, global_weights
+from ..weights import FileRows, GlobalWeights, LayerLayout, QWeight, global_weights
 from .io import FileReader
 from .planner import HOST, RESIDENT, TIERS
 from .scheduler import HostStore, ResidentStore, TieredWeights, Unit
@@ -86,9 +86,13 @@ def _rows_name(head: TensorInfo, r0: int, r1: int) -> str:
     return head.name if (r0, r1) == (0, head.shape[0]) else f"{head.name}[{r0}:{r1}]"
 
 
-def head_rows_info(head: TensorInfo, r0: int, r1: int) -> TensorInfo:
+def head_rows_info(head: TensorInfo, r0: int, r1: int, path: str | None = None) -> TensorInfo:
     """Rows r0..r1 of the output head as a tensor of its own (rows are contiguous in GGUF)."""
-    rb = head.fmt.row_nbytes(head.shape[1])
+    if len(head.shape) != 2:
+        raise ModelFormatError(f"expected a (vocab, dim) matrix, got shape {head.shape}", path=path, field=head.name)
+    if not 0 <= r0 < r1 <= head.shape[0]:
+        raise PlanError(f"rows [{r0}, {r1}) are not inside the {head.shape[0]} rows", path=path, field=head.name)
+    rb = head.fmt.row_nbytes(head.shape[1], path=path, field=head.name)
     return TensorInfo(_rows_name(head, r0, r1), head.fmt, (r1 - r0, head.shape[1]), head.offset + r0 * rb,
                       (r1 - r0) * rb)
 
@@ -107,7 +111,7 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     head = head_info(f, spec)
     units = [Unit(f"blk.{lay.index}", tuple(t for _, t in lay.tensors), lay.bind) for lay in layouts]
     for r0, r1 in placement.head_rows:
-        t = head_rows_info(head, r0, r1)
+        t = head_rows_info(head, r0, r1, f.path)
         units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, t=t: QWeight(t.name, t.fmt, t.shape, view(t))))
     if len(placement.streamed) != len(units):
         raise PlanError(f"the placement has {len(placement.streamed)} units, the model {len(units)}", field="streamed")
@@ -123,10 +127,12 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     store = ResidentStore(reader, resident, staging)
     host = HostStore(reader, regions, staging)
     glob = global_weights(f, spec)
-    if embd in store:  # embedding rows from the resident copy, else the host store, else the file's map
+    if embd in store:  # embedding rows from the resident copy, else the host store, else read from the file
         glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, store.view(embd)))
     elif embd.name in host.plans:
         glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, host.view(embd.name, embd)))
+    else:  # with pread, never from the map: a file truncated under the model is a WeightIOError, not a SIGBUS
+        glob = dataclasses.replace(glob, token_embd=FileRows(embd.name, embd.fmt, embd.shape, embd.offset, reader.pread))
     cpu_device = device
     if placement.cpu_units and staging.separate:
         from ..device import CpuDevice
