@@ -131,6 +131,29 @@ def _enc_value(v: Value, out: list[bytes]) -> None:
 
 
 def encode_header(doc: GGUFDoc) -> bytes:
+    return b"".join(header_parts(doc))
+
+
+def boundaries(doc: GGUFDoc) -> list[int]:
+    """File offsets where one field of the structure ends and the next begins (header fields, the data
+    section, every tensor's data start and end): the places a truncation is most informative."""
+    ends, pos = [], 0
+    for part in header_parts(doc):
+        pos += len(part)
+        ends.append(pos)
+    start = -(-pos // doc.alignment) * doc.alignment
+    ends += [start] + [start + t.offset for t in doc.tensors] + [start + t.offset + t.nbytes for t in doc.tensors]
+    return sorted(set(ends))
+
+
+def payload(v: Value) -> bytes:
+    """The encoded bytes of a value after its type field."""
+    out: list[bytes] = []
+    _enc_value(v, out)
+    return b"".join(out)
+
+
+def header_parts(doc: GGUFDoc) -> list[bytes]:
     out = [b"GGUF", struct.pack("<IQQ", doc.version, doc.counts.get("tensor_count", len(doc.tensors)),
                                 doc.counts.get("kv_count", len(doc.kvs)))]
     for key, v in doc.kvs:
@@ -141,7 +164,7 @@ def encode_header(doc: GGUFDoc) -> bytes:
         raw = t.name.encode("utf-8", "surrogateescape")
         out.append(struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(t.dims)))
         out.append(struct.pack(f"<{len(t.dims)}Q", *t.dims) + struct.pack("<IQ", t.ggml_type, t.offset))
-    return b"".join(out)
+    return out
 
 
 def encode(doc: GGUFDoc) -> bytes:

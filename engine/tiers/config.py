@@ -32,6 +32,7 @@ IO_BACKENDS = ("auto", "kvikio", "posix", "odirect")
 HYBRID = ("auto", "off")
 AUTO = "auto"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 64  # flow collections ([...], {...}); a tier config needs two levels
 
 
 MAX_IO_THREADS = 64  # reader threads: far beyond any disk's useful queue depth, far below thread limits
@@ -214,6 +215,8 @@ def load_config(src: str | os.PathLike | Mapping | TierConfig | None = None) -> 
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", path=path) from None
+    if _flow_depth(text) > MAX_NESTING:  # PyYAML takes seconds per thousand levels before it recurses out
+        raise ConfigError(f"not a usable config: YAML nested more than {MAX_NESTING} levels deep", path=path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -230,6 +233,28 @@ def load_config(src: str | os.PathLike | Mapping | TierConfig | None = None) -> 
     if not isinstance(data, Mapping):
         raise ConfigError(f"the top level must be a mapping of keys, got {type(data).__name__}", path=path)
     return _build(TierConfig, data, path)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of YAML flow collections ([...] and {...}) outside quotes and comments."""
+    depth = deepest = 0
+    quote = ""
+    comment = False
+    for ch in text:
+        if comment:
+            comment = ch != "\n"
+        elif quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#":
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def _build(cls, data: Mapping[str, Any], path: str | None, prefix: str = ""):

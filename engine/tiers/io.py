@@ -28,6 +28,7 @@ from .units import READ_CHUNK as CHUNK
 log = logging.getLogger("engine.io")
 
 NATIVE_SOURCE = Path(__file__).with_name("preadq.cpp")
+SHORT_READ = -1  # inject_fault: the file seems to end at the read (what the native side reports as -1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +147,8 @@ class FileReader:
         self._free: list[int] = []  # idle native tickets
         self._args: dict[tuple[int, int], tuple] = {}  # (id(plan), buffer address) -> ctypes arguments
         self.pool = None if lib is not None else ThreadPoolExecutor(self.threads, thread_name_prefix="engine-read")
-        self._fault: tuple[int, int] | None = None
+        self._fault: tuple[int, int, int] | None = None
+        self._stamp = self._file_stamp()
 
     @property
     def native(self) -> bool:
@@ -197,8 +199,10 @@ class FileReader:
         got = 0
         try:
             fault = self._fault
-            if fault is not None and offset >= fault[0]:
-                raise OSError(fault[1], os.strerror(fault[1]))
+            if fault is not None and fault[0] <= offset < fault[1]:
+                if fault[2] == SHORT_READ:
+                    raise self._eof_error(label, offset, need)
+                raise OSError(fault[2], os.strerror(fault[2]))
             while got < need:
                 n = os.preadv(self.fd, [view[got:]], offset + got)
                 if n == 0:
@@ -209,12 +213,28 @@ class FileReader:
         if tr:
             tr.span("read " + label, t0, tr.now(), tid=threading.get_ident(), args={"bytes": got})
 
+    def _file_stamp(self) -> tuple[int, int]:
+        try:
+            st = os.fstat(self._bfd)
+        except OSError:
+            return (-1, -1)
+        return st.st_size, st.st_mtime_ns
+
+    def file_changed(self) -> bool:
+        """True (once) when the file's size or modification time changed since the last call: it was
+        truncated or written under the model, and reads made ahead may hold what is no longer there."""
+        stamp = self._file_stamp()
+        changed, self._stamp = stamp != self._stamp, stamp
+        return changed
+
     def pread(self, offset: int, length: int, label: str) -> bytes:
         """A small synchronous read through the page cache (embedding rows). Every failure, a file that
         shrank under the model included, is a WeightIOError: a memory-mapped view would be a SIGBUS."""
         fault = self._fault
-        if fault is not None and offset >= fault[0]:
-            raise self._os_error(label, offset, length, fault[1])
+        if fault is not None and fault[0] <= offset < fault[1]:
+            if fault[2] == SHORT_READ:
+                raise self._eof_error(label, offset, length)
+            raise self._os_error(label, offset, length, fault[2])
         parts, got = [], 0
         try:
             while got < length:
@@ -228,8 +248,11 @@ class FileReader:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _eof_error(self, label: str, offset: int, need: int) -> WeightIOError:
-        size = os.fstat(self.fd).st_size
-        return WeightIOError(f"{label}: file ended at {size} bytes while reading [{offset}, {offset + need}); was "
+        try:
+            at = f" at {os.fstat(self.fd).st_size} bytes"
+        except OSError:  # the reader is closed
+            at = ""
+        return WeightIOError(f"{label}: file ended{at} while reading [{offset}, {offset + need}); was "
                              "the model file truncated?", path=self.path)
 
     def _os_error(self, label: str, offset: int, need: int, err: int) -> WeightIOError:
@@ -243,11 +266,13 @@ class FileReader:
         else:
             self._lib.pq_ticket_free(handle)
 
-    def inject_fault(self, offset: int | None, err: int = errno.EIO) -> None:
-        """Fault injection (tests): reads starting at or after `offset` fail with errno `err`; None turns it off."""
-        self._fault = None if offset is None else (offset, err)
+    def inject_fault(self, offset: int | None, err: int = errno.EIO, end: int | None = None) -> None:
+        """Fault injection (tests): read requests starting in [offset, end) (end None: to the end of the
+        file) fail with errno `err`, or end early with SHORT_READ; offset None turns it off."""
+        end = (1 << 62) if end is None else end
+        self._fault = None if offset is None else (offset, end, err)
         if self._queue is not None:
-            self._lib.pq_fail_at(self._queue, 0 if offset is None else offset, 0 if offset is None else err)
+            self._lib.pq_fail_at(self._queue, 0 if offset is None else offset, end, 0 if offset is None else err)
 
     def close(self) -> None:
         if self._queue is not None:
@@ -368,11 +393,11 @@ def _native_library():
                             ("pq_close", None, (vp,)), ("pq_ticket_new", vp, ()), ("pq_ticket_free", None, (vp,)),
                             ("pq_submit", None, (vp, vp, ctypes.c_int, i64p, i64p, i64p, u64p, i64)),
                             ("pq_wait", ctypes.c_int, (vp, i64p)), ("pq_done", ctypes.c_int, (vp,)),
-                            ("pq_fail_at", None, (vp, i64, ctypes.c_int))):
+                            ("pq_fail_at", None, (vp, i64, i64, ctypes.c_int))):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
-    if lib.pq_abi_version() != 2:
-        raise KernelError(f"native reader: ABI {lib.pq_abi_version()}, expected 2 (a stale build in the cache?)")
+    if lib.pq_abi_version() != 3:
+        raise KernelError(f"native reader: ABI {lib.pq_abi_version()}, expected 3 (a stale build in the cache?)")
     return lib
 
 

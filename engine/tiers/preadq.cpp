@@ -97,9 +97,10 @@ public:
         workers_.clear();
     }
 
-    void fail_at(i64 offset, int err) {
+    void fail_at(i64 offset, i64 end, int err) {
         std::lock_guard<std::mutex> g(mu_);
         fault_offset_ = offset;
+        fault_end_ = end;
         fault_errno_ = err;
     }
 
@@ -114,7 +115,7 @@ private:
                 if (stopping_) return;
                 c = queue_.front();
                 queue_.pop_front();
-                if (fault_errno_ && c.offset >= fault_offset_) fault = fault_errno_;
+                if (fault_errno_ && c.offset >= fault_offset_ && c.offset < fault_end_) fault = fault_errno_;
             }
             const i64 t0 = now_ns();
             i64 got = 0;
@@ -152,14 +153,14 @@ private:
     std::condition_variable cv_;
     std::deque<Chunk> queue_;
     bool stopping_ = false;
-    i64 fault_offset_ = 0;
+    i64 fault_offset_ = 0, fault_end_ = 0;
     int fault_errno_ = 0;
     std::vector<std::thread> workers_;
 };
 
 }  // namespace
 
-PQ_EXPORT int pq_abi_version() { return 2; }
+PQ_EXPORT int pq_abi_version() { return 3; }
 
 // nullptr when the threads cannot be started (an exception must not cross the C boundary: it aborts)
 PQ_EXPORT void* pq_open(int fd, int threads) {
@@ -206,5 +207,6 @@ PQ_EXPORT int pq_done(void* t) {
     return tk->pending == 0;
 }
 
-// Fault injection for tests: chunks starting at or after `offset` fail with `err` (0 turns it off).
-PQ_EXPORT void pq_fail_at(void* q, i64 offset, int err) { static_cast<Queue*>(q)->fail_at(offset, err); }
+// Fault injection for tests: chunks starting in [offset, end) fail with `err` (an errno, or -1: the
+// file ends there, a short read); err 0 turns it off.
+PQ_EXPORT void pq_fail_at(void* q, i64 offset, i64 end, int err) { static_cast<Queue*>(q)->fail_at(offset, end, err); }

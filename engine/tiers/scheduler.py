@@ -218,7 +218,10 @@ class TieredWeights:
             self._restart(i, small)
         self.small = small
         m = len(self.seq)
-        if self._stale or self._held is not None or self.seq[self.cur % m] != i:
+        # a new pass over the units (i is the first streamed one) checks, with one fstat, that the file did
+        # not change under the model: if it did, the reads made ahead are dropped and done again
+        if (self._stale or self._held is not None or self.seq[self.cur % m] != i
+                or (i == self.seq[0] and self.reader.file_changed())):
             self._restart(i, small)
         n, s = self.cur, self.cur % self.k
         tr = self.tracer
