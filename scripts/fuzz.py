@@ -418,6 +418,13 @@ class Worker:
 def run(args) -> dict:
     import threading
 
+    # build (or find in the cache) the native libraries here, once: a first compile inside a worker would
+    # count against the first case's time limit
+    from engine.cpu.launcher import default_kernels
+    from engine.tiers.io import _native_library
+
+    default_kernels()
+    _native_library()
     work = Path(tempfile.mkdtemp(prefix="engine-fuzz-", dir=args.tmp))
     try:
         seeds = write_seeds(work)
