@@ -219,10 +219,13 @@ class TieredWeights:
         self.small = small
         m = len(self.seq)
         # a new pass over the units (i is the first streamed one) checks, with one fstat, that the file did
-        # not change under the model: if it did, the reads made ahead are dropped and done again
-        if (self._stale or self._held is not None or self.seq[self.cur % m] != i
-                or (i == self.seq[0] and self.reader.file_changed())):
+        # not change under the model (written or truncated): if it did, nothing read ahead is kept
+        changed = i == self.seq[0] and self.reader.file_changed()
+        if self._stale or self._held is not None or self.seq[self.cur % m] != i or changed:
             self._restart(i, small)
+            if changed:
+                for s in range(self.k):
+                    self._forget_read(s)
         n, s = self.cur, self.cur % self.k
         tr = self.tracer
         t0 = tr.now() if tr else 0.0
