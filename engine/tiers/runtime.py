@@ -131,7 +131,8 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
         glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, store.view(embd)))
     elif embd.name in host.plans:
         glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, host.view(embd.name, embd)))
-    else:  # with pread, never from the map: a file truncated under the model is a WeightIOError, not a SIGBUS
+    elif hasattr(reader, "pread"):  # never from the map: a file truncated under the model is a WeightIOError,
+        # not a SIGBUS (FileReader; kvikio's reader has no pread, so its embedding rows stay on the map)
         glob = dataclasses.replace(glob, token_embd=FileRows(embd.name, embd.fmt, embd.shape, embd.offset, reader.pread))
     cpu_device = device
     if placement.cpu_units and staging.separate:

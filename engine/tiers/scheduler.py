@@ -137,6 +137,8 @@ class TieredWeights:
         resident); sources[i]: where they come from, "disk" (default) or "host" (the host store, region
         named after the unit). `staging`: the device's hooks (engine.tiers.staging)."""
         self.units, self.reader, self.resident, self.tracer = list(units), reader, resident, tracer
+        # FileReader tells when the file changed under the model (kvikio's reader and test doubles do not)
+        self._file_changed = getattr(reader, "file_changed", lambda: False)
         self.staging, self.host, self.device, self.cpu_device = staging, host, device, cpu_device
         self.sources = [(sources[i] if i < len(sources) and sources[i] else "disk") if s else "resident"
                         for i, s in enumerate(streamed)]
@@ -220,7 +222,7 @@ class TieredWeights:
         m = len(self.seq)
         # a new pass over the units (i is the first streamed one) checks, with one fstat, that the file did
         # not change under the model (written or truncated): if it did, nothing read ahead is kept
-        changed = i == self.seq[0] and self.reader.file_changed()
+        changed = i == self.seq[0] and self._file_changed()
         if self._stale or self._held is not None or self.seq[self.cur % m] != i or changed:
             self._restart(i, small)
             if changed:
