@@ -10,7 +10,8 @@ T = TypeVar("T")
 
 
 def guarded(fn: Callable[[], T]) -> tuple[int, T | None]:
-    """Run fn; EngineError / OSError -> (1, None) after one line on stderr; Ctrl-C -> (130, None)."""
+    """Run fn; EngineError / OSError / an error from inside torch -> (1, None) after one line on stderr;
+    Ctrl-C -> (130, None)."""
     try:
         return 0, fn()
     except EngineError as e:
@@ -18,6 +19,13 @@ def guarded(fn: Callable[[], T]) -> tuple[int, T | None]:
         return 1, None
     except OSError as e:
         print(f"error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1, None
+    except MemoryError:
+        print("error: out of memory (lower resident_budget, kv_cache.max_context or --ctx)", file=sys.stderr)
+        return 1, None
+    except RuntimeError as e:  # torch's own errors (a CUDA failure, out of device memory) are RuntimeErrors
+        lines = str(e).strip().splitlines()
+        print(f"error: {type(e).__name__}: {lines[0] if lines else 'no message'}", file=sys.stderr)
         return 1, None
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

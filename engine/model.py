@@ -1,25 +1,30 @@
-"""The user-facing model: load a GGUF, run prefill/decode, tokenize, generate text."""
+"""The user-facing model: load a GGUF, open sequences and run ragged passes over them, tokenize,
+generate text."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
 
-from .cuda.device import select_device
+from .device import Device, select_device
 from .errors import EngineError, ModelFormatError, PlanError, brief
 from .gguf_file import GGUFFile
-from .models.llama import KVCache, Llama
+from .models.llama import Llama
 from .sampling import Sampler, SamplingParams
+from .sequence import Batch, Row, Sequence, tree_depths, tree_mask
 from .spec import ModelSpec
 from .tiers.config import MAX_COMPUTE_THREADS, load_config
 from .tiers.io import open_reader
 from .tiers.runtime import Placement, build_weights, head_info
 from .tiers.trace import Tracer
+from .tiers.units import PREFILL_TOKENS
 from .weights import layer_layout
 
 DEFAULT_CTX = 4096
@@ -58,21 +63,25 @@ def peak_rss_bytes() -> int:
 
 
 class Model:
-    def __init__(self, f: GGUFFile, spec: ModelSpec, device, weights, glob, tokenizer, n_ctx: int,
+    def __init__(self, f: GGUFFile, spec: ModelSpec, device: Device, weights, glob, tokenizer, n_ctx: int,
                  load_s: float, reader, plan=None, tracer=None):
         self.file, self.spec, self.device, self.weights = f, spec, device, weights
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
         self.plan, self.reader, self.tracer = plan, reader, tracer
-        self.net = Llama(spec, glob, device, n_ctx)
+        self.net = Llama(spec, glob, n_ctx)
         self.stats = GenerationStats(load_s=load_s)
-        self._cache: KVCache | None = None
+        self.sequences: set[Sequence] = set()  # open KV slots
+        self._lock = threading.Lock()  # one pass over the weights at a time
+        self._fwd: list[Sequence] = []  # the sequences behind forward()
 
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None,
-             trace: str | None = None, placement: Placement | None = None, rank: int = 0) -> "Model":
-        """Open, validate, plan and load. `placement` overrides the planner (tests and tools); `rank` n
-        takes the planner's (n+1)-th best placement instead of its best (benchmarks checking its ranking)."""
+             trace: str | None = None, placement: Placement | None = None, rank: int = 0,
+             device: Device | None = None) -> "Model":
+        """Open, validate, pick the device, plan for it and load. `placement` overrides the planner and
+        `device` the config's device (tests and tools); `rank` n takes the planner's (n+1)-th best
+        placement instead of its best (benchmarks checking its ranking)."""
         from .tokenizer import Tokenizer
 
         for name, v, hi in (("n_ctx", n_ctx, None), ("threads", threads, MAX_COMPUTE_THREADS)):
@@ -90,23 +99,30 @@ class Model:
         tok = Tokenizer.from_metadata(f.metadata, f.path)
         cfg = load_config(config)
         n_ctx = min(n_ctx or cfg.kv_cache.max_context or DEFAULT_CTX, spec.context_length)
+        if device is None:  # before any large allocation: a CUDA request that cannot be honoured fails here
+            device = select_device(cfg.device, threads=threads or cfg.compute_threads, kv_dtype=cfg.kv_cache.dtype)
+        kind = device.torch_device.type
         plan = None
         if placement is None:
             from .plan import hardware_for
             from .tiers.footprint import footprint_from_gguf
-            from .tiers.planner import Workload
-            from .tiers.planner import ranked
+            from .tiers.planner import Workload, ranked
 
-            cfg = dataclasses.replace(cfg, kv_cache=dataclasses.replace(cfg.kv_cache, max_context=n_ctx))
-            prompt = max(1, min(512, n_ctx // 2))
+            kv = dataclasses.replace(cfg.kv_cache, max_context=n_ctx,
+                                     dtype="f16" if device.kv_dtype == torch.float16 else "f32")
+            cfg = dataclasses.replace(cfg, kv_cache=kv, device=kind)  # plan for the device we run on
+            prompt = max(1, min(PREFILL_TOKENS, n_ctx // 2))
             work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
             plans = ranked(footprint_from_gguf(f, spec), hardware_for(cfg), cfg, work, rank + 1)
             if rank >= len(plans):
                 raise PlanError(f"rank {rank}: the planner has only {len(plans)} placements that fit",
                                 path=cfg.source, field="rank")
             plan = plans[rank]
+            if plan.kv_tier != "resident" and kind != "cpu":
+                raise PlanError(f"the plan puts the KV cache in {plan.kv_tier} memory, which this runtime does not "
+                                "do yet: set kv_cache.placement: resident", path=cfg.source,
+                                field="kv_cache.placement")
             placement = Placement.from_plan(plan, layouts, head_info(f, spec))
-        device = select_device(cfg.device, threads=threads or cfg.compute_threads)
         tracer = Tracer(trace) if trace else None
         if plan is not None:  # the backend and thread count the plan's prediction assumed
             reader = open_reader(f.path, plan.io_backend, threads=plan.io_threads)
@@ -141,6 +157,8 @@ class Model:
         return ", ".join(parts)
 
     def close(self) -> None:
+        for seq in list(self.sequences):
+            seq.close()
         self.weights.close()
         self.reader.close()
         if self.tracer:
@@ -152,39 +170,124 @@ class Model:
     def __exit__(self, *exc):
         self.close()
 
-    # -- raw forward ---------------------------------------------------------------------------
-    def _kv(self, batch: int) -> KVCache:
-        if self._cache is None or self._cache.batch != batch:
-            self._cache = KVCache(self.spec, batch, self.n_ctx)
-        return self._cache
+    # -- sequences and passes ------------------------------------------------------------------
+    def open_sequence(self) -> Sequence:
+        """A new sequence with its own KV slot (per layer, on that layer's KV device in its KV dtype)."""
+        s = self.spec
+        keys, vals = [], []
+        for i in range(s.n_layers):
+            dev = self.weights.kv_device(i)
+            shape = (s.n_kv_heads, self.n_ctx, s.head_dim)  # (Hkv, n_ctx, hd); CPU pages are touched as written
+            keys.append(torch.empty(shape, dtype=dev.kv_dtype, device=dev.torch_device))
+            vals.append(torch.empty(shape, dtype=dev.kv_dtype, device=dev.torch_device))
+        seq = Sequence(self, keys, vals, self.n_ctx)
+        self.sequences.add(seq)
+        return seq
+
+    def _batch(self, rows, last_only: bool, trees) -> Batch:
+        if not rows:
+            raise EngineError("a pass needs at least one row", field="rows")
+        if trees is not None and len(trees) != len(rows):
+            raise EngineError(f"{len(trees)} tree parent lists for {len(rows)} rows", field="trees")
+        packed, ids, positions, seen = [], [], [], set()
+        offset = 0
+        for r, (seq, toks) in enumerate(rows):
+            if not isinstance(seq, Sequence) or seq.owner is not self:
+                raise EngineError(f"row {r}: not a sequence of this model", field="rows")
+            seq.check_open()
+            if id(seq) in seen:
+                raise EngineError(f"row {r}: a sequence may appear only once in a pass", field="rows")
+            seen.add(id(seq))
+            t = torch.as_tensor(toks, dtype=torch.int64).reshape(-1).cpu()
+            T = t.numel()
+            if T == 0:
+                raise EngineError(f"row {r}: no tokens", field="rows")
+            if seq.pos + T > self.n_ctx:
+                raise EngineError(f"context of {self.n_ctx} tokens exceeded ({seq.pos} + {T})", field="n_ctx")
+            parents = None if trees is None or trees[r] is None else [int(p) for p in trees[r]]
+            if parents is not None and len(parents) != T:
+                raise EngineError(f"row {r}: {len(parents)} parents for {T} tokens", field="trees")
+            depth = range(T) if parents is None else tree_depths(parents)
+            ids.append(t)
+            positions.append(torch.tensor([seq.pos + d for d in depth], dtype=torch.int64))
+            packed.append(Row(seq, offset, T, seq.pos, None if parents is None else tree_mask(parents)))
+            offset += T
+        ids_all = torch.cat(ids)
+        self._check_ids(ids_all)
+        return Batch(packed, ids_all, torch.cat(positions), last_only)
+
+    @torch.inference_mode()
+    def step(self, rows, last_only: bool = False, trees=None) -> list[torch.Tensor]:
+        """ONE pass over the weights for every row: rows = [(sequence, token ids), ...], any mix of
+        prefill chunks and decode tokens. -> per row logits (T_i, vocab), or (1, vocab) with last_only,
+        fp32 on the compute device. trees: per row None or parents (parents[j] = index of token j's
+        parent among the row's new tokens, -1 = the last cached token) for draft-tree verification.
+        A failed pass leaves every sequence as it was before it."""
+        batch = self._batch(rows, last_only, trees)
+        with self._lock:
+            logits = self.net.forward(batch, self.weights)  # (N or R, vocab)
+        out = []
+        for i, r in enumerate(batch.rows):  # the pass succeeded: the rows' tokens are cached
+            r.seq.pos += r.T
+            r.seq.tree = None if r.tree is None else (r.start, tuple(int(p) for p in trees[i]))
+            out.append(logits[i:i + 1] if last_only else logits[r.offset:r.offset + r.T])
+        return out
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
             raise EngineError(f"token id out of range [0, {self.spec.vocab_size})", field="token_ids")
 
+    def prefill(self, seq: Sequence, ids) -> torch.Tensor:
+        """Feed a prompt to one sequence in passes of at most PREFILL_TOKENS tokens (memory stays within
+        the plan's workspace for any prompt length) -> the last token's logits (vocab,)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        for c in range(0, ids.numel(), PREFILL_TOKENS):
+            logits = self.step([(seq, ids[c:c + PREFILL_TOKENS])], last_only=True)[0]
+        return logits[-1]
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at positions start.. -> logits (B, T or 1, vocab) float32 (KV cache kept)."""
-        B, T = tokens.shape
-        if start + T > self.n_ctx:
-            raise EngineError(f"context of {self.n_ctx} tokens exceeded ({start} + {T})", field="n_ctx")
-        self._check_ids(tokens)
-        return self.net.forward(tokens, start, self._kv(B), self.weights, last_only)
+        """tokens (B, T) at positions start.. of B sequences kept by the model -> logits (B, T or 1,
+        vocab) fp32 on the compute device. start 0 begins new sequences; otherwise it must be at most
+        the tokens they hold (later ones are dropped)."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim != 2:
+            raise EngineError(f"expected a (B, T) tensor of token ids, got shape {tuple(tokens.shape)}", field="tokens")
+        B = tokens.shape[0]
+        if start == 0 and len(self._fwd) != B:
+            for seq in self._fwd:
+                seq.close()
+            self._fwd = [self.open_sequence() for _ in range(B)]
+        if len(self._fwd) != B or any(start > seq.pos for seq in self._fwd):
+            raise EngineError(f"start {start}: the model holds {len(self._fwd)} sequence(s) of "
+                              f"{self._fwd[0].pos if self._fwd else 0} tokens", field="start")
+        for seq in self._fwd:
+            seq.truncate(start)
+        return torch.stack(self.step(list(zip(self._fwd, tokens)), last_only))
 
     def logits(self, token_ids) -> np.ndarray:
-        """Fresh prefill of one sequence (or a (B, T) batch) -> float32 logits (T, vocab) / (B, T, vocab)."""
+        """Fresh prefill of one sequence (or a (B, T) batch, its rows in shared passes) -> float32
+        logits (T, vocab) / (B, T, vocab) as numpy."""
         ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64))
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
             raise EngineError(f"expected a non-empty (T,) or (B, T) array of token ids, got shape {tuple(ids.shape)}",
                               field="token_ids")
-        out = self.forward(ids.reshape(-1, ids.shape[-1]), 0)
-        return out.reshape(*ids.shape, -1).numpy()
+        rows = ids.reshape(-1, ids.shape[-1])
+        seqs = [self.open_sequence() for _ in rows]
+        try:
+            parts = [self.step(list(zip(seqs, rows[:, c:c + PREFILL_TOKENS])))
+                     for c in range(0, rows.shape[1], PREFILL_TOKENS)]
+        finally:
+            for seq in seqs:
+                seq.close()
+        out = torch.stack([torch.cat([p[b] for p in parts]) for b in range(len(seqs))])  # (B, T, vocab)
+        return out.reshape(*ids.shape, -1).cpu().numpy()
 
     # -- text ----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special=add_special)
 
-    def detokenize(self, ids: Sequence[int]) -> str:
+    def detokenize(self, ids: Seq[int]) -> str:
         return self.tokenizer.decode(ids)
 
     def prompt_ids(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
@@ -198,7 +301,7 @@ class Model:
             ids = ids[1:]
         return ids
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, *, chat: bool = False,
+    def generate(self, prompt: str | Seq[int], max_tokens: int = 256, *, chat: bool = False,
                  system: str | None = None, draft=None, speculate: int | None = None,
                  **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated. Sampling keywords: see SamplingParams.
@@ -235,20 +338,25 @@ class _Generation:
 
     def run(self) -> Iterator[str]:
         m, p = self.model, self.params
+        with m.open_sequence() as seq:  # this generation's own KV slot, freed however it ends
+            yield from self._decode(seq)
+
+    def _decode(self, seq: Sequence) -> Iterator[str]:
+        m, p = self.model, self.params
         st = m.stats
         sampler, dec = Sampler(p), m.tokenizer.decoder()
         stops, stop_ids = p.stop, m.tokenizer.stop_ids
         hold = max((len(s) for s in stops), default=1) - 1  # chars held back while a stop may be forming
         self.history = list(self.ids)
         t0 = time.perf_counter()
-        logits = m.forward(torch.tensor([self.ids]), 0, last_only=True)[0, -1]
+        logits = m.prefill(seq, self.ids)
         st.prompt_tokens, st.prompt_s = len(self.ids), time.perf_counter() - t0
         st.decode_tokens, st.decode_s, st.finish_reason = 0, 0.0, "length"
-        pos, pending, cut = len(self.ids), "", -1
+        pending, cut = "", -1
         t1 = time.perf_counter()
         try:
             for _ in range(self.max_tokens):
-                tok = sampler(logits, self.history)
+                tok = sampler(logits, self.history)  # the one device-to-host copy of the token
                 st.decode_tokens += 1
                 if tok in stop_ids:
                     st.finish_reason = "stop"
@@ -263,14 +371,14 @@ class _Generation:
                 if len(pending) > hold:
                     out, pending = (pending[:len(pending) - hold], pending[len(pending) - hold:]) if hold else (pending, "")
                     yield out
-                if pos + 1 >= m.n_ctx:
+                if seq.pos + 1 >= m.n_ctx:
                     st.finish_reason = "context"
                     break
-                logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
-                pos += 1
+                logits = m.step([(seq, [tok])], last_only=True)[0][-1]
             if cut < 0:  # not ended by a stop string: release the bytes the decoder held back
                 pending += dec.flush()
             if pending:
                 yield pending
         finally:
             st.decode_s = time.perf_counter() - t1
+

@@ -21,9 +21,9 @@ import torch
 from engine.cuda import device as cuda_device_mod
 from engine.cuda import kvikio_io, nvml
 from engine.cuda.cpu_shim import CpuBuildSpec, CpuKernels, PendingBuild
-from engine.cuda.device import CudaDevice, cuda_unavailable_reason, linear_path, select_device
+from engine.cuda.device import CudaDevice, cuda_unavailable_reason, linear_path
 from engine.cuda.staging import CudaStaging, TorchCudaOps
-from engine.device import CpuDevice
+from engine.device import CpuDevice, select_device
 from engine.errors import KernelError, WeightIOError
 from engine.formats import FORMATS as QFORMATS
 from engine.gguf_file import GGUFFile
@@ -35,8 +35,8 @@ from engine.tiers.hardware import (
     save_profile,
 )
 from engine.tiers.io import FileReader, ReadPlan, aligned_empty, open_reader
-from engine.tiers.staging import HostStaging, staging_for
 from engine.tiers.runtime import Placement, head_info
+from engine.tiers.staging import HostStaging, staging_for
 from engine.weights import QWeight, layer_layout
 from stream_sim import POLICIES, SimOps, sim_staging
 
@@ -299,10 +299,10 @@ def test_cuda_linear_argument_errors(shim):
 def test_auto_falls_back_to_cpu_with_one_log_line(caplog):
     if cuda_unavailable_reason() is None:
         pytest.skip("a usable CUDA device is present")
-    with caplog.at_level(logging.INFO, logger="engine.cuda"):
+    with caplog.at_level(logging.INFO, logger="engine"):
         dev = select_device("auto", threads=1)
     assert isinstance(dev, CpuDevice)
-    lines = [r for r in caplog.records if r.name == "engine.cuda"]
+    lines = [r for r in caplog.records if r.name.startswith("engine.")]
     assert len(lines) == 1 and "computing on the CPU" in lines[0].getMessage()
     assert isinstance(select_device("cpu", threads=1), CpuDevice)
     for req in ("cuda", "cuda:1", " CUDA "):

@@ -81,14 +81,16 @@ def test_stop_string_cuts_text_and_reports_stop(tiny):
 
 def test_eog_token_ends_generation(tiny, monkeypatch):
     eos = tiny.tokenizer.eos_id
-    real = tiny.forward
+    real = tiny.step
 
-    def forced(tokens, start, last_only=False):  # the model "wants" EOS after two tokens
-        out = real(tokens, start, last_only).clone()
-        if start >= 4:
-            out[..., eos] = 1e4
+    def forced(rows, last_only=False, trees=None):  # the model "wants" EOS after two tokens
+        starts = [seq.pos for seq, _ in rows]
+        out = [o.clone() for o in real(rows, last_only, trees)]
+        for o, start in zip(out, starts):
+            if start >= 4:
+                o[..., eos] = 1e4
         return out
 
-    monkeypatch.setattr(tiny, "forward", forced)
+    monkeypatch.setattr(tiny, "step", forced)
     pieces = list(tiny.generate([5, 6, 7], max_tokens=20, temperature=0, stop=()))
     assert tiny.stats.finish_reason == "stop" and tiny.stats.decode_tokens == 3 and pieces

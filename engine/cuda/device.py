@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import logging
+import math
+from typing import Sequence
 
 import torch
 
+from ..attention import AttnMask, attend, sdpa_kernel
 from ..errors import KernelError
 from ..weights import QWeight
 from .kernels import FORMATS, GEMV_MAX_T, KernelLibrary, _import_cupy
@@ -26,7 +29,9 @@ def linear_path(t: int, fmt: str, reference: bool = False) -> str:
 
 
 class CudaDevice:
-    """A CUDA GPU as the compute device, duck-typed like engine.device.CpuDevice (`name`, `linear`).
+    """A CUDA GPU as the compute device (engine.device.Device): matrices on the fused dequant-GEMV
+    kernels (dequantize + matmul beyond GEMV_MAX_T rows), attention with torch's SDPA over an fp16
+    KV cache by default.
 
     Weights must already be in device memory (Staging.upload / to_resident); activations may be on
     the host or the device, and the result goes back where x came from. All work is issued to one
@@ -35,11 +40,13 @@ class CudaDevice:
     """
 
     def __init__(self, device: torch.device, ops: StreamOps, kernels, *, act_dtype: torch.dtype = torch.float16,
-                 reference: bool = False):
+                 kv_dtype: torch.dtype = torch.float16, reference: bool = False):
         """kernels: a KernelLibrary (or anything with its gemv/dequantize signatures)."""
         if act_dtype not in ACT_DTYPES:
             raise KernelError(f"must be torch.float16 or torch.bfloat16, got {act_dtype}", field="act_dtype")
         self.device, self.ops, self.kernels = device, ops, kernels
+        self.torch_device = device
+        self.kv_dtype = kv_dtype
         self.name = str(device)
         self.act_dtype, self.reference = act_dtype, reference
         self.weight_align = WEIGHT_ALIGN
@@ -68,9 +75,18 @@ class CudaDevice:
             y = y.view(*x.shape[:-1], n)
             return y if x.device == self.device else y.to(x.device)
 
+    def linear_many(self, x: torch.Tensor, ws: Sequence[QWeight]) -> list[torch.Tensor]:
+        """Several matrices of the same input width on one x (q/k/v, gate/up)."""
+        return [self.linear(x, w) for w in ws]
+
+    def attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: AttnMask) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        with self.ops.use(self.compute_stream):
+            return attend(q, keys, vals, mask, lambda *a: sdpa_kernel(*a, scale))
+
     def _linear(self, path: str, x2: torch.Tensor, w: QWeight, n: int, k: int) -> torch.Tensor:
         if path == "reference":
-            wf = w.fmt.dequantize(w.data.cpu(), (n, k)).to(self.device)  # (N, K) fp32, bit-exact with gguf-py
+            wf = w.fmt.dequantize(w.data, (n, k))  # (N, K) fp32 on the device, as gguf-py dequantizes
             return x2.to(self.device, torch.float32) @ wf.T
         xd = x2.to(self.device, self.act_dtype).contiguous()  # (T, K)
         if xd.data_ptr() % 16:  # the kernels load x in 16-byte vectors
@@ -117,15 +133,10 @@ def _cuda_index(requested: str) -> int:
     raise KernelError(f"unknown device {requested!r}: expected auto, cpu, cuda or cuda:N", field="device")
 
 
-def select_device(requested: str = "auto", *, threads: int | None = None, act_dtype: torch.dtype = torch.float16,
-                  reference: bool = False):
-    """The compute device for a config's `device`: "cpu", "cuda" / "cuda:N" (KernelError if unusable),
-    or "auto": CUDA when usable, else the CPU with one log line saying why."""
-    from ..device import CpuDevice
-
+def select_cuda(requested: str, *, act_dtype: torch.dtype = torch.float16, reference: bool = False) -> CudaDevice | None:
+    """CUDA's side of engine.device.select_device: the CudaDevice for "cuda" / "cuda:N" (KernelError
+    if unusable) or "auto" (None, after one log line saying why, when CUDA is not usable)."""
     req = str(requested).strip().lower()
-    if req == "cpu":
-        return CpuDevice(threads)
     index = _cuda_index(req)
     reason = cuda_unavailable_reason(index)
     if reason is None:
@@ -133,4 +144,4 @@ def select_device(requested: str = "auto", *, threads: int | None = None, act_dt
     if req != "auto":
         raise KernelError(f"device {requested!r} requested, but {reason}", field="device")
     log.info("no usable CUDA device (%s); computing on the CPU", reason)
-    return CpuDevice(threads)
+    return None

@@ -1,122 +1,130 @@
 """The Llama block as llama.cpp runs it from GGUF: RMSNorm, adjacent-pair rope (GGUF stores Q/K
 permuted for it), grouped-query attention, SwiGLU, tied embeddings when output.weight is absent.
 
-The model owns no weights: each step asks the weight provider for layer i and calls the device's
-format-aware `linear` for every projection.
+The model owns no weights: each pass asks the weight provider for layer i and the device that
+computes it (`device_for`), and calls that device's format-aware `linear` for every projection.
+A pass is a ragged batch (engine.sequence.Batch): the rows' tokens packed along one axis, each row
+attending over its own sequence's KV slot, so each row's result is what a pass of that row alone
+gives. Activations, the rope table, norms, the KV cache and the logits stay on the compute device;
+they move only where consecutive units compute on different devices.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
+from ..attention import AttnMask
+from ..sequence import Batch
 from ..spec import ModelSpec
 from ..weights import GlobalWeights, LayerWeights
 
 
 class RopeTable:
-    """Rotations for adjacent-pair rope as unit complex numbers, (n_ctx, rope_dim/2), computed in float64."""
+    """Rotations for adjacent-pair rope as unit complex numbers, (n_ctx, rope_dim/2), computed in float64,
+    with a copy on each device that asks for it."""
 
     def __init__(self, spec: ModelSpec, n_ctx: int, freq_factors: torch.Tensor | None):
         half = spec.rope_dim // 2
         inv = spec.rope_base ** (-torch.arange(half, dtype=torch.float64) * 2.0 / spec.rope_dim)
         if freq_factors is not None:
-            inv = inv / freq_factors.to(torch.float64)
+            inv = inv / freq_factors.to("cpu", torch.float64)
         pos = torch.arange(n_ctx, dtype=torch.float64) / spec.rope_scale
         ang = torch.outer(pos, inv)  # (n_ctx, half)
-        self.rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # cos + i sin
+        self.rot = {torch.device("cpu"): torch.polar(torch.ones_like(ang), ang).to(torch.complex64)}  # cos + i sin
         self.rope_dim = spec.rope_dim
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x (B, T, H, D) in place: pairs (x[2i], x[2i+1]) of the first rope_dim dims, positions start.."""
-        T = x.shape[1]
-        xc = torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2)))  # (B, T, H, half)
-        xc.mul_(self.rot[start:start + T, None, :])
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotations of positions (N,) on their device -> (N, 1, half)."""
+        table = self.rot.get(positions.device)
+        if table is None:
+            table = self.rot[positions.device] = self.rot[torch.device("cpu")].to(positions.device)
+        return table[positions, None, :]
+
+    def apply(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """Rotate x (N, H, D) in place: pairs (x[2i], x[2i+1]) of the first rope_dim dims by rot (N, 1, half)."""
+        xc = torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2)))  # (N, H, half)
+        xc.mul_(rot)
         return x
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: (n_layers, B, n_kv_heads, n_ctx, head_dim) fp32.
-
-    torch.empty reserves address space only; pages are touched as positions are written.
-    """
-
-    def __init__(self, spec: ModelSpec, batch: int, n_ctx: int):
-        shape = (spec.n_layers, batch, spec.n_kv_heads, n_ctx, spec.head_dim)
-        self.k = torch.empty(shape, dtype=torch.float32)
-        self.v = torch.empty(shape, dtype=torch.float32)
-        self.batch, self.n_ctx = batch, n_ctx
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-
 class Llama:
-    def __init__(self, spec: ModelSpec, glob: GlobalWeights, device, n_ctx: int):
-        self.spec, self.glob, self.device = spec, glob, device
+    def __init__(self, spec: ModelSpec, glob: GlobalWeights, n_ctx: int):
+        self.spec, self.glob = spec, glob
         self.n_ctx = n_ctx
         self.rope = RopeTable(spec, n_ctx, glob.rope_freqs)
-        self.scale = 1.0 / math.sqrt(spec.head_dim)
+        self._out_norm: dict[torch.device, torch.Tensor] = {}
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        B, T = tokens.shape
-        return self.glob.token_embd.rows(tokens).to(tokens.device).view(B, T, self.spec.dim)  # (B, T, dim)
+    def embed(self, ids: torch.Tensor, device) -> torch.Tensor:
+        """ids (N,) -> (N, dim) fp32 rows of the embedding on the device of the first unit."""
+        return self.glob.token_embd.rows(ids).to(device.torch_device)  # (N, dim)
 
-    def block(self, x: torch.Tensor, w: LayerWeights, layer: int, cache: KVCache, start: int) -> torch.Tensor:
-        s, lin = self.spec, self.device.linear
-        B, T, _ = x.shape
+    def block(self, x: torch.Tensor, w: LayerWeights, layer: int, batch: Batch, dev, kv_dev) -> torch.Tensor:
+        """x (N, dim) on dev -> (N, dim): one transformer block over a ragged batch."""
+        s = self.spec
+        N = x.shape[0]
         h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
-        q = lin(h, w.attn_q).view(B, T, s.n_heads, s.head_dim)  # (B, T, H, hd)
-        k = lin(h, w.attn_k).view(B, T, s.n_kv_heads, s.head_dim)  # (B, T, Hkv, hd)
-        v = lin(h, w.attn_v).view(B, T, s.n_kv_heads, s.head_dim)
-        self.rope.apply(q, start)
-        self.rope.apply(k, start)
-        end = start + T
-        cache.k[layer, :, :, start:end] = k.transpose(1, 2)
-        cache.v[layer, :, :, start:end] = v.transpose(1, 2)
-        att = self.attend(q, cache.k[layer, :, :, :end], cache.v[layer, :, :, :end], start)  # (B, T, H, hd)
-        x = x + lin(att.reshape(B, T, s.q_dim), w.attn_output)
+        q, k, v = dev.linear_many(h, (w.attn_q, w.attn_k, w.attn_v))  # (N, q_dim), (N, kv_dim), (N, kv_dim)
+        q = q.view(N, s.n_heads, s.head_dim)  # (N, H, hd)
+        k = k.view(N, s.n_kv_heads, s.head_dim)  # (N, Hkv, hd)
+        v = v.view(N, s.n_kv_heads, s.head_dim)
+        positions, trees, _ = batch.on(x.device)
+        rot = self.rope.at(positions)  # (N, 1, half)
+        self.rope.apply(q, rot)
+        self.rope.apply(k, rot)
+        att = self.attend(q, k, v, layer, batch, kv_dev)  # (N, H, hd)
+        x = x + dev.linear(att.reshape(N, s.q_dim), w.attn_output)
         h = F.rms_norm(x, (s.dim,), w.ffn_norm, s.rms_eps)
-        a = F.silu(lin(h, w.ffn_gate)) * lin(h, w.ffn_up)  # (B, T, ffn)
-        return x + lin(a, w.ffn_down)
+        gate, up = dev.linear_many(h, (w.ffn_gate, w.ffn_up))  # (N, ffn)
+        return x + dev.linear(F.silu(gate) * up, w.ffn_down)
 
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, start: int) -> torch.Tensor:
-        """Causal GQA: q (B, T, H, hd), keys/vals (B, Hkv, L, hd) with L = start + T -> (B, T, H, hd)."""
-        B, T, H, hd = q.shape
-        Hkv, L = keys.shape[1], keys.shape[2]
-        g = H // Hkv
-        qg = q.view(B, T, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * T, hd)  # (B, Hkv, g*T, hd)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale)  # (B, Hkv, g*T, L)
-        if T > 1:  # query t (row g*T + t) sees keys 0..start+t
-            future = torch.ones(T, L, dtype=torch.bool).triu_(start + 1)
-            scores.view(B, Hkv, g, T, L).masked_fill_(future, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, vals)  # (B, Hkv, g*T, hd)
-        return out.view(B, Hkv, g, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, kv_dev) -> torch.Tensor:
+        """Write each row's new keys/values into its KV slot, then attend over it on the KV device.
+        q (N, H, hd), k/v (N, Hkv, hd) -> (N, H, hd) on q's device."""
+        home, kd = q.device, kv_dev.torch_device
+        if kd != home:  # the KV cache lives elsewhere (hybrid): attention runs beside it
+            q, k, v = q.to(kd), k.to(kd), v.to(kd)
+        _, trees, _ = batch.on(kd)
+        out = None if len(batch.rows) == 1 else torch.empty(q.shape, dtype=torch.float32, device=kd)
+        for r, tree in zip(batch.rows, trees):
+            rows = slice(r.offset, r.offset + r.T)
+            keys, vals = r.seq.keys[layer], r.seq.vals[layer]  # (Hkv, n_ctx, hd)
+            keys[:, r.start:r.start + r.T] = k[rows].transpose(0, 1)
+            vals[:, r.start:r.start + r.T] = v[rows].transpose(0, 1)
+            att = kv_dev.attention(q[rows], keys, vals, AttnMask(r.start, tree))  # (T, H, hd)
+            if out is None:
+                out = att
+            else:
+                out[rows] = att
+        return out if kd == home else out.to(home)
 
     def head(self, x: torch.Tensor, weights) -> torch.Tensor:
         """Final norm and output head; the head comes as units L.. holding row ranges of the vocab."""
         L, rows = self.spec.n_layers, weights.head_rows
-        h = F.rms_norm(x, (self.spec.dim,), self.glob.output_norm, self.spec.rms_eps)
+        dev = weights.device_for(L, x.shape[0])
+        x = x.to(dev.torch_device)
+        norm = self._out_norm.get(x.device)
+        if norm is None:
+            norm = self._out_norm[x.device] = self.glob.output_norm.to(x.device)
+        h = F.rms_norm(x, (self.spec.dim,), norm, self.spec.rms_eps)
         if len(rows) == 1:
-            logits = self.device.linear(h, weights.layer(L))  # (B, T, vocab)
+            logits = dev.linear(h, weights.layer(L))  # (R, vocab)
             weights.release(L)
             return logits
-        logits = torch.empty(*h.shape[:-1], self.spec.vocab_size, dtype=torch.float32)
+        logits = torch.empty(h.shape[0], self.spec.vocab_size, dtype=torch.float32, device=x.device)
         for c, (r0, r1) in enumerate(rows):
-            logits[..., r0:r1] = self.device.linear(h, weights.layer(L + c))
+            logits[:, r0:r1] = dev.linear(h, weights.layer(L + c))
             weights.release(L + c)
         return logits
 
-    def forward(self, tokens: torch.Tensor, start: int, cache: KVCache, weights, last_only: bool) -> torch.Tensor:
-        """tokens (B, T) int64 at positions start..start+T-1 -> logits (B, T or 1, vocab) fp32."""
-        L = self.spec.n_layers
-        x = self.embed(tokens)
-        for i in range(L):
-            x = self.block(x, weights.layer(i), i, cache, start)
+    def forward(self, batch: Batch, weights) -> torch.Tensor:
+        """A ragged batch -> logits (N, vocab) fp32, or (R, vocab) of the rows' last tokens (last_only)."""
+        N = batch.n_tokens
+        x = self.embed(batch.ids, weights.device_for(0, N))  # (N, dim)
+        for i in range(self.spec.n_layers):
+            dev = weights.device_for(i, N)
+            w = weights.layer(i)
+            x = self.block(x.to(dev.torch_device), w, i, batch, dev, weights.kv_device(i))
             weights.release(i)
-        if last_only:
-            x = x[:, -1:]
+        if batch.last_only:
+            x = x.index_select(0, batch.on(x.device)[2]) if len(batch.rows) > 1 else x[-1:]
         return self.head(x, weights)

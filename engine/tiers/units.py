@@ -9,6 +9,9 @@ DIRECT_IO_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are m
 HUGE_PAGE = 2 << 20  # a transparent huge page (x86-64, arm64 with 4 KiB base pages)
 READ_CHUNK = 8 << 20  # the reader splits loads into requests of this size, spread over its threads
 MAX_SIZE = 1 << 60  # 1 EiB: larger sizes in a config are refused, not overflowed
+# the memory bounds of one forward pass, which the planner's workspace counts
+SCORE_BYTES = 32 << 20  # the largest fp32 attention score tensor one query chunk builds (engine.attention)
+PREFILL_TOKENS = 512  # the most tokens of one sequence in one pass when a prompt is fed (Model.prefill)
 
 
 # Binary prefixes (KiB..TiB, and the bare K/M/G/T that most tools treat as binary) and decimal ones.

@@ -7,6 +7,7 @@ from types import MappingProxyType
 
 from ...errors import ConfigError
 from ..footprint import ModelFootprint
+from ..units import PREFILL_TOKENS, SCORE_BYTES
 
 RESIDENT, HOST, DISK = "resident", "host", "disk"
 TIERS = (RESIDENT, HOST, DISK)
@@ -169,11 +170,12 @@ class Plan:
 
 
 def workspace_bytes(fp: ModelFootprint, batch: int, tokens: int, context: int) -> int:
-    """Estimated activation memory of the largest step (the prompt pass, last-token logits only):
-    residual, norm, q/k/v, attention output, gate/up/act rows in fp32, one layer's attention
-    scores, and the logits."""
+    """Activation memory of the largest pass (a prompt fed in passes of at most PREFILL_TOKENS tokens
+    per sequence, last-token logits only): residual, norm, q/k/v, attention output, gate/up/act rows
+    in fp32, the largest attention chunk's scores and probabilities (engine.attention bounds each by
+    SCORE_BYTES), and the logits."""
     s = fp.spec
-    rows = batch * tokens
+    rows = batch * min(tokens, PREFILL_TOKENS)
     per_row = 3 * s.dim + s.q_dim + 2 * s.kv_dim + s.q_dim + 3 * s.ffn_dim
-    scores = batch * s.n_heads * tokens * context
-    return 4 * (rows * per_row + scores + batch * s.vocab_size)
+    scores = min(4 * s.n_heads * min(tokens, PREFILL_TOKENS) * context, max(SCORE_BYTES, 4 * s.n_heads * context))
+    return 4 * (rows * per_row + batch * s.vocab_size) + 2 * scores
