@@ -38,6 +38,8 @@ def model(path):
         yield m
 
 
+# Passes of other shapes (a tree, prompt chunks) are equal up to rounding only: the Q4_K/Q6_K kernels
+# round activations to int16 per block, so a 1e-6 change in attention can move a logit by ~1e-4.
 def solo(model, chunks):
     """Logits of one sequence fed `chunks` of tokens one pass each."""
     with model.open_sequence() as seq:
@@ -85,11 +87,13 @@ def test_tree_pass_scores_every_branch_and_keep_path_continues_it(model):
         tree = model.step([(seq, tokens)], trees=[parents])[0]
         for node, path in [(1, [11, 12]), (3, [11, 12, 14]), (2, [11, 13]), (4, [15])]:
             want = solo(model, [A + path])[0][-1]
-            torch.testing.assert_close(tree[node], want, rtol=0, atol=1e-5)
+            torch.testing.assert_close(tree[node], want, rtol=0, atol=1e-3)
+        sibling = solo(model, [A + [11, 12, 13]])[0][-1]  # as if node 2 saw its sibling 1: far off
+        assert (tree[2] - sibling).abs().max() > 0.05
         seq.keep_path([0, 1, 3])
         assert seq.pos == len(A) + 3
         nxt = model.step([(seq, [16])])[0][-1]
-        torch.testing.assert_close(nxt, solo(model, [A + [11, 12, 14, 16]])[0][-1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(nxt, solo(model, [A + [11, 12, 14, 16]])[0][-1], rtol=0, atol=1e-3)
         with pytest.raises(EngineError, match="tree pass"):
             seq.keep_path([0])
         model.step([(seq, [1, 2])], trees=[[-1, 0]])
@@ -115,7 +119,7 @@ def test_pass_errors_are_typed_and_change_nothing(model, path):
 def test_chunked_prefill_and_attention_chunks_change_nothing_but_memory(model, monkeypatch):
     whole = model.logits(A + B + C)
     monkeypatch.setattr(engine.model, "PREFILL_TOKENS", 4)
-    np.testing.assert_allclose(model.logits(A + B + C), whole, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(model.logits(A + B + C), whole, rtol=0, atol=1e-3)
     g = torch.Generator().manual_seed(0)
     T, H, Hkv, hd, start = 9, 8, 2, 16, 6
     q = torch.randn(T, H, hd, generator=g)
