@@ -355,7 +355,7 @@ class _Generation:
         pending, cut = "", -1
         t1 = time.perf_counter()
         try:
-            for _ in range(self.max_tokens):
+            for n in range(self.max_tokens):
                 tok = sampler(logits, self.history)  # the one device-to-host copy of the token
                 st.decode_tokens += 1
                 if tok in stop_ids:
@@ -371,6 +371,8 @@ class _Generation:
                 if len(pending) > hold:
                     out, pending = (pending[:len(pending) - hold], pending[len(pending) - hold:]) if hold else (pending, "")
                     yield out
+                if n + 1 == self.max_tokens:  # no pass for logits nobody samples
+                    break
                 if seq.pos + 1 >= m.n_ctx:
                     st.finish_reason = "context"
                     break

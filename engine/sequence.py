@@ -111,16 +111,23 @@ class Batch:
     def __init__(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, last_only: bool):
         self.rows, self.ids, self.positions, self.last_only = rows, ids, positions, last_only  # (N,) int64 host
         self.last = torch.tensor([r.offset + r.T - 1 for r in rows])  # (R,) the rows' last tokens
-        self._on: dict[torch.device, tuple] = {}
+        self._on: dict[torch.device, BatchOn] = {}
 
     @property
     def n_tokens(self) -> int:
         return self.ids.numel()
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
-        """(positions (N,), per-row tree masks, last-token indices (R,)) on `device`, copied once."""
+    def on(self, device: torch.device) -> "BatchOn":
+        """The batch's index tensors on `device`, copied there once."""
         got = self._on.get(device)
         if got is None:
-            got = self._on[device] = (self.positions.to(device), [None if r.tree is None else r.tree.to(device)
-                                                                   for r in self.rows], self.last.to(device))
+            got = self._on[device] = BatchOn(self.positions.to(device), [None if r.tree is None else r.tree.to(device)
+                                                                         for r in self.rows], self.last.to(device))
         return got
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOn:
+    positions: torch.Tensor  # (N,) int64 rope positions
+    trees: list[torch.Tensor | None]  # per row: (T, T) bool tree mask, or None (causal)
+    last: torch.Tensor  # (R,) int64: each row's last token in the packed axis

@@ -27,6 +27,7 @@ from engine.device import CpuDevice, select_device
 from engine.errors import KernelError, WeightIOError
 from engine.formats import FORMATS as QFORMATS
 from engine.gguf_file import GGUFFile
+from engine.model import Model
 from engine.spec import ModelSpec
 from engine.tiers.hardware import (
     HardwareProfile,
@@ -664,6 +665,48 @@ def test_gpu_calibration_numbers_are_positive(cuda_dev):
     assert all(r.t1 > 0 and r.batched > 0 for r in p.compute.values())
 
 
+def greedy(m, prompt, n=12) -> list[int]:
+    """n greedy tokens after prompt, one step per token, argmax on the compute device."""
+    with m.open_sequence() as seq:
+        logits = m.prefill(seq, prompt)
+        out = []
+        for _ in range(n):
+            out.append(int(logits.argmax()))
+            logits = m.step([(seq, [out[-1]])], last_only=True)[0][-1]
+    return out
+
+
+def test_shim_cuda_device_generates_the_cpu_greedy_tokens(shim, tmp_path):
+    """The whole model on CudaDevice with the .cu kernels executed on the CPU (fp16 activations into
+    the GEMV for decode, dequantize + matmul for the 10-token prefill, SDPA over an fp16 KV cache):
+    the same greedy tokens as the CPU device, resident and streamed through CudaStaging."""
+    from tiny_llama import TinyConfig, write_tiny_llama
+
+    import engine
+
+    cfg = TinyConfig(n_layers=2, n_heads=8, n_kv_heads=2, fmt=(gguf.GGMLQuantizationType.Q4_1,
+                     gguf.GGMLQuantizationType.Q6_K), embd_fmt=gguf.GGMLQuantizationType.Q6_K, seed=21)
+    path = write_tiny_llama(tmp_path / "shim.gguf", cfg)
+    prompt = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77]
+    f = GGUFFile(path)
+    spec = ModelSpec.from_gguf(f)
+    lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+    with engine.load(path, config={"device": "cpu"}) as m:
+        cpu_tokens = greedy(m, prompt)
+        cpu_logits = m.logits(prompt)
+    for stream in (False, True):
+        placement = Placement.uniform(lays, head_info(f, spec), stream=stream, ring_size=2)
+        dev = shim_device(shim)
+        with Model.load(path, placement=placement, device=dev) as m:
+            shim.calls.clear()
+            assert greedy(m, prompt) == cpu_tokens, stream
+            assert {"gemv", "dequant"} <= set(shim.calls)
+            with m.open_sequence() as seq:
+                assert {t.dtype for t in seq.keys} == {torch.float16}
+            err = np.abs(m.logits(prompt) - cpu_logits).max() / np.abs(cpu_logits).max()
+            assert err < 2e-2, err  # fp16 activations, weights and KV against the CPU's fp32
+
+
 @gpu
 def test_gpu_greedy_tokens_match_cpu(cuda_dev):
     import engine
@@ -671,24 +714,15 @@ def test_gpu_greedy_tokens_match_cpu(cuda_dev):
 
     path = default_model_path()
     prompt = [1, 504, 3458, 282, 4649, 314]
-
-    def greedy(m, n=16) -> list[int]:
-        ids = list(prompt)
-        logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
-        for _ in range(n):
-            ids.append(int(logits.argmax()))
-            logits = m.forward(torch.tensor([[ids[-1]]]), len(ids) - 1, last_only=True)[0, -1]
-        return ids[len(prompt):]
-
     f = GGUFFile(path)
     spec = ModelSpec.from_gguf(f)
     lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
     streamed = Placement.uniform(lays, head_info(f, spec), stream=True, ring_size=2)
     with engine.load(path, config={"device": "cpu"}) as m:
-        cpu_tokens = greedy(m)
+        cpu_tokens = greedy(m, prompt, 16)
     for placement in (None, streamed):  # the planner's placement (all resident here), every unit streamed
         with engine.load(path, config={"device": "cuda"}, placement=placement) as m:
-            if not isinstance(m.device, CudaDevice):
-                pytest.skip("engine.load does not run models on CUDA yet "
-                            f"(config device 'cuda' computed on {m.device.name})")
-            assert greedy(m) == cpu_tokens, placement
+            assert isinstance(m.device, CudaDevice)
+            with m.open_sequence() as seq:
+                assert {t.device.type for t in seq.keys} == {"cuda"}
+            assert greedy(m, prompt, 16) == cpu_tokens, placement

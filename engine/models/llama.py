@@ -58,8 +58,10 @@ class Llama:
         """ids (N,) -> (N, dim) fp32 rows of the embedding on the device of the first unit."""
         return self.glob.token_embd.rows(ids).to(device.torch_device)  # (N, dim)
 
-    def block(self, x: torch.Tensor, w: LayerWeights, layer: int, batch: Batch, dev, kv_dev) -> torch.Tensor:
-        """x (N, dim) on dev -> (N, dim): one transformer block over a ragged batch."""
+    def block(self, x: torch.Tensor, w: LayerWeights, layer: int, batch: Batch, dev, kv_dev,
+              rot: torch.Tensor) -> torch.Tensor:
+        """x (N, dim) on dev -> (N, dim): one transformer block over a ragged batch; rot (N, 1, half)
+        the tokens' rope rotations on dev."""
         s = self.spec
         N = x.shape[0]
         h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
@@ -67,8 +69,6 @@ class Llama:
         q = q.view(N, s.n_heads, s.head_dim)  # (N, H, hd)
         k = k.view(N, s.n_kv_heads, s.head_dim)  # (N, Hkv, hd)
         v = v.view(N, s.n_kv_heads, s.head_dim)
-        positions, trees, _ = batch.on(x.device)
-        rot = self.rope.at(positions)  # (N, 1, half)
         self.rope.apply(q, rot)
         self.rope.apply(k, rot)
         att = self.attend(q, k, v, layer, batch, kv_dev)  # (N, H, hd)
@@ -83,7 +83,7 @@ class Llama:
         home, kd = q.device, kv_dev.torch_device
         if kd != home:  # the KV cache lives elsewhere (hybrid): attention runs beside it
             q, k, v = q.to(kd), k.to(kd), v.to(kd)
-        _, trees, _ = batch.on(kd)
+        trees = batch.on(kd).trees
         out = None if len(batch.rows) == 1 else torch.empty(q.shape, dtype=torch.float32, device=kd)
         for r, tree in zip(batch.rows, trees):
             rows = slice(r.offset, r.offset + r.T)
@@ -117,14 +117,22 @@ class Llama:
         return logits
 
     def forward(self, batch: Batch, weights) -> torch.Tensor:
-        """A ragged batch -> logits (N, vocab) fp32, or (R, vocab) of the rows' last tokens (last_only)."""
+        """A ragged batch -> logits (N, vocab) fp32, or (R, vocab) of the rows' last tokens (last_only).
+        Everything a block needs on its devices (activations, positions, rope rotations, tree masks) is
+        moved there before the block's weights are taken: inside a block nothing crosses devices."""
         N = batch.n_tokens
         x = self.embed(batch.ids, weights.device_for(0, N))  # (N, dim)
+        rot: dict[torch.device, torch.Tensor] = {}
         for i in range(self.spec.n_layers):
-            dev = weights.device_for(i, N)
+            dev, kv_dev = weights.device_for(i, N), weights.kv_device(i)
+            d = dev.torch_device
+            if d not in rot:
+                rot[d] = self.rope.at(batch.on(d).positions)  # (N, 1, half)
+            batch.on(kv_dev.torch_device)
+            x = x.to(d)
             w = weights.layer(i)
-            x = self.block(x.to(dev.torch_device), w, i, batch, dev, weights.kv_device(i))
+            x = self.block(x, w, i, batch, dev, kv_dev, rot[d])
             weights.release(i)
         if batch.last_only:
-            x = x.index_select(0, batch.on(x.device)[2]) if len(batch.rows) > 1 else x[-1:]
+            x = x.index_select(0, batch.on(x.device).last) if len(batch.rows) > 1 else x[-1:]
         return self.head(x, weights)
