@@ -38,6 +38,7 @@ class MetaStaging:
     """Reads land in real host buffers; uploads and resident copies become meta tensors."""
 
     name = "meta"
+    separate = True  # device memory apart from the host's, as on a GPU
 
     def alloc_host(self, nbytes: int, align: int = 4096) -> torch.Tensor:
         return aligned_empty(nbytes, align)
@@ -52,6 +53,18 @@ class MetaStaging:
         pass
 
     def release(self, handle: Upload) -> None:
+        pass
+
+    def host_free(self, handle: Upload) -> bool:
+        return True
+
+    def wait_host_free(self, handle: Upload) -> None:
+        pass
+
+    def device_free(self, dev: torch.Tensor) -> bool:
+        return True
+
+    def wait_device_free(self, dev: torch.Tensor) -> None:
         pass
 
     def to_resident(self, host_view: torch.Tensor) -> torch.Tensor:
@@ -126,8 +139,8 @@ class Units:
     def __init__(self, weights, rec: Recorder):
         self._w, self._rec = weights, rec
 
-    def layer(self, i):
-        got = self._w.layer(i)
+    def layer(self, i, rows=None):
+        got = self._w.layer(i, rows)
         self._rec.unit = f"unit {i}"
         return got
 

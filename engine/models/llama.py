@@ -99,20 +99,20 @@ class Llama:
 
     def head(self, x: torch.Tensor, weights) -> torch.Tensor:
         """Final norm and output head; the head comes as units L.. holding row ranges of the vocab."""
-        L, rows = self.spec.n_layers, weights.head_rows
-        dev = weights.device_for(L, x.shape[0])
+        L, rows, R = self.spec.n_layers, weights.head_rows, x.shape[0]
+        dev = weights.device_for(L, R)
         x = x.to(dev.torch_device)
         norm = self._out_norm.get(x.device)
         if norm is None:
             norm = self._out_norm[x.device] = self.glob.output_norm.to(x.device)
         h = F.rms_norm(x, (self.spec.dim,), norm, self.spec.rms_eps)
         if len(rows) == 1:
-            logits = dev.linear(h, weights.layer(L))  # (R, vocab)
+            logits = dev.linear(h, weights.layer(L, R))  # (R, vocab)
             weights.release(L)
             return logits
         logits = torch.empty(h.shape[0], self.spec.vocab_size, dtype=torch.float32, device=x.device)
         for c, (r0, r1) in enumerate(rows):
-            logits[:, r0:r1] = dev.linear(h, weights.layer(L + c))
+            logits[:, r0:r1] = dev.linear(h, weights.layer(L + c, R))
             weights.release(L + c)
         return logits
 
@@ -130,7 +130,7 @@ class Llama:
                 rot[d] = self.rope.at(batch.on(d).positions)  # (N, 1, half)
             batch.on(kv_dev.torch_device)
             x = x.to(d)
-            w = weights.layer(i)
+            w = weights.layer(i, N)  # bound where device_for(i, N) computes it
             x = self.block(x, w, i, batch, dev, kv_dev, rot[d])
             weights.release(i)
         if batch.last_only:
