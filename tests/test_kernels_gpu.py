@@ -34,6 +34,8 @@ _reason = _device_ready()
 if _reason:
     pytest.skip(_reason, allow_module_level=True)
 
+
+@pytest.fixture(scope="module")
 def lib() -> KernelLibrary:
     return KernelLibrary()
 
