@@ -56,21 +56,35 @@ def llama70b():
 
 
 # -- footprints -----------------------------------------------------------------------------------------
-def test_footprint_matches_gguf_py(tmp_path):
-    path = write_tiny_llama(tmp_path / "t.gguf", TinyConfig(n_layers=3, fmt=(QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.Q4_0),
-                                                             tied=False, rope_freqs=True))
+FOOTPRINT_ARCHS = {  # extra block tensors each architecture adds to llama's
+    "llama": set(),
+    "qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
+    "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"},
+}
+
+
+@pytest.mark.parametrize("arch", FOOTPRINT_ARCHS)
+def test_footprint_matches_gguf_py(tmp_path, arch):
+    path = write_tiny_llama(tmp_path / "t.gguf", TinyConfig(arch=arch, n_layers=3, tied=False, rope_freqs=True,
+                                                             fmt=(QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.Q4_0),
+                                                             head_dim=64 if arch == "qwen3" else None))
     f = GGUFFile(path)
     fp = footprint_from_gguf(f, ModelSpec.from_gguf(f))
     f.close()
     ref = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
     for lay in fp.layers:
-        for t in lay.tensors:
-            assert t.nbytes == ref[f"blk.{lay.index}.{t.role}.weight"]
-        assert lay.attn_bytes + lay.ffn_bytes == lay.nbytes == sum(ref[n] for n in ref
-                                                                    if n.startswith(f"blk.{lay.index}."))
+        names = sorted(n for n in ref if n.startswith(f"blk.{lay.index}."))
+        assert len(names) == len(lay.tensors) == 9 + len(FOOTPRINT_ARCHS[arch])
+        assert FOOTPRINT_ARCHS[arch] <= {n.split(".", 2)[2] for n in names}
+        assert sorted(t.nbytes for t in lay.tensors) == sorted(ref[n] for n in names)
+        assert lay.attn_bytes + lay.ffn_bytes == lay.nbytes == sum(ref[n] for n in names)
     assert fp.output.nbytes == ref["output.weight"] and fp.embedding.nbytes == ref["token_embd.weight"]
     assert fp.weight_bytes == sum(ref.values())
     assert {t.role for t in fp.small} == {"output_norm", "rope_freqs"}
+    # a description of the same model (formats per tensor from the file) prices it the same
+    fmts = {f"blk.{l.index}.{t.role}": t.fmt for l in fp.layers for t in l.tensors}
+    desc = footprint_from_description(fp.spec, fmts | {"token_embd": fp.embedding.fmt, "output": fp.output.fmt})
+    assert desc.weight_bytes == fp.weight_bytes
 
 
 @pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M"])

@@ -1,5 +1,5 @@
-"""Tiny random-weight llama GGUFs written with gguf.GGUFWriter, and an independent float64 reference
-forward (numpy, no engine code) on the weights as gguf-py dequantizes them."""
+"""Tiny random-weight GGUFs (llama, qwen2, qwen3) written with gguf.GGUFWriter, and an independent
+float64 reference forward (numpy, no engine code) on the weights as gguf-py dequantizes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +19,15 @@ _KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208,
                   QT.IQ4_XS: (0, None, 8e-5)}
 
 
+# how each architecture runs in llama.cpp, written down here independently of engine.spec
+ROPE_NEOX = {"llama": False, "qwen2": True, "qwen3": True}
+
+
 @dataclass(frozen=True)
 class TinyConfig:
+    arch: str = "llama"  # qwen2 adds attn_q/k/v biases, qwen3 per-head q/k norms
+    head_dim: int | None = None  # written as attention.key_length/value_length when given
+    sliding_window: int | None = None  # declared (Mistral-style); llama.cpp ignores it for llama
     n_layers: int = 2
     dim: int = 256
     n_heads: int = 4
@@ -57,8 +64,8 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     rng = np.random.default_rng(cfg.seed)
     voc = {"bpe": bpe_vocab, "spm": spm_vocab}[cfg.vocab]()
     vocab = len(voc["tokens"])
-    hd = cfg.dim // cfg.n_heads
-    w = GGUFWriter(str(path), arch="llama")
+    hd = cfg.head_dim or cfg.dim // cfg.n_heads
+    w = GGUFWriter(str(path), arch=cfg.arch)
     w.add_context_length(cfg.ctx)
     w.add_embedding_length(cfg.dim)
     w.add_block_count(cfg.n_layers)
@@ -68,6 +75,11 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.eps)
     w.add_rope_dimension_count(hd)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model(voc["model"])
     if "pre" in voc:
@@ -95,7 +107,7 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     mat("token_embd.weight", (vocab, cfg.dim), cfg.embd_fmt)
     if cfg.rope_freqs:
         w.add_tensor("rope_freqs.weight", rng.uniform(1.0, 8.0, hd // 2).astype(np.float32))
-    q, kv = cfg.dim, cfg.n_kv_heads * hd
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     shapes = {"attn_q": (q, cfg.dim), "attn_k": (kv, cfg.dim), "attn_v": (kv, cfg.dim),
               "attn_output": (cfg.dim, q), "ffn_gate": (cfg.ffn, cfg.dim), "ffn_up": (cfg.ffn, cfg.dim),
               "ffn_down": (cfg.dim, cfg.ffn)}
@@ -105,6 +117,12 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
         for role, shape in shapes.items():
             mat(f"blk.{i}.{role}.weight", shape, cfg.fmt[k % len(cfg.fmt)])
             k += 1
+        if cfg.arch == "qwen2":
+            for role, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
+                vec(f"blk.{i}.{role}.bias", n, around=0.0)
+        if cfg.arch == "qwen3":
+            vec(f"blk.{i}.attn_q_norm.weight", hd)
+            vec(f"blk.{i}.attn_k_norm.weight", hd)
         vec(f"blk.{i}.ffn_norm.weight", cfg.dim)
     vec("output_norm.weight", cfg.dim)
     if not cfg.tied:
@@ -117,14 +135,16 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
 
 
 def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
-    """Float64 forward of a llama GGUF from gguf-py's dequantized weights -> (T, vocab)."""
+    """Float64 forward of a llama/qwen2/qwen3 GGUF from gguf-py's dequantized weights -> (T, vocab)."""
     r = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in r.fields.items()}
     W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
-    dim, nh = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    nkv, eps = meta["llama.attention.head_count_kv"], meta["llama.attention.layer_norm_rms_epsilon"]
-    base, L = meta["llama.rope.freq_base"], meta["llama.block_count"]
-    hd = dim // nh
+    arch = meta["general.architecture"]
+    m = lambda key: meta[f"{arch}.{key}"]
+    dim, nh = m("embedding_length"), m("attention.head_count")
+    nkv, eps = m("attention.head_count_kv"), m("attention.layer_norm_rms_epsilon")
+    base, L = m("rope.freq_base"), m("block_count")
+    hd = meta.get(f"{arch}.attention.key_length", dim // nh)
     T = len(tokens)
 
     def norm(x, w):
@@ -136,27 +156,33 @@ def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
     ang = np.arange(T)[:, None] * inv[None, :]  # (T, hd/2)
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
 
-    def rope(x):  # (T, H, hd), rotating adjacent pairs (2i, 2i+1)
-        a, b = x[..., 0::2], x[..., 1::2]
+    # (T, H, hd): rotate adjacent pairs (2i, 2i+1), or halves (i, i + hd/2) in NeoX style
+    first, second = (slice(0, hd // 2), slice(hd // 2, hd)) if ROPE_NEOX[arch] else (slice(0, hd, 2), slice(1, hd, 2))
+
+    def rope(x):
+        a, b = x[..., first], x[..., second]
         out = np.empty_like(x)
-        out[..., 0::2] = a * cos - b * sin
-        out[..., 1::2] = a * sin + b * cos
+        out[..., first] = a * cos - b * sin
+        out[..., second] = a * sin + b * cos
         return out
+
+    def proj(h, p, role, heads):  # (T, heads, hd): matmul, optional bias, optional per-head norm
+        y = h @ W[p + role + ".weight"].T
+        y = (y + W[p + role + ".bias"] if p + role + ".bias" in W else y).reshape(T, heads, hd)
+        return norm(y, W[p + role + "_norm.weight"]) if p + role + "_norm.weight" in W else y
 
     x = W["token_embd.weight"][tokens]  # (T, dim)
     causal = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(L):
         p = f"blk.{i}."
         h = norm(x, W[p + "attn_norm.weight"])
-        q = rope((h @ W[p + "attn_q.weight"].T).reshape(T, nh, hd))
-        k = rope((h @ W[p + "attn_k.weight"].T).reshape(T, nkv, hd))
-        v = (h @ W[p + "attn_v.weight"].T).reshape(T, nkv, hd)
+        q, k, v = rope(proj(h, p, "attn_q", nh)), rope(proj(h, p, "attn_k", nkv)), proj(h, p, "attn_v", nkv)
         rep = nh // nkv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # head j uses kv head j // rep
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + causal
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
-        att = np.einsum("hts,shd->thd", s, v).reshape(T, dim)
+        att = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
         x = x + att @ W[p + "attn_output.weight"].T
         h = norm(x, W[p + "ffn_norm.weight"])
         g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T

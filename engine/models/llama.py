@@ -1,5 +1,7 @@
 """The Llama block as llama.cpp runs it from GGUF: RMSNorm, adjacent-pair rope (GGUF stores Q/K
 permuted for it), grouped-query attention, SwiGLU, tied embeddings when output.weight is absent.
+Other architectures are the same block with the spec's variations as data: Q/K/V biases (qwen2),
+per-head q/k RMSNorm (qwen3), NeoX rope (halves rotated, Q/K not permuted), a head size of its own.
 
 The model owns no weights: each step asks the weight provider for layer i and calls the device's
 format-aware `linear` for every projection.
@@ -16,7 +18,8 @@ from ..weights import GlobalWeights, LayerWeights
 
 
 class RopeTable:
-    """Rotations for adjacent-pair rope as unit complex numbers, (n_ctx, rope_dim/2), computed in float64."""
+    """Rope rotations as unit complex numbers, (n_ctx, rope_dim/2), computed in float64. Pair i is
+    (x[2i], x[2i+1]) in the "norm" style, (x[i], x[i + rope_dim/2]) in the "neox" style."""
 
     def __init__(self, spec: ModelSpec, n_ctx: int, freq_factors: torch.Tensor | None):
         half = spec.rope_dim // 2
@@ -27,12 +30,19 @@ class RopeTable:
         ang = torch.outer(pos, inv)  # (n_ctx, half)
         self.rot = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)  # cos + i sin
         self.rope_dim = spec.rope_dim
+        self.neox = spec.rope_style == "neox"
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x (B, T, H, D) in place: pairs (x[2i], x[2i+1]) of the first rope_dim dims, positions start.."""
+        """Rotate x (B, T, H, D) in place: the pairs of the first rope_dim dims, positions start.."""
         T = x.shape[1]
-        xc = torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2)))  # (B, T, H, half)
-        xc.mul_(self.rot[start:start + T, None, :])
+        rot = self.rot[start:start + T, None, :]  # (T, 1, half)
+        if self.neox:
+            a, b = x[..., :self.rope_dim].unflatten(-1, (2, -1)).unbind(-2)  # (B, T, H, half) views
+            z = torch.complex(a, b).mul_(rot)
+            a.copy_(z.real)
+            b.copy_(z.imag)
+        else:
+            torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2))).mul_(rot)  # (B, T, H, half)
         return x
 
 
@@ -68,9 +78,15 @@ class Llama:
         s, lin = self.spec, self.device.linear
         B, T, _ = x.shape
         h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
-        q = lin(h, w.attn_q).view(B, T, s.n_heads, s.head_dim)  # (B, T, H, hd)
-        k = lin(h, w.attn_k).view(B, T, s.n_kv_heads, s.head_dim)  # (B, T, Hkv, hd)
-        v = lin(h, w.attn_v).view(B, T, s.n_kv_heads, s.head_dim)
+        q, k, v = lin(h, w.attn_q), lin(h, w.attn_k), lin(h, w.attn_v)  # (B, T, q_dim / kv_dim)
+        if s.attn_bias:
+            q, k, v = q + w.attn_q_bias, k + w.attn_k_bias, v + w.attn_v_bias
+        q = q.view(B, T, s.n_heads, s.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, s.n_kv_heads, s.head_dim)  # (B, T, Hkv, hd)
+        v = v.view(B, T, s.n_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q = F.rms_norm(q, (s.head_dim,), w.attn_q_norm, s.rms_eps)
+            k = F.rms_norm(k, (s.head_dim,), w.attn_k_norm, s.rms_eps)
         self.rope.apply(q, start)
         self.rope.apply(k, start)
         end = start + T

@@ -105,7 +105,7 @@ def footprint_from_description(spec: ModelSpec, fmt_by_role: dict[str, str], sou
                                ) -> ModelFootprint:
     """A footprint from shapes alone. `fmt_by_role` maps a block role (attn_q, ..., ffn_down), a global
     (token_embd, output) or one tensor ("blk.3.ffn_down", overriding the role) to a format name.
-    Norms and rope_freqs default to F32; every matrix must be given."""
+    Norms, biases and rope_freqs default to F32; every matrix must be given."""
     for key, fmt in fmt_by_role.items():
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", path=source, field=key)
@@ -115,7 +115,7 @@ def footprint_from_description(spec: ModelSpec, fmt_by_role: dict[str, str], sou
             return fmt_by_role[name]
         if role in fmt_by_role:
             return fmt_by_role[role]
-        if role.endswith("norm") or role == "rope_freqs":
+        if role.endswith(("norm", "bias")) or role == "rope_freqs":
             return "F32"
         raise ConfigError("no format given for this tensor", path=source, field=name or role)
 
