@@ -19,6 +19,7 @@ well-known end-of-turn token texts.
 from __future__ import annotations
 
 import codecs
+import functools
 import heapq
 import json
 import re
@@ -380,7 +381,6 @@ class Tokenizer:
         else:
             self._model = _BpeModel(tokens, merges or [], pre_spec)
         self._template_src = meta.get_str("tokenizer.chat_template")
-        self._template: jinja2.Template | None = None
 
     @staticmethod
     def _pre_spec(pre: str | None, meta: _Meta) -> PreTokenizer:
@@ -394,7 +394,12 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, object], path: str | None = None) -> Tokenizer:
-        """Build from GGUF metadata (key -> python value); raises TokenizerError naming the key."""
+        """Build from GGUF metadata (key -> python value); raises TokenizerError naming the key. A GGUF
+        converted from a Hugging Face checkpoint carries its tokenizer.json instead: an HFTokenizer."""
+        from .hf.tokenizer import HF_JSON_KEY, HFTokenizer
+
+        if KEY + "model" not in meta and HF_JSON_KEY in meta:
+            return HFTokenizer(meta, path)
         m = _Meta(meta, path)
         kind = m.get_str(KEY + "model")
         if kind is None:
@@ -541,32 +546,41 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `tokenizer.chat_template` (jinja2, sandboxed) the way transformers does."""
-        if self._template_src is None:
-            raise TokenizerError("the model has no chat template", path=self.path, field="tokenizer.chat_template")
-        if not isinstance(messages, (list, tuple)):
-            raise TokenizerError(f"expected a list of messages, got {type(messages).__name__}",
-                                 path=self.path, field="messages")
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str):
-                raise TokenizerError("each message must be a mapping with a string 'role'",
-                                     path=self.path, field=f"messages[{i}]")
-        if self._template is None:
-            try:
-                self._template = _template_env().from_string(self._template_src)
-            except jinja2.TemplateSyntaxError as e:
-                raise TokenizerError(f"chat template does not compile: {e}", path=self.path,
-                                     field="tokenizer.chat_template") from None
         special = {name: ("" if tid is None else self._tokens[tid])
                    for name, tid in (("bos_token", self.bos_id), ("eos_token", self.eos_id))}
-        try:
-            return self._template.render(messages=[dict(m) for m in messages],
-                                         add_generation_prompt=add_generation_prompt, **special)
-        except _TemplateRaised as e:
-            raise TokenizerError(f"chat template rejected the messages: {e}", path=self.path,
-                                 field="messages") from None
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"chat template failed: {e}", path=self.path,
-                                 field="tokenizer.chat_template") from None
+        return render_chat_template(self._template_src, messages, add_generation_prompt, special, self.path)
+
+
+def render_chat_template(source: str | None, messages: list[dict], add_generation_prompt: bool,
+                         special: Mapping[str, str], path: str | None,
+                         field: str = "tokenizer.chat_template") -> str:
+    """Render a chat template (jinja2, sandboxed, compiled once per source) the way transformers does;
+    `special` holds bos_token/eos_token texts. Errors name `field` of `path`."""
+    if source is None:
+        raise TokenizerError("the model has no chat template", path=path, field=field)
+    if not isinstance(messages, (list, tuple)):
+        raise TokenizerError(f"expected a list of messages, got {type(messages).__name__}", path=path,
+                             field="messages")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str):
+            raise TokenizerError("each message must be a mapping with a string 'role'", path=path,
+                                 field=f"messages[{i}]")
+    try:
+        template = _compiled(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"chat template does not compile: {e}", path=path, field=field) from None
+    try:
+        return template.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                               **special)
+    except _TemplateRaised as e:
+        raise TokenizerError(f"chat template rejected the messages: {e}", path=path, field="messages") from None
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat template failed: {e}", path=path, field=field) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(source: str) -> jinja2.Template:
+    return _template_env().from_string(source)
 
 
 class _TemplateRaised(Exception):

@@ -107,6 +107,11 @@ def expected_layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_name(i: int, role: str) -> str:
+    """Block i's GGUF tensor name for a role: tensor_name(3, "attn_q_bias") -> "blk.3.attn_q.bias"."""
+    return f"blk.{i}.{role.removesuffix('_bias')}.bias" if role.endswith("_bias") else f"blk.{i}.{role}.weight"
+
+
 def role_of(name: str) -> str:
     """"blk.3.attn_q.bias" -> "attn_q_bias", "blk.3.attn_q_norm.weight" -> "attn_q_norm"."""
     rest = name.split(".", 2)[2]
@@ -156,8 +161,7 @@ def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
         found[role] = t
     for role in expected:
         if role not in found:
-            name = f"blk.{i}.{role.removesuffix('_bias')}.{'bias' if role.endswith('_bias') else 'weight'}"
-            raise ModelFormatError("required tensor is missing", path=f.path, field=name)
+            raise ModelFormatError("required tensor is missing", path=f.path, field=tensor_name(i, role))
     return LayerLayout(i, f.layer_runs(i), tuple((role, found[role]) for role in expected))
 
 

@@ -189,3 +189,98 @@ def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
         x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
     out = W.get("output.weight", W["token_embd.weight"])
     return norm(x, W["output_norm.weight"]) @ out.T
+
+
+# -- the same weights as a Hugging Face safetensors checkpoint ----------------------------------------------
+# GGUF name -> HF name, written down here independently of engine.hf
+_HF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_HF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name in _HF_GLOBAL:
+        return _HF_GLOBAL[gguf_name]
+    _, i, role, kind = gguf_name.split(".")
+    return f"model.layers.{i}.{_HF_BLOCK[role]}.{kind}"
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation for llama (GGUF adjacent pairs -> HF rotate-half)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tokenizer_json(pre: str = "llama-bpe") -> str:
+    """tokenizer.json for the tiny BPE vocab (the byte-level regexes of llama 3 / qwen2)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    voc = bpe_vocab(pre)
+    n_plain = len(voc["tokens"]) - sum(1 for t in voc["types"] if t != 1)
+    vocab = {t: i for i, t in enumerate(voc["tokens"][:n_plain])}
+    merges = [tuple(m.split(" ", 1)) for m in voc["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
+    digits = r"\p{N}" if pre == "qwen2" else r"\p{N}{1,3}"
+    regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits +
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(voc["tokens"][n_plain:], voc["types"][n_plain:])])
+    return tok.to_str()
+
+
+def write_hf_checkpoint(gguf_path: str | Path, directory: str | Path, dtype: str = "F32", n_shards: int = 2,
+                        bos: bool = True) -> Path:
+    """The GGUF's weights (as gguf-py dequantizes them) as an HF checkpoint, matrices in `dtype` (F32/F16/BF16),
+    split over `n_shards` shards with an index, plus config.json and the tokenizer files."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    r = GGUFReader(str(gguf_path))
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    arch = meta["general.architecture"]
+    m = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    nh, nkv = m("attention.head_count"), m("attention.head_count_kv")
+    tensors = {}
+    for t in r.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute(w, nh if "attn_q" in t.name else nkv)
+        kind = dtype if w.ndim == 2 else "F32"  # norms and biases in float32, as some checkpoints keep them
+        tensors[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w)).to(getattr(torch, {
+            "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[kind]))
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(n_shards):
+        shard = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::n_shards]}
+        save_file(part, str(directory / shard))
+        weight_map |= {n: shard for n in part}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {"model_type": arch, "hidden_size": m("embedding_length"), "num_hidden_layers": m("block_count"),
+              "num_attention_heads": nh, "num_key_value_heads": nkv, "intermediate_size": m("feed_forward_length"),
+              "vocab_size": int(tensors["model.embed_tokens.weight"].shape[0]),
+              "max_position_embeddings": m("context_length"), "rms_norm_eps": m("attention.layer_norm_rms_epsilon"),
+              "rope_theta": m("rope.freq_base"), "tie_word_embeddings": "output.weight" not in
+              {t.name for t in r.tensors}, "torch_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]}
+    if m("attention.key_length"):
+        config["head_dim"] = m("attention.key_length")
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    voc = bpe_vocab()  # the GGUF's own vocab (write_tiny_llama)
+    (directory / "tokenizer.json").write_text(hf_tokenizer_json("qwen2" if arch.startswith("qwen") else "llama-bpe"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": voc["tokens"][voc["bos"]] if bos else None, "eos_token": voc["tokens"][voc["eos"]],
+        "chat_template": "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}"
+                         "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+                         "<|end_header_id|>{% endif %}"}))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [voc["eos"], voc["eos"] + 3]}))
+    return directory

@@ -1,0 +1,122 @@
+"""config.json of a Hugging Face checkpoint -> the GGUF architecture and hyper-parameters.
+
+One table (`MODEL_TYPES`) maps each supported `model_type` to its GGUF architecture and says
+whether llama.cpp's converter permutes Q/K rows for adjacent-pair rope (llama does, the NeoX-rope
+Qwen models do not). Every refusal names config.json and the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from ..errors import ModelFormatError, UnsupportedModelError
+from ..spec import ARCHITECTURES
+
+# model_type -> (GGUF architecture, Q/K rows permuted for adjacent-pair rope)
+MODEL_TYPES = MappingProxyType({
+    "llama": ("llama", True),
+    "mistral": ("llama", True),  # dense Mistral runs as llama; its sliding window is ignored (as llama.cpp)
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+})
+assert all(arch in ARCHITECTURES for arch, _ in MODEL_TYPES.values())
+
+
+@dataclass(frozen=True, slots=True)
+class HFConfig:
+    path: str  # config.json
+    model_type: str
+    arch: str
+    permute_qk: bool
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_base: float
+    rope_scale: float  # linear rope scaling factor (1.0: none)
+    tied: bool
+    sliding_window: int | None
+
+    def gguf_metadata(self) -> dict[str, int | float]:
+        """The `{arch}.*` keys llama.cpp's converter writes for this model."""
+        a = self.arch
+        meta = {
+            f"{a}.block_count": self.n_layers, f"{a}.context_length": self.context_length,
+            f"{a}.embedding_length": self.dim, f"{a}.feed_forward_length": self.ffn_dim,
+            f"{a}.attention.head_count": self.n_heads, f"{a}.attention.head_count_kv": self.n_kv_heads,
+            f"{a}.attention.layer_norm_rms_epsilon": self.rms_eps, f"{a}.rope.freq_base": self.rope_base,
+            f"{a}.rope.dimension_count": self.head_dim, f"{a}.vocab_size": self.vocab_size,
+        }
+        if self.head_dim != self.dim // self.n_heads:
+            meta |= {f"{a}.attention.key_length": self.head_dim, f"{a}.attention.value_length": self.head_dim}
+        if self.sliding_window:
+            meta[f"{a}.attention.sliding_window"] = self.sliding_window  # declared; the loader ignores it
+        if self.rope_scale != 1.0:
+            meta |= {f"{a}.rope.scaling.type": "linear", f"{a}.rope.scaling.factor": self.rope_scale}
+        return meta
+
+
+def read_config(directory: str | os.PathLike) -> HFConfig:
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ModelFormatError("missing: a Hugging Face checkpoint directory needs its config.json",
+                               path=path, field="config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"unreadable: {e}", path=path, field="config.json") from None
+    if not isinstance(raw, dict):
+        raise ModelFormatError("expected a JSON object", path=path, field="config.json")
+
+    def get(key: str, kind: type | tuple[type, ...], default=None, required: bool = True):
+        value = raw.get(key, default)
+        if value is None and not required:
+            return None
+        if value is None:
+            raise ModelFormatError("required field is missing", path=path, field=key)
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ModelFormatError(f"expected {getattr(kind, '__name__', kind)}, got {value!r}", path=path, field=key)
+        return value
+
+    model_type = get("model_type", str)
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported (supported: "
+                                    f"{', '.join(MODEL_TYPES)})", path=path, field="model_type")
+    arch, permute = MODEL_TYPES[model_type]
+    dim, n_heads = get("hidden_size", int), get("num_attention_heads", int)
+    if n_heads <= 0 or dim <= 0:
+        raise ModelFormatError("must be positive", path=path, field="num_attention_heads")
+    scale = 1.0
+    rope_scaling = raw.get("rope_scaling")
+    if rope_scaling is not None:
+        kind = isinstance(rope_scaling, dict) and (rope_scaling.get("rope_type") or rope_scaling.get("type"))
+        if kind not in ("linear", "default"):
+            raise UnsupportedModelError(f"rope scaling {kind or rope_scaling!r} is not supported (linear)",
+                                        path=path, field="rope_scaling")
+        if kind == "linear":
+            scale = float(get_nested(rope_scaling, "factor", path))
+    window = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+    return HFConfig(
+        path=str(path), model_type=model_type, arch=arch, permute_qk=permute,
+        n_layers=get("num_hidden_layers", int), dim=dim, n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", int, n_heads),
+        head_dim=get("head_dim", int, dim // n_heads),
+        ffn_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
+        context_length=get("max_position_embeddings", int), rms_eps=float(get("rms_norm_eps", (int, float))),
+        rope_base=float(get("rope_theta", (int, float), 10000.0)), rope_scale=scale,
+        tied=get("tie_word_embeddings", bool, False), sliding_window=window)
+
+
+def get_nested(d: dict, key: str, path: Path):
+    value = d.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ModelFormatError(f"expected a positive number, got {value!r}", path=path, field=f"rope_scaling.{key}")
+    return value
