@@ -265,8 +265,41 @@ def logits_section() -> dict:
             "prompts": prompts}
 
 
+ARCH_PROMPT = [1, 17, 300, 42, 8, 99, 250, 3]
+ARCH_STEPS = 24
+
+
+def archs_section() -> dict:
+    """llama.cpp's greedy continuation (one-token decode path, top-5 logits per step) of one tiny random
+    GGUF per architecture (tests/tiny_llama.py LLAMACPP_ARCH_MODELS), and each file's sha256."""
+    import hashlib
+
+    import numpy as np
+    from tiny_llama import LLAMACPP_ARCH_MODELS, write_tiny_llama
+
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, cfg in LLAMACPP_ARCH_MODELS.items():
+            path = write_tiny_llama(Path(tmp) / f"{arch}.gguf", cfg)
+            llm = llama_cpp.Llama(str(path), n_ctx=cfg.ctx, n_threads=2, n_batch=cfg.ctx, logits_all=True,
+                                  seed=0, verbose=False)
+            llm.eval(ARCH_PROMPT)
+            steps, toks = [], []
+            for _ in range(ARCH_STEPS):
+                top = _top(np.asarray(llm.scores[len(ARCH_PROMPT) + len(toks) - 1]))
+                steps.append(top)
+                toks.append(top["ids"][0])
+                llm.eval([toks[-1]])
+            models[arch] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "prompt_ids": ARCH_PROMPT,
+                            "greedy_ids": toks, "steps": steps}
+            del llm
+            print(f"  {arch}: {toks}")
+    return {"llama_cpp_python": llama_cpp.__version__, "n_threads": 2, "models": models}
+
+
 SECTIONS = {"tokens": ("llamacpp_tokens.json", tokens_section),
-            "logits": ("llamacpp_smollm2_logits.json", logits_section)}
+            "logits": ("llamacpp_smollm2_logits.json", logits_section),
+            "archs": ("llamacpp_archs.json", archs_section)}
 
 
 def _dumps(obj: object, indent: str = "") -> str:

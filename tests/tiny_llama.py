@@ -284,3 +284,11 @@ def write_hf_checkpoint(gguf_path: str | Path, directory: str | Path, dtype: str
                          "<|end_header_id|>{% endif %}"}))
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [voc["eos"], voc["eos"] + 3]}))
     return directory
+
+
+# one tiny file per architecture, recorded through llama.cpp by scripts/make_llamacpp_fixtures.py (archs)
+LLAMACPP_ARCH_MODELS = {
+    "llama": TinyConfig(fmt=(QT.Q8_0,), n_layers=2, seed=31),
+    "qwen2": TinyConfig(arch="qwen2", fmt=(QT.Q8_0,), tied=False, rope_base=1e6, seed=32),
+    "qwen3": TinyConfig(arch="qwen3", head_dim=48, fmt=(QT.Q8_0,), rope_base=1e6, seed=33),
+}
