@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from gguf import GGUFReader
 from tokenizers import Tokenizer as RustTokenizer
 
 import engine
-from engine.tiers.footprint import footprint_from_gguf
 from engine.errors import CacheError, ConfigError, ModelFormatError, TokenizerError, UnsupportedModelError
+from engine.tiers.footprint import footprint_from_gguf
 from tiny_llama import TinyConfig, reference_logits, write_hf_checkpoint, write_tiny_llama
 
 TOKENS = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77, 400, 12]
@@ -102,13 +101,13 @@ def test_cache_is_reused_and_atomic(pair, tmp_path, monkeypatch):
     assert sorted(tmp_path.iterdir()) == files
 
 
-def test_no_cache_leaves_no_file(pair):
+def test_no_cache_leaves_no_file(pair, tmp_path, monkeypatch):
     import tempfile
 
     _, hf = pair
-    before = set(os.listdir(tempfile.gettempdir()))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the conversion goes to the temporary directory
     m = engine.load(hf)
-    assert set(os.listdir(tempfile.gettempdir())) == before
+    assert list(tmp_path.iterdir()) == []
     assert m.logits(TOKENS[:3]).shape == (3, m.spec.vocab_size)  # the unlinked file stays readable
 
 
@@ -183,7 +182,7 @@ def test_unsupported_model_type(ckpt):
 def test_missing_tokenizer(ckpt):
     (ckpt / "tokenizer.json").unlink()
     e = _error(ckpt)
-    assert isinstance(e, ModelFormatError) and e.field == "tokenizer.json"
+    assert isinstance(e, TokenizerError) and e.field == "tokenizer.json" and e.path == str(ckpt / "tokenizer.json")
 
 
 def test_read_only_cache_dir(ckpt, tmp_path):

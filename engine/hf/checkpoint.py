@@ -23,10 +23,11 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from safetensors import SafetensorError, safe_open
 
-from ..errors import CacheError, EngineError, ModelFormatError, UnsupportedModelError
+from ..errors import CacheError, EngineError, ModelFormatError, TokenizerError, UnsupportedModelError
 from ..formats import FORMATS
 from ..formats.quantize import quantize as quantize_rows
 from ..spec import ModelSpec
+from ..tokenizer.hf import HF_CONFIG_KEY, HF_GENERATION_KEY, HF_JSON_KEY
 from ..weights import expected_layer_shapes, tensor_name
 from .config import HFConfig, read_config
 
@@ -205,12 +206,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 
 def tokenizer_metadata(directory: Path) -> dict[str, object]:
-    """The HF tokenizer files, carried verbatim in the GGUF (engine.hf.tokenizer reads them back)."""
-    from .tokenizer import HF_CONFIG_KEY, HF_GENERATION_KEY, HF_JSON_KEY
-
+    """The HF tokenizer files, carried verbatim in the GGUF (engine.tokenizer.hf reads them back)."""
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise ModelFormatError("missing: the checkpoint needs its tokenizer.json", path=path, field="tokenizer.json")
+        raise TokenizerError("missing: the checkpoint needs its tokenizer.json", path=path, field="tokenizer.json")
     meta: dict[str, object] = {HF_JSON_KEY: path.read_text("utf-8")}
     for name, key in (("tokenizer_config.json", HF_CONFIG_KEY), ("generation_config.json", HF_GENERATION_KEY)):
         if (directory / name).is_file():

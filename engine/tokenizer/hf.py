@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from tokenizers import Tokenizer as RustTokenizer
 
 from ..errors import TokenizerError
+from .chat_template import render_chat_template
 
 HF_JSON_KEY = "tokenizer.huggingface.json"
 HF_CONFIG_KEY = "tokenizer.huggingface.tokenizer_config"
@@ -26,7 +27,7 @@ def _token_text(value: object) -> str | None:
 
 
 class HFTokenizer:
-    """Same interface as engine.tokenizer.Tokenizer (encode/decode/decoder/chat template/stop ids)."""
+    """Same interface as engine.tokenizer.vocab.Tokenizer (encode/decode/decoder/chat template/stop ids)."""
 
     kind = "hf"
 
@@ -108,8 +109,6 @@ class HFTokenizer:
         return self._hf.token_to_id(text)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        from ..tokenizer import render_chat_template
-
         return render_chat_template(self._template_src, messages, add_generation_prompt, self._special_texts,
                                     self.path, field=HF_CONFIG_KEY + ".chat_template")
 
