@@ -259,3 +259,32 @@ def test_cli_loads_a_checkpoint(ckpt, tmp_path):
     r = subprocess.run(cmd[:-4] + ["--quantize", "q4_k", "--model", str(tmp_path / "nope")], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
+    gguf = write_tiny_llama(tmp_path / "m.gguf", TinyConfig(n_layers=1, fmt=FLOAT, embd_fmt=QT.F32))
+    hf = write_hf_checkpoint(gguf, tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    (hf / "config.json").write_text(json.dumps(cfg | {"rope_scaling": scaling}))
+    (tmp_path / "c").mkdir()
+    m = engine.load(hf, quantize=None, cache_dir=tmp_path / "c")
+    (cache,) = (tmp_path / "c").glob("*.gguf")
+    got = {t.name: np.asarray(t.data) for t in GGUFReader(str(cache)).tensors}["rope_freqs.weight"]
+    # transformers' llama3 inverse frequencies, written as it computes them; GGUF stores the divisors
+    hd, base = cfg["hidden_size"] // cfg["num_attention_heads"], cfg["rope_theta"]
+    inv = 1.0 / base ** (np.arange(0, hd, 2) / hd)
+    wavelen = 2 * np.pi / inv
+    lo_wl, hi_wl = 64 / 1.0, 64 / 4.0
+    scaled = np.where(wavelen > lo_wl, inv / 8.0, inv)
+    smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+    medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
+    scaled = np.where(medium, (1 - smooth) * scaled / 8.0 + smooth * scaled, scaled)
+    np.testing.assert_allclose(got, inv / scaled, rtol=1e-6)
+    assert len(set(np.round(got, 4))) > 3  # kept, slowed and blended frequencies all occur
+    assert m.spec.has_rope_freqs and rel_err(m.logits(TOKENS), reference_logits(cache, TOKENS)) < 1e-3
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    e = _error(hf)
+    assert isinstance(e, UnsupportedModelError) and e.field == "rope_scaling" and "yarn" in str(e)

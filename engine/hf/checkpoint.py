@@ -29,7 +29,7 @@ from ..formats.quantize import quantize as quantize_rows
 from ..spec import ModelSpec
 from ..tokenizer.hf import HF_CONFIG_KEY, HF_GENERATION_KEY, HF_JSON_KEY
 from ..weights import expected_layer_shapes, tensor_name
-from .config import HFConfig, read_config
+from .config import HFConfig, llama3_rope_factors, read_config
 
 QUANTIZE_CHOICES = ("q8_0", "q4_k", None)  # None: keep the checkpoint's F32/F16/BF16 values exactly
 CONVERTER_VERSION = 1  # part of the cache key: bump when the bytes written for the same input change
@@ -94,7 +94,7 @@ def spec_for(cfg: HFConfig) -> ModelSpec:
                      n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, ffn_dim=cfg.ffn_dim,
                      vocab_size=cfg.vocab_size, context_length=cfg.context_length, rms_eps=cfg.rms_eps,
                      rope_base=cfg.rope_base, rope_dim=cfg.head_dim, rope_scale=cfg.rope_scale,
-                     tied_output=cfg.tied, source=cfg.path)
+                     has_rope_freqs=cfg.llama3_rope is not None, tied_output=cfg.tied, source=cfg.path)
 
 
 class Checkpoint:
@@ -105,6 +105,9 @@ class Checkpoint:
         self.cfg = read_config(self.dir)
         self.spec = spec_for(self.cfg)
         self._stack = ExitStack()
+        self.generated: dict[str, torch.Tensor] = {}  # tensors the converter computes (llama3 rope factors)
+        if self.cfg.llama3_rope is not None:
+            self.generated["rope_freqs.weight"] = torch.tensor(llama3_rope_factors(self.cfg), dtype=torch.float32)
         self._handles: dict[str, object] = {}
         sources: dict[str, _Source] = {}
         try:
@@ -163,8 +166,18 @@ class Checkpoint:
     def close(self) -> None:
         self._stack.close()
 
+    @property
+    def names(self) -> list[str]:
+        """Every GGUF tensor, in file order."""
+        return [*self.generated, *self.sources]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.generated[name].shape) if name in self.generated else self.sources[name].shape
+
     def tensor(self, name: str) -> torch.Tensor:
         """The GGUF tensor `name` as stored in the checkpoint (llama's Q/K rows permuted)."""
+        if name in self.generated:
+            return self.generated[name]
         src = self.sources[name]
         t = self._handles[src.shard].get_tensor(src.name)
         if self.cfg.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -175,9 +188,9 @@ class Checkpoint:
     def format_of(self, name: str, quantize: str | None) -> str:
         """Vectors become F32 (exactly); matrices as asked: None keeps their dtype, a row that is not
         whole blocks of the format falls back to Q8_0, then F16."""
-        src = self.sources[name]
-        if len(src.shape) == 1:
+        if len(self.shape(name)) == 1:
             return "F32"
+        src = self.sources[name]
         if quantize is None:
             return _DTYPES[src.dtype]
         for fmt in (quantize.upper(), "Q8_0", "F16"):
@@ -230,18 +243,18 @@ def write_gguf(ck: Checkpoint, out: Path, quantize: str | None, progress: Callab
         for key, value in {**ck.cfg.gguf_metadata(), **tokenizer_metadata(ck.dir)}.items():
             _add(w, key, value)
         w.add_string("general.source.hf_model_type", ck.cfg.model_type)
-        fmts = {name: ck.format_of(name, quantize) for name in ck.sources}
-        for name, src in ck.sources.items():
-            fmt = FORMATS[fmts[name]]
-            rows = int(np.prod(src.shape[:-1], dtype=np.int64))
-            w.add_tensor_info(name, (rows, fmt.row_nbytes(src.shape[-1])) if len(src.shape) > 1
-                              else (fmt.row_nbytes(src.shape[-1]),), np.dtype(np.uint8),
-                              fmt.nbytes(src.shape), raw_dtype=GGMLQuantizationType[fmt.name])
+        fmts = {name: ck.format_of(name, quantize) for name in ck.names}
+        for name in ck.names:
+            fmt, shape = FORMATS[fmts[name]], ck.shape(name)
+            rows = int(np.prod(shape[:-1], dtype=np.int64))
+            w.add_tensor_info(name, (rows, fmt.row_nbytes(shape[-1])) if len(shape) > 1
+                              else (fmt.row_nbytes(shape[-1]),), np.dtype(np.uint8),
+                              fmt.nbytes(shape), raw_dtype=GGMLQuantizationType[fmt.name])
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        total = len(ck.sources)
-        for n, name in enumerate(ck.sources, 1):
+        total = len(ck.names)
+        for n, name in enumerate(ck.names, 1):
             w.write_tensor_data(quantize_rows(ck.tensor(name), fmts[name]))
             if progress:
                 progress(n, total)

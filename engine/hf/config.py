@@ -7,6 +7,7 @@ Qwen models do not). Every refusal names config.json and the field.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class HFConfig:
     rms_eps: float
     rope_base: float
     rope_scale: float  # linear rope scaling factor (1.0: none)
+    llama3_rope: tuple[float, float, float, int] | None  # (factor, low_freq_factor, high_freq_factor, original ctx)
     tied: bool
     sliding_window: int | None
 
@@ -94,15 +96,19 @@ def read_config(directory: str | os.PathLike) -> HFConfig:
     dim, n_heads = get("hidden_size", int), get("num_attention_heads", int)
     if n_heads <= 0 or dim <= 0:
         raise ModelFormatError("must be positive", path=path, field="num_attention_heads")
-    scale = 1.0
+    scale, llama3 = 1.0, None
     rope_scaling = raw.get("rope_scaling")
     if rope_scaling is not None:
         kind = isinstance(rope_scaling, dict) and (rope_scaling.get("rope_type") or rope_scaling.get("type"))
-        if kind not in ("linear", "default"):
-            raise UnsupportedModelError(f"rope scaling {kind or rope_scaling!r} is not supported (linear)",
+        if kind not in ("linear", "llama3", "default"):
+            raise UnsupportedModelError(f"rope scaling {kind or rope_scaling!r} is not supported (linear, llama3)",
                                         path=path, field="rope_scaling")
         if kind == "linear":
             scale = float(get_nested(rope_scaling, "factor", path))
+        elif kind == "llama3":
+            llama3 = (*(float(get_nested(rope_scaling, k, path)) for k in
+                        ("factor", "low_freq_factor", "high_freq_factor")),
+                      int(get_nested(rope_scaling, "original_max_position_embeddings", path)))
     window = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
     return HFConfig(
         path=str(path), model_type=model_type, arch=arch, permute_qk=permute,
@@ -112,7 +118,25 @@ def read_config(directory: str | os.PathLike) -> HFConfig:
         ffn_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
         context_length=get("max_position_embeddings", int), rms_eps=float(get("rms_norm_eps", (int, float))),
         rope_base=float(get("rope_theta", (int, float), 10000.0)), rope_scale=scale,
+        llama3_rope=llama3,
         tied=get("tie_word_embeddings", bool, False), sliding_window=window)
+
+
+def llama3_rope_factors(cfg: HFConfig) -> list[float]:
+    """Llama 3.1's per-frequency divisors (GGUF rope_freqs.weight): long wavelengths slowed by `factor`,
+    short ones kept, a smooth blend between the original context's low- and high-frequency bounds."""
+    factor, low, high, ctx = cfg.llama3_rope
+    out = []
+    for i in range(0, cfg.head_dim, 2):
+        wavelen = 2 * math.pi * cfg.rope_base ** (i / cfg.head_dim)
+        if wavelen < ctx / high:
+            out.append(1.0)
+        elif wavelen > ctx / low:
+            out.append(factor)
+        else:
+            smooth = (ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return out
 
 
 def get_nested(d: dict, key: str, path: Path):
