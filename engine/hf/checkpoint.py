@@ -26,10 +26,9 @@ from safetensors import SafetensorError, safe_open
 from ..errors import CacheError, EngineError, ModelFormatError, TokenizerError, UnsupportedModelError
 from ..formats import FORMATS
 from ..formats.quantize import quantize as quantize_rows
-from ..spec import ModelSpec
 from ..tokenizer.hf import HF_CONFIG_KEY, HF_GENERATION_KEY, HF_JSON_KEY
 from ..weights import expected_layer_shapes, tensor_name
-from .config import HFConfig, llama3_rope_factors, read_config
+from .config import llama3_rope_factors, read_config
 
 QUANTIZE_CHOICES = ("q8_0", "q4_k", None)  # None: keep the checkpoint's F32/F16/BF16 values exactly
 CONVERTER_VERSION = 1  # part of the cache key: bump when the bytes written for the same input change
@@ -89,21 +88,13 @@ def _shards(directory: Path) -> list[Path]:
     return found
 
 
-def spec_for(cfg: HFConfig) -> ModelSpec:
-    return ModelSpec(architecture=cfg.arch, n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads,
-                     n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, ffn_dim=cfg.ffn_dim,
-                     vocab_size=cfg.vocab_size, context_length=cfg.context_length, rms_eps=cfg.rms_eps,
-                     rope_base=cfg.rope_base, rope_dim=cfg.head_dim, rope_scale=cfg.rope_scale,
-                     has_rope_freqs=cfg.llama3_rope is not None, tied_output=cfg.tied, source=cfg.path)
-
-
 class Checkpoint:
     """An opened checkpoint: config, spec and every tensor located and validated (nothing read yet)."""
 
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         self.cfg = read_config(self.dir)
-        self.spec = spec_for(self.cfg)
+        self.spec = self.cfg.spec
         self._stack = ExitStack()
         self.generated: dict[str, torch.Tensor] = {}  # tensors the converter computes (llama3 rope factors)
         if self.cfg.llama3_rope is not None:
@@ -127,7 +118,7 @@ class Checkpoint:
                                                     path=shard, field=name)
                     sl = h.get_slice(name)
                     sources[gguf] = _Source(str(shard), name, tuple(sl.get_shape()), sl.get_dtype())
-            if self.cfg.tied:
+            if self.spec.tied_output:
                 sources.pop("output.weight", None)  # some tied checkpoints store the copy too
             self.sources = self._validate(sources)
         except BaseException:
@@ -239,7 +230,7 @@ def write_gguf(ck: Checkpoint, out: Path, quantize: str | None, progress: Callab
         raise CacheError(f"cannot write a GGUF here: {e.strerror}", path=directory, field="cache_dir") from None
     os.close(fd)
     try:
-        w = GGUFWriter(tmp, arch=ck.cfg.arch)
+        w = GGUFWriter(tmp, arch=ck.spec.architecture)
         for key, value in {**ck.cfg.gguf_metadata(), **tokenizer_metadata(ck.dir)}.items():
             _add(w, key, value)
         w.add_string("general.source.hf_model_type", ck.cfg.model_type)

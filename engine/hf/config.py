@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import ModelFormatError, UnsupportedModelError
-from ..spec import ARCHITECTURES
+from ..spec import ARCHITECTURES, ModelSpec
 
 # model_type -> (GGUF architecture, Q/K rows permuted for adjacent-pair rope)
 MODEL_TYPES = MappingProxyType({
@@ -30,39 +30,28 @@ assert all(arch in ARCHITECTURES for arch, _ in MODEL_TYPES.values())
 class HFConfig:
     path: str  # config.json
     model_type: str
-    arch: str
-    permute_qk: bool
-    n_layers: int
-    dim: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    ffn_dim: int
-    vocab_size: int
-    context_length: int
-    rms_eps: float
-    rope_base: float
-    rope_scale: float  # linear rope scaling factor (1.0: none)
+    permute_qk: bool  # llama.cpp's converter permutes Q/K rows for adjacent-pair rope
+    spec: ModelSpec
     llama3_rope: tuple[float, float, float, int] | None  # (factor, low_freq_factor, high_freq_factor, original ctx)
-    tied: bool
     sliding_window: int | None
 
-    def gguf_metadata(self) -> dict[str, int | float]:
+    def gguf_metadata(self) -> dict[str, int | float | str]:
         """The `{arch}.*` keys llama.cpp's converter writes for this model."""
-        a = self.arch
+        s = self.spec
+        a = s.architecture
         meta = {
-            f"{a}.block_count": self.n_layers, f"{a}.context_length": self.context_length,
-            f"{a}.embedding_length": self.dim, f"{a}.feed_forward_length": self.ffn_dim,
-            f"{a}.attention.head_count": self.n_heads, f"{a}.attention.head_count_kv": self.n_kv_heads,
-            f"{a}.attention.layer_norm_rms_epsilon": self.rms_eps, f"{a}.rope.freq_base": self.rope_base,
-            f"{a}.rope.dimension_count": self.head_dim, f"{a}.vocab_size": self.vocab_size,
+            f"{a}.block_count": s.n_layers, f"{a}.context_length": s.context_length,
+            f"{a}.embedding_length": s.dim, f"{a}.feed_forward_length": s.ffn_dim,
+            f"{a}.attention.head_count": s.n_heads, f"{a}.attention.head_count_kv": s.n_kv_heads,
+            f"{a}.attention.layer_norm_rms_epsilon": s.rms_eps, f"{a}.rope.freq_base": s.rope_base,
+            f"{a}.rope.dimension_count": s.rope_dim, f"{a}.vocab_size": s.vocab_size,
         }
-        if self.head_dim != self.dim // self.n_heads:
-            meta |= {f"{a}.attention.key_length": self.head_dim, f"{a}.attention.value_length": self.head_dim}
+        if s.head_dim != s.dim // s.n_heads:
+            meta |= {f"{a}.attention.key_length": s.head_dim, f"{a}.attention.value_length": s.head_dim}
         if self.sliding_window:
             meta[f"{a}.attention.sliding_window"] = self.sliding_window  # declared; the loader ignores it
-        if self.rope_scale != 1.0:
-            meta |= {f"{a}.rope.scaling.type": "linear", f"{a}.rope.scaling.factor": self.rope_scale}
+        if s.rope_scale != 1.0:
+            meta |= {f"{a}.rope.scaling.type": "linear", f"{a}.rope.scaling.factor": s.rope_scale}
         return meta
 
 
@@ -110,25 +99,25 @@ def read_config(directory: str | os.PathLike) -> HFConfig:
                         ("factor", "low_freq_factor", "high_freq_factor")),
                       int(get_nested(rope_scaling, "original_max_position_embeddings", path)))
     window = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
-    return HFConfig(
-        path=str(path), model_type=model_type, arch=arch, permute_qk=permute,
-        n_layers=get("num_hidden_layers", int), dim=dim, n_heads=n_heads,
-        n_kv_heads=get("num_key_value_heads", int, n_heads),
-        head_dim=get("head_dim", int, dim // n_heads),
+    head_dim = get("head_dim", int, dim // n_heads)
+    spec = ModelSpec(
+        architecture=arch, n_layers=get("num_hidden_layers", int), dim=dim, n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", int, n_heads), head_dim=head_dim,
         ffn_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
         context_length=get("max_position_embeddings", int), rms_eps=float(get("rms_norm_eps", (int, float))),
-        rope_base=float(get("rope_theta", (int, float), 10000.0)), rope_scale=scale,
-        llama3_rope=llama3,
-        tied=get("tie_word_embeddings", bool, False), sliding_window=window)
+        rope_base=float(get("rope_theta", (int, float), 10000.0)), rope_dim=head_dim, rope_scale=scale,
+        has_rope_freqs=llama3 is not None, tied_output=get("tie_word_embeddings", bool, False), source=str(path))
+    return HFConfig(str(path), model_type, permute, spec, llama3, window)
 
 
 def llama3_rope_factors(cfg: HFConfig) -> list[float]:
     """Llama 3.1's per-frequency divisors (GGUF rope_freqs.weight): long wavelengths slowed by `factor`,
     short ones kept, a smooth blend between the original context's low- and high-frequency bounds."""
     factor, low, high, ctx = cfg.llama3_rope
+    hd = cfg.spec.rope_dim
     out = []
-    for i in range(0, cfg.head_dim, 2):
-        wavelen = 2 * math.pi * cfg.rope_base ** (i / cfg.head_dim)
+    for i in range(0, hd, 2):
+        wavelen = 2 * math.pi * cfg.spec.rope_base ** (i / hd)
         if wavelen < ctx / high:
             out.append(1.0)
         elif wavelen > ctx / low:
