@@ -70,6 +70,13 @@ def test_quantized_on_load(pair, tmp_path, quantize, fmt, bound):
     assert fp.weight_bytes == sum(int(t.n_bytes) for t in r.tensors)
     f32_bytes = 4 * sum(int(np.prod(t.shape)) for t in r.tensors)
     assert fp.weight_bytes < {"Q8_0": 0.3, "Q4_K": 0.2}[fmt] * f32_bytes
+    # engine.plan prices a checkpoint directory as the conversion will write it, from headers alone
+    from engine.plan import model_footprint
+
+    planned = model_footprint(hf, quantize=quantize)
+    assert planned.weight_bytes == fp.weight_bytes
+    assert [[(t.role, t.fmt, t.nbytes) for t in l.tensors] for l in planned.layers] == \
+           [[(t.role, t.fmt, t.nbytes) for t in l.tensors] for l in fp.layers]
     # exact against float64 on the quantized weights, and close to the unquantized model
     ref_q = reference_logits(cache, TOKENS)
     got = m.logits(TOKENS)
