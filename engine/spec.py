@@ -24,6 +24,10 @@ class Arch:
     attn_bias: bool = False  # attn_q/k/v carry a bias vector (qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before rope (qwen3)
 
+    def __post_init__(self):
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style {self.rope_style!r} is not one of {ROPE_STYLES}")
+
 
 ARCHITECTURES = MappingProxyType({
     "llama": Arch("norm"),  # also Mistral dense; a declared sliding window is ignored, as llama.cpp does
