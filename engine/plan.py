@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("q8_0", "q4_k", "none"), default="q8_0",
                    help="checkpoint directories: the quantization a load would convert to (default q8_0)")
     src.add_argument("--describe", metavar="MODEL:MIX",
-                     help=f"plan a model without its file: llama3-70b, llama3-8b or smollm2-135m, "
-                          f"with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
+                     help=f"plan a model without its file: llama3-70b, llama3-8b, smollm2-135m, qwen2.5-72b or "
+                          f"qwen3-32b, with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
     p.add_argument("--config", help="tier config YAML (default: auto)")
     p.add_argument("--hardware", help=f"hardware profile: a preset ({', '.join(PRESETS)}) or a JSON file "
                                       f"(default: the config's, else the calibrated one, else defaults)")

@@ -509,3 +509,15 @@ def test_plan_cli(capsys):
     assert plan_cli.main(["--config", "/nonexistent.yaml"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: /nonexistent.yaml")
+
+
+@pytest.mark.parametrize("description, gb", [("qwen2.5-72b:Q4_K_M", 47.42), ("qwen3-32b:Q4_K_M", 19.76)])
+def test_qwen_descriptions_price_like_the_published_files(description, gb):
+    # published Q4_K_M GGUF sizes (bytes / 1e9, headers included); Qwen2.5-72B's FFN rows (29568) are not
+    # whole 256-element super-blocks, so its ffn_down falls back to Q5_0/Q8_0 as llama.cpp's quantizer does
+    fp = describe(description)
+    assert abs(fp.weight_bytes / 1e9 - gb) / gb < 0.01
+    roles = {t.role for t in fp.layers[0].tensors}
+    assert ({"attn_q_bias", "attn_k_bias", "attn_v_bias"} <= roles) == description.startswith("qwen2")
+    assert ({"attn_q_norm", "attn_k_norm"} <= roles) == description.startswith("qwen3")
+    assert {t.fmt for t in fp.layers[1].tensors if t.role == "ffn_down"} <= {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
