@@ -295,3 +295,13 @@ def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
     (hf / "config.json").write_text(json.dumps(cfg))
     e = _error(hf)
     assert isinstance(e, UnsupportedModelError) and e.field == "rope_scaling" and "yarn" in str(e)
+
+
+def test_progress_bar_on_stderr(ckpt, capsys):
+    engine.load(ckpt, progress=True)
+    err = capsys.readouterr().err
+    assert "converting [" in err and err.rstrip().endswith("tensors")
+    total = err.rstrip().rsplit("/", 1)[1].split()[0]
+    assert f"{total}/{total} tensors" in err and f"1/{total} tensors" in err
+    engine.load(ckpt, progress=False)
+    assert capsys.readouterr().err == ""
