@@ -90,6 +90,21 @@ def test_decode_matches_llamacpp(name, toks):
     assert all(tok.decode(e["ids"], skip_special=e["skip_special"]) == e["text"] for e in entries)
 
 
+# pre names llama.cpp maps to the same pre-tokenizer type as a recorded one (llama-vocab.cpp: "deepseek-r1-qwen"
+# is LLAMA_VOCAB_PRE_TYPE_QWEN2 with clean_spaces off, like "qwen2"): checked against that recording
+SAME_AS_RECORDED = {"tiny_bpe_deepseek-r1-qwen": "tiny_bpe_qwen2"}
+
+
+@pytest.mark.parametrize("name", sorted(SAME_AS_RECORDED))
+def test_aliased_pre_types_match_llamacpp(name, toks):
+    tok, rec = toks[name], FIXTURE["models"][SAME_AS_RECORDED[name]]
+    assert tok.pre != toks[SAME_AS_RECORDED[name]].pre
+    for e in rec["encode"]:
+        assert tok.encode(e["text"], add_special=e["add_special"], parse_special=e["parse_special"]) == e["ids"]
+    for e in rec["decode"]:
+        assert tok.decode(e["ids"], skip_special=e["skip_special"]) == e["text"]
+
+
 @pytest.mark.parametrize("name", [m for m in MODELS if "pieces" in FIXTURE["models"][m]])
 def test_token_pieces_match_llamacpp(name, toks):
     tok, rec = _tok(toks, name), FIXTURE["models"][name]["pieces"]
