@@ -57,6 +57,20 @@ def test_checkpoint_equals_its_gguf_and_the_float64_reference(pair):
     assert rel_err(torch.cat(out).numpy(), ref) < 1e-3
 
 
+def test_checkpoint_matches_transformers_float64(pair):
+    """transformers' own Llama/Qwen2/Qwen3 classes in float64 on the checkpoint: an independent reference
+    for rope style, the Q/K permutation, biases, q/k norms and head size (and a check of the numpy one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf, hf = pair
+    ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float64)
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([TOKENS])).logits[0].numpy()  # (T, vocab)
+    assert rel_err(engine.load(hf, quantize=None).logits(TOKENS), ref) < 1e-3
+    assert rel_err(reference_logits(gguf, TOKENS), ref) < 1e-5  # the numpy reference agrees with transformers
+
+
 @pytest.mark.parametrize("quantize, fmt, bound", [("q8_0", "Q8_0", 0.06), ("q4_k", "Q4_K", 0.5)])
 def test_quantized_on_load(pair, tmp_path, quantize, fmt, bound):
     gguf, hf = pair
