@@ -6,6 +6,8 @@ its own file. Re-run after changing tests/vocab_models.py or the corpus:
 
     python scripts/make_llamacpp_fixtures.py            # all sections
     python scripts/make_llamacpp_fixtures.py tokens     # one section
+    python scripts/make_llamacpp_fixtures.py tokens:tiny_bpe_tekken,tiny_bpe_qwen2   # some vocabs, the
+                                                        # others kept as recorded (each says its version)
 """
 from __future__ import annotations
 
@@ -325,13 +327,27 @@ def write_json(filename: str, data: dict) -> Path:
     return path
 
 
+def update_tokens(names: list[str]) -> dict:
+    """The recorded tokens fixture with the named tiny vocabularies (re-)recorded."""
+    data = json.loads((FIXTURES / SECTIONS["tokens"][0]).read_text("utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            entry = _model_entry(name, vocab_models.write_vocab(name, tmp), name in ("tiny_spm", "tiny_llama_bpe"))
+            data["models"][name] = {**entry, "llama_cpp_python": llama_cpp.__version__}
+    return data
+
+
 def main(argv: list[str]) -> None:
     llama_cpp.llama_log_set(_quiet, None)
     llama_cpp.llama_backend_init()
     names = argv or list(SECTIONS)
     for name in names:
-        filename, make = SECTIONS[name]
-        print(f"{name} -> {write_json(filename, make())}")
+        section, _, vocabs = name.partition(":")
+        filename, make = SECTIONS[section]
+        if vocabs and section != "tokens":
+            raise SystemExit(f"{name}: only the tokens section records a subset")
+        data = update_tokens(vocabs.split(",")) if vocabs else make()
+        print(f"{name} -> {write_json(filename, data)}")
 
 
 if __name__ == "__main__":
