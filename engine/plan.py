@@ -35,10 +35,16 @@ def hardware_for(cfg: TierConfig, override: str | None = None) -> HardwareProfil
     return resolve_profile(cfg.hardware, device, cfg.hardware_path())
 
 
-def model_footprint(model: str | os.PathLike | None = None, description: str | None = None) -> ModelFootprint:
-    """From a GGUF file's tensor index (default: the bundled SmolLM2), or from a description."""
+def model_footprint(model: str | os.PathLike | None = None, description: str | None = None,
+                    quantize: str | None = "q8_0") -> ModelFootprint:
+    """From a GGUF file's tensor index (default: the bundled SmolLM2), a Hugging Face checkpoint
+    directory (as converted with `quantize`), or a description."""
     if description is not None:
         return describe(description)
+    if model is not None and os.path.isdir(model):
+        from .hf import checkpoint_footprint
+
+        return checkpoint_footprint(model, quantize)
     from .defaults import default_model_path
     from .gguf_file import GGUFFile
     from .spec import ModelSpec
@@ -55,10 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[3:6]))
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="GGUF file (default: the bundled SmolLM2-135M-Instruct Q4_1)")
+    src.add_argument("--model", help="GGUF file or Hugging Face checkpoint directory (default: the bundled "
+                                     "SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--quantize", choices=("q8_0", "q4_k", "none"), default="q8_0",
+                   help="checkpoint directories: the quantization a load would convert to (default q8_0)")
     src.add_argument("--describe", metavar="MODEL:MIX",
-                     help=f"plan a model without its file: llama3-70b, llama3-8b or smollm2-135m, "
-                          f"with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
+                     help=f"plan a model without its file: llama3-70b, llama3-8b, smollm2-135m, qwen2.5-72b or "
+                          f"qwen3-32b, with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
     p.add_argument("--config", help="tier config YAML (default: auto)")
     p.add_argument("--hardware", help=f"hardware profile: a preset ({', '.join(PRESETS)}) or a JSON file "
                                       f"(default: the config's, else the calibrated one, else defaults)")
@@ -81,7 +90,7 @@ def run(args: argparse.Namespace) -> tuple[Plan, Speculation]:
     if args.hybrid is not None:
         cfg = dataclasses.replace(cfg, hybrid_compute=args.hybrid)
     work = Workload(batch=args.batch, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
-    fp = model_footprint(args.model, args.describe)
+    fp = model_footprint(args.model, args.describe, None if args.quantize == "none" else args.quantize)
     hw = hardware_for(cfg, args.hardware)
     result = plan(fp, hw, cfg, work)
     return result, speculation.choose(fp, hw, cfg, result, acceptance=args.acceptance,

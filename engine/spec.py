@@ -1,11 +1,40 @@
-"""ModelSpec: the validated hyper-parameters of a model, read from GGUF metadata."""
+"""ModelSpec: the validated hyper-parameters of a model, read from GGUF metadata.
+
+Architectures are data: `ARCHITECTURES` says how each one differs from the Llama block (rope
+style, Q/K/V biases, per-head q/k RMSNorm); the one model code path reads those fields.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from .errors import ModelFormatError, UnsupportedModelError, brief
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+log = logging.getLogger("engine.spec")
+
+ROPE_STYLES = ("norm", "neox")  # rotate adjacent pairs (2i, 2i+1) | halves (i, i + rope_dim/2)
+
+
+@dataclass(frozen=True, slots=True)
+class Arch:
+    """How a GGUF architecture's block differs from Llama's, as llama.cpp runs it."""
+
+    rope_style: str  # "norm": GGUF stores llama's Q/K permuted for adjacent pairs; "neox": not permuted
+    attn_bias: bool = False  # attn_q/k/v carry a bias vector (qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before rope (qwen3)
+
+    def __post_init__(self):
+        if self.rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style {self.rope_style!r} is not one of {ROPE_STYLES}")
+
+
+ARCHITECTURES = MappingProxyType({
+    "llama": Arch("norm"),  # also Mistral dense; a declared sliding window is ignored, as llama.cpp does
+    "qwen2": Arch("neox", attn_bias=True),
+    "qwen3": Arch("neox", qk_norm=True),
+})
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +55,22 @@ class ModelSpec:
     has_rope_freqs: bool = False  # per-dimension frequency divisors (llama3 scaling), tensor rope_freqs.weight
     tied_output: bool = False  # no output.weight: the embedding matrix is the output head
     source: str | None = None  # file the spec was read from, for error messages
+
+    @property
+    def arch(self) -> Arch:
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def rope_style(self) -> str:
+        return self.arch.rope_style
+
+    @property
+    def attn_bias(self) -> bool:
+        return self.arch.attn_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch.qk_norm
 
     def __post_init__(self):
         def bad(field: str, msg: str):
@@ -89,6 +134,14 @@ class ModelSpec:
             raise UnsupportedModelError("per-layer head counts are not supported", path=f.path,
                                         field=f"{arch}.attention.head_count")
         head_dim = opt("attention.key_length", dim // n_heads if n_heads else 0)
+        value_dim = opt("attention.value_length", head_dim)
+        if value_dim != head_dim:
+            raise UnsupportedModelError(f"value head size {value_dim} differs from key head size {head_dim}",
+                                        path=f.path, field=f"{arch}.attention.value_length")
+        window = opt("attention.sliding_window", None)
+        if window:
+            log.warning("%s: %s.attention.sliding_window = %s is ignored (full attention, as llama.cpp runs "
+                        "arch %s)", f.path, arch, window, arch)
         embd = f.tensor("token_embd.weight")
         vocab = opt("vocab_size", None)
         if vocab is None:

@@ -78,6 +78,11 @@ class LayerWeights:
     ffn_gate: QWeight  # (ffn, dim)
     ffn_up: QWeight  # (ffn, dim)
     ffn_down: QWeight  # (dim, ffn)
+    attn_q_bias: torch.Tensor | None = None  # (q_dim,) float32 (arch attn_bias)
+    attn_k_bias: torch.Tensor | None = None  # (kv_dim,)
+    attn_v_bias: torch.Tensor | None = None  # (kv_dim,)
+    attn_q_norm: torch.Tensor | None = None  # (head_dim,) float32 per-head RMSNorm weight (arch qk_norm)
+    attn_k_norm: torch.Tensor | None = None  # (head_dim,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +92,30 @@ class GlobalWeights:
     rope_freqs: torch.Tensor | None  # (rope_dim/2,) float32 frequency divisors, or None
 
 
-NORM_ROLES = ("attn_norm", "ffn_norm")
-
-
 def expected_layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Block role -> shape for the spec's architecture. Roles are GGUF names less "blk.N." and
+    ".weight"; a ".bias" suffix becomes "_bias" (attn_q.bias -> attn_q_bias)."""
     d, q, kv, f = spec.dim, spec.q_dim, spec.kv_dim, spec.ffn_dim
-    return {
+    shapes = {
         "attn_norm": (d,), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
         "ffn_norm": (d,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
     }
+    if spec.attn_bias:
+        shapes |= {"attn_q_bias": (q,), "attn_k_bias": (kv,), "attn_v_bias": (kv,)}
+    if spec.qk_norm:
+        shapes |= {"attn_q_norm": (spec.head_dim,), "attn_k_norm": (spec.head_dim,)}
+    return shapes
+
+
+def tensor_name(i: int, role: str) -> str:
+    """Block i's GGUF tensor name for a role: tensor_name(3, "attn_q_bias") -> "blk.3.attn_q.bias"."""
+    return f"blk.{i}.{role.removesuffix('_bias')}.bias" if role.endswith("_bias") else f"blk.{i}.{role}.weight"
+
+
+def role_of(name: str) -> str:
+    """"blk.3.attn_q.bias" -> "attn_q_bias", "blk.3.attn_q_norm.weight" -> "attn_q_norm"."""
+    rest = name.split(".", 2)[2]
+    return rest.removesuffix(".weight") if rest.endswith(".weight") else rest.removesuffix(".bias") + "_bias"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +135,7 @@ class LayerLayout:
         parts = {}
         for role, info in self.tensors:
             raw = view(info)
-            parts[role] = _vector(info, raw) if role in NORM_ROLES else QWeight(info.name, info.fmt, info.shape, raw)
+            parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight(info.name, info.fmt, info.shape, raw)
         return LayerWeights(**parts)
 
 
@@ -132,8 +152,8 @@ def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
     expected = expected_layer_shapes(spec)
     found: dict[str, TensorInfo] = {}
     for t in f.layer_tensors(i):
-        role = t.name.split(".", 2)[2].removesuffix(".weight")
-        if role not in expected or not t.name.endswith(".weight"):
+        role = role_of(t.name)
+        if role not in expected or not t.name.endswith((".weight", ".bias")):
             raise UnsupportedModelError(f"unexpected tensor in a {spec.architecture} block", path=f.path, field=t.name)
         if t.shape != expected[role]:
             raise ModelFormatError(f"shape {t.shape} does not match the metadata, expected {expected[role]}",
@@ -141,7 +161,7 @@ def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
         found[role] = t
     for role in expected:
         if role not in found:
-            raise ModelFormatError("required tensor is missing", path=f.path, field=f"blk.{i}.{role}.weight")
+            raise ModelFormatError("required tensor is missing", path=f.path, field=tensor_name(i, role))
     return LayerLayout(i, f.layer_runs(i), tuple((role, found[role]) for role in expected))
 
 

@@ -6,6 +6,8 @@ its own file. Re-run after changing tests/vocab_models.py or the corpus:
 
     python scripts/make_llamacpp_fixtures.py            # all sections
     python scripts/make_llamacpp_fixtures.py tokens     # one section
+    python scripts/make_llamacpp_fixtures.py tokens:tiny_bpe_tekken,tiny_bpe_qwen2   # some vocabs, the
+                                                        # others kept as recorded (each says its version)
 """
 from __future__ import annotations
 
@@ -265,8 +267,41 @@ def logits_section() -> dict:
             "prompts": prompts}
 
 
+ARCH_PROMPT = [1, 17, 300, 42, 8, 99, 250, 3]
+ARCH_STEPS = 24
+
+
+def archs_section() -> dict:
+    """llama.cpp's greedy continuation (one-token decode path, top-5 logits per step) of one tiny random
+    GGUF per architecture (tests/tiny_llama.py LLAMACPP_ARCH_MODELS), and each file's sha256."""
+    import hashlib
+
+    import numpy as np
+    from tiny_llama import LLAMACPP_ARCH_MODELS, write_tiny_llama
+
+    models = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, cfg in LLAMACPP_ARCH_MODELS.items():
+            path = write_tiny_llama(Path(tmp) / f"{arch}.gguf", cfg)
+            llm = llama_cpp.Llama(str(path), n_ctx=cfg.ctx, n_threads=2, n_batch=cfg.ctx, logits_all=True,
+                                  seed=0, verbose=False)
+            llm.eval(ARCH_PROMPT)
+            steps, toks = [], []
+            for _ in range(ARCH_STEPS):
+                top = _top(np.asarray(llm.scores[len(ARCH_PROMPT) + len(toks) - 1]))
+                steps.append(top)
+                toks.append(top["ids"][0])
+                llm.eval([toks[-1]])
+            models[arch] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "prompt_ids": ARCH_PROMPT,
+                            "greedy_ids": toks, "steps": steps}
+            del llm
+            print(f"  {arch}: {toks}")
+    return {"llama_cpp_python": llama_cpp.__version__, "n_threads": 2, "models": models}
+
+
 SECTIONS = {"tokens": ("llamacpp_tokens.json", tokens_section),
-            "logits": ("llamacpp_smollm2_logits.json", logits_section)}
+            "logits": ("llamacpp_smollm2_logits.json", logits_section),
+            "archs": ("llamacpp_archs.json", archs_section)}
 
 
 def _dumps(obj: object, indent: str = "") -> str:
@@ -292,13 +327,27 @@ def write_json(filename: str, data: dict) -> Path:
     return path
 
 
+def update_tokens(names: list[str]) -> dict:
+    """The recorded tokens fixture with the named tiny vocabularies (re-)recorded."""
+    data = json.loads((FIXTURES / SECTIONS["tokens"][0]).read_text("utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            entry = _model_entry(name, vocab_models.write_vocab(name, tmp), name in ("tiny_spm", "tiny_llama_bpe"))
+            data["models"][name] = {**entry, "llama_cpp_python": llama_cpp.__version__}
+    return data
+
+
 def main(argv: list[str]) -> None:
     llama_cpp.llama_log_set(_quiet, None)
     llama_cpp.llama_backend_init()
     names = argv or list(SECTIONS)
     for name in names:
-        filename, make = SECTIONS[name]
-        print(f"{name} -> {write_json(filename, make())}")
+        section, _, vocabs = name.partition(":")
+        filename, make = SECTIONS[section]
+        if vocabs and section != "tokens":
+            raise SystemExit(f"{name}: only the tokens section records a subset")
+        data = update_tokens(vocabs.split(",")) if vocabs else make()
+        print(f"{name} -> {write_json(filename, data)}")
 
 
 if __name__ == "__main__":

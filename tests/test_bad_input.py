@@ -111,9 +111,10 @@ def test_missing_required_metadata(good, tmp_path):
     assert isinstance(e, ModelFormatError) and e.field == "llama.block_count"
 
 
-def test_unsupported_architecture(tmp_path):
-    p = tmp_path / "gpt2.gguf"
-    w = GGUFWriter(str(p), arch="gpt2")
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "gemma2", "qwen3moe"])
+def test_unsupported_architecture(tmp_path, arch):
+    p = tmp_path / f"{arch}.gguf"
+    w = GGUFWriter(str(p), arch=arch)
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file()
@@ -121,7 +122,8 @@ def test_unsupported_architecture(tmp_path):
     w.write_tensors_to_file()
     w.close()
     e = load_error(p)
-    assert isinstance(e, UnsupportedModelError) and e.field == "general.architecture" and "gpt2" in str(e)
+    assert isinstance(e, UnsupportedModelError) and e.field == "general.architecture" and arch in str(e)
+    assert "qwen2" in str(e) and "qwen3" in str(e)  # the message lists what is supported
 
 
 def test_missing_tokenizer(good, tmp_path):
@@ -153,3 +155,43 @@ def test_cli_prints_one_line_and_exits_nonzero(good, tmp_path, args):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+
+
+def _rename_tensor(d: bytearray, name: str, new: str) -> bytearray:
+    key = struct.pack("<Q", len(name)) + name.encode()
+    assert len(new) == len(name)
+    pos = d.index(key) + 8
+    d[pos:pos + len(name)] = new.encode()
+    return d
+
+
+@pytest.mark.parametrize("arch, name, new, field", [
+    ("qwen2", "blk.0.attn_k.bias", "blk.0.attn_k.xxxx", "blk.0.attn_k.xxxx"),  # unknown tensor named
+    ("qwen2", "blk.0.attn_v.bias", "blk.0.attn_x.bias", "blk.0.attn_x.bias"),
+    ("qwen3", "blk.0.attn_k_norm.weight", "blk.0.attn_k_xxxx.weight", "blk.0.attn_k_xxxx.weight"),
+])
+def test_new_architectures_name_their_bad_tensors(tmp_path, arch, name, new, field):
+    p = write_tiny_llama(tmp_path / "a.gguf", TinyConfig(arch=arch, n_layers=1))
+    p.write_bytes(bytes(_rename_tensor(bytearray(p.read_bytes()), name, new)))
+    e = load_error(p)
+    assert isinstance(e, ModelFormatError) and e.field == field and str(p) in str(e)
+
+
+def test_arch_without_its_tensors_is_named(tmp_path):
+    # qwen2's tensors under arch qwen3: the q/k norms qwen3 needs are missing (biases are unexpected)
+    p = write_tiny_llama(tmp_path / "a.gguf", TinyConfig(arch="qwen2", n_layers=1))
+    p.write_bytes(p.read_bytes().replace(b"qwen2", b"qwen3"))
+    e = load_error(p)
+    assert isinstance(e, ModelFormatError) and e.field in ("blk.0.attn_q.bias", "blk.0.attn_k_norm.weight")
+
+
+def test_declared_sliding_window_is_ignored_and_said(tmp_path, caplog):
+    from tiny_llama import reference_logits
+
+    p = write_tiny_llama(tmp_path / "swa.gguf", TinyConfig(n_layers=1, sliding_window=4))
+    tokens = list(range(3, 15))
+    with caplog.at_level("WARNING", logger="engine.spec"):
+        m = engine.load(p)
+    assert "sliding_window = 4 is ignored" in caplog.text
+    ref = reference_logits(p, tokens)  # full attention over all 12 tokens (the reference has no window)
+    assert np.abs(m.logits(tokens) - ref).max() / np.abs(ref).max() < 1e-3

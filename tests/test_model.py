@@ -1,4 +1,6 @@
-"""The engine's forward pass vs an independent float64 reference on tiny random llama GGUFs."""
+"""The engine's forward pass vs an independent float64 reference on tiny random GGUFs of every
+architecture: llama (adjacent-pair rope), qwen2 (Q/K/V biases, NeoX rope), qwen3 (q/k norms, NeoX
+rope, a head size other than dim/heads)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +19,11 @@ CONFIGS = {
                                             embd_fmt=QT.Q6_K, seed=2),
     "lowbit-untied": TinyConfig(fmt=(QT.Q2_K, QT.Q3_K, QT.IQ4_NL, QT.IQ4_XS), tied=False, embd_fmt=QT.IQ4_XS, seed=4),
     "float-gqa4": TinyConfig(fmt=(QT.F16, QT.BF16, QT.F32), n_heads=8, n_kv_heads=2, embd_fmt=QT.F16, seed=3),
+    "qwen2-bias-untied": TinyConfig(arch="qwen2", fmt=(QT.Q8_0, QT.F16), tied=False, seed=4),
+    "qwen2-kquants-tied": TinyConfig(arch="qwen2", fmt=(QT.Q4_K, QT.Q6_K), rope_base=1e6, seed=5),
+    "qwen3-qknorm-hd48": TinyConfig(arch="qwen3", head_dim=48, fmt=(QT.Q8_0, QT.BF16), seed=6),
+    "qwen3-qknorm-untied-gqa4": TinyConfig(arch="qwen3", head_dim=32, n_heads=8, n_kv_heads=2, tied=False,
+                                           fmt=(QT.F32, QT.Q8_0), seed=7),
 }
 
 
@@ -64,7 +71,8 @@ def test_spec_read_from_metadata(tiny):
     s = model.spec
     assert (s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.ffn_dim) == (
         cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn)
-    assert s.head_dim == cfg.dim // cfg.n_heads and s.context_length == cfg.ctx
+    assert s.architecture == cfg.arch and s.context_length == cfg.ctx
+    assert s.head_dim == (cfg.head_dim or cfg.dim // cfg.n_heads)
     assert s.has_rope_freqs == cfg.rope_freqs and s.tied_output == cfg.tied
 
 

@@ -56,21 +56,35 @@ def llama70b():
 
 
 # -- footprints -----------------------------------------------------------------------------------------
-def test_footprint_matches_gguf_py(tmp_path):
-    path = write_tiny_llama(tmp_path / "t.gguf", TinyConfig(n_layers=3, fmt=(QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.Q4_0),
-                                                             tied=False, rope_freqs=True))
+FOOTPRINT_ARCHS = {  # extra block tensors each architecture adds to llama's
+    "llama": set(),
+    "qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
+    "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"},
+}
+
+
+@pytest.mark.parametrize("arch", FOOTPRINT_ARCHS)
+def test_footprint_matches_gguf_py(tmp_path, arch):
+    path = write_tiny_llama(tmp_path / "t.gguf", TinyConfig(arch=arch, n_layers=3, tied=False, rope_freqs=True,
+                                                             fmt=(QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.Q4_0),
+                                                             head_dim=64 if arch == "qwen3" else None))
     f = GGUFFile(path)
     fp = footprint_from_gguf(f, ModelSpec.from_gguf(f))
     f.close()
     ref = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
     for lay in fp.layers:
-        for t in lay.tensors:
-            assert t.nbytes == ref[f"blk.{lay.index}.{t.role}.weight"]
-        assert lay.attn_bytes + lay.ffn_bytes == lay.nbytes == sum(ref[n] for n in ref
-                                                                    if n.startswith(f"blk.{lay.index}."))
+        names = sorted(n for n in ref if n.startswith(f"blk.{lay.index}."))
+        assert len(names) == len(lay.tensors) == 9 + len(FOOTPRINT_ARCHS[arch])
+        assert FOOTPRINT_ARCHS[arch] <= {n.split(".", 2)[2] for n in names}
+        assert sorted(t.nbytes for t in lay.tensors) == sorted(ref[n] for n in names)
+        assert lay.attn_bytes + lay.ffn_bytes == lay.nbytes == sum(ref[n] for n in names)
     assert fp.output.nbytes == ref["output.weight"] and fp.embedding.nbytes == ref["token_embd.weight"]
     assert fp.weight_bytes == sum(ref.values())
     assert {t.role for t in fp.small} == {"output_norm", "rope_freqs"}
+    # a description of the same model (formats per tensor from the file) prices it the same
+    fmts = {f"blk.{l.index}.{t.role}": t.fmt for l in fp.layers for t in l.tensors}
+    desc = footprint_from_description(fp.spec, fmts | {"token_embd": fp.embedding.fmt, "output": fp.output.fmt})
+    assert desc.weight_bytes == fp.weight_bytes
 
 
 @pytest.mark.parametrize("mix", ["Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M"])
@@ -495,3 +509,15 @@ def test_plan_cli(capsys):
     assert plan_cli.main(["--config", "/nonexistent.yaml"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: /nonexistent.yaml")
+
+
+@pytest.mark.parametrize("description, gb", [("qwen2.5-72b:Q4_K_M", 47.42), ("qwen3-32b:Q4_K_M", 19.76)])
+def test_qwen_descriptions_price_like_the_published_files(description, gb):
+    # published Q4_K_M GGUF sizes (bytes / 1e9, headers included); Qwen2.5-72B's FFN rows (29568) are not
+    # whole 256-element super-blocks, so its ffn_down falls back to Q5_0/Q8_0 as llama.cpp's quantizer does
+    fp = describe(description)
+    assert abs(fp.weight_bytes / 1e9 - gb) / gb < 0.01
+    roles = {t.role for t in fp.layers[0].tensors}
+    assert ({"attn_q_bias", "attn_k_bias", "attn_v_bias"} <= roles) == description.startswith("qwen2")
+    assert ({"attn_q_norm", "attn_k_norm"} <= roles) == description.startswith("qwen3")
+    assert {t.fmt for t in fp.layers[1].tensors if t.role == "ffn_down"} <= {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}

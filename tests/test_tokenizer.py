@@ -158,6 +158,42 @@ def test_every_pre_tokenizer_is_lossless(pre, metas):
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
 
 
+# tekken's regex as Mistral's tokenizer.json writes it; llama.cpp (and the engine, checked against llama.cpp's
+# ids above) run a rewrite of it that differs only for non-ASCII upper/title-case letters, so HF tokenizers
+# with the original regex agrees on texts without those.
+TEKKEN_HF_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                   r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                   r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_tekken_matches_hf_tokenizers_where_the_regexes_agree(metas):
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers
+
+    meta = metas["tiny_bpe_tekken"]
+    tok = Tokenizer.from_metadata(meta)
+    assert tok.add_bos and tok.pre == "tekken"
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    n = sum(1 for t in meta["tokenizer.ggml.token_type"] if t == TokenType.NORMAL)
+    hf = HF(models.BPE(vocab={t: i for i, t in enumerate(tokens[:n])}, merges=[tuple(m.split(" ", 1)) for m in merges],
+                       ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(TEKKEN_HF_REGEX), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    texts = {e["text"] for e in FIXTURE["models"]["tiny_llama_bpe"]["encode"]}
+    texts = sorted(t for t in texts if "<" not in t and not any(ord(c) > 127 and (c.isupper() or c.istitle())
+                                                                   for c in t))
+    assert len(texts) > 20
+    texts += ["HelloWorld camelCaseWords XMLHttpRequest DON'T i'M a/b//c/ 12345"]
+    for text in texts:
+        assert tok.encode(text, add_special=False) == hf.encode(text).ids, text
+    split = lambda regex: [w for w, _ in pre_tokenizers.Split(Regex(regex), behavior="isolated")
+                           .pre_tokenize_str(" \u00c9COLE")]
+    assert split(TEKKEN_HF_REGEX) == [" \u00c9COLE"]  # where they differ
+    assert split(PRE_TOKENIZERS["tekken"].regexes[0]) == [" \u00c9", "COLE"]
+
+
 # ------------------------------------------------------------------ stream decoder
 
 

@@ -1,5 +1,5 @@
-"""Tiny random-weight llama GGUFs written with gguf.GGUFWriter, and an independent float64 reference
-forward (numpy, no engine code) on the weights as gguf-py dequantizes them."""
+"""Tiny random-weight GGUFs (llama, qwen2, qwen3) written with gguf.GGUFWriter, and an independent
+float64 reference forward (numpy, no engine code) on the weights as gguf-py dequantizes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +19,15 @@ _KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208,
                   QT.IQ4_XS: (0, None, 8e-5)}
 
 
+# how each architecture runs in llama.cpp, written down here independently of engine.spec
+ROPE_NEOX = {"llama": False, "qwen2": True, "qwen3": True}
+
+
 @dataclass(frozen=True)
 class TinyConfig:
+    arch: str = "llama"  # qwen2 adds attn_q/k/v biases, qwen3 per-head q/k norms
+    head_dim: int | None = None  # written as attention.key_length/value_length when given
+    sliding_window: int | None = None  # declared (Mistral-style); llama.cpp ignores it for llama
     n_layers: int = 2
     dim: int = 256
     n_heads: int = 4
@@ -57,8 +64,8 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     rng = np.random.default_rng(cfg.seed)
     voc = {"bpe": bpe_vocab, "spm": spm_vocab}[cfg.vocab]()
     vocab = len(voc["tokens"])
-    hd = cfg.dim // cfg.n_heads
-    w = GGUFWriter(str(path), arch="llama")
+    hd = cfg.head_dim or cfg.dim // cfg.n_heads
+    w = GGUFWriter(str(path), arch=cfg.arch)
     w.add_context_length(cfg.ctx)
     w.add_embedding_length(cfg.dim)
     w.add_block_count(cfg.n_layers)
@@ -68,6 +75,11 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     w.add_rope_freq_base(cfg.rope_base)
     w.add_layer_norm_rms_eps(cfg.eps)
     w.add_rope_dimension_count(hd)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if cfg.head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model(voc["model"])
     if "pre" in voc:
@@ -95,7 +107,7 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     mat("token_embd.weight", (vocab, cfg.dim), cfg.embd_fmt)
     if cfg.rope_freqs:
         w.add_tensor("rope_freqs.weight", rng.uniform(1.0, 8.0, hd // 2).astype(np.float32))
-    q, kv = cfg.dim, cfg.n_kv_heads * hd
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     shapes = {"attn_q": (q, cfg.dim), "attn_k": (kv, cfg.dim), "attn_v": (kv, cfg.dim),
               "attn_output": (cfg.dim, q), "ffn_gate": (cfg.ffn, cfg.dim), "ffn_up": (cfg.ffn, cfg.dim),
               "ffn_down": (cfg.dim, cfg.ffn)}
@@ -105,6 +117,12 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
         for role, shape in shapes.items():
             mat(f"blk.{i}.{role}.weight", shape, cfg.fmt[k % len(cfg.fmt)])
             k += 1
+        if cfg.arch == "qwen2":
+            for role, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
+                vec(f"blk.{i}.{role}.bias", n, around=0.0)
+        if cfg.arch == "qwen3":
+            vec(f"blk.{i}.attn_q_norm.weight", hd)
+            vec(f"blk.{i}.attn_k_norm.weight", hd)
         vec(f"blk.{i}.ffn_norm.weight", cfg.dim)
     vec("output_norm.weight", cfg.dim)
     if not cfg.tied:
@@ -117,14 +135,16 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
 
 
 def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
-    """Float64 forward of a llama GGUF from gguf-py's dequantized weights -> (T, vocab)."""
+    """Float64 forward of a llama/qwen2/qwen3 GGUF from gguf-py's dequantized weights -> (T, vocab)."""
     r = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in r.fields.items()}
     W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
-    dim, nh = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    nkv, eps = meta["llama.attention.head_count_kv"], meta["llama.attention.layer_norm_rms_epsilon"]
-    base, L = meta["llama.rope.freq_base"], meta["llama.block_count"]
-    hd = dim // nh
+    arch = meta["general.architecture"]
+    m = lambda key: meta[f"{arch}.{key}"]
+    dim, nh = m("embedding_length"), m("attention.head_count")
+    nkv, eps = m("attention.head_count_kv"), m("attention.layer_norm_rms_epsilon")
+    base, L = m("rope.freq_base"), m("block_count")
+    hd = meta.get(f"{arch}.attention.key_length", dim // nh)
     T = len(tokens)
 
     def norm(x, w):
@@ -136,30 +156,139 @@ def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
     ang = np.arange(T)[:, None] * inv[None, :]  # (T, hd/2)
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
 
-    def rope(x):  # (T, H, hd), rotating adjacent pairs (2i, 2i+1)
-        a, b = x[..., 0::2], x[..., 1::2]
+    # (T, H, hd): rotate adjacent pairs (2i, 2i+1), or halves (i, i + hd/2) in NeoX style
+    first, second = (slice(0, hd // 2), slice(hd // 2, hd)) if ROPE_NEOX[arch] else (slice(0, hd, 2), slice(1, hd, 2))
+
+    def rope(x):
+        a, b = x[..., first], x[..., second]
         out = np.empty_like(x)
-        out[..., 0::2] = a * cos - b * sin
-        out[..., 1::2] = a * sin + b * cos
+        out[..., first] = a * cos - b * sin
+        out[..., second] = a * sin + b * cos
         return out
+
+    def proj(h, p, role, heads):  # (T, heads, hd): matmul, optional bias, optional per-head norm
+        y = h @ W[p + role + ".weight"].T
+        y = (y + W[p + role + ".bias"] if p + role + ".bias" in W else y).reshape(T, heads, hd)
+        return norm(y, W[p + role + "_norm.weight"]) if p + role + "_norm.weight" in W else y
 
     x = W["token_embd.weight"][tokens]  # (T, dim)
     causal = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(L):
         p = f"blk.{i}."
         h = norm(x, W[p + "attn_norm.weight"])
-        q = rope((h @ W[p + "attn_q.weight"].T).reshape(T, nh, hd))
-        k = rope((h @ W[p + "attn_k.weight"].T).reshape(T, nkv, hd))
-        v = (h @ W[p + "attn_v.weight"].T).reshape(T, nkv, hd)
+        q, k, v = rope(proj(h, p, "attn_q", nh)), rope(proj(h, p, "attn_k", nkv)), proj(h, p, "attn_v", nkv)
         rep = nh // nkv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)  # head j uses kv head j // rep
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + causal
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
-        att = np.einsum("hts,shd->thd", s, v).reshape(T, dim)
+        att = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
         x = x + att @ W[p + "attn_output.weight"].T
         h = norm(x, W[p + "ffn_norm.weight"])
         g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
     out = W.get("output.weight", W["token_embd.weight"])
     return norm(x, W["output_norm.weight"]) @ out.T
+
+
+# -- the same weights as a Hugging Face safetensors checkpoint ----------------------------------------------
+# GGUF name -> HF name, written down here independently of engine.hf
+_HF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_HF_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj",
+             "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(gguf_name: str) -> str:
+    if gguf_name in _HF_GLOBAL:
+        return _HF_GLOBAL[gguf_name]
+    _, i, role, kind = gguf_name.split(".")
+    return f"model.layers.{i}.{_HF_BLOCK[role]}.{kind}"
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation for llama (GGUF adjacent pairs -> HF rotate-half)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tokenizer_json(pre: str = "llama-bpe") -> str:
+    """tokenizer.json for the tiny BPE vocab (the byte-level regexes of llama 3 / qwen2)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    voc = bpe_vocab(pre)
+    n_plain = len(voc["tokens"]) - sum(1 for t in voc["types"] if t != 1)
+    vocab = {t: i for i, t in enumerate(voc["tokens"][:n_plain])}
+    merges = [tuple(m.split(" ", 1)) for m in voc["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre == "llama-bpe"))
+    digits = r"\p{N}" if pre == "qwen2" else r"\p{N}{1,3}"
+    regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|" + digits +
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(voc["tokens"][n_plain:], voc["types"][n_plain:])])
+    return tok.to_str()
+
+
+def write_hf_checkpoint(gguf_path: str | Path, directory: str | Path, dtype: str = "F32", n_shards: int = 2,
+                        bos: bool = True) -> Path:
+    """The GGUF's weights (as gguf-py dequantizes them) as an HF checkpoint, matrices in `dtype` (F32/F16/BF16),
+    split over `n_shards` shards with an index, plus config.json and the tokenizer files."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    r = GGUFReader(str(gguf_path))
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    arch = meta["general.architecture"]
+    m = lambda key, default=None: meta.get(f"{arch}.{key}", default)
+    nh, nkv = m("attention.head_count"), m("attention.head_count_kv")
+    tensors = {}
+    for t in r.tensors:
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute(w, nh if "attn_q" in t.name else nkv)
+        kind = dtype if w.ndim == 2 else "F32"  # norms and biases in float32, as some checkpoints keep them
+        tensors[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w)).to(getattr(torch, {
+            "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[kind]))
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(n_shards):
+        shard = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::n_shards]}
+        save_file(part, str(directory / shard))
+        weight_map |= {n: shard for n in part}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {"model_type": arch, "hidden_size": m("embedding_length"), "num_hidden_layers": m("block_count"),
+              "num_attention_heads": nh, "num_key_value_heads": nkv, "intermediate_size": m("feed_forward_length"),
+              "vocab_size": int(tensors["model.embed_tokens.weight"].shape[0]),
+              "max_position_embeddings": m("context_length"), "rms_norm_eps": m("attention.layer_norm_rms_epsilon"),
+              "rope_theta": m("rope.freq_base"), "tie_word_embeddings": "output.weight" not in
+              {t.name for t in r.tensors}, "torch_dtype": {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]}
+    if m("attention.key_length"):
+        config["head_dim"] = m("attention.key_length")
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    voc = bpe_vocab()  # the GGUF's own vocab (write_tiny_llama)
+    (directory / "tokenizer.json").write_text(hf_tokenizer_json("qwen2" if arch.startswith("qwen") else "llama-bpe"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": voc["tokens"][voc["bos"]] if bos else None, "eos_token": voc["tokens"][voc["eos"]],
+        "chat_template": "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>{{ m.content }}"
+                         "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+                         "<|end_header_id|>{% endif %}"}))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [voc["eos"], voc["eos"] + 3]}))
+    return directory
+
+
+# one tiny file per architecture, recorded through llama.cpp by scripts/make_llamacpp_fixtures.py (archs)
+LLAMACPP_ARCH_MODELS = {
+    "llama": TinyConfig(fmt=(QT.Q8_0,), n_layers=2, seed=31),
+    "qwen2": TinyConfig(arch="qwen2", fmt=(QT.Q8_0,), tied=False, rope_base=1e6, seed=32),
+    "qwen3": TinyConfig(arch="qwen3", head_dim=48, fmt=(QT.Q8_0,), rope_base=1e6, seed=33),
+}

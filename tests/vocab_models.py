@@ -194,7 +194,7 @@ def bpe_vocab(pre: str = "llama-bpe") -> dict:
 
 # one tokenizer.ggml.pre value per distinct pre-tokenizer behaviour, recorded on the same BPE vocab
 BPE_PRE_VARIANTS = ("default", "gpt-2", "trillion", "dbrx", "starcoder", "smollm", "stablelm2", "qwen2",
-                    "falcon", "deepseek-coder")
+                    "deepseek-r1-qwen", "falcon", "deepseek-coder", "tekken")
 
 VOCABS: dict[str, Callable[[], dict]] = {
     "tiny_spm": spm_vocab,

@@ -1,5 +1,7 @@
 """The Llama block as llama.cpp runs it from GGUF: RMSNorm, adjacent-pair rope (GGUF stores Q/K
 permuted for it), grouped-query attention, SwiGLU, tied embeddings when output.weight is absent.
+Other architectures are the same block with the spec's variations as data: Q/K/V biases (qwen2),
+per-head q/k RMSNorm (qwen3), NeoX rope (halves rotated, Q/K not permuted), a head size of its own.
 
 The model owns no weights: each pass asks the weight provider for layer i and the device that
 computes it (`device_for`), and calls that device's format-aware `linear` for every projection.
@@ -20,8 +22,9 @@ from ..weights import GlobalWeights, LayerWeights
 
 
 class RopeTable:
-    """Rotations for adjacent-pair rope as unit complex numbers, (n_ctx, rope_dim/2), computed in float64,
-    with a copy on each device that asks for it."""
+    """Rope rotations as unit complex numbers, (n_ctx, rope_dim/2), computed in float64, with a copy on
+    each device that asks for it. Pair i is (x[2i], x[2i+1]) in the "norm" style, (x[i], x[i + rope_dim/2])
+    in the "neox" style."""
 
     def __init__(self, spec: ModelSpec, n_ctx: int, freq_factors: torch.Tensor | None):
         half = spec.rope_dim // 2
@@ -32,6 +35,7 @@ class RopeTable:
         ang = torch.outer(pos, inv)  # (n_ctx, half)
         self.rot = {torch.device("cpu"): torch.polar(torch.ones_like(ang), ang).to(torch.complex64)}  # cos + i sin
         self.rope_dim = spec.rope_dim
+        self.neox = spec.rope_style == "neox"
 
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """The rotations of positions (N,) on their device -> (N, 1, half)."""
@@ -41,9 +45,14 @@ class RopeTable:
         return table[positions, None, :]
 
     def apply(self, x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """Rotate x (N, H, D) in place: pairs (x[2i], x[2i+1]) of the first rope_dim dims by rot (N, 1, half)."""
-        xc = torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2)))  # (N, H, half)
-        xc.mul_(rot)
+        """Rotate x (N, H, D) in place: the pairs of the first rope_dim dims by rot (N, 1, half)."""
+        if self.neox:
+            a, b = x[..., :self.rope_dim].unflatten(-1, (2, -1)).unbind(-2)  # (N, H, half) views
+            z = torch.complex(a, b).mul_(rot)
+            a.copy_(z.real)
+            b.copy_(z.imag)
+        else:
+            torch.view_as_complex(x[..., :self.rope_dim].unflatten(-1, (-1, 2))).mul_(rot)  # (N, H, half)
         return x
 
 
@@ -66,9 +75,14 @@ class Llama:
         N = x.shape[0]
         h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
         q, k, v = dev.linear_many(h, (w.attn_q, w.attn_k, w.attn_v))  # (N, q_dim), (N, kv_dim), (N, kv_dim)
+        if s.attn_bias:
+            q, k, v = q + w.attn_q_bias, k + w.attn_k_bias, v + w.attn_v_bias
         q = q.view(N, s.n_heads, s.head_dim)  # (N, H, hd)
         k = k.view(N, s.n_kv_heads, s.head_dim)  # (N, Hkv, hd)
         v = v.view(N, s.n_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q = F.rms_norm(q, (s.head_dim,), w.attn_q_norm, s.rms_eps)
+            k = F.rms_norm(k, (s.head_dim,), w.attn_k_norm, s.rms_eps)
         self.rope.apply(q, rot)
         self.rope.apply(k, rot)
         att = self.attend(q, k, v, layer, batch, kv_dev)  # (N, H, hd)

@@ -105,7 +105,7 @@ def footprint_from_description(spec: ModelSpec, fmt_by_role: dict[str, str], sou
                                ) -> ModelFootprint:
     """A footprint from shapes alone. `fmt_by_role` maps a block role (attn_q, ..., ffn_down), a global
     (token_embd, output) or one tensor ("blk.3.ffn_down", overriding the role) to a format name.
-    Norms and rope_freqs default to F32; every matrix must be given."""
+    Norms, biases and rope_freqs default to F32; every matrix must be given."""
     for key, fmt in fmt_by_role.items():
         if fmt not in FORMATS:
             raise ConfigError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})", path=source, field=key)
@@ -115,7 +115,7 @@ def footprint_from_description(spec: ModelSpec, fmt_by_role: dict[str, str], sou
             return fmt_by_role[name]
         if role in fmt_by_role:
             return fmt_by_role[role]
-        if role.endswith("norm") or role == "rope_freqs":
+        if role.endswith(("norm", "bias")) or role == "rope_freqs":
             return "F32"
         raise ConfigError("no format given for this tensor", path=source, field=name or role)
 
@@ -140,6 +140,10 @@ _MODELS: dict[str, dict] = {
                       vocab_size=128256, context_length=8192, rope_base=500000.0, has_rope_freqs=True),
     "smollm2-135m": dict(n_layers=30, dim=576, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
                          vocab_size=49152, context_length=8192, rope_base=100000.0, tied_output=True),
+    "qwen2.5-72b": dict(architecture="qwen2", n_layers=80, dim=8192, n_heads=64, n_kv_heads=8, head_dim=128,
+                        ffn_dim=29568, vocab_size=152064, context_length=32768, rope_base=1000000.0, rms_eps=1e-6),
+    "qwen3-32b": dict(architecture="qwen3", n_layers=64, dim=5120, n_heads=64, n_kv_heads=8, head_dim=128,
+                      ffn_dim=25600, vocab_size=151936, context_length=40960, rope_base=1000000.0, rms_eps=1e-6),
 }
 MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # llama.cpp's named file types (mix -> its default matrix format) and the uniform mixes (every matrix in
@@ -154,9 +158,9 @@ _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6
 def describe_spec(model: str) -> ModelSpec:
     if model not in _MODELS:
         raise ConfigError(f"unknown model description {model!r} (known: {', '.join(_MODELS)})", field="--describe")
-    kw = dict(_MODELS[model])
+    kw = {"architecture": "llama", "rms_eps": 1e-5, **_MODELS[model]}
     kw.setdefault("rope_dim", kw["head_dim"])
-    return ModelSpec(architecture="llama", rms_eps=1e-5, source=model, **kw)
+    return ModelSpec(source=model, **kw)
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -225,7 +229,7 @@ def quant_mix(spec: ModelSpec, mix: str) -> dict[str, str]:
 
 
 def describe(description: str) -> ModelFootprint:
-    """"llama3-70b:Q4_K_M" -> its footprint (no file needed). Models: llama3-70b, llama3-8b, smollm2-135m."""
+    """"llama3-70b:Q4_K_M" -> its footprint (no file needed). Models: the keys of _MODELS."""
     model, _, mix = description.partition(":")
     spec = describe_spec(model)
     return footprint_from_description(spec, quant_mix(spec, mix or "Q4_K_M"), source=description)

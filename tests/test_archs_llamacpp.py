@@ -1,0 +1,41 @@
+"""One tiny random GGUF per architecture (llama, qwen2, qwen3) against llama.cpp's recorded greedy runs
+(scripts/make_llamacpp_fixtures.py archs): teacher-forced argmax equal at every step except where
+llama.cpp itself scores its top two tokens within NEAR_TIE, and its top-5 logits reproduced within
+TOP5_TOL. llama.cpp's 8-bit activations moved these models' logits by at most 0.097 when recorded
+(llama-cpp-python 0.3.36, 2 threads), so both bounds are twice that, rounded."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from tiny_llama import LLAMACPP_ARCH_MODELS, write_tiny_llama
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "llamacpp_archs.json").read_text())
+NEAR_TIE = 0.2
+TOP5_TOL = 0.2
+
+
+@pytest.mark.parametrize("arch", sorted(LLAMACPP_ARCH_MODELS))
+def test_teacher_forced_greedy_matches_llamacpp(arch, tmp_path):
+    rec = FIXTURE["models"][arch]
+    path = write_tiny_llama(tmp_path / f"{arch}.gguf", LLAMACPP_ARCH_MODELS[arch])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == rec["sha256"], \
+        "the tiny model differs from the recorded one: re-run scripts/make_llamacpp_fixtures.py archs"
+    prompt, greedy, steps = rec["prompt_ids"], rec["greedy_ids"], rec["steps"]
+    logits = engine.load(path).logits(prompt + greedy[:-1])  # (T, vocab)
+    compared, mismatches = 0, []
+    for j, step in enumerate(steps):
+        got = int(np.argmax(logits[len(prompt) - 1 + j]))
+        ok = {i for i, v in zip(step["ids"], step["logits"]) if step["logits"][0] - v < NEAR_TIE}
+        compared += len(ok) == 1
+        if got not in ok:
+            mismatches.append((j, got, step["ids"][:2]))
+        # llama.cpp's top logits are the engine's within its quantization noise
+        np.testing.assert_allclose(logits[len(prompt) - 1 + j][step["ids"]], step["logits"], atol=TOP5_TOL)
+    assert not mismatches, mismatches
+    assert compared >= len(steps) // 3  # enough steps without a near tie to mean something
