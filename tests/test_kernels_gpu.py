@@ -39,7 +39,7 @@ if _reason:
 
 @pytest.fixture(scope="module")
 def lib() -> KernelLibrary:
-    return KernelLibrary()
+    return KernelLibrary()  # cubins from $ENGINE_CACHE_DIR/cuda (scripts/gpu_check.sh compiles them first)
 
 
 @pytest.mark.parametrize("xdtype", [torch.float16, torch.bfloat16])
