@@ -494,4 +494,4 @@ using FmtBF16 = Fmt16Bit<Bf16Pair>;
 #endif
 
 // Activation / output element types: (name, type).
-#define GK_HALF_TYPES(X, ...) X(__VA_ARGS__, f16, __half) X(__VA_ARGS__, bf16, __nv_bfloat16)
+#define GK_HALF_TYPES(X, ...) X(__VA_ARGS__, f16, gk::half_t) X(__VA_ARGS__, bf16, gk::bf16_t)

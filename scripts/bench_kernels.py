@@ -4,7 +4,10 @@ shape against the device's theoretical DRAM bandwidth, with L2 flushed before ev
 Prints one JSON document. Without cupy or a CUDA device it prints {"error": ...} and exits 2
 (no numbers are invented on machines that cannot measure them).
 
-Usage: python scripts/bench_kernels.py [--formats Q4_K,Q8_0] [--t 1,4,8] [--reps 20]
+Also reports a device-to-device copy's GB/s (bytes read + written), the bandwidth a kernel can
+actually reach, beside the datasheet-style peak computed from the memory clock and bus width.
+
+Usage: python scripts/bench_kernels.py [--formats Q4_K,Q8_0] [--t 1,4,8] [--reps 20] [--shapes default|70b]
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.cuda.kernels import FORMATS, KernelLibrary  # noqa: E402
 from engine.formats import FORMATS as QUANT_FORMATS  # noqa: E402
 
-# (n, k): typical 7B projection shapes plus the default model's small ones
-SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (49152, 576))
+# (n, k): typical 7B projection shapes plus the default model's small ones; Llama-3-70B's block
+# projections (q/o, k/v, gate/up, down: dim 8192, 8 KV heads of 128, FFN 28672)
+SHAPES = {"default": ((4096, 4096), (11008, 4096), (4096, 11008), (1536, 576), (49152, 576)),
+          "70b": ((8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672))}
 
 
 def device_info(cupy) -> dict:
@@ -57,6 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--t", default="1,4,8", help="activation rows for the GEMV")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--shapes", choices=list(SHAPES), default="default")
     args = ap.parse_args(argv)
     try:
         import cupy
@@ -70,19 +76,24 @@ def main(argv=None) -> int:
 
     info = device_info(cupy)
     flush = torch.empty(max(2 * info["l2_bytes"], 64 << 20) // 4, dtype=torch.float32, device="cuda")
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB, far beyond L2
+    dst = torch.empty_like(src)
+    info["copy_gbs"] = round(2 * src.numel() / time_launch(torch, lambda: dst.copy_(src), flush, 5) / 1e9, 1)
+    del src, dst
     lib = KernelLibrary()
     results = []
     for fmt_name in args.formats.split(","):
         fmt = FORMATS[fmt_name.strip().upper()]
-        for n, k in SHAPES:
+        for n, k in SHAPES[args.shapes]:
             if k % fmt.k_multiple:
                 continue
             w = torch.randint(0, 256, (n, fmt.row_nbytes(k)), dtype=torch.uint8, device="cuda")
             _sanitise_scales(torch, w, fmt)
+            bound = lib.bind(w, fmt.name, n, k)
             for t in (int(v) for v in args.t.split(",")):
                 x = torch.randn((t, k), dtype=torch.float16, device="cuda")
                 y = torch.empty((t, n), dtype=torch.float32, device="cuda")
-                run = functools.partial(lib.gemv, x, w, fmt.name, n, k, out=y)
+                run = functools.partial(lib.gemv, x, bound, out=y)
                 sec = time_launch(torch, run, flush, args.reps)
                 nbytes = w.numel() + x.numel() * 2 + y.numel() * 4
                 results.append(_row("gemv", fmt.name, n, k, t, sec, nbytes, info))
@@ -110,7 +121,8 @@ def _row(kind, fmt, n, k, t, sec, nbytes, info) -> dict:
     gbs = nbytes / sec / 1e9
     peak = info["peak_dram_gbs"]
     return {"kernel": kind, "format": fmt, "n": n, "k": k, "t": t, "us": round(sec * 1e6, 2),
-            "gb_per_s": round(gbs, 1), "fraction_of_peak": round(gbs / peak, 3) if peak else None}
+            "gb_per_s": round(gbs, 1), "fraction_of_peak": round(gbs / peak, 3) if peak else None,
+            "fraction_of_copy": round(gbs / info["copy_gbs"], 3)}
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ warnings as errors, then the ptxas report must show, for every entry point,
   0 bytes spill stores / loads, 0 bytes stack frame (no local memory), registers <= budget
 (budgets: engine.cuda.kernels.register_budget), and exactly the entry points the launchers expect.
 
-When an NVRTC library is found (CUDA toolkit, or the nvidia-cuda-nvrtc wheel), each source is also
-compiled through NVRTC, the compiler cupy.RawModule uses at run time (no host headers, the
-__CUDACC_RTC__ path), for NVRTC_ARCH.
+Both compilers get engine.cuda.compile.CODEGEN_FLAGS (notably -ftz=false), the flags the engine
+compiles with at run time. When an NVRTC library is found (the nvidia-cuda-nvrtc wheel, or a CUDA
+toolkit), each source is also compiled through engine.cuda.compile.compile_source -- the run-time
+build itself: NVRTC, the kernel files as in-memory headers and no include path (so no CUDA toolkit
+header is needed) -- for NVRTC_ARCH, and its ptxas report is held to the same rules.
 
 Usage: python scripts/check_kernels.py [--json] [--jobs N] [--arch sm_80 ...]
 Exit status 0 when everything passes, 1 on a violation, 2 when nvcc is missing.
@@ -14,10 +16,7 @@ Exit status 0 when everything passes, 1 on a violation, 2 when nvcc is missing.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,9 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.cuda.compile import CODEGEN_FLAGS, compile_source, find_nvrtc  # noqa: E402
 from engine.cuda.kernels import ARCHS, KERNEL_DIR, SOURCES, expected_kernels, register_budget  # noqa: E402
+from engine.errors import KernelError  # noqa: E402
 
-NVCC_FLAGS = ("-cubin", "-O3", "-std=c++17", "-Xptxas", "-v", "--Werror", "all-warnings")
+NVCC_FLAGS = ("-cubin", "-O3", *CODEGEN_FLAGS, "-Xptxas", "-v", "--Werror", "all-warnings")
 NVRTC_ARCH = "sm_89"
 
 
@@ -90,57 +91,15 @@ def compile_one(source: str, arch: str, out_dir: Path) -> tuple[str, str, int, s
     return source, arch, proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
 
 
-def cuda_home() -> Path | None:
-    """The CUDA toolkit root (the directory holding include/cuda_fp16.h)."""
-    nvcc = shutil.which("nvcc")
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    roots += [str(Path(nvcc).resolve().parents[1])] if nvcc else []
-    return next((Path(r) for r in roots if r and (Path(r) / "include" / "cuda_fp16.h").exists()), None)
-
-
-def find_nvrtc() -> ctypes.CDLL | None:
-    """libnvrtc from the CUDA toolkit or an nvidia-*-nvrtc wheel, or None."""
-    home = cuda_home()
-    candidates = sorted(glob.glob(f"{home}/lib64/libnvrtc.so*")) if home else []
-    for site in sys.path:
-        candidates += sorted(glob.glob(f"{site}/nvidia/*/lib/libnvrtc.so*"))
-    for path in candidates:
-        if ".alt." in path:
-            continue
-        for builtins in glob.glob(str(Path(path).parent / "libnvrtc-builtins.so*")):
-            if ".alt." not in builtins:
-                try:
-                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-                except OSError:
-                    pass
-        try:
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
-
-def nvrtc_compile(lib: ctypes.CDLL, source: str, arch: str) -> tuple[bool, str, float]:
-    """Compiles one source to a cubin through NVRTC with the options KernelLibrary passes."""
-    cuda_include = (cuda_home() or Path("/usr/local/cuda")) / "include"
-    opts = [b"--std=c++17", f"-I{KERNEL_DIR}".encode(), f"-I{cuda_include}".encode(), f"--gpu-architecture={arch}".encode()]
-    prog = ctypes.c_void_p()
+def nvrtc_compile(source: str, arch: str, cache: Path) -> tuple[bool, str, float]:
+    """The run-time build of one whole source (every entry point), with ptxas's report in its log."""
     t0 = time.perf_counter()
-    text = (KERNEL_DIR / source).read_bytes()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), text, source.encode(), 0, None, None) != 0:
-        return False, "nvrtcCreateProgram failed", 0.0
     try:
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(prog, log)
-        cubin = ctypes.c_size_t()
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(cubin))
-        ok = rc == 0 and cubin.value > 0 and not log.value.strip()
-        return ok, log.value.decode(errors="replace"), time.perf_counter() - t0
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        build = compile_source(source, arch, KERNEL_DIR, verbose=True, cache=cache)
+    except KernelError as e:
+        return False, str(e), time.perf_counter() - t0
+    warnings = [line for line in build.log.splitlines() if "warning" in line.lower()]
+    return not warnings, build.log, time.perf_counter() - t0
 
 
 def run_gate(archs=ARCHS, jobs: int = 2) -> dict:
@@ -151,14 +110,19 @@ def run_gate(archs=ARCHS, jobs: int = 2) -> dict:
         # biggest first so the parallel jobs finish together
         jobs_list = [(s, a) for s in sorted(SOURCES, key=lambda s: s != "gemv.cu") for a in archs]
         nvrtc = find_nvrtc()
-        nvrtc_futures = {s: pool.submit(nvrtc_compile, nvrtc, s, NVRTC_ARCH) for s in SOURCES} if nvrtc else {}
+        nvrtc_futures = {s: pool.submit(nvrtc_compile, s, NVRTC_ARCH, Path(tmp)) for s in SOURCES} if nvrtc else {}
         results = list(pool.map(lambda sa: compile_one(*sa, Path(tmp)), jobs_list))
         nvrtc_results = {s: f.result() for s, f in nvrtc_futures.items()}
-    failures, reports, timings = [], [], {}
+    failures, reports, nvrtc_reports, timings = [], [], [], {}
     for source, (ok, log, seconds) in nvrtc_results.items():
         timings[f"{source}:nvrtc-{NVRTC_ARCH}"] = round(seconds, 2)
         if not ok:
             failures.append(f"{source}: NVRTC compile failed:\n{log[-3000:]}")
+            continue
+        got = parse_ptxas(log, source)
+        nvrtc_reports += got
+        if {r.kernel for r in got} != set(expected_kernels(source)):
+            failures.append(f"{source} NVRTC: entry points differ from the launchers' table")
     for source, arch, rc, log, seconds in results:
         timings[f"{source}:{arch}"] = round(seconds, 2)
         if rc != 0:
@@ -174,14 +138,20 @@ def run_gate(archs=ARCHS, jobs: int = 2) -> dict:
     for r in reports:
         for p in r.problems:
             failures.append(f"{r.source} {r.arch} {r.kernel}: {p}")
+    for r in nvrtc_reports:
+        for p in r.problems:
+            failures.append(f"{r.source} NVRTC {r.arch} {r.kernel}: {p}")
     return {
         "ok": not failures,
         "failures": failures,
         "archs": list(archs),
-        "nvrtc": {s: {"arch": NVRTC_ARCH, "ok": r[0]} for s, r in nvrtc_results.items()} or "libnvrtc not found",
+        "nvrtc": ({s: {"arch": NVRTC_ARCH, "ok": r[0], "library": nvrtc.path,
+                       "version": ".".join(map(str, nvrtc.version))} for s, r in nvrtc_results.items()}
+                  or "libnvrtc not found"),
         "wall_seconds": round(time.perf_counter() - t0, 2),
         "compile_seconds": timings,
         "kernels": [asdict(r) for r in reports],
+        "nvrtc_kernels": [asdict(r) for r in nvrtc_reports],
     }
 
 

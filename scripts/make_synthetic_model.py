@@ -32,12 +32,11 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter, TokenType
 from gguf.constants import GGML_QUANT_SIZES
 
-SUPERBLOCK = 256
 N_SPECIAL = 256  # like Llama 3's reserved block: begin/end of text, eot, then reserved tokens
 NAMED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
 _SPACE = "\u0120"  # byte-level BPE's character for the space byte
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-FORMATS = {"Q4_K": QT.Q4_K, "Q6_K": QT.Q6_K}
+FORMATS = {"Q4_K": QT.Q4_K, "Q6_K": QT.Q6_K, "Q8_0": QT.Q8_0, "Q4_1": QT.Q4_1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +65,9 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must be one of {', '.join(FORMATS)}, got {getattr(self, name)!r}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads, in groups of {self.n_kv_heads}")
-        if self.dim % SUPERBLOCK or self.ffn % SUPERBLOCK:
-            raise ValueError(f"dim and ffn must be multiples of {SUPERBLOCK} (K-quant super-block), "
+        block = max(GGML_QUANT_SIZES[FORMATS[f]][0] for f in (self.block_fmt, self.embd_fmt, self.output_fmt))
+        if self.dim % block or self.ffn % block:
+            raise ValueError(f"dim and ffn must be multiples of {block} (the formats' block), "
                              f"got {self.dim}, {self.ffn}")
         if self.vocab < 256 + N_SPECIAL + len(_ALNUM):
             raise ValueError(f"vocab must be at least {256 + N_SPECIAL + len(_ALNUM)}, got {self.vocab}")
@@ -106,26 +106,27 @@ def _nbytes(shape: tuple[int, ...], fmt: str | None) -> int:
     return shape[0] * shape[1] // block * size
 
 
-# byte offsets of the fp16 super-block scale d and of dmin (None: no dmin) inside one block, and the
-# std of the integer product each block decodes to (scale code x quant, random bytes), which sets
-# d so that the weights have std ~ 1/sqrt(K).
-#   Q4_K: w = d*sc*q - dmin*m, sc, m in 0..63, q in 0..15: std(sc*q) ~ 218; dmin = 7.5 d cancels the mean.
+# byte offsets of the fp16 block scale d and of the min (None: no min) inside one block, the std of
+# the integer product each block decodes to (scale code x quant, random bytes), which sets d so that
+# the weights have std ~ 1/sqrt(K), and the min as a multiple of d that cancels the mean.
+#   Q4_K: w = d*sc*q - dmin*m, sc, m in 0..63, q in 0..15: std(sc*q) ~ 218; dmin = 7.5 d.
 #   Q6_K: w = d*sc*(q - 32), sc int8, q in 0..63: std(sc*(q-32)) ~ 74 * 18.5 ~ 1370.
-_SCALES = {"Q4_K": (0, 2, 218.0), "Q6_K": (208, None, 1370.0)}
-_DMIN_OVER_D = 7.5
+#   Q8_0: w = d*q, q int8: std 74.   Q4_1: w = d*q + m, q in 0..15: std 4.6; m = -7.5 d.
+_SCALES = {"Q4_K": (0, 2, 218.0, 7.5), "Q6_K": (208, None, 1370.0, 0.0), "Q8_0": (0, None, 74.0, 0.0),
+           "Q4_1": (0, 2, 4.6, -7.5)}
 
 
 def random_kquant(rng: np.random.Generator, shape: tuple[int, int], fmt: str) -> np.ndarray:
-    """Random K-quant bytes for an (N, K) matrix -> uint8 (N, K / 256 * type_size), finite scales."""
+    """Random quantized bytes for an (N, K) matrix -> uint8 (N, K / block * type_size), finite scales."""
     n, k = shape
     block, size = GGML_QUANT_SIZES[FORMATS[fmt]]
     raw = np.frombuffer(rng.bytes(n * (k // block) * size), dtype=np.uint8).copy()
-    blocks = raw.reshape(-1, size)  # (N * K / 256, type_size)
-    d_off, m_off, spread = _SCALES[fmt]
+    blocks = raw.reshape(-1, size)  # (N * K / block, type_size)
+    d_off, m_off, spread, m_over_d = _SCALES[fmt]
     d = rng.uniform(0.5, 1.5, size=blocks.shape[0]) / (spread * np.sqrt(k))
     blocks[:, d_off:d_off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
     if m_off is not None:
-        blocks[:, m_off:m_off + 2] = (d * _DMIN_OVER_D).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, m_off:m_off + 2] = (d * m_over_d).astype(np.float16).view(np.uint8).reshape(-1, 2)
     return raw.reshape(n, -1)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -491,9 +493,9 @@ class FakeCuFile:
         os.close(self.fd)
 
 
-def fake_kvikio(probe_error: str | None = None):
+def fake_kvikio(probe_error: str | None = None, compat: bool = True):
     cufile = type("CuFile", (FakeCuFile,), {"probe_error": probe_error})
-    return types.SimpleNamespace(CuFile=cufile, defaults=types.SimpleNamespace(is_compat_mode_preferred=lambda: True))
+    return types.SimpleNamespace(CuFile=cufile, defaults=types.SimpleNamespace(is_compat_mode_preferred=lambda: compat))
 
 
 @pytest.fixture
@@ -511,8 +513,9 @@ def test_kvikio_reader_reads_a_plan_like_file_reader(monkeypatch, data_file):
     path, data = data_file
     fake = fake_kvikio()
     monkeypatch.setitem(sys.modules, "kvikio", fake)
-    r = open_reader(path, "kvikio")
-    assert isinstance(r, kvikio_io.KvikioReader) and (r.mode, r.direct, r.align) == ("compat", False, 4096)
+    r = open_reader(path, "kvikio")  # compat mode: the reader takes pinned host buffers
+    assert isinstance(r, kvikio_io.KvikioReader)
+    assert (r.mode, r.direct, r.align, r.device_reads) == ("compat", False, 4096, False)
     plan = r.plan(RUNS)
     assert plan == ReadPlan.build(RUNS, 4096)
     buf = torch.zeros(plan.size, dtype=torch.uint8)
@@ -537,6 +540,60 @@ def test_kvikio_reader_reads_a_plan_like_file_reader(monkeypatch, data_file):
     r.close()
 
 
+@pytest.mark.parametrize("compat", [True, False])
+def test_kvikio_direct_means_gds_into_device_memory(monkeypatch, data_file, compat):
+    """`device_reads` and `direct` (page cache bypassed) hold for every read the reader does: with GDS
+    it reads into device memory, bypassing the page cache; in compat mode into pinned host memory
+    (POSIX reads); host buffers are never direct, and a reader refuses the other side's buffers."""
+    path, _ = data_file
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio(compat=compat))
+    auto = kvikio_io.KvikioReader(path)
+    assert (auto.mode, auto.device_reads, auto.direct) == (("compat", False, False) if compat else ("gds", True, True))
+    dev = kvikio_io.KvikioReader(path, device_reads=True)
+    host = kvikio_io.KvikioReader(path, device_reads=False)
+    assert (dev.direct, host.direct) == (not compat, False)
+    plan = dev.plan(RUNS)
+    with pytest.raises(KernelError, match="reads into device memory") as e:
+        dev.submit(plan, torch.zeros(plan.size, dtype=torch.uint8), "blk.0")
+    assert e.value.field == "buf"
+    with pytest.raises(KernelError, match="reads into host memory"):
+        host.submit(plan, torch.zeros(plan.size, dtype=torch.uint8, device="meta"), "blk.0")
+    for r in (auto, dev, host):
+        r.close()
+
+
+@pytest.mark.parametrize(("backend", "device_type", "installed", "expect"), [
+    ("auto", "cuda", True, "kvikio"),    # auto picks kvikio on a CUDA device where it is installed
+    ("auto", "cuda", False, "file"),     # not installed: the O_DIRECT reader, nothing imported
+    ("auto", "cpu", True, "file"),
+    ("odirect", "cuda", True, "file"),
+    ("posix", "cuda", True, "file"),
+    ("kvikio", "cuda", True, "kvikio"),
+])
+def test_open_reader_auto_choice(monkeypatch, data_file, backend, device_type, installed, expect):
+    path, _ = data_file
+    from engine.tiers import io as tiers_io
+
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio() if installed else None)
+    monkeypatch.setattr(tiers_io, "kvikio_available", lambda: installed)
+    r = open_reader(path, backend, threads=1, device_type=device_type)
+    try:
+        assert isinstance(r, kvikio_io.KvikioReader if expect == "kvikio" else FileReader)
+        if backend == "posix":
+            assert r.direct is False and r.device_reads is False
+    finally:
+        r.close()
+
+
+def test_open_reader_on_the_cpu_path_imports_no_cuda_module(data_file):
+    path, _ = data_file
+    code = ("import sys; from engine.tiers.io import open_reader; r = open_reader(sys.argv[1]); r.close(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('engine.cuda', 'kvikio', 'cupy'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.strip() == "[]"
+
+
 def test_kvikio_reader_reports_a_truncated_file(monkeypatch, data_file):
     path, _ = data_file
     monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio())
@@ -558,7 +615,7 @@ def test_kvikio_fallback_to_file_reader(monkeypatch, caplog, data_file, module):
         kvikio_io.KvikioReader(path)
     assert e.value.field == "io_backend"
     with caplog.at_level(logging.INFO, logger="engine.io"):
-        r = open_reader(path, "kvikio", threads=1)
+        r = open_reader(path, "kvikio", threads=1, device_type="cuda")
     assert isinstance(r, FileReader)
     lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("kvikio unavailable")]
     assert len(lines) == 1 and ("not installed" in lines[0] or "libcuda" in lines[0])
@@ -636,9 +693,11 @@ def test_gpu_pinned_ring_reuse(cuda_dev, delay):
 def test_gpu_kvikio_reads(cuda_dev, data_file):
     pytest.importorskip("kvikio")
     path, data = data_file
-    r = kvikio_io.KvikioReader(path)
-    plan = r.plan(RUNS)
+    readers = {into: kvikio_io.KvikioReader(path, device_reads=into == "device") for into in ("host", "device")}
+    assert readers["host"].direct is False and readers["device"].direct == (readers["device"].mode == "gds")
+    plan = readers["host"].plan(RUNS)
     for buf in (cuda_dev.staging.alloc_host(plan.size), cuda_dev.staging.alloc_device(plan.size)):
+        r = readers["device" if buf.is_cuda else "host"]
         buf.zero_()
         torch.cuda.synchronize()  # kvikio writes from its own streams: the zeroing must have landed
         r.submit(plan, buf, "blk.0").wait()
@@ -646,7 +705,8 @@ def test_gpu_kvikio_reads(cuda_dev, data_file):
         for off, n in RUNS:
             p = plan.where(off)
             assert np.array_equal(host[p:p + n].numpy(), data[off:off + n]), (buf.device, off)
-    r.close()
+    for r in readers.values():
+        r.close()
 
 
 @gpu

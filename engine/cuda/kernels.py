@@ -9,6 +9,7 @@ Output dtypes: the GEMV writes fp32 (T, N); the dequantize kernels write fp16 or
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,11 @@ class KernelFormat:
 
     def row_nbytes(self, k: int) -> int:
         return k // self.block_size * self.type_size
+
+    @property
+    def traits(self) -> str:
+        """The traits struct in kernels/quant_formats.cuh, e.g. "FmtQ4_K"."""
+        return f"Fmt{self.name}"
 
 
 def _fmt(name: str, chunk: int, weight_align: int, reg_budget: tuple[int, int]) -> KernelFormat:
@@ -185,6 +191,24 @@ def _check_weights(fmt: KernelFormat, w: TensorDesc, n: int, k: int) -> None:
         raise KernelError(f"{fmt.name} weights must be {fmt.weight_align}-byte aligned (address {w.data_ptr:#x})", field="w")
 
 
+@dataclass(frozen=True, slots=True)
+class BoundWeight:
+    """Raw GGUF bytes checked once as an (n, k) matrix of `fmt` (`bind_weight`): launches with it
+    check only the activations and the output."""
+
+    fmt: KernelFormat
+    n: int
+    k: int
+    data_ptr: int
+    device: str
+
+
+def bind_weight(fmt_name: str, w: TensorDesc, n: int, k: int) -> BoundWeight:
+    fmt = kernel_format(fmt_name)
+    _check_weights(fmt, w, n, k)
+    return BoundWeight(fmt, n, k, w.data_ptr, w.device)
+
+
 def _is_contiguous(d: TensorDesc) -> bool:
     expect = 1
     for size, stride in zip(reversed(d.shape), reversed(d.strides), strict=True):
@@ -207,10 +231,10 @@ def _check_rows(d: TensorDesc, field: str, rows: int, cols: int, align_elems: in
     return row_stride
 
 
-def _same_device(*descs: tuple[str, TensorDesc]) -> None:
-    devices = {d.device for _, d in descs}
-    if len(devices) > 1:
-        raise KernelError(f"arguments on different devices: {', '.join(f'{n}={d.device}' for n, d in descs)}", field=descs[0][0])
+def _same_device(*devices: tuple[str, str]) -> None:
+    if len({d for _, d in devices}) > 1:
+        raise KernelError(f"arguments on different devices: {', '.join(f'{n}={d}' for n, d in devices)}",
+                          field=devices[0][0])
 
 
 def plan_gemv(fmt_name: str, w: TensorDesc, x: TensorDesc, y: TensorDesc, n: int, k: int) -> LaunchPlan:
@@ -218,8 +242,12 @@ def plan_gemv(fmt_name: str, w: TensorDesc, x: TensorDesc, y: TensorDesc, n: int
 
     x rows need 16-byte alignment (8 elements), W the format's `weight_align`, y 4 bytes.
     """
-    fmt = kernel_format(fmt_name)
-    _check_weights(fmt, w, n, k)
+    return plan_gemv_bound(bind_weight(fmt_name, w, n, k), x, y)
+
+
+def plan_gemv_bound(bw: BoundWeight, x: TensorDesc, y: TensorDesc) -> LaunchPlan:
+    """`plan_gemv` for a weight already checked by `bind_weight`."""
+    fmt, n, k = bw.fmt, bw.n, bw.k
     xtype = _DTYPE_TAG.get(x.dtype)
     if xtype is None:
         raise KernelError(f"activations must be float16 or bfloat16, got {x.dtype}", field="x")
@@ -236,7 +264,7 @@ def plan_gemv(fmt_name: str, w: TensorDesc, x: TensorDesc, y: TensorDesc, n: int
     y_stride = _check_rows(y, "out", t, n, 1)
     if y.data_ptr % 4:
         raise KernelError("must be 4-byte aligned", field="out")
-    _same_device(("w", w), ("x", x), ("out", y))
+    _same_device(("w", bw.device), ("x", x.device), ("out", y.device))
     chunks_per_row = k // fmt.chunk
     warps = min(GEMV_MAX_WARPS, max(1, math.ceil(chunks_per_row / 32)))
     return LaunchPlan(
@@ -251,15 +279,19 @@ def plan_dequant(
     fmt_name: str, w: TensorDesc, out: TensorDesc, n: int, k: int, *, max_blocks: int = DEQUANT_MAX_BLOCKS
 ) -> LaunchPlan:
     """Checks out (n, k) fp16|bf16 = dequantize(W) and returns the launch."""
-    fmt = kernel_format(fmt_name)
-    _check_weights(fmt, w, n, k)
+    return plan_dequant_bound(bind_weight(fmt_name, w, n, k), out, max_blocks=max_blocks)
+
+
+def plan_dequant_bound(bw: BoundWeight, out: TensorDesc, *, max_blocks: int = DEQUANT_MAX_BLOCKS) -> LaunchPlan:
+    """`plan_dequant` for a weight already checked by `bind_weight`."""
+    fmt, n, k = bw.fmt, bw.n, bw.k
     otype = _DTYPE_TAG.get(out.dtype)
     if otype is None:
         raise KernelError(f"output must be float16 or bfloat16, got {out.dtype}", field="out")
     out_stride = _check_rows(out, "out", n, k, 8)
     if out.data_ptr % 16:
         raise KernelError(f"must be 16-byte aligned (address {out.data_ptr:#x})", field="out")
-    _same_device(("w", w), ("out", out))
+    _same_device(("w", bw.device), ("out", out.device))
     chunks = n * (k // fmt.chunk)
     blocks = max(1, min(max_blocks, math.ceil(chunks / DEQUANT_THREADS)))
     return LaunchPlan(
@@ -290,6 +322,7 @@ def reference_gemv(x: "torch.Tensor", w: "torch.Tensor", fmt_name: str, n: int, 
 # ---------------------------------------------------------------------------------------------
 # cupy launchers
 # ---------------------------------------------------------------------------------------------
+@functools.cache
 def _import_cupy():
     try:
         import cupy  # noqa: PLC0415 - optional, GPU only
@@ -307,80 +340,148 @@ def _import_cupy():
     return cupy
 
 
+_BIND_CACHE_MAX = 1 << 14  # distinct (address, shape, format) keys: resident weights and ring slots
+
+
 class KernelLibrary:
-    """Compiled kernel modules, one per device, built on first use with cupy.RawModule (NVRTC for
-    the device's own arch; CuPy caches the binaries on disk).
+    """The kernels on CUDA devices.
+
+    Modules are built per device arch, one per (source, format), on first use or by `prepare`:
+    NVRTC with the compile gate's flags (engine.cuda.compile), cubins cached on disk, loaded with
+    cupy.RawModule(path=...) into the device's context. Weights are checked once (`bind`, or a
+    cache keyed on everything the check reads: address, shape, strides, dtype, device, format, n, k);
+    each launch checks only the activations and the output.
 
     Every launch takes an explicit torch stream (default: the current stream of the tensors'
-    device); tensors cross into cupy through DLPack on that stream, so no extra synchronisation.
+    device) and is issued on it, so it is ordered with the caller's torch work; the kernels get raw
+    device addresses (the tensors must stay alive until the stream has run them, as with any
+    torch kernel).
     """
 
-    def __init__(self, source_dir: Path = KERNEL_DIR):
+    def __init__(self, source_dir: Path = KERNEL_DIR, cache: Path | None = None):
         self._source_dir = Path(source_dir)
-        self._modules: dict[tuple[int, str], Any] = {}
+        self._cache = cache  # cubin directory (default: engine.cuda.compile's)
+        self._archs: dict[int, str] = {}
+        self._modules: dict[tuple[int, str, str], Any] = {}  # (device, source, format) -> RawModule
+        self._functions: dict[tuple[int, str], Any] = {}  # (device, entry point) -> cupy Function
+        self._streams: dict[tuple[int, int], Any] = {}  # (device, cudaStream_t) -> cupy ExternalStream
+        self._bound: dict[tuple, BoundWeight] = {}
+        self.builds: list = []  # engine.cuda.compile.Build of every module loaded (what ran, from where)
 
-    def _function(self, cupy, device_index: int, source: str, kernel: str):
-        key = (device_index, source)
+    # -- weights ------------------------------------------------------------------------------
+    def bind(self, w: "torch.Tensor", fmt: str, n: int, k: int) -> BoundWeight:
+        """Checks raw GGUF bytes once; pass the result as `w` to gemv / dequantize."""
+        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, fmt, n, k)
+        bw = self._bound.get(key)
+        if bw is None:
+            if len(self._bound) >= _BIND_CACHE_MAX:
+                self._bound.clear()
+            bw = self._bound[key] = bind_weight(fmt, TensorDesc.of(w), n, k)
+        return bw
+
+    def _weight(self, w, fmt, n, k) -> tuple[BoundWeight, int]:
+        if isinstance(w, BoundWeight):
+            if (fmt, n, k) != (None, None, None) and (kernel_format(fmt), n, k) != (w.fmt, w.n, w.k):
+                raise KernelError(f"bound as {w.fmt.name} ({w.n}, {w.k}), called as {fmt} ({n}, {k})", field="w")
+            return w, w.data_ptr
+        return self.bind(w, fmt, n, k), w.data_ptr()
+
+    # -- modules ------------------------------------------------------------------------------
+    def arch(self, device_index: int) -> str:
+        arch = self._archs.get(device_index)
+        if arch is None:
+            cupy = _import_cupy()
+            arch = self._archs[device_index] = f"sm_{cupy.cuda.Device(device_index).compute_capability}"
+        return arch
+
+    def _module(self, device_index: int, source: str, fmt: KernelFormat):
+        key = (device_index, source, fmt.name)
         module = self._modules.get(key)
         if module is None:
-            code = (self._source_dir / source).read_text()
-            module = cupy.RawModule(code=code, options=("--std=c++17", f"-I{self._source_dir}"))
-            self._modules[key] = module
-        with cupy.cuda.Device(device_index):
-            return module.get_function(kernel)
+            from .compile import compile_source, formats_define
 
-    def _launch(self, source: str, plan: LaunchPlan, tensors: list["torch.Tensor"], stream) -> None:
+            cupy = _import_cupy()
+            build = compile_source(source, self.arch(device_index), self._source_dir,
+                                   defines=(formats_define(((fmt.tag, fmt.traits),)),), cache=self._cache)
+            with cupy.cuda.Device(device_index):
+                module = cupy.RawModule(path=str(build.path))
+            self._modules[key] = module
+            self.builds.append(build)
+        return module
+
+    def prepare(self, device_index: int, fmts) -> None:
+        """Builds (or loads from the disk cache) the modules of these formats now, not at first launch."""
+        for name in dict.fromkeys(fmts):
+            fmt = kernel_format(name)
+            for source in SOURCES:
+                self._module(device_index, source, fmt)
+
+    def _function(self, device_index: int, source: str, fmt: KernelFormat, kernel: str):
+        fn = self._functions.get((device_index, kernel))
+        if fn is None:
+            cupy = _import_cupy()
+            module = self._module(device_index, source, fmt)
+            with cupy.cuda.Device(device_index):
+                fn = self._functions[(device_index, kernel)] = module.get_function(kernel)
+        return fn
+
+    def _launch(self, source: str, bw: BoundWeight, plan: LaunchPlan, pointers: tuple[int, ...],
+                device: "torch.device", stream) -> None:
         import numpy as np
         import torch
 
         cupy = _import_cupy()
-        device = tensors[0].device
         if device.type != "cuda":
             raise KernelError(f"tensors must be on a CUDA device, got {device}", field="w")
-        torch_stream = stream if stream is not None else torch.cuda.current_stream(device)
-        ext = cupy.cuda.ExternalStream(torch_stream.cuda_stream, device.index)
-        with cupy.cuda.Device(device.index), ext:
-            # DLPack hands each tensor over ordered on `ext`; cupy has no bfloat16, and the kernels
-            # only need the address, so bf16 crosses as int16.
-            arrays = [cupy.from_dlpack(t.view(torch.int16) if t.dtype == torch.bfloat16 else t) for t in tensors]
-            fn = self._function(cupy, device.index, source, plan.kernel)
-            fn(plan.grid, plan.block, (*arrays, *(np.int32(s) for s in plan.scalars)), stream=ext)
+        fn = self._function(device.index, source, bw.fmt, plan.kernel)
+        handle = (stream if stream is not None else torch.cuda.current_stream(device)).cuda_stream
+        ext = self._streams.get((device.index, handle))
+        if ext is None:
+            ext = self._streams[(device.index, handle)] = cupy.cuda.ExternalStream(handle, device.index)
+        args = (*(np.uint64(p) for p in pointers), *(np.int32(s) for s in plan.scalars))
+        with cupy.cuda.Device(device.index):
+            fn(plan.grid, plan.block, args, stream=ext)
 
+    # -- launches -----------------------------------------------------------------------------
     def gemv(
         self,
         x: "torch.Tensor",
-        w: "torch.Tensor",
-        fmt: str,
-        n: int,
-        k: int,
+        w: "torch.Tensor | BoundWeight",
+        fmt: str | None = None,
+        n: int | None = None,
+        k: int | None = None,
         *,
         out: "torch.Tensor | None" = None,
         stream: "torch.cuda.Stream | None" = None,
         reference: bool = False,
     ) -> "torch.Tensor":
-        """fp32 (T, n) = x (T, k) @ W^T for raw GGUF bytes W of type `fmt`, T = 1..8."""
+        """fp32 (T, n) = x (T, k) @ W^T for raw GGUF bytes W of type `fmt`, T = 1..8.
+        `w` is the uint8 tensor, or its `bind` handle (then fmt, n, k may be omitted)."""
         import torch
 
         if reference:
+            if isinstance(w, BoundWeight):
+                raise KernelError("the reference path needs the weight tensor", field="w")
             y = reference_gemv(x, w, fmt, n, k)
             if out is not None:
                 out.copy_(y)
                 return out
             return y
+        bw, w_ptr = self._weight(w, fmt, n, k)
         if x.dim() != 2:
-            raise KernelError(f"expected a 2-D (T, {k}) tensor, got shape {tuple(x.shape)}", field="x")
+            raise KernelError(f"expected a 2-D (T, {bw.k}) tensor, got shape {tuple(x.shape)}", field="x")
         if out is None:
-            out = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
-        plan = plan_gemv(fmt, TensorDesc.of(w), TensorDesc.of(x), TensorDesc.of(out), n, k)
-        self._launch("gemv.cu", plan, [w, x, out], stream)
+            out = torch.empty((x.shape[0], bw.n), dtype=torch.float32, device=x.device)
+        plan = plan_gemv_bound(bw, TensorDesc.of(x), TensorDesc.of(out))
+        self._launch("gemv.cu", bw, plan, (w_ptr, x.data_ptr(), out.data_ptr()), x.device, stream)
         return out
 
     def dequantize(
         self,
-        w: "torch.Tensor",
-        fmt: str,
-        n: int,
-        k: int,
+        w: "torch.Tensor | BoundWeight",
+        fmt: str | None = None,
+        n: int | None = None,
+        k: int | None = None,
         *,
         dtype: "torch.dtype | None" = None,
         out: "torch.Tensor | None" = None,
@@ -392,13 +493,17 @@ class KernelLibrary:
 
         dtype = dtype or (out.dtype if out is not None else torch.float16)
         if reference:
+            if isinstance(w, BoundWeight):
+                raise KernelError("the reference path needs the weight tensor", field="w")
             y = reference_dequantize(w, fmt, n, k).to(dtype)
             if out is not None:
                 out.copy_(y)
                 return out
             return y
+        bw, w_ptr = self._weight(w, fmt, n, k)
+        device = torch.device(bw.device)
         if out is None:
-            out = torch.empty((n, k), dtype=dtype, device=w.device)
-        plan = plan_dequant(fmt, TensorDesc.of(w), TensorDesc.of(out), n, k)
-        self._launch("dequant.cu", plan, [w, out], stream)
+            out = torch.empty((bw.n, bw.k), dtype=dtype, device=device)
+        plan = plan_dequant_bound(bw, TensorDesc.of(out))
+        self._launch("dequant.cu", bw, plan, (w_ptr, out.data_ptr()), device, stream)
         return out

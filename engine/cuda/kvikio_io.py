@@ -1,13 +1,17 @@
 """The NVMe tier on a GPU machine: kvikio (cuFile) reads with engine.tiers.io.FileReader's contract.
 
-`KvikioReader.submit(plan, buf, label)` reads a ReadPlan's spans into `buf`, a uint8 tensor in
-pinned host memory or in device memory: with GPUDirect Storage the bytes go NVMe -> GPU without a
-host bounce; where GDS is unavailable (GeForce cards, most file systems, containers) kvikio runs in
-compat mode (POSIX reads through its own pinned bounce buffers). kvikio picks the mode itself
-(KVIKIO_COMPAT_MODE=AUTO); `mode` reports it. Its thread pool size comes from KVIKIO_NTHREADS.
+`KvikioReader.submit(plan, buf, label)` reads a ReadPlan's spans into `buf`, a uint8 tensor: with
+GPUDirect Storage (`mode` "gds") into device memory, NVMe -> GPU without a host bounce; where GDS is
+unavailable (GeForce cards, most file systems, containers) kvikio runs in compat mode, and the
+reader then fills pinned host buffers (POSIX reads; kvikio's own bounce into device memory would be
+the same read plus a copy the scheduler already does). kvikio picks the mode itself
+(KVIKIO_COMPAT_MODE=AUTO). `device_reads` says which buffers the reader takes -- device memory when
+True, host memory when False; the other side's are refused -- and `direct` (page cache bypassed) is
+True only for GDS reads into device memory, so both hold for every read. Its thread pool size comes
+from KVIKIO_NTHREADS.
 
-engine.tiers.io.open_reader imports this module only for io_backend "kvikio"; without kvikio or a
-CUDA driver it logs one line and returns a FileReader instead.
+engine.tiers.io.open_reader imports this module only when it picks kvikio; without kvikio or a CUDA
+driver it logs one line and returns a FileReader instead.
 """
 from __future__ import annotations
 
@@ -81,7 +85,9 @@ class KvikioReader:
     order: a device buffer must not be submitted while queued kernels may still read it.
     """
 
-    def __init__(self, path: str | os.PathLike, task_size: int | None = None):
+    def __init__(self, path: str | os.PathLike, task_size: int | None = None, *, device_reads: bool | None = None):
+        """device_reads: None = device memory with GDS, host memory in compat mode; True / False forces
+        one side (benchmarks measure both)."""
         kvikio, defaults = _import_kvikio()
         self.path = os.fspath(path)
         self.task_size = task_size
@@ -100,9 +106,10 @@ class KvikioReader:
             raise KernelError(f"kvikio cannot read: {e}", path=self.path, field="io_backend") from None
         preferred = getattr(defaults, "is_compat_mode_preferred", None) or defaults.compat_mode  # kvikio < 24.12
         self.mode = "compat" if preferred() else "gds"
-        self.direct = self.mode == "gds"  # page cache bypassed
         # GPUDirect Storage: the scheduler reads straight into device slots (no pinned bounce, no upload)
-        self.device_reads = self.mode == "gds"
+        self.device_reads = self.mode == "gds" if device_reads is None else bool(device_reads)
+        # page cache bypassed: only GDS reads into device memory (host reads and compat mode are POSIX reads)
+        self.direct = self.mode == "gds" and self.device_reads
 
     def _probe(self) -> None:
         """One small host read: kvikio needs the CUDA driver even for host memory (pointer queries)."""
@@ -117,6 +124,9 @@ class KvikioReader:
     def submit(self, plan: ReadPlan, buf: torch.Tensor, label: str) -> Ticket:
         if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
             raise KernelError("the staging buffer must be a contiguous 1-D uint8 tensor", field="buf")
+        if buf.device.type != ("cuda" if self.device_reads else "cpu"):
+            raise KernelError(f"this kvikio reader reads into {'device' if self.device_reads else 'host'} memory, "
+                              f"got a buffer on {buf.device}", field="buf")
         if buf.numel() < plan.size:
             raise WeightIOError(f"staging buffer of {buf.numel()} bytes is smaller than {label} ({plan.size})",
                                 path=self.path)
@@ -155,4 +165,3 @@ class KvikioReader:
         if not self._closed:
             self._closed = True
             self._file.close()
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import importlib.util
 import logging
 import os
 import threading
@@ -374,6 +375,31 @@ class Ticket:
             f.cancel()
 
 
+def kvikio_available() -> bool:
+    """Whether the kvikio package is installed (looked up, not imported)."""
+    return importlib.util.find_spec("kvikio") is not None
+
+
+def open_reader(path: str | os.PathLike, backend: str = "auto", threads: int = 2, *, device_type: str = "cpu"):
+    """The reader for an io_backend (a config's, or the plan's resolved one) on a compute device.
+
+    kvikio (cuFile) for "kvikio", and for "auto" on a CUDA device when kvikio is installed (looked up,
+    not imported); a KvikioReader that cannot start (no CUDA driver) logs one line and a FileReader
+    (O_DIRECT where allowed) takes over. "posix", "odirect" and "auto" elsewhere: a FileReader.
+    The reader's `device_reads` says where the buffers it is given must live (device memory only
+    for kvikio with GPUDirect Storage) and `direct` whether its reads bypass the page cache.
+    """
+    path = os.fspath(path)
+    if backend == "kvikio" or (backend == "auto" and device_type == "cuda" and kvikio_available()):
+        from ..cuda.kvikio_io import KvikioReader  # lazy: the CPU path never imports engine.cuda
+
+        try:
+            return KvikioReader(path)
+        except KernelError as e:
+            log.warning("kvikio unavailable (%s); reading with the POSIX reader (O_DIRECT where allowed)", e)
+    return FileReader(path, backend="posix" if backend == "posix" else "odirect", threads=threads)
+
+
 @functools.cache
 def _native_library():
     """The compiled preadq.cpp. When it cannot be built or loaded: a KernelError, or None (logged once)
@@ -399,18 +425,3 @@ def _native_library():
     if lib.pq_abi_version() != 3:
         raise KernelError(f"native reader: ABI {lib.pq_abi_version()}, expected 3 (a stale build in the cache?)")
     return lib
-
-
-def open_reader(path, backend: str = "auto", threads: int = 2):
-    """The reader for a plan's io_backend: "kvikio" tries engine.cuda.kvikio_io.KvikioReader (imported
-    only then) and falls back to a FileReader (O_DIRECT where allowed) with one log line; the other
-    backends are FileReader's."""
-    if backend == "kvikio":
-        from ..cuda.kvikio_io import KvikioReader
-
-        try:
-            return KvikioReader(path)
-        except KernelError as e:
-            log.warning("kvikio unavailable (%s); reading with the POSIX reader", e)
-            backend = "auto"
-    return FileReader(os.fspath(path), backend=backend, threads=threads)
