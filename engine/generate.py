@@ -68,7 +68,7 @@ def draft_arg(args: argparse.Namespace) -> str | None:
 def interactive(model, args: argparse.Namespace) -> dict:
     """Read messages from stdin, stream replies to stdout; per-turn stats to stderr."""
     from .serving.chat import ChatSession
-    from .serving.speculative import describe_widths, drafter_for, verify_widths
+    from .serving.speculative import drafter_for, verify_widths
 
     draft = draft_arg(args)
     drafter = drafter_for(model, draft, threads=args.threads) if draft else None
