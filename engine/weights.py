@@ -6,7 +6,7 @@ a resident copy or a streamed staging buffer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -67,6 +67,56 @@ class FileRows:
         return self.fmt.dequantize(torch.from_numpy(raw), (len(flat), self.shape[1]))  # (len(ids), K)
 
 
+EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")  # stacked (E, Fe, dim), (E, Fe, dim), (E, dim, Fe)
+
+
+def expert_slice(info: TensorInfo, e: int) -> TensorInfo:
+    """Expert e of a stacked expert tensor (E, N, K) as a tensor of its own (N, K): rows [e*N, (e+1)*N) of
+    the tensor viewed as (E*N, K), contiguous in GGUF. THE one place that locates an expert's bytes."""
+    if len(info.shape) != 3:
+        raise ModelFormatError(f"expected a stacked (experts, rows, cols) tensor, got shape {info.shape}",
+                               field=info.name)
+    E, n, k = info.shape
+    if not 0 <= e < E:
+        raise ModelFormatError(f"expert {e} is outside [0, {E})", field=info.name)
+    nbytes = n * info.fmt.row_nbytes(k, field=info.name)
+    return TensorInfo(f"{info.name}[{e}]", info.fmt, (n, k), info.offset + e * nbytes, nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertWeights:
+    """One expert's SwiGLU FFN, bound wherever its bytes live."""
+
+    gate: QWeight  # (Fe, dim)
+    up: QWeight  # (Fe, dim)
+    down: QWeight  # (dim, Fe)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSource:
+    """A block's three stacked expert tensors bound over one byte buffer each (the layer's bytes where they
+    live): `expert(e)` slices expert e out of them with expert_slice, without copying."""
+
+    infos: tuple[TensorInfo, TensorInfo, TensorInfo]  # ffn_gate_exps, ffn_up_exps, ffn_down_exps
+    raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # their uint8 bytes
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n_experts(self) -> int:
+        return self.infos[0].shape[0]
+
+    def expert(self, e: int) -> ExpertWeights:
+        got = self._cache.get(e)
+        if got is None:
+            parts = []
+            for info, raw in zip(self.infos, self.raw):
+                t = expert_slice(info, e)
+                at = t.offset - info.offset
+                parts.append(QWeight(t.name, t.fmt, t.shape, raw[at:at + t.nbytes]))
+            got = self._cache[e] = ExpertWeights(*parts)
+        return got
+
+
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
     attn_norm: torch.Tensor  # (dim,) float32
@@ -75,9 +125,11 @@ class LayerWeights:
     attn_v: QWeight  # (kv_dim, dim)
     attn_output: QWeight  # (dim, q_dim)
     ffn_norm: torch.Tensor  # (dim,) float32
-    ffn_gate: QWeight  # (ffn, dim)
-    ffn_up: QWeight  # (ffn, dim)
-    ffn_down: QWeight  # (dim, ffn)
+    ffn_gate: QWeight | None = None  # (ffn, dim); None in an MoE block
+    ffn_up: QWeight | None = None  # (ffn, dim)
+    ffn_down: QWeight | None = None  # (dim, ffn)
+    ffn_gate_inp: QWeight | None = None  # (E, dim) the router of an MoE block
+    experts: ExpertSource | None = None  # its experts (the model asks the provider: weights.experts)
     attn_q_bias: torch.Tensor | None = None  # (q_dim,) float32 (arch attn_bias)
     attn_k_bias: torch.Tensor | None = None  # (kv_dim,)
     attn_v_bias: torch.Tensor | None = None  # (kv_dim,)
@@ -98,8 +150,14 @@ def expected_layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     d, q, kv, f = spec.dim, spec.q_dim, spec.kv_dim, spec.ffn_dim
     shapes = {
         "attn_norm": (d,), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
-        "ffn_norm": (d,), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+        "ffn_norm": (d,),
     }
+    if spec.moe:
+        E, fe = spec.n_experts, spec.expert_ffn_dim
+        shapes |= {"ffn_gate_inp": (E, d), "ffn_gate_exps": (E, fe, d), "ffn_up_exps": (E, fe, d),
+                   "ffn_down_exps": (E, d, fe)}
+    else:
+        shapes |= {"ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
     if spec.attn_bias:
         shapes |= {"attn_q_bias": (q,), "attn_k_bias": (kv,), "attn_v_bias": (kv,)}
     if spec.qk_norm:
@@ -132,10 +190,16 @@ class LayerLayout:
 
     def bind(self, view: Callable[[TensorInfo], torch.Tensor]) -> LayerWeights:
         """Build LayerWeights; `view(info)` returns the tensor's raw uint8 bytes wherever they live."""
-        parts = {}
+        parts, stacked = {}, {}
         for role, info in self.tensors:
             raw = view(info)
-            parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight(info.name, info.fmt, info.shape, raw)
+            if role in EXPERT_ROLES:
+                stacked[role] = (info, raw)
+            else:
+                parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight(info.name, info.fmt, info.shape, raw)
+        if stacked:
+            infos, raws = zip(*(stacked[r] for r in EXPERT_ROLES))
+            parts["experts"] = ExpertSource(infos, raws)
         return LayerWeights(**parts)
 
 
@@ -156,13 +220,24 @@ def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
         if role not in expected or not t.name.endswith((".weight", ".bias")):
             raise UnsupportedModelError(f"unexpected tensor in a {spec.architecture} block", path=f.path, field=t.name)
         if t.shape != expected[role]:
-            raise ModelFormatError(f"shape {t.shape} does not match the metadata, expected {expected[role]}",
-                                   path=f.path, field=t.name)
+            raise ModelFormatError(f"shape {t.shape} does not match the metadata, expected {expected[role]}"
+                                   f"{_from_keys(spec, role)}", path=f.path, field=t.name)
         found[role] = t
     for role in expected:
         if role not in found:
             raise ModelFormatError("required tensor is missing", path=f.path, field=tensor_name(i, role))
     return LayerLayout(i, f.layer_runs(i), tuple((role, found[role]) for role in expected))
+
+
+def _from_keys(spec: ModelSpec, role: str) -> str:
+    """Which metadata an MoE tensor's expected shape comes from, for the error message."""
+    if role != "ffn_gate_inp" and role not in EXPERT_ROLES:
+        return ""
+    a = spec.architecture
+    keys = [f"{a}.expert_count = {spec.n_experts}", f"{a}.embedding_length = {spec.dim}"]
+    if role != "ffn_gate_inp":
+        keys.append(f"{a}.{spec.arch.expert_ffn_key or 'feed_forward_length'} = {spec.expert_ffn_dim}")
+    return f" (from {', '.join(keys)})"
 
 
 def global_weights(f: GGUFFile, spec: ModelSpec) -> GlobalWeights:

@@ -111,7 +111,7 @@ def test_missing_required_metadata(good, tmp_path):
     assert isinstance(e, ModelFormatError) and e.field == "llama.block_count"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "phi3", "gemma2", "qwen3moe"])
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "gemma2", "qwen2moe"])
 def test_unsupported_architecture(tmp_path, arch):
     p = tmp_path / f"{arch}.gguf"
     w = GGUFWriter(str(p), arch=arch)

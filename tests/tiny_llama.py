@@ -1,5 +1,6 @@
-"""Tiny random-weight GGUFs (llama, qwen2, qwen3) written with gguf.GGUFWriter, and an independent
-float64 reference forward (numpy, no engine code) on the weights as gguf-py dequantizes them."""
+"""Tiny random-weight GGUFs (llama, qwen2, qwen3; Mixtral = llama with experts, qwen3moe) written with
+gguf.GGUFWriter, and an independent float64 reference forward (numpy, no engine code) on the weights as
+gguf-py dequantizes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ _KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208,
 
 
 # how each architecture runs in llama.cpp, written down here independently of engine.spec
-ROPE_NEOX = {"llama": False, "qwen2": True, "qwen3": True}
+ROPE_NEOX = {"llama": False, "qwen2": True, "qwen3": True, "qwen3moe": True}
 
 
 @dataclass(frozen=True)
 class TinyConfig:
-    arch: str = "llama"  # qwen2 adds attn_q/k/v biases, qwen3 per-head q/k norms
+    arch: str = "llama"  # qwen2 adds attn_q/k/v biases, qwen3 per-head q/k norms, qwen3moe norms + experts
     head_dim: int | None = None  # written as attention.key_length/value_length when given
     sliding_window: int | None = None  # declared (Mistral-style); llama.cpp ignores it for llama
     n_layers: int = 2
@@ -44,6 +45,10 @@ class TinyConfig:
     vocab: str = "bpe"  # "bpe" (byte-level BPE) or "spm" (SentencePiece-style), from vocab_models
     chat_template: str | None = None
     fmt_of: tuple[tuple[str, QT], ...] = ()  # (tensor name without ".weight", format) overrides
+    n_experts: int = 0  # > 0: an MoE FFN (llama: Mixtral-style; qwen3moe needs it)
+    n_experts_used: int = 2
+    expert_ffn: int | None = None  # qwen3moe's expert_feed_forward_length (llama experts use ffn)
+    router_scale: float = 0.08  # std of the F32 router weights (bigger: more decisive routing)
 
 
 def _quantized(rng: np.random.Generator, shape: tuple[int, int], qt: QT) -> np.ndarray:
@@ -80,6 +85,12 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     if cfg.head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
+    fe = cfg.expert_ffn or cfg.ffn
+    if cfg.n_experts:
+        w.add_expert_count(cfg.n_experts)
+        w.add_expert_used_count(cfg.n_experts_used)
+        if cfg.expert_ffn:
+            w.add_expert_feed_forward_length(cfg.expert_ffn)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model(voc["model"])
     if "pre" in voc:
@@ -97,9 +108,10 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
 
     overrides = {f"{name}.weight": qt for name, qt in cfg.fmt_of}
 
-    def mat(name, shape, qt):
+    def mat(name, shape, qt):  # shape (N, K), or stacked experts (E, N, K)
         qt = overrides.get(name, qt)
-        w.add_tensor(name, _quantized(rng, shape, qt), raw_dtype=qt)
+        raw = _quantized(rng, (int(np.prod(shape[:-1])), shape[-1]), qt)
+        w.add_tensor(name, raw.reshape(*shape[:-1], -1), raw_dtype=qt)
 
     def vec(name, n, around=1.0):
         w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
@@ -109,8 +121,12 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
         w.add_tensor("rope_freqs.weight", rng.uniform(1.0, 8.0, hd // 2).astype(np.float32))
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     shapes = {"attn_q": (q, cfg.dim), "attn_k": (kv, cfg.dim), "attn_v": (kv, cfg.dim),
-              "attn_output": (cfg.dim, q), "ffn_gate": (cfg.ffn, cfg.dim), "ffn_up": (cfg.ffn, cfg.dim),
-              "ffn_down": (cfg.dim, cfg.ffn)}
+              "attn_output": (cfg.dim, q)}
+    E = cfg.n_experts
+    if E:
+        shapes |= {"ffn_gate_exps": (E, fe, cfg.dim), "ffn_up_exps": (E, fe, cfg.dim), "ffn_down_exps": (E, cfg.dim, fe)}
+    else:
+        shapes |= {"ffn_gate": (cfg.ffn, cfg.dim), "ffn_up": (cfg.ffn, cfg.dim), "ffn_down": (cfg.dim, cfg.ffn)}
     k = 0
     for i in range(cfg.n_layers):
         vec(f"blk.{i}.attn_norm.weight", cfg.dim)
@@ -120,7 +136,10 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
         if cfg.arch == "qwen2":
             for role, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
                 vec(f"blk.{i}.{role}.bias", n, around=0.0)
-        if cfg.arch == "qwen3":
+        if E:  # the router stays F32, as llama.cpp's quantizer leaves it
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight",
+                         (rng.standard_normal((E, cfg.dim)) * cfg.router_scale).astype(np.float32))
+        if cfg.arch in ("qwen3", "qwen3moe"):
             vec(f"blk.{i}.attn_q_norm.weight", hd)
             vec(f"blk.{i}.attn_k_norm.weight", hd)
         vec(f"blk.{i}.ffn_norm.weight", cfg.dim)
@@ -134,11 +153,34 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
     return Path(path)
 
 
-def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
-    """Float64 forward of a llama/qwen2/qwen3 GGUF from gguf-py's dequantized weights -> (T, vocab)."""
+def reference_moe(h: np.ndarray, router: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, k: int,
+                  renormalise: bool = True) -> np.ndarray:
+    """Mixtral / Qwen3-MoE FFN, token by token: softmax of the router logits, the k largest probabilities
+    (renormalised to sum to 1), the weighted sum of those experts' SwiGLU outputs. h (T, dim); router (E, dim);
+    gate/up (E, Fe, dim); down (E, dim, Fe)."""
+    out = np.zeros_like(h)
+    for t in range(h.shape[0]):
+        z = router @ h[t]
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        chosen = np.argsort(-p, kind="stable")[:k]
+        wts = p[chosen] / p[chosen].sum() if renormalise else p[chosen]
+        for e, wt in zip(chosen, wts):
+            g, u = gate[e] @ h[t], up[e] @ h[t]
+            out[t] += wt * (down[e] @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
+def reference_logits(path: str | Path, tokens: list[int], renormalise: bool = True) -> np.ndarray:
+    """Float64 forward of a llama/qwen2/qwen3 (with or without experts: Mixtral, qwen3moe) GGUF from
+    gguf-py's dequantized weights -> (T, vocab). `renormalise` False: routing weights left unnormalised
+    (a wrong variant, for tests showing that the comparison can fail)."""
     r = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in r.fields.items()}
-    W = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in r.tensors}
+    W = {}
+    for t in r.tensors:  # gguf-py gives stacked expert tensors (E, N, K) flattened to rows: restore their shape
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        W[t.name] = dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
     arch = meta["general.architecture"]
     m = lambda key: meta[f"{arch}.{key}"]
     dim, nh = m("embedding_length"), m("attention.head_count")
@@ -185,6 +227,11 @@ def reference_logits(path: str | Path, tokens: list[int]) -> np.ndarray:
         att = np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd)
         x = x + att @ W[p + "attn_output.weight"].T
         h = norm(x, W[p + "ffn_norm.weight"])
+        if p + "ffn_gate_inp.weight" in W:
+            x = x + reference_moe(h, W[p + "ffn_gate_inp.weight"], W[p + "ffn_gate_exps.weight"],
+                                  W[p + "ffn_up_exps.weight"], W[p + "ffn_down_exps.weight"],
+                                  meta[f"{arch}.expert_used_count"], renormalise)
+            continue
         g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
     out = W.get("output.weight", W["token_embd.weight"])

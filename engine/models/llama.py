@@ -1,7 +1,10 @@
 """The Llama block as llama.cpp runs it from GGUF: RMSNorm, adjacent-pair rope (GGUF stores Q/K
 permuted for it), grouped-query attention, SwiGLU, tied embeddings when output.weight is absent.
 Other architectures are the same block with the spec's variations as data: Q/K/V biases (qwen2),
-per-head q/k RMSNorm (qwen3), NeoX rope (halves rotated, Q/K not permuted), a head size of its own.
+per-head q/k RMSNorm (qwen3), NeoX rope (halves rotated, Q/K not permuted), a head size of its own,
+and a mixture-of-experts FFN (Mixtral = llama + experts, qwen3moe = qwen3 + experts) in place of the
+dense one: the router picks k of E experts per token and the provider hands over just those
+(`weights.experts`), which run grouped by expert so each expert's bytes serve all its tokens at once.
 
 The model owns no weights: each pass asks the weight provider for layer i and the device that
 computes it (`device_for`), and calls that device's format-aware `linear` for every projection.
@@ -68,9 +71,9 @@ class Llama:
         return self.glob.token_embd.rows(ids).to(device.torch_device)  # (N, dim)
 
     def block(self, x: torch.Tensor, w: LayerWeights, layer: int, batch: Batch, dev, kv_dev,
-              rot: torch.Tensor) -> torch.Tensor:
+              rot: torch.Tensor, weights) -> torch.Tensor:
         """x (N, dim) on dev -> (N, dim): one transformer block over a ragged batch; rot (N, 1, half)
-        the tokens' rope rotations on dev."""
+        the tokens' rope rotations on dev; `weights` the provider (an MoE block's experts come from it)."""
         s = self.spec
         N = x.shape[0]
         h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
@@ -88,8 +91,54 @@ class Llama:
         att = self.attend(q, k, v, layer, batch, kv_dev)  # (N, H, hd)
         x = x + dev.linear(att.reshape(N, s.q_dim), w.attn_output)
         h = F.rms_norm(x, (s.dim,), w.ffn_norm, s.rms_eps)
+        if w.ffn_gate_inp is not None:
+            return x + self.moe(h, w.ffn_gate_inp, layer, dev, weights)
         gate, up = dev.linear_many(h, (w.ffn_gate, w.ffn_up))  # (N, ffn)
         return x + dev.linear(F.silu(gate) * up, w.ffn_down)
+
+    def route(self, h: torch.Tensor, router, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (N, dim) -> (experts (N, k) int64, weights (N, k) fp32): softmax over the E router logits, the k
+        most probable experts, their probabilities renormalised to sum to 1 (spec.expert_weights_norm)."""
+        probs = torch.softmax(dev.linear(h, router).float(), dim=-1)  # (N, E)
+        top, ids = torch.topk(probs, self.spec.n_experts_used, dim=-1)  # (N, k)
+        if self.spec.expert_weights_norm:
+            top = top / top.sum(-1, keepdim=True)
+        return ids, top
+
+    def moe(self, h: torch.Tensor, router, layer: int, dev, weights) -> torch.Tensor:
+        """The MoE FFN of block `layer` on h (N, dim) -> (N, dim), grouped by expert: the tokens routed to
+        expert e are gathered, run through its gate/up (one linear_many) and down (one linear) together,
+        scaled by their routing weights and added back in place (index_add_). Experts go in ascending id
+        order, so each token's sum is the same whichever batch it is in."""
+        N, k = h.shape[0], self.spec.n_experts_used
+        ids, top = self.route(h, router, dev)  # (N, k)
+        flat = ids.reshape(-1)  # (N*k,) assignment a = token a // k
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        used, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        tokens = (order // k).to(h.device)  # (N*k,) the token of each grouped assignment
+        scale = top.reshape(-1)[order].unsqueeze(-1)  # (N*k, 1)
+        used, counts = used.tolist(), counts.tolist()  # the provider needs the ids on the host
+        experts = weights.experts(layer, used, N)
+        out = torch.zeros_like(h)
+        a = 0
+        for e, c in zip(used, counts):
+            ew, t = experts[e], tokens[a:a + c]
+            gate, up = dev.linear_many(h.index_select(0, t), (ew.gate, ew.up))  # (c, Fe)
+            out.index_add_(0, t, dev.linear(F.silu(gate) * up, ew.down).mul_(scale[a:a + c]))  # (c, dim)
+            a += c
+        return out
+
+    def hint_next(self, x: torch.Tensor, layer: int, dev, weights) -> None:
+        """Tell the provider which experts block `layer` will likely want: its router applied to the hidden
+        state entering it (its router and norm must be readable now; only providers that want hints)."""
+        got = weights.router(layer)
+        if got is None:
+            return
+        norm, router = got
+        if router.data.device != x.device:
+            return
+        ids, _ = self.route(F.rms_norm(x, (self.spec.dim,), norm, self.spec.rms_eps), router, dev)
+        weights.hint_experts(layer, torch.unique(ids).tolist())
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: Batch, kv_dev) -> torch.Tensor:
         """Write each row's new keys/values into its KV slot, then attend over it on the KV device.
@@ -137,6 +186,7 @@ class Llama:
         N = batch.n_tokens
         x = self.embed(batch.ids, weights.device_for(0, N))  # (N, dim)
         rot: dict[torch.device, torch.Tensor] = {}
+        hints = self.spec.moe and getattr(weights, "wants_hints", False)
         for i in range(self.spec.n_layers):
             dev, kv_dev = weights.device_for(i, N), weights.kv_device(i)
             d = dev.torch_device
@@ -145,8 +195,10 @@ class Llama:
             batch.on(kv_dev.torch_device)
             x = x.to(d)
             w = weights.layer(i, N)  # bound where device_for(i, N) computes it
-            x = self.block(x, w, i, batch, dev, kv_dev, rot[d])
+            x = self.block(x, w, i, batch, dev, kv_dev, rot[d], weights)
             weights.release(i)
+            if hints and i + 1 < self.spec.n_layers:
+                self.hint_next(x, i + 1, dev, weights)
         if batch.last_only:
             x = x.index_select(0, batch.on(x.device).last) if len(batch.rows) > 1 else x[-1:]
         return self.head(x, weights)

@@ -190,6 +190,7 @@ class TieredWeights:
         self.seq = self.sequences[False]
         self.cur = 0  # occurrence number of the next streamed unit to consume
         self._held: int | None = None  # occurrence consumed by layer() and not yet released
+        self._taken: tuple[int, Any] = (-1, None)  # the unit layer() returned last, for experts()
         self._stale = False  # a wait was interrupted: drain the ring before using it again
         self._pump()
 
@@ -215,7 +216,34 @@ class TieredWeights:
         if got is not None:
             if self.tracer:
                 self._t_ready = self.tracer.now()
+            self._taken = (i, got)
             return got
+        self._taken = (i, w := self._layer_streamed(i, small))
+        return w
+
+    # -- experts of an MoE block (today inside the whole-layer unit) ------------------------------------
+    wants_hints = False  # whole-layer units already hold every expert: nothing to prefetch
+
+    def experts(self, i: int, ids: Sequence[int], rows: int | None = None) -> dict[int, Any]:
+        """ExpertWeights of block i's experts `ids`, bound where device_for(i, rows) computes: slices of
+        the bytes layer(i, rows) returned (called after it, before release(i))."""
+        taken, w = self._taken
+        if taken != i or getattr(w, "experts", None) is None:
+            raise RuntimeError(f"experts({i}) needs layer({i}) of an MoE block first (last taken: {taken})")
+        return {e: w.experts.expert(e) for e in ids}
+
+    def hint_experts(self, i: int, ids: Sequence[int]) -> None:
+        """A prefetch hint for block i's experts: a no-op while experts travel inside their layer."""
+
+    def router(self, i: int):
+        """(ffn_norm, ffn_gate_inp) of block i when they can be read now without waiting (a resident
+        block), for the model's next-layer expert prediction; None otherwise."""
+        w = self.fixed.get(i)
+        gate = getattr(w, "ffn_gate_inp", None)
+        return None if gate is None else (w.ffn_norm, gate)
+
+    def _layer_streamed(self, i: int, small: bool):
+        """Unit i out of the ring: wait for its bytes (reading them now if no prefetch did)."""
         if small != self.small and self.sequences[small] != self.seq:
             self._restart(i, small)
         self.small = small
