@@ -1,8 +1,13 @@
-"""One tiny random GGUF per architecture (llama, qwen2, qwen3) against llama.cpp's recorded greedy runs
-(scripts/make_llamacpp_fixtures.py archs): teacher-forced argmax equal at every step except where
-llama.cpp itself scores its top two tokens within NEAR_TIE, and its top-5 logits reproduced within
-TOP5_TOL. llama.cpp's 8-bit activations moved these models' logits by at most 0.097 when recorded
-(llama-cpp-python 0.3.36, 2 threads), so both bounds are twice that, rounded."""
+"""One tiny random GGUF per architecture (llama, qwen2, qwen3, Mixtral = llama with experts, qwen3moe)
+against llama.cpp's recorded greedy runs (scripts/make_llamacpp_fixtures.py archs): teacher-forced argmax
+equal at every step except where llama.cpp itself scores its top two tokens within NEAR_TIE, and its top-5
+logits reproduced within TOP5_TOL. llama.cpp's 8-bit activations moved the dense models' logits by at most
+0.097 when recorded (llama-cpp-python 0.3.36, 2 threads), so both bounds are twice that, rounded.
+
+MoE models add routing near-ties: where a token's k-th and (k+1)-th router logits (float64 reference) lie
+within ROUTER_TIE in some block, llama.cpp's rounding may pick the other expert, which moved a logit by
+0.38 when recorded; such steps are not compared (there were none in the prompts: the seeds were chosen so,
+and the test checks it). The other MoE steps stayed within 0.16."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +18,12 @@ import numpy as np
 import pytest
 
 import engine
-from tiny_llama import LLAMACPP_ARCH_MODELS, write_tiny_llama
+from tiny_llama import LLAMACPP_ARCH_MODELS, reference_logits, write_tiny_llama
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "llamacpp_archs.json").read_text())
 NEAR_TIE = 0.2
 TOP5_TOL = 0.2
+ROUTER_TIE = 0.05
 
 
 @pytest.mark.parametrize("arch", sorted(LLAMACPP_ARCH_MODELS))
@@ -28,8 +34,14 @@ def test_teacher_forced_greedy_matches_llamacpp(arch, tmp_path):
         "the tiny model differs from the recorded one: re-run scripts/make_llamacpp_fixtures.py archs"
     prompt, greedy, steps = rec["prompt_ids"], rec["greedy_ids"], rec["steps"]
     logits = engine.load(path).logits(prompt + greedy[:-1])  # (T, vocab)
+    margins = np.full(len(prompt) + len(greedy) - 1, np.inf)  # smallest router top-k margin per token
+    if LLAMACPP_ARCH_MODELS[arch].n_experts:
+        reference_logits(path, prompt + greedy[:-1], margins=margins)
+        assert margins[:len(prompt)].min() >= ROUTER_TIE  # a tie there would change every later step
     compared, mismatches = 0, []
     for j, step in enumerate(steps):
+        if margins[len(prompt) - 1 + j] < ROUTER_TIE:
+            continue
         got = int(np.argmax(logits[len(prompt) - 1 + j]))
         ok = {i for i, v in zip(step["ids"], step["logits"]) if step["logits"][0] - v < NEAR_TIE}
         compared += len(ok) == 1

@@ -154,13 +154,17 @@ def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
 
 
 def reference_moe(h: np.ndarray, router: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, k: int,
-                  renormalise: bool = True) -> np.ndarray:
+                  renormalise: bool = True, margins: np.ndarray | None = None) -> np.ndarray:
     """Mixtral / Qwen3-MoE FFN, token by token: softmax of the router logits, the k largest probabilities
     (renormalised to sum to 1), the weighted sum of those experts' SwiGLU outputs. h (T, dim); router (E, dim);
-    gate/up (E, Fe, dim); down (E, dim, Fe)."""
+    gate/up (E, Fe, dim); down (E, dim, Fe). `margins` (T,): lowered to each token's gap between its k-th and
+    (k+1)-th router logits (a routing near-tie, where other rounding may pick another expert)."""
     out = np.zeros_like(h)
     for t in range(h.shape[0]):
         z = router @ h[t]
+        if margins is not None and k < len(z):
+            zs = np.sort(z)[::-1]
+            margins[t] = min(margins[t], zs[k - 1] - zs[k])
         p = np.exp(z - z.max())
         p /= p.sum()
         chosen = np.argsort(-p, kind="stable")[:k]
@@ -171,10 +175,12 @@ def reference_moe(h: np.ndarray, router: np.ndarray, gate: np.ndarray, up: np.nd
     return out
 
 
-def reference_logits(path: str | Path, tokens: list[int], renormalise: bool = True) -> np.ndarray:
+def reference_logits(path: str | Path, tokens: list[int], renormalise: bool = True,
+                     margins: np.ndarray | None = None) -> np.ndarray:
     """Float64 forward of a llama/qwen2/qwen3 (with or without experts: Mixtral, qwen3moe) GGUF from
     gguf-py's dequantized weights -> (T, vocab). `renormalise` False: routing weights left unnormalised
-    (a wrong variant, for tests showing that the comparison can fail)."""
+    (a wrong variant, for tests showing that the comparison can fail). `margins` (T,) float, filled with
+    +inf by the caller: lowered to each token's smallest router top-k margin over the MoE blocks."""
     r = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in r.fields.items()}
     W = {}
@@ -230,7 +236,7 @@ def reference_logits(path: str | Path, tokens: list[int], renormalise: bool = Tr
         if p + "ffn_gate_inp.weight" in W:
             x = x + reference_moe(h, W[p + "ffn_gate_inp.weight"], W[p + "ffn_gate_exps.weight"],
                                   W[p + "ffn_up_exps.weight"], W[p + "ffn_down_exps.weight"],
-                                  meta[f"{arch}.expert_used_count"], renormalise)
+                                  meta[f"{arch}.expert_used_count"], renormalise, margins)
             continue
         g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
         x = x + (g / (1 + np.exp(-g)) * u) @ W[p + "ffn_down.weight"].T
@@ -338,4 +344,8 @@ LLAMACPP_ARCH_MODELS = {
     "llama": TinyConfig(fmt=(QT.Q8_0,), n_layers=2, seed=31),
     "qwen2": TinyConfig(arch="qwen2", fmt=(QT.Q8_0,), tied=False, rope_base=1e6, seed=32),
     "qwen3": TinyConfig(arch="qwen3", head_dim=48, fmt=(QT.Q8_0,), rope_base=1e6, seed=33),
+    # MoE seeds chosen so no routing near-tie falls in the prompt (tests/test_archs_llamacpp.py checks it)
+    "mixtral": TinyConfig(n_experts=4, n_experts_used=2, ffn=256, fmt=(QT.Q8_0,), router_scale=0.25, seed=35),
+    "qwen3moe": TinyConfig(arch="qwen3moe", n_heads=8, head_dim=64, n_experts=8, n_experts_used=2, expert_ffn=256,
+                           fmt=(QT.Q8_0,), rope_base=1e6, router_scale=0.25, seed=49),
 }
