@@ -104,7 +104,7 @@ class Model:
         kind = device.torch_device.type
         plan = None
         if placement is None:
-            from .plan import hardware_for
+            from .plan import hardware_for, router_profile
             from .tiers.footprint import footprint_from_gguf
             from .tiers.planner import Workload, ranked
 
@@ -113,7 +113,9 @@ class Model:
             cfg = dataclasses.replace(cfg, kv_cache=kv, device=kind)  # plan for the device we run on
             prompt = max(1, min(PREFILL_TOKENS, n_ctx // 2))
             work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
-            plans = ranked(footprint_from_gguf(f, spec), hardware_for(cfg), cfg, work, rank + 1)
+            fp = footprint_from_gguf(f, spec)
+            router = router_profile(f.path) if fp.is_moe else None
+            plans = ranked(fp, hardware_for(cfg), cfg, work, rank + 1, router)
             if rank >= len(plans):
                 raise PlanError(f"rank {rank}: the planner has only {len(plans)} placements that fit",
                                 path=cfg.source, field="rank")

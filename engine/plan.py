@@ -5,6 +5,7 @@ ring, and the predicted per-token time (compute and transfer per tier) -- withou
 Examples:
   python -m engine.plan --config configs/cpu-tight.yaml
   python -m engine.plan --describe llama3-70b:Q4_K_M --config configs/rtx4090-70b.yaml
+  python -m engine.plan --describe qwen3-30b-a3b:Q4_K_M --hardware rtx4090   (experts placed one by one)
 Errors: one line on stderr, exit 1.
 """
 from __future__ import annotations
@@ -59,15 +60,15 @@ def model_footprint(model: str | os.PathLike | None = None, description: str | N
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.plan", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[3:6]))
+                                epilog="\n".join(__doc__.splitlines()[3:7]))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="GGUF file or Hugging Face checkpoint directory (default: the bundled "
                                      "SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--quantize", choices=("q8_0", "q4_k", "none"), default="q8_0",
                    help="checkpoint directories: the quantization a load would convert to (default q8_0)")
     src.add_argument("--describe", metavar="MODEL:MIX",
-                     help=f"plan a model without its file: llama3-70b, llama3-8b, smollm2-135m, qwen2.5-72b or "
-                          f"qwen3-32b, with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
+                     help=f"plan a model without its file: llama3-70b, llama3-8b, smollm2-135m, qwen2.5-72b, "
+                          f"qwen3-32b, qwen3-30b-a3b or mixtral-8x7b, with a mix from {', '.join(MIXES)} (e.g. llama3-70b:Q4_K_M)")
     p.add_argument("--config", help="tier config YAML (default: auto)")
     p.add_argument("--hardware", help=f"hardware profile: a preset ({', '.join(PRESETS)}) or a JSON file "
                                       f"(default: the config's, else the calibrated one, else defaults)")
@@ -81,8 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_ACCEPTANCE}); the plan reports how many tokens to verify per pass")
     p.add_argument("--draft-ms", type=float, default=0.0,
                    help="speculative decoding: the drafter's time per drafted token in ms (0 = prompt lookup)")
+    p.add_argument("--moe-profile", help="mixture of experts: router statistics JSON written by engine.calibrate "
+                                         "--moe-profile (default: the calibrated one of --model, else uniform)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
+
+
+def router_profile(model: str | os.PathLike | None, path: str | None = None):
+    """The router statistics the planner uses for a model: `path`, else the calibrated profile of the model
+    file (engine.tiers.router_stats), else None (uniform routing)."""
+    from .tiers.router_stats import find_router_profile, load_router_profile
+
+    if path is not None:
+        return load_router_profile(path)
+    if model is not None and not os.path.isdir(model):
+        return find_router_profile(model)
+    return None
 
 
 def run(args: argparse.Namespace) -> tuple[Plan, Speculation]:
@@ -92,7 +107,8 @@ def run(args: argparse.Namespace) -> tuple[Plan, Speculation]:
     work = Workload(batch=args.batch, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
     fp = model_footprint(args.model, args.describe, None if args.quantize == "none" else args.quantize)
     hw = hardware_for(cfg, args.hardware)
-    result = plan(fp, hw, cfg, work)
+    router = router_profile(args.model, args.moe_profile) if fp.is_moe else None
+    result = plan(fp, hw, cfg, work, router)
     return result, speculation.choose(fp, hw, cfg, result, acceptance=args.acceptance,
                                       draft_token_s=args.draft_ms / 1e3)
 

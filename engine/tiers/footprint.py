@@ -12,9 +12,10 @@ from ..errors import ConfigError
 from ..formats import FORMATS, tensor_nbytes
 from ..gguf_file import GGUFFile
 from ..spec import ModelSpec
-from ..weights import expected_layer_shapes, layer_layout
+from ..weights import EXPERT_ROLES, expected_layer_shapes, layer_layout
 
 GROUPS = ("attn", "ffn")  # the parts a layer splits into for partial residency (roles attn_* / ffn_*)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,29 @@ class LayerFootprint:
         return self.group_bytes("attn")
 
     @property
+    def expert_tensors(self) -> tuple[TensorFootprint, ...]:
+        return tuple(t for t in self.tensors if t.role in EXPERT_ROLES)
+
+    @property
+    def dense_tensors(self) -> tuple[TensorFootprint, ...]:
+        """Everything but the routed experts: attention, norms, the router (an MoE layer's own unit)."""
+        return tuple(t for t in self.tensors if t.role not in EXPERT_ROLES)
+
+    @property
+    def n_experts(self) -> int:
+        ex = self.expert_tensors
+        return ex[0].shape[0] if ex else 0
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert: its rows of the three stacked tensors (every expert the same size)."""
+        return sum(t.nbytes // t.shape[0] for t in self.expert_tensors)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(t.nbytes for t in self.dense_tensors)
+
+    @property
     def ffn_bytes(self) -> int:
         return self.group_bytes("ffn")
 
@@ -70,6 +94,10 @@ class ModelFootprint:
     @property
     def layer_bytes(self) -> int:
         return sum(l.nbytes for l in self.layers)
+
+    @property
+    def is_moe(self) -> bool:
+        return any(l.n_experts for l in self.layers)
 
     @property
     def weight_bytes(self) -> int:
@@ -144,8 +172,14 @@ _MODELS: dict[str, dict] = {
                         ffn_dim=29568, vocab_size=152064, context_length=32768, rope_base=1000000.0, rms_eps=1e-6),
     "qwen3-32b": dict(architecture="qwen3", n_layers=64, dim=5120, n_heads=64, n_kv_heads=8, head_dim=128,
                       ffn_dim=25600, vocab_size=151936, context_length=40960, rope_base=1000000.0, rms_eps=1e-6),
+    # mixture of experts (Qwen/Qwen3-30B-A3B and mistralai/Mixtral-8x7B-v0.1 config.json)
+    "qwen3-30b-a3b": dict(architecture="qwen3moe", n_layers=48, dim=2048, n_heads=32, n_kv_heads=4, head_dim=128,
+                          ffn_dim=6144, n_experts=128, n_experts_used=8, expert_ffn_dim=768, vocab_size=151936,
+                          context_length=40960, rope_base=1000000.0, rms_eps=1e-6),
+    "mixtral-8x7b": dict(n_layers=32, dim=4096, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+                         n_experts=8, n_experts_used=2, expert_ffn_dim=14336, vocab_size=32000,
+                         context_length=32768, rope_base=1000000.0),
 }
-MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # llama.cpp's named file types (mix -> its default matrix format) and the uniform mixes (every matrix in
 # one format).
 _LLAMA_CPP_MIXES = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL"}
@@ -153,6 +187,16 @@ _UNIFORM_MIXES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", 
 MIXES = (*_LLAMA_CPP_MIXES, *_UNIFORM_MIXES)
 # llama.cpp's replacement for a format whose block does not divide a tensor's row length
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+
+
+MATRIX_ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")  # a dense block's
+
+
+def matrix_roles(spec: ModelSpec) -> tuple[str, ...]:
+    """The block roles that are matrices (quantized in a mix): attention, FFN or routed experts. An MoE
+    router (ffn_gate_inp) stays F32, as llama-quantize leaves it."""
+    return tuple(role for role, shape in expected_layer_shapes(spec).items()
+                 if len(shape) > 1 and role != "ffn_gate_inp")
 
 
 def describe_spec(model: str) -> ModelSpec:
@@ -174,6 +218,8 @@ def _llama_cpp_block_format(mix: str, spec: ModelSpec, role: str, i: int) -> str
     base, n, gqa = _LLAMA_CPP_MIXES[mix], spec.n_layers, spec.n_heads // spec.n_kv_heads
     fmt = base
     if role == "attn_v":
+        if spec.n_experts == 8:  # llama.cpp: 8-expert models (Mixtral) get a Q8_0 attn_v in every mix
+            return "Q8_0"
         if mix == "Q2_K":
             fmt = "Q4_K" if gqa >= 4 else "Q3_K"
         elif mix == "Q3_K_M":
@@ -184,7 +230,7 @@ def _llama_cpp_block_format(mix: str, spec: ModelSpec, role: str, i: int) -> str
             fmt = "Q5_K"
         if n == 80 and gqa > 1 and fmt in ("Q3_K", "Q4_K"):  # llama.cpp's 70B rule: small, shared attn_v
             fmt = "Q5_K"
-    elif role == "ffn_down":
+    elif role in ("ffn_down", "ffn_down_exps"):
         if mix == "Q2_K":
             fmt = "Q3_K"
         elif mix == "Q3_K_M":
@@ -210,16 +256,19 @@ def quant_mix(spec: ModelSpec, mix: str) -> dict[str, str]:
     if mix not in MIXES:
         raise ConfigError(f"unknown quantization mix {mix!r} (known: {', '.join(MIXES)})", field="--describe")
     base = _LLAMA_CPP_MIXES.get(mix, mix)
-    fmts: dict[str, str] = {role: base for role in (*MATRIX_ROLES, "token_embd")}
+    roles = matrix_roles(spec)
+    fmts: dict[str, str] = {role: base for role in (*roles, "token_embd")}
+    if spec.n_experts:
+        fmts["ffn_gate_inp"] = "F32"
     if not spec.tied_output:
         fmts["output"] = base
     if mix in _LLAMA_CPP_MIXES:
         fmts["token_embd" if spec.tied_output else "output"] = "Q6_K"
-        for role in ("attn_v", "ffn_down", "attn_output"):
+        for role in ("attn_v", "ffn_down_exps" if spec.n_experts else "ffn_down", "attn_output"):
             per_layer = [_llama_cpp_block_format(mix, spec, role, i) for i in range(spec.n_layers)]
             fmts[role] = max(set(per_layer), key=per_layer.count)  # the most common; the others per layer
             fmts.update((f"blk.{i}.{role}", fmt) for i, fmt in enumerate(per_layer) if fmt != fmts[role])
-    row_len = {"ffn_down": spec.ffn_dim, "attn_output": spec.q_dim}
+    row_len = {"ffn_down": spec.ffn_dim, "ffn_down_exps": spec.expert_ffn_dim, "attn_output": spec.q_dim}
     for key, fmt in fmts.items():
         n = row_len.get(key.rsplit(".", 1)[-1], spec.dim)
         if n % FORMATS[fmt].block_size:

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ModelFormatError, PlanError
-from ..gguf_file import GGUFFile, TensorInfo
+from ..gguf_file import GGUFFile, TensorInfo, coalesce
 from ..spec import ModelSpec
-from ..weights import FileRows, GlobalWeights, LayerLayout, QWeight, global_weights
+from ..weights import EXPERT_ROLES, FileRows, GlobalWeights, LayerLayout, QWeight, expert_slice, global_weights
+from .experts import ExpertStore, region_name
 from .io import FileReader
 from .planner import HOST, RESIDENT, TIERS
 from .scheduler import HostStore, ResidentStore, TieredWeights, Unit
@@ -24,7 +25,10 @@ class Placement:
     embedding's tier ("resident": the compute device, "host": the host store, "disk": the file's
     memory map; a tied embedding whose head is not resident looks rows up in the memory map); the
     ring depth and the size of one staging buffer (0: as the largest load needs). Hybrid compute:
-    `cpu_units` compute on the CPU in passes of at most `cpu_max_rows` rows (batch x tokens)."""
+    `cpu_units` compute on the CPU in passes of at most `cpu_max_rows` rows (batch x tokens).
+    Mixture of experts: `expert_tiers[i]` (empty: block i's experts travel inside its unit) gives where
+    each expert of block i lives (resident | host | disk); block i's unit is then its dense tensors only,
+    and the non-resident experts come through an expert cache of `expert_cache` slots."""
 
     streamed: tuple[frozenset[str], ...]
     head_rows: tuple[tuple[int, int], ...]
@@ -34,10 +38,20 @@ class Placement:
     sources: tuple[str, ...] = ()
     cpu_units: frozenset[int] = frozenset()
     cpu_max_rows: int = 0
+    expert_tiers: tuple[tuple[str, ...], ...] = ()
+    expert_cache: int = 0
+    expert_slot_bytes: int = 0
 
     def __post_init__(self):
         if self.embedding_tier not in TIERS:
             raise PlanError(f"must be one of {', '.join(TIERS)}, got {self.embedding_tier!r}", field="embedding_tier")
+        for i, tiers in enumerate(self.expert_tiers):
+            bad = [t for t in tiers if t not in TIERS]
+            if bad:
+                raise PlanError(f"expert tiers must be one of {', '.join(TIERS)}, got {bad[0]!r}",
+                                field=f"expert_tiers[{i}]")
+        if isinstance(self.expert_cache, bool) or not isinstance(self.expert_cache, int) or self.expert_cache < 0:
+            raise PlanError(f"must be a slot count >= 0, got {self.expert_cache!r}", field="expert_cache")
         bad = [s for s in self.sources if s not in ("", "host", "disk")]
         if bad:
             raise PlanError(f"unit sources must be host or disk, got {bad[0]!r}", field="sources")
@@ -65,8 +79,11 @@ class Placement:
                 cpu.add(len(streamed))
             streamed.append(frozenset() if plan.output_tier == RESIDENT else frozenset({_rows_name(head, r0, r1)}))
             sources.append("" if plan.output_tier == RESIDENT else plan.output_tier)
+        experts = {x.layer: x.tiers for x in plan.experts}
         return cls(tuple(streamed), rows, plan.embedding_tier, plan.ring_size, plan.staging_bytes, tuple(sources),
-                   frozenset(cpu), plan.cpu_max_rows)
+                   frozenset(cpu), plan.cpu_max_rows,
+                   tuple(experts.get(i, ()) for i in range(len(layouts))) if experts else (),
+                   plan.expert_cache, plan.expert_slot_bytes)
 
     @classmethod
     def uniform(cls, layouts: Sequence[LayerLayout], head: TensorInfo, stream: bool, ring_size: int = 2,
@@ -109,16 +126,32 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     the ring, or computed there by the CPU), disk units read through the ring."""
     staging = staging_for(device)
     head = head_info(f, spec)
-    units = [Unit(f"blk.{lay.index}", tuple(t for _, t in lay.tensors), lay.bind) for lay in layouts]
+    exp_tiers = {i: t for i, t in enumerate(placement.expert_tiers) if t}
+    slices: dict[tuple[int, int], tuple[TensorInfo, ...]] = {}
+    units = []
+    for lay in layouts:
+        if lay.index in exp_tiers:  # the dense part is the unit; every expert is one of its own
+            stacked = dict((role, t) for role, t in lay.tensors if role in EXPERT_ROLES)
+            if len(exp_tiers[lay.index]) != stacked["ffn_gate_exps"].shape[0]:
+                raise PlanError(f"{len(exp_tiers[lay.index])} expert tiers for the {stacked['ffn_gate_exps'].shape[0]} "
+                                f"experts of blk.{lay.index}", field=f"expert_tiers[{lay.index}]")
+            for e in range(len(exp_tiers[lay.index])):
+                slices[(lay.index, e)] = tuple(expert_slice(stacked[r], e) for r in EXPERT_ROLES)
+            dense = tuple((role, t) for role, t in lay.tensors if role not in EXPERT_ROLES)
+            lay = dataclasses.replace(lay, tensors=dense, runs=coalesce([(t.offset, t.nbytes) for _, t in dense]))
+        units.append(Unit(f"blk.{lay.index}", tuple(t for _, t in lay.tensors), lay.bind))
+    tiers = {key: exp_tiers[key[0]][key[1]] for key in slices}
     for r0, r1 in placement.head_rows:
         t = head_rows_info(head, r0, r1, f.path)
         units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, t=t: QWeight(t.name, t.fmt, t.shape, view(t))))
     if len(placement.streamed) != len(units):
         raise PlanError(f"the placement has {len(placement.streamed)} units, the model {len(units)}", field="streamed")
     resident = [t for u, s in zip(units, placement.streamed) for t in u.tensors if t.name not in s]
+    resident += [t for key, ts in slices.items() if tiers[key] == RESIDENT for t in ts]
     embd = f.tensor("token_embd.weight")
     regions = {u.name: [t for t in u.tensors if t.name in placement.streamed[i]]
                for i, u in enumerate(units) if placement.source(i) == "host"}
+    regions |= {region_name(*key): list(ts) for key, ts in slices.items() if tiers[key] == HOST}
     if not spec.tied_output:  # tied: the head's tensor, resident with it or else looked up in the map
         if placement.embedding_tier == RESIDENT:
             resident.append(embd)
@@ -139,9 +172,13 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
         from ..device import CpuDevice
 
         cpu_device = CpuDevice(cpu_threads)
-    weights = TieredWeights(units, placement.streamed, reader, store, placement.ring_size, staging, tracer,
+    experts = ExpertStore(slices, tiers, store, host, reader, staging, placement.expert_cache,
+                          placement.expert_slot_bytes, tracer) if slices else None
+    streamed = [s & {t.name for t in u.tensors} for u, s in zip(units, placement.streamed)]
+    weights = TieredWeights(units, streamed, reader, store, placement.ring_size, staging, tracer,
                             slot_bytes=placement.staging_bytes, host=host,
                             sources=[placement.source(i) for i in range(len(units))], cpu_units=placement.cpu_units,
-                            cpu_max_rows=placement.cpu_max_rows, device=device, cpu_device=cpu_device)
+                            cpu_max_rows=placement.cpu_max_rows, device=device, cpu_device=cpu_device,
+                            expert_store=experts)
     weights.head_rows = placement.head_rows
     return weights, glob

@@ -132,11 +132,12 @@ class TieredWeights:
     def __init__(self, units: Sequence[Unit], streamed: Sequence[frozenset[str]], reader: FileReader,
                  resident: ResidentStore, ring_size: int, staging, tracer=None, slot_bytes: int = 0, *,
                  host: HostStore | None = None, sources: Sequence[str] = (), cpu_units: frozenset[int] = frozenset(),
-                 cpu_max_rows: int = 0, device=None, cpu_device=None):
+                 cpu_max_rows: int = 0, device=None, cpu_device=None, expert_store=None):
         """streamed[i]: names of unit i's tensors that are not in the resident store (empty = fully
         resident); sources[i]: where they come from, "disk" (default) or "host" (the host store, region
         named after the unit). `staging`: the device's hooks (engine.tiers.staging)."""
         self.units, self.reader, self.resident, self.tracer = list(units), reader, resident, tracer
+        self.expert_store = expert_store  # routed experts as units of their own (engine.tiers.experts)
         # FileReader tells when the file changed under the model (kvikio's reader and test doubles do not)
         self._file_changed = getattr(reader, "file_changed", lambda: False)
         self.staging, self.host, self.device, self.cpu_device = staging, host, device, cpu_device
@@ -221,19 +222,35 @@ class TieredWeights:
         self._taken = (i, w := self._layer_streamed(i, small))
         return w
 
-    # -- experts of an MoE block (today inside the whole-layer unit) ------------------------------------
-    wants_hints = False  # whole-layer units already hold every expert: nothing to prefetch
+    # -- experts of an MoE block ---------------------------------------------------------------------
+    @property
+    def wants_hints(self) -> bool:
+        """Whether hint_experts does anything: experts that are their own units and not all resident."""
+        return self.expert_store is not None and self.expert_store.wants_hints
 
-    def experts(self, i: int, ids: Sequence[int], rows: int | None = None) -> dict[int, Any]:
-        """ExpertWeights of block i's experts `ids`, bound where device_for(i, rows) computes: slices of
-        the bytes layer(i, rows) returned (called after it, before release(i))."""
+    @property
+    def expert_stats(self):
+        """The expert cache's counters (engine.tiers.experts.ExpertStats), or None without expert units."""
+        return self.expert_store.stats if self.expert_store is not None else None
+
+    def experts(self, i: int, ids: Sequence[int], rows: int | None = None) -> Mapping[int, Any]:
+        """ExpertWeights of block i's experts `ids`, bound where device_for(i, rows) computes (called after
+        layer(i, rows), before release(i)). Experts that are units of their own come from the expert store
+        (resident views, or the expert cache: take them in `ids` order); experts inside a whole-layer unit
+        are slices of the bytes layer(i, rows) returned."""
+        st = self.expert_store
+        if st is not None and i in st.slices_layers:
+            return st.routed(i, ids, rows)
         taken, w = self._taken
         if taken != i or getattr(w, "experts", None) is None:
             raise RuntimeError(f"experts({i}) needs layer({i}) of an MoE block first (last taken: {taken})")
         return {e: w.experts.expert(e) for e in ids}
 
     def hint_experts(self, i: int, ids: Sequence[int]) -> None:
-        """A prefetch hint for block i's experts: a no-op while experts travel inside their layer."""
+        """A prefetch hint for block i's experts (never blocks, never changes a result): reads of the
+        non-resident, uncached ones start now; a no-op for experts inside whole-layer units."""
+        if self.expert_store is not None and i in self.expert_store.slices_layers:
+            self.expert_store.hint(i, ids)
 
     def router(self, i: int):
         """(ffn_norm, ffn_gate_inp) of block i when they can be read now without waiting (a resident
@@ -311,6 +328,8 @@ class TieredWeights:
         for t in self.tickets:
             if t is not None:
                 t.cancel()
+        if self.expert_store is not None:
+            self.expert_store.close()
 
     # -- the ring ------------------------------------------------------------------------------------
     def _bind(self, i: int, streamed_view: Callable[[TensorInfo], torch.Tensor]):

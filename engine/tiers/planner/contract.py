@@ -48,6 +48,34 @@ class LayerPlacement:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpertPlacement:
+    """Where each routed expert of one MoE layer lives (the layer's dense part is its LayerPlacement).
+    tiers[e]: RESIDENT | HOST | DISK; frequency[e]: the share of tokens the router sends to expert e
+    (router statistics, or k/E uniform); expert_bytes: one expert's rows of the three stacked tensors;
+    host_read / disk_read: the predicted bytes per decode step moved from each tier for this layer's routed
+    experts that are neither resident nor in the expert cache."""
+
+    layer: int
+    tiers: tuple[str, ...]
+    frequency: tuple[float, ...]
+    expert_bytes: int
+    host_read: float = 0.0
+    disk_read: float = 0.0
+
+    @property
+    def read_bytes(self) -> float:
+        return self.host_read + self.disk_read
+
+    def count(self, tier: str) -> int:
+        return sum(1 for t in self.tiers if t == tier)
+
+    def hottest(self, tier: str, n: int = 3) -> list[int]:
+        """The n most frequently routed experts in `tier`, hottest first."""
+        ids = [e for e, t in enumerate(self.tiers) if t == tier]
+        return sorted(ids, key=lambda e: (-self.frequency[e], e))[:n]
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     token_s: float  # steady-state decode step (one token for each of `batch` sequences)
     compute_s: float  # device busy time per step: kernels, per-layer overheads, attention, lookup
@@ -115,6 +143,13 @@ class Plan:
     notes: tuple[str, ...] = ()
     output_cpu_decode: bool = False  # hybrid: the head's chunks computed on the CPU at small passes
     cpu_max_rows: int = 0  # hybrid: passes of at most this many rows compute cpu_decode units on the CPU
+    # mixture of experts: per MoE layer where each expert lives; an expert cache of `expert_cache` slots of
+    # `expert_slot_bytes` (resident tier) holds recently routed non-resident experts; `router` says where
+    # the routing frequencies came from (a router profile's path, or "uniform")
+    experts: tuple[ExpertPlacement, ...] = ()
+    expert_cache: int = 0
+    expert_slot_bytes: int = 0
+    router: str = ""
 
     @property
     def kv_host_bytes(self) -> int:
@@ -133,6 +168,9 @@ class Plan:
                 out[p.tier] += p.streamed_bytes
         if self.output_tier != RESIDENT and not self.output_cpu_decode:
             out[self.output_tier] += self.output_bytes
+        for x in self.experts:  # routed experts: the expected misses of the expert cache
+            out[HOST] += round(x.host_read)
+            out[DISK] += round(x.disk_read)
         return MappingProxyType(out)
 
     def table(self) -> str:
@@ -166,6 +204,12 @@ class Plan:
             "compute_threads": self.compute_threads,
             "predicted": self.predicted.to_json(),
             "notes": list(self.notes),
+            **({"experts": {"router": self.router, "cache_slots": self.expert_cache,
+                            "slot_bytes": self.expert_slot_bytes,
+                            "layers": [{"layer": x.layer, "expert_bytes": x.expert_bytes,
+                                        "read_bytes_per_step": x.read_bytes,
+                                        **{t: [e for e, te in enumerate(x.tiers) if te == t] for t in TIERS}}
+                                       for x in self.experts]}} if self.experts else {}),
         }
 
 

@@ -18,19 +18,23 @@ from .contract import (
     Prediction,
     Workload,
 )
+from ..router_stats import RouterProfile
+from .experts import plan_experts
 from .search import _Candidate, _Planner
 
 _NEAR = 0.03  # predicted times this close to the fastest are ties for pipeline depth (see ranked)
 _TIE = 1e-3  # relative time difference treated as a tie otherwise
 
-def plan(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload()) -> Plan:
+def plan(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload(),
+         router: RouterProfile | None = None) -> Plan:
     """The placement with the lowest predicted time for `work`. Pure: reads no weights, allocates nothing.
-    Raises PlanError (saying what is needed) when no placement fits the budgets."""
-    return ranked(fp, hw, cfg, work, 1)[0]
+    Raises PlanError (saying what is needed) when no placement fits the budgets. A mixture-of-experts
+    model is placed expert by expert (planner/experts.py), hottest first by `router` (uniform if None)."""
+    return ranked(fp, hw, cfg, work, 1, router)[0]
 
 
 def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workload = Workload(),
-           n: int = 2) -> list[Plan]:
+           n: int = 2, router: RouterProfile | None = None) -> list[Plan]:
     """The planner's n best placements, best first (fewer when fewer fit): `plan()` is the first; the
     others let a benchmark check the ranking against measurements. Raises PlanError like plan().
 
@@ -42,6 +46,8 @@ def ranked(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, work: Workl
     wins, where _TIE apart counts as equal, and between equals fewer bytes moved per step (robust to
     a cost model that is off), then sparing the resident tier."""
     p = _Planner(fp, hw, cfg, work)
+    if fp.is_moe:  # experts as units: one placement (dense parts, then the hottest experts)
+        return [plan_experts(p, router)]
     left = [(cand, p.predict(cand)) for cand in p.candidates()]
     if not left:
         raise p.explain()

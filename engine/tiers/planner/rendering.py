@@ -46,6 +46,8 @@ def render(p: Plan) -> str:
         lines.append(f"hybrid: passes of <= {p.cpu_max_rows} rows compute the C layers"
                      f"{' and the output head' if p.output_cpu_decode else ''} on the CPU over pinned RAM (their "
                      "KV cache in host RAM); larger passes stream them to the GPU")
+    if p.experts:
+        lines.extend(_experts(p))
     streamed = ", ".join(f"{t} {format_size(n)}" for t, n in p.streamed_bytes.items() if n) or "none"
     links = ", ".join(f"{k} {format_seconds(v)}" for k, v in pr.transfer_s.items()) or "no transfers"
     lines.append(f"streamed per step: {streamed}")
@@ -58,6 +60,27 @@ def render(p: Plan) -> str:
                  f"{format_seconds(pr.total_s)}")
     lines.extend(f"note: {n}" for n in p.notes)
     return "\n".join(lines)
+
+
+def _experts(p: Plan) -> list[str]:
+    """Which experts live where and why: counts per layer per tier, the hottest resident ones, reads."""
+    x0 = p.experts[0]
+    why = ("router statistics " + p.router) if p.router != "uniform" else "uniform routing (no router profile)"
+    lines = [f"experts: {len(x0.tiers)} per layer, {format_size(x0.expert_bytes)} each; dense parts (attention, "
+             f"norms, router) resident, then the hottest experts by {why}",
+             f"  expert cache (LRU, resident): {p.expert_cache} x {format_size(p.expert_slot_bytes)}; reads issued "
+             "after each layer's router, the next layer's guessed ones prefetched",
+             f"  {'layers':<14} {'resident':>8} {'host':>5} {'disk':>5}  {'read/step':>10}  hottest resident (share, "
+             f"first layer)"]
+    rows: dict[tuple, list] = {}
+    for x in p.experts:
+        rows.setdefault((x.count(RESIDENT), x.count(HOST), x.count(DISK)), []).append(x)
+    for (r, h, d), xs in rows.items():
+        lo, hi = min(x.read_bytes for x in xs), max(x.read_bytes for x in xs)
+        read = format_size(lo) if format_size(lo) == format_size(hi) else f"{format_size(lo)}-{format_size(hi)}"
+        hot = ", ".join(f"{e} ({xs[0].frequency[e]:.3f})" for e in xs[0].hottest(RESIDENT)) or "-"
+        lines.append(f"  {_ranges([x.layer for x in xs]):<14} {r:>8} {h:>5} {d:>5}  {read:>10}  {hot}")
+    return lines
 
 
 def _groups(layers: Sequence[LayerPlacement]) -> dict[tuple[str, str, bool], list[LayerPlacement]]:
