@@ -10,6 +10,12 @@ $ENGINE_CACHE_DIR/hardware-cpu.json, else ~/.cache/engine/hardware-cpu.json):
   * every CPU linear kernel (engine.cpu.linear on random weight bytes) at T=1 and T=32;
   * a per-layer and a per-token fixed-cost proxy (tiny kernel calls and small torch ops).
 --quick keeps the whole run under ~20 s on two cores. Errors: one line on stderr, exit 1.
+
+python -m engine.calibrate --moe-profile PROMPTS --model M [--moe-tokens N] [--output PATH] measures a
+mixture-of-experts model's router instead: it runs M over the prompts (a text file, one prompt per
+non-empty line) one token per pass and writes each layer's per-expert selection frequencies (JSON, versioned)
+beside the hardware profile, in $ENGINE_CACHE_DIR/moe/<model file name>.json, where engine.plan and model
+loads find them (the planner keeps the hottest experts resident).
 """
 from __future__ import annotations
 
@@ -336,12 +342,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-drop-caches", action="store_true",
                    help="only evict the scratch file's pages, never the global page cache")
     p.add_argument("--output", help="profile path (default: the cache directory)")
+    p.add_argument("--moe-profile", metavar="PROMPTS",
+                   help="instead of the hardware: router statistics of --model over these prompts (one per line)")
+    p.add_argument("--model", help="--moe-profile: the mixture-of-experts GGUF to run")
+    p.add_argument("--config", help="--moe-profile: tier config for loading the model (default: auto)")
+    p.add_argument("--moe-tokens", type=int, default=4096, help="--moe-profile: at most this many tokens in all")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="also calibrate the GPU when there is a usable one (auto), never (cpu) or must (cuda)")
     return p
 
 
+def moe_profile(args: argparse.Namespace):
+    """--moe-profile: gather the router statistics of --model over the prompts file and save them."""
+    from . import load
+    from .tiers.router_stats import gather, profile_path, save_router_profile
+
+    if not args.model:
+        raise EngineError("--moe-profile needs --model (the mixture-of-experts GGUF)", field="--model")
+    if args.moe_tokens < 1:
+        raise EngineError("must be >= 1", field="--moe-tokens")
+    try:
+        with open(args.moe_profile, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh if line.strip()]
+    except OSError as e:
+        raise EngineError(f"cannot read the prompts: {e.strerror}", path=args.moe_profile, field="--moe-profile") \
+            from None
+    except UnicodeDecodeError:
+        raise EngineError("the prompts file is not UTF-8 text", path=args.moe_profile, field="--moe-profile") from None
+    if not lines:
+        raise EngineError("no prompts (one per non-empty line)", path=args.moe_profile, field="--moe-profile")
+    model = load(args.model, config=args.config, threads=args.threads)
+    try:
+        profile = gather(model, [model.tokenize(line) for line in lines], args.moe_tokens)
+    finally:
+        model.close()
+    return profile, save_router_profile(profile, args.output or profile_path(args.model))
+
+
 def run(args: argparse.Namespace) -> tuple[HardwareProfile, Path]:
+    if args.moe_profile is not None:
+        return moe_profile(args)
     if not 1 <= args.io_threads <= MAX_IO_THREADS:
         raise EngineError(f"must be in [1, {MAX_IO_THREADS}]", field="--io-threads")
     if args.threads is not None and args.threads < 1:
@@ -377,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
     profile, path = got
+    if args.moe_profile is not None:
+        if args.json:
+            print(json.dumps({"path": str(path), "profile": profile.to_json()}))
+        else:
+            hot = [max(range(profile.n_experts), key=row.__getitem__) for row in profile.frequency]
+            print(f"router statistics of {profile.model}: {profile.tokens} tokens, {profile.n_layers} layers x "
+                  f"{profile.n_experts} experts (top-{profile.n_experts_used}); hottest expert per layer: "
+                  f"{', '.join(map(str, hot[:8]))}{' ...' if len(hot) > 8 else ''}")
+            print(f"written to {path}")
+        return 0
     if args.json:
         print(json.dumps({"path": str(path), "profile": profile.to_json()}, indent=2))
     else:

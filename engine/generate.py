@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> dict:
             model.close()
     pieces = []
     stream = not args.json
+    experts0 = model.weights.expert_stats.snapshot() if getattr(model.weights, "expert_stats", None) else None
     try:
         for piece in model.generate(prompt, args.max_tokens, chat=args.chat, system=args.system, draft=draft,
                                     speculate=args.speculate, **sampling_args(args)):
@@ -140,7 +141,12 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         model.close()
     st = model.stats
-    return {
+    experts = {}
+    if experts0 is not None:  # routed experts as units: the expert cache over this generation
+        ex = model.weights.expert_stats.since(experts0)
+        experts = {"experts": {"hit_rate": round(ex.hit_rate, 4), "hits": ex.hits, "misses": ex.misses,
+                               "read_bytes_per_token": round(ex.read_bytes / max(1, ex.tokens)), "line": ex.line()}}
+    return {**experts,
         "model": str(path), "prompt": prompt, "text": "".join(pieces), "finish_reason": st.finish_reason,
         "load_s": round(st.load_s, 3), "prompt_tokens": st.prompt_tokens, "prompt_tps": round(st.prompt_tps, 2),
         "decode_tokens": st.decode_tokens, "decode_tps": round(st.decode_tps, 2),
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write("\n")
         print(f"[load {rec['load_s']:.2f} s | prompt {rec['prompt_tokens']} tok @ {rec['prompt_tps']:.1f} tok/s | "
               f"decode {rec['decode_tokens']} tok @ {rec['decode_tps']:.1f} tok/s | peak RSS {rec['peak_rss_mb']:.0f} MB"
-              f" | {rec['plan']}]", file=sys.stderr)
+              f"{' | ' + rec['experts']['line'] if 'experts' in rec else ''} | {rec['plan']}]", file=sys.stderr)
     return 0
 
 

@@ -154,6 +154,11 @@ class Model:
         if n_ring:
             parts.append(f"{n_ring} streamed through {w.k} x {w.slot_bytes / 2**20:.1f} MiB staging "
                          f"({'O_DIRECT' if self.reader.direct else 'buffered'})")
+        ex = w.expert_store
+        if ex is not None:
+            moving = len(ex.plans)
+            parts.append(f"{len(ex.slices) - moving}/{len(ex.slices)} experts in place, {moving} through an expert "
+                         f"cache of {ex.n_slots} x {ex.slot_bytes / 2**20:.1f} MiB")
         if len(parts) == 1 and not n_ring:
             return f"all resident ({w.resident.nbytes / 2**20:.0f} MiB)"
         return ", ".join(parts)

@@ -196,3 +196,70 @@ def test_the_planners_expert_plan_runs(moe_path, reference, tmp_path):
         for a, b in zip(run(m), reference):
             assert np.array_equal(a, b)
         assert "experts: cache hit" in m.weights.expert_stats.line()
+
+
+def test_calibrate_moe_profile_counts_each_tokens_experts(moe_path, tmp_path, monkeypatch, capsys):
+    from engine.calibrate import main as calibrate_main
+    from engine.plan import main as plan_main
+    from engine.tiers.router_stats import find_router_profile
+
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world, this is a test\n\n  the quick brown fox  \n")
+    assert calibrate_main(["--moe-profile", str(prompts), "--model", str(moe_path)]) == 0
+    assert "written to" in capsys.readouterr().out
+    prof = find_router_profile(moe_path)
+    f, spec, lays = layouts(moe_path)
+    with Model.load(moe_path) as m:
+        n_tokens = len(m.tokenize("hello world, this is a test")) + len(m.tokenize("the quick brown fox"))
+        # independently: the experts a one-token pass routes to, token by token, from the model's own calls
+        seen = [[0] * spec.n_experts for _ in range(spec.n_layers)]
+        orig = m.weights.experts
+
+        def experts(i, ids, rows=None):
+            for e in ids:
+                seen[i][e] += 1
+            return orig(i, ids, rows)
+
+        m.weights.experts = experts
+        for text in ("hello world, this is a test", "the quick brown fox"):
+            with m.open_sequence() as seq:
+                for t in m.tokenize(text):
+                    m.step([(seq, [t])])
+    assert prof.tokens == n_tokens and prof.model == moe_path.name
+    assert [[round(x * n_tokens) for x in row] for row in prof.frequency] == seen
+    assert all(abs(sum(row) - spec.n_experts_used) < 1e-9 for row in prof.frequency)
+    # the planner reads it for that model file
+    assert plan_main(["--model", str(moe_path), "--json", "--prompt-tokens", "16", "--gen-tokens", "16"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["experts"]["router"] == prof.source
+    # bad invocations: one error line, exit 1
+    assert calibrate_main(["--moe-profile", str(prompts)]) == 1
+    assert "--model" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert calibrate_main(["--moe-profile", str(tmp_path / "empty.txt"), "--model", str(moe_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no prompts" in err
+
+
+def test_stats_line_and_trace_report_the_expert_cache(moe_path, tmp_path, capsys):
+    from engine.generate import main as generate_main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("device: cpu\nresident_budget: 70%\nslow_tier: disk\n"
+                   "kv_cache:\n  placement: resident\n  max_context: 64\n")
+    trace = tmp_path / "t.json"
+    assert generate_main(["hello", "--model", str(moe_path), "--config", str(cfg), "--max-tokens", "6",
+                          "--temperature", "0", "--trace", str(trace)]) == 0
+    err = capsys.readouterr().err
+    assert "experts: cache hit" in err and "MiB read/token" in err and "through an expert cache" in err
+    import json
+
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["name"].startswith("experts blk.")]
+    assert events and all({"hits", "misses", "hit_rate_so_far"} <= set(e["args"]) for e in events)
+    assert sum(e["args"]["misses"] for e in events) > 0
+    assert generate_main(["hello", "--model", str(moe_path), "--config", str(cfg), "--max-tokens", "2",
+                          "--temperature", "0", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert 0 <= rec["experts"]["hit_rate"] <= 1 and rec["experts"]["read_bytes_per_token"] > 0

@@ -160,7 +160,10 @@ class ExpertStore:
         self.stats.misses += misses
         if self.tracer and (hits or misses):
             t = self.tracer.now()
-            self.tracer.span(f"experts blk.{i}", t, t, args={"hits": hits, "misses": misses})
+            st = self.stats
+            self.tracer.span(f"experts blk.{i}", t, t, args={"hits": hits, "misses": misses,
+                                                              "hit_rate_so_far": round(st.hit_rate, 4),
+                                                              "read_bytes_so_far": st.read_bytes})
         self._issue_waiting()
         return _Routed(self, i, tuple(ids))
 

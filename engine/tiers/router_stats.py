@@ -109,6 +109,41 @@ class RouterProfile:
         return cls(str(data["model"]), data["n_experts"], data["n_experts_used"], data["tokens"], tuple(freq), path)
 
 
+def gather(model, prompts: Sequence[Sequence[int]], max_tokens: int | None = None) -> RouterProfile:
+    """Run `model` (an engine.model.Model of an MoE GGUF) over the token lists one token per pass -- so each
+    pass's routed experts are one token's k -- and count how often each expert of each layer is selected.
+    At most `max_tokens` tokens in all (None: every token of every prompt)."""
+    spec, w = model.spec, model.weights
+    if not spec.moe:
+        from ..errors import EngineError
+
+        raise EngineError(f"{model.file.path} is not a mixture-of-experts model (no expert_count)", field="--model")
+    counts = [[0] * spec.n_experts for _ in range(spec.n_layers)]
+    routed = [0] * spec.n_layers
+    experts = w.experts
+
+    def counting(i, ids, rows=None):
+        for e in ids:
+            counts[i][e] += 1
+        routed[i] += 1
+        return experts(i, ids, rows)
+
+    w.experts = counting
+    budget = max_tokens if max_tokens is not None else sum(len(p) for p in prompts)
+    try:
+        for toks in prompts:
+            toks = list(toks)[:budget - routed[0]] if budget > routed[0] else []
+            if not toks:
+                continue
+            toks = toks[:model.n_ctx]
+            with model.open_sequence() as seq:
+                for t in toks:
+                    model.step([(seq, [t])], last_only=True)
+    finally:
+        del w.experts  # the instance attribute goes: the provider's own method again
+    return RouterProfile.from_counts(Path(model.file.path).name, counts, spec.n_experts_used, routed[0])
+
+
 def profile_path(model_path: str | os.PathLike) -> Path:
     """Where the router profile of a model file lives: beside the hardware profiles, one per model file."""
     return cache_dir() / "moe" / f"{Path(model_path).name}.json"
