@@ -1,6 +1,7 @@
 """Write a random-weight llama GGUF with realistic layer sizes, for tier benchmarks and memory tests.
 
     python scripts/make_synthetic_model.py OUT.gguf [--layers 16] [--seed 0] [--vocab 128256] ...
+    python scripts/make_synthetic_model.py OUT.gguf --qwen3-moe [--layers 8] [--zipf 0.8] ...
 
 Defaults are Llama-3-8B-shaped: dim 4096, FFN 14336, 32 query / 8 KV heads of 128, vocab 128256,
 block matrices Q4_K, embedding Q4_K, untied output head Q6_K (the Q4_K_S mix). Each block is
@@ -10,6 +11,13 @@ because the output head (~411 MiB in Q6_K) is the largest single streamed unit o
 Weights are random K-quant blocks: random bytes with the fp16 super-block scales (d, and dmin for
 Q4_K) overwritten by finite values chosen so a row dotted with a unit-RMS input has roughly unit
 variance (weights with std ~ 1/sqrt(K)), so activations stay finite through any number of layers.
+--qwen3-moe writes a Qwen3-30B-A3B-shaped mixture of experts instead (arch qwen3moe: dim 2048, 32
+query / 4 KV heads of 128 with per-head q/k norms, 128 experts of FFN 768, top-8; stacked expert tensors
+in the block format, the router F32). Its router is synthetic: row e is a random direction scaled by
+sigma_e, and the sigmas are fitted (on isotropic Gaussian inputs) so that top-k routing selects expert
+e with a Zipf-like frequency proportional to 1 / rank^zipf, capped at 0.45 (zero-mean logits win at
+most about half the time), rank a random permutation per layer -- a larger logit spread means more
+top-k wins; the benchmark measures the frequencies it gets.
 The tokenizer is a byte-level BPE ("gpt2", pre-tokenizer llama-bpe): 256 byte tokens, two- and
 three-character tokens over [a-zA-Z0-9] (with the 'Ġ' space marker as a first character) each with
 its merge, then 256 special tokens (begin/end of text, eot, reserved) -- vocab_size equals the
@@ -20,6 +28,7 @@ a pure function of the arguments (each tensor has its own generator seeded by (s
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -54,6 +63,20 @@ class SyntheticConfig:
     embd_fmt: str = "Q4_K"
     output_fmt: str = "Q6_K"
     seed: int = 0
+    arch: str = "llama"  # "qwen3moe": per-head q/k norms and routed experts
+    head_dim_: int = 0  # 0: dim / n_heads (written as attention.key_length when it differs)
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn: int = 0
+    zipf: float = 0.8  # the router's target popularity exponent (MoE)
+
+    @classmethod
+    def qwen3_moe(cls, **kw) -> "SyntheticConfig":
+        """Qwen3-30B-A3B's shapes (48 layers in the real model; pass n_layers) in Q4_K."""
+        base = dict(n_layers=8, dim=2048, ffn=6144, n_heads=32, n_kv_heads=4, vocab=32768, ctx=4096,
+                    rope_base=1e6, eps=1e-6, arch="qwen3moe", head_dim_=128, n_experts=128, n_experts_used=8,
+                    expert_ffn=768)
+        return cls(**(base | kw))
 
     def __post_init__(self):
         for name in ("n_layers", "dim", "ffn", "n_heads", "n_kv_heads", "vocab", "ctx"):
@@ -63,8 +86,12 @@ class SyntheticConfig:
         for name in ("block_fmt", "embd_fmt", "output_fmt"):
             if getattr(self, name) not in FORMATS:
                 raise ValueError(f"{name} must be one of {', '.join(FORMATS)}, got {getattr(self, name)!r}")
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+        if (not self.head_dim_ and self.dim % self.n_heads) or self.n_heads % self.n_kv_heads:
             raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads, in groups of {self.n_kv_heads}")
+        if self.arch not in ("llama", "qwen3moe"):
+            raise ValueError(f"arch must be llama or qwen3moe, got {self.arch!r}")
+        if self.arch == "qwen3moe" and not (0 < self.n_experts_used <= self.n_experts and self.expert_ffn > 0):
+            raise ValueError("qwen3moe needs 0 < n_experts_used <= n_experts and expert_ffn > 0")
         block = max(GGML_QUANT_SIZES[FORMATS[f]][0] for f in (self.block_fmt, self.embd_fmt, self.output_fmt))
         if self.dim % block or self.ffn % block:
             raise ValueError(f"dim and ffn must be multiples of {block} (the formats' block), "
@@ -74,20 +101,31 @@ class SyntheticConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_ or self.dim // self.n_heads
 
     def tensors(self) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
         """(name, numpy shape, K-quant format or None for F32) in file order."""
         d, kv, f = self.dim, self.n_kv_heads * self.head_dim, self.ffn
+        q = self.n_heads * self.head_dim
+        E, fe = self.n_experts, self.expert_ffn
         yield "token_embd.weight", (self.vocab, d), self.embd_fmt
         for i in range(self.n_layers):
             p = f"blk.{i}."
             yield p + "attn_norm.weight", (d,), None
-            yield p + "attn_q.weight", (d, d), self.block_fmt
+            yield p + "attn_q.weight", (q, d), self.block_fmt
             yield p + "attn_k.weight", (kv, d), self.block_fmt
             yield p + "attn_v.weight", (kv, d), self.block_fmt
-            yield p + "attn_output.weight", (d, d), self.block_fmt
+            yield p + "attn_output.weight", (d, q), self.block_fmt
+            if self.arch == "qwen3moe":
+                yield p + "attn_q_norm.weight", (self.head_dim,), None
+                yield p + "attn_k_norm.weight", (self.head_dim,), None
             yield p + "ffn_norm.weight", (d,), None
+            if E:
+                yield p + "ffn_gate_inp.weight", (E, d), None
+                yield p + "ffn_gate_exps.weight", (E, fe, d), self.block_fmt
+                yield p + "ffn_up_exps.weight", (E, fe, d), self.block_fmt
+                yield p + "ffn_down_exps.weight", (E, d, fe), self.block_fmt
+                continue
             yield p + "ffn_gate.weight", (f, d), self.block_fmt
             yield p + "ffn_up.weight", (f, d), self.block_fmt
             yield p + "ffn_down.weight", (d, f), self.block_fmt
@@ -103,7 +141,7 @@ def _nbytes(shape: tuple[int, ...], fmt: str | None) -> int:
     if fmt is None:
         return 4 * int(np.prod(shape))
     block, size = GGML_QUANT_SIZES[FORMATS[fmt]]
-    return shape[0] * shape[1] // block * size
+    return int(np.prod(shape[:-1])) * (shape[-1] // block * size)
 
 
 # byte offsets of the fp16 block scale d and of the min (None: no min) inside one block, the std of
@@ -169,10 +207,55 @@ def synthetic_vocab(size: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "bos": first, "eos": first + 1, "eot": first + 2}
 
 
+ROUTER_CAP = 0.45  # a zero-mean logit is among the top k at most about half the time
+
+
+@functools.lru_cache(maxsize=8)
+def zipf_router_scales(n_experts: int, k: int, zipf: float, seed: int, samples: int = 4096,
+                       steps: int = 150) -> tuple[np.ndarray, np.ndarray]:
+    """Per-expert logit scales sigma (E,) such that top-k of sigma * g (g ~ N(0, I)) selects expert e with
+    frequency ~ target[e]: k * r_e^-zipf / sum over ranks r_e = 1..E, capped at ROUTER_CAP with the excess
+    spread over the others in proportion (water-filling). Fitted by multiplicative updates on fixed
+    samples. -> (sigma, target)."""
+    rng = np.random.default_rng([seed, 1 << 20])
+    w = 1.0 / np.arange(1, n_experts + 1) ** zipf
+    target = k * w / w.sum()
+    for _ in range(n_experts):
+        over = target >= ROUTER_CAP
+        if not (target > ROUTER_CAP + 1e-12).any():
+            break
+        target[over] = ROUTER_CAP
+        target[~over] *= (k - ROUTER_CAP * over.sum()) / target[~over].sum()
+    g = rng.standard_normal((samples, n_experts))
+    log_s = np.zeros(n_experts)
+    for _ in range(steps):
+        top = np.argpartition(-(g * np.exp(log_s)), k - 1, axis=1)[:, :k]
+        freq = np.bincount(top.ravel(), minlength=n_experts) / samples
+        log_s += 0.3 * (np.log(target) - np.log(np.maximum(freq, 0.5 / samples)))
+        log_s -= log_s.mean()
+    return np.exp(log_s), target
+
+
+def _router(cfg: SyntheticConfig, index: int, shape: tuple[int, int]) -> np.ndarray:
+    """A router (E, dim) whose top-k choices on random hidden states follow the Zipf-like popularity:
+    random unit rows scaled by the fitted sigmas (in a random order of experts per layer)."""
+    E, d = shape
+    rng = np.random.default_rng([cfg.seed, index])
+    sigma, _ = zipf_router_scales(E, cfg.n_experts_used, cfg.zipf, cfg.seed)
+    rows = rng.standard_normal((E, d))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    # a unit-RMS input x has |x| = sqrt(d): row . x ~ N(0, 1); 3 x sigma makes the softmax decisive
+    return (rows * (3.0 * sigma[rng.permutation(E)])[:, None]).astype(np.float32)
+
+
 def _tensor_data(cfg: SyntheticConfig, index: int, shape: tuple[int, ...], fmt: str | None) -> np.ndarray:
     rng = np.random.default_rng([cfg.seed, index])
     if fmt is None:
+        if len(shape) == 2:
+            return _router(cfg, index, shape)
         return (1.0 + 0.1 * rng.standard_normal(shape[0])).astype(np.float32)
+    if len(shape) == 3:  # stacked experts (E, N, K): rows of one (E*N, K) matrix
+        return random_kquant(rng, (shape[0] * shape[1], shape[2]), fmt).reshape(shape[0], shape[1], -1)
     return random_kquant(rng, shape, fmt)
 
 
@@ -183,9 +266,16 @@ def write_synthetic_model(path: str | os.PathLike, cfg: SyntheticConfig = Synthe
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     voc = synthetic_vocab(cfg.vocab)
-    w = GGUFWriter(str(tmp), arch="llama")
+    w = GGUFWriter(str(tmp), arch=cfg.arch)
     try:
-        w.add_name(f"synthetic llama {cfg.n_layers}x{cfg.dim} (random weights, seed {cfg.seed})")
+        w.add_name(f"synthetic {cfg.arch} {cfg.n_layers}x{cfg.dim} (random weights, seed {cfg.seed})")
+        if cfg.n_experts:
+            w.add_expert_count(cfg.n_experts)
+            w.add_expert_used_count(cfg.n_experts_used)
+            w.add_expert_feed_forward_length(cfg.expert_ffn)
+        if cfg.head_dim_:
+            w.add_key_length(cfg.head_dim)
+            w.add_value_length(cfg.head_dim)
         w.add_context_length(cfg.ctx)
         w.add_embedding_length(cfg.dim)
         w.add_block_count(cfg.n_layers)
@@ -210,7 +300,7 @@ def write_synthetic_model(path: str | os.PathLike, cfg: SyntheticConfig = Synthe
             if fmt is None:
                 w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, fmt))
             else:
-                raw_shape = (shape[0], _nbytes(shape, fmt) // shape[0])  # bytes per row
+                raw_shape = (*shape[:-1], _nbytes(shape, fmt) // int(np.prod(shape[:-1])))  # bytes per row
                 w.add_tensor_info(name, raw_shape, np.dtype(np.uint8), _nbytes(shape, fmt), raw_dtype=FORMATS[fmt])
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -246,11 +336,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embd-format", choices=list(FORMATS), default=d.embd_fmt)
     p.add_argument("--output-format", choices=list(FORMATS), default=d.output_fmt)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--qwen3-moe", action="store_true", help="Qwen3-30B-A3B shapes (dim, heads, experts); "
+                   "--layers (default 8), --vocab (default 32768), --zipf and the formats still apply")
+    p.add_argument("--zipf", type=float, default=d.zipf, help="MoE: the router's popularity exponent")
     a = p.parse_args(argv)
     try:
-        cfg = SyntheticConfig(n_layers=a.layers, dim=a.dim, ffn=a.ffn, n_heads=a.heads, n_kv_heads=a.kv_heads,
-                              vocab=a.vocab, ctx=a.ctx, block_fmt=a.block_format, embd_fmt=a.embd_format,
-                              output_fmt=a.output_format, seed=a.seed)
+        if a.qwen3_moe:
+            cfg = SyntheticConfig.qwen3_moe(
+                n_layers=a.layers if a.layers != d.n_layers else 8, vocab=a.vocab if a.vocab != d.vocab else 32768,
+                block_fmt=a.block_format, embd_fmt=a.embd_format, output_fmt=a.output_format, seed=a.seed,
+                zipf=a.zipf)
+        else:
+            cfg = SyntheticConfig(n_layers=a.layers, dim=a.dim, ffn=a.ffn, n_heads=a.heads, n_kv_heads=a.kv_heads,
+                                  vocab=a.vocab, ctx=a.ctx, block_fmt=a.block_format, embd_fmt=a.embd_format,
+                                  output_fmt=a.output_format, seed=a.seed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -258,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"writing {a.output}: {cfg.n_layers} layers, {cfg.file_bytes() / 2**30:.2f} GiB of tensors", flush=True)
 
     def progress(done: int, total: int, name: str) -> None:
-        if name.endswith("ffn_down.weight") or done == total:
+        if name.endswith(("ffn_down.weight", "ffn_down_exps.weight")) or done == total:
             print(f"  {done}/{total} tensors ({name}), {time.perf_counter() - t0:.1f} s", flush=True)
 
     try:

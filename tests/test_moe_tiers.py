@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import shutil
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,28 @@ def test_stats_line_and_trace_report_the_expert_cache(moe_path, tmp_path, capsys
                           "--temperature", "0", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert 0 <= rec["experts"]["hit_rate"] <= 1 and rec["experts"]["read_bytes_per_token"] > 0
+
+
+def test_synthetic_qwen3moe_writer(tmp_path):
+    """scripts/make_synthetic_model.py's MoE variant loads as qwen3moe, and its router's fitted scales give
+    the capped Zipf-like selection frequencies on Gaussian inputs (checked on fresh samples)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from make_synthetic_model import ROUTER_CAP, SyntheticConfig, write_synthetic_model, zipf_router_scales
+
+    cfg = SyntheticConfig(arch="qwen3moe", n_layers=2, dim=256, ffn=512, n_heads=4, n_kv_heads=2, head_dim_=64,
+                          n_experts=8, n_experts_used=2, expert_ffn=256, vocab=1024, ctx=128)
+    path = write_synthetic_model(tmp_path / "s.gguf", cfg)
+    f, spec, lays = layouts(path)
+    assert (spec.architecture, spec.n_experts, spec.n_experts_used, spec.expert_ffn_dim, spec.head_dim) == \
+        ("qwen3moe", 8, 2, 256, 64)
+    with Model.load(path, n_ctx=64) as m:
+        assert np.isfinite(run(m, 2)[-1]).all()
+    sigma, target = zipf_router_scales(32, 4, 0.8, 0)
+    assert abs(target.sum() - 4) < 1e-9 and target.max() <= ROUTER_CAP + 1e-12
+    assert list(target) == sorted(target, reverse=True)
+    g = np.random.default_rng(123).standard_normal((20000, 32)) * sigma
+    top = np.argpartition(-g, 3, axis=1)[:, :4]
+    freq = np.bincount(top.ravel(), minlength=32) / 20000
+    assert np.abs(freq - target).max() < 0.03
