@@ -606,6 +606,41 @@ def test_kvikio_reader_reports_a_truncated_file(monkeypatch, data_file):
     r.close()
 
 
+@pytest.mark.parametrize("kind", ["file", "kvikio"])
+def test_readers_share_the_file_checks(monkeypatch, data_file, kind):
+    """Both readers honour the whole reader contract the runtime and scheduler use beyond submit():
+    `pread` of embedding rows through the page cache, a typed error (never a SIGBUS) once the file
+    shrank under them, and `file_changed` true once after the file's size or mtime changed."""
+    path, data = data_file
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio())
+    r = kvikio_io.KvikioReader(path) if kind == "kvikio" else FileReader(str(path), backend="posix")
+    try:
+        assert r.pread(70_001, 30_002, "token_embd") == data[70_001:100_003].tobytes()
+        assert r.file_changed() is False
+        with open(path, "r+b") as fh:
+            fh.truncate(80_000)
+        assert r.file_changed() is True and r.file_changed() is False
+        with pytest.raises(WeightIOError) as e:
+            r.pread(79_000, 2000, "token_embd")
+        assert "token_embd" in str(e.value) and "truncated" in str(e.value) and e.value.path == str(path)
+        assert r.pread(0, 100, "token_embd") == data[:100].tobytes()  # what is still there reads as before
+    finally:
+        r.close()
+    with pytest.raises(WeightIOError):  # closed: a typed error, not a read of whatever reuses the descriptor
+        r.pread(0, 10, "token_embd")
+
+
+def test_kvikio_reader_closes_its_descriptors(monkeypatch, data_file):
+    path, _ = data_file
+    fds = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio())
+    kvikio_io.KvikioReader(path).close()
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio("libcuda.so.1: cannot open shared object file"))
+    with pytest.raises(KernelError):
+        kvikio_io.KvikioReader(path)  # the probe failed: nothing left open
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
 @pytest.mark.parametrize("module", [None, "no-driver"])
 def test_kvikio_fallback_to_file_reader(monkeypatch, caplog, data_file, module):
     path, data = data_file

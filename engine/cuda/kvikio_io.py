@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import KernelError, WeightIOError
-from ..tiers.io import DIRECT_ALIGN, ReadPlan, Ticket
+from ..tiers.io import DIRECT_ALIGN, FileChecks, ReadPlan, Ticket
 
 
 def _import_kvikio():
@@ -74,12 +74,14 @@ class _Read:
         return False  # a submitted cuFile read cannot be withdrawn
 
 
-class KvikioReader:
+class KvikioReader(FileChecks):
     """Reads spans of one file with kvikio.CuFile.pread into pinned host or device buffers.
 
     Same interface as engine.tiers.io.FileReader: `plan(runs)`, `submit(plan, buf, label) -> Ticket`,
-    `close()`, and the attributes `path`, `align`, `direct`, `tracer`. KernelError from the
-    constructor when kvikio is missing or cannot run (no CUDA driver).
+    `close()`, the attributes `path`, `align`, `direct`, `device_reads`, `tracer`, and FileChecks'
+    `pread` (embedding rows through the page cache) and `file_changed` (size or mtime changed under the
+    model), on a buffered descriptor of its own. KernelError from the constructor when kvikio is
+    missing or cannot run (no CUDA driver).
 
     kvikio writes device buffers from its own threads and streams, outside the compute stream's
     order: a device buffer must not be submitted while queued kernels may still read it.
@@ -96,13 +98,19 @@ class KvikioReader:
         self._pending: list[_Read] = []
         self._closed = False
         try:
+            self._open_checks()
+        except OSError as e:
+            raise WeightIOError(f"cannot open the file: {e.strerror}", path=self.path) from None
+        try:
             self._file = kvikio.CuFile(self.path, "r")
         except (RuntimeError, OSError) as e:
+            self._close_bfd()
             raise WeightIOError(f"kvikio cannot open the file: {e}", path=self.path) from None
         try:
             self._probe()
         except (RuntimeError, OSError) as e:
             self._file.close()
+            self._close_bfd()
             raise KernelError(f"kvikio cannot read: {e}", path=self.path, field="io_backend") from None
         preferred = getattr(defaults, "is_compat_mode_preferred", None) or defaults.compat_mode  # kvikio < 24.12
         self.mode = "compat" if preferred() else "gds"
@@ -148,11 +156,10 @@ class KvikioReader:
         return Ticket(reads)
 
     def error_for(self, label: str, offset: int, need: int, why: str) -> WeightIOError:
-        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-        if offset + need > size:
-            return WeightIOError(f"{label}: file ended at {size} bytes while reading [{offset}, {offset + need}); "
-                                 "was the model file truncated?", path=self.path)
-        return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {why}", path=self.path)
+        size = self._file_stamp()[0]
+        if 0 <= size < offset + need:
+            return self._eof_error(label, offset, need)
+        return self._failed(label, offset, need, why)
 
     def close(self) -> None:
         """Waits for reads in flight (their buffers must outlive them), then closes the file."""
@@ -165,3 +172,9 @@ class KvikioReader:
         if not self._closed:
             self._closed = True
             self._file.close()
+            self._close_bfd()
+
+    def _close_bfd(self) -> None:
+        fd, self._bfd = self._bfd, -1
+        if fd >= 0:
+            os.close(fd)

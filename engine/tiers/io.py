@@ -111,7 +111,73 @@ def madvise_huge(addr: int, length: int) -> None:
         pass
 
 
-class FileReader:
+class FileChecks:
+    """The part of the reader contract every backend does alike, on a buffered descriptor `_bfd` of
+    `path`: `pread` of small pieces through the page cache (the embedding rows when the embedding is
+    not resident: a memory-mapped view would be a SIGBUS once the file shrinks), `file_changed` (the
+    scheduler drops its read-ahead when the file's size or modification time changed under it), and
+    typed errors naming the unit, the byte range and the file. `_fault`: fault injection (tests)."""
+
+    path: str
+    _bfd: int = -1
+    _fault: tuple[int, int, int] | None = None
+
+    def _open_checks(self) -> int:
+        """Open the buffered descriptor and take the file's first stamp -> the descriptor."""
+        self._bfd = os.open(self.path, os.O_RDONLY)
+        self._stamp = self._file_stamp()
+        return self._bfd
+
+    def _file_stamp(self) -> tuple[int, int]:
+        try:
+            st = os.fstat(self._bfd)
+        except OSError:
+            return (-1, -1)
+        return st.st_size, st.st_mtime_ns
+
+    def file_changed(self) -> bool:
+        """True (once) when the file's size or modification time changed since the last call: it was
+        truncated or written under the model, and reads made ahead may hold what is no longer there."""
+        stamp = self._file_stamp()
+        changed, self._stamp = stamp != self._stamp, stamp
+        return changed
+
+    def pread(self, offset: int, length: int, label: str) -> bytes:
+        """A small synchronous read through the page cache (embedding rows). Every failure, a file that
+        shrank under the model included, is a WeightIOError: a memory-mapped view would be a SIGBUS."""
+        fault = self._fault
+        if fault is not None and fault[0] <= offset < fault[1]:
+            if fault[2] == SHORT_READ:
+                raise self._eof_error(label, offset, length)
+            raise self._os_error(label, offset, length, fault[2])
+        parts, got = [], 0
+        try:
+            while got < length:
+                b = os.pread(self._bfd, length - got, offset + got)
+                if not b:
+                    raise self._eof_error(label, offset, length)
+                parts.append(b)
+                got += len(b)
+        except OSError as e:
+            raise self._os_error(label, offset, length, e.errno) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _eof_error(self, label: str, offset: int, need: int) -> WeightIOError:
+        try:
+            at = f" at {os.fstat(self._bfd).st_size} bytes"
+        except OSError:  # the reader is closed
+            at = ""
+        return WeightIOError(f"{label}: file ended{at} while reading [{offset}, {offset + need}); was "
+                             "the model file truncated?", path=self.path)
+
+    def _os_error(self, label: str, offset: int, need: int, err: int) -> WeightIOError:
+        return self._failed(label, offset, need, os.strerror(err))
+
+    def _failed(self, label: str, offset: int, need: int, why: str) -> WeightIOError:
+        return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {why}", path=self.path)
+
+
+class FileReader(FileChecks):
     """Reads spans of one file into buffers; `submit` returns a Ticket.
 
     The reads run on native threads (preadq.cpp) that never take the GIL, so the model's Python code
@@ -123,7 +189,7 @@ class FileReader:
         self.chunk = max(DIRECT_ALIGN, chunk // DIRECT_ALIGN * DIRECT_ALIGN)  # bytes per read request
         self.direct = False
         lib = _native_library()  # first: a KernelError here leaves no descriptor open
-        self.fd = self._bfd = os.open(path, os.O_RDONLY)  # _bfd: buffered, for pread() of small pieces
+        self.fd = self._open_checks()  # buffered; pread() of small pieces always uses it
         if backend in ("odirect", "auto") and hasattr(os, "O_DIRECT"):
             dfd = -1
             try:
@@ -148,8 +214,7 @@ class FileReader:
         self._free: list[int] = []  # idle native tickets
         self._args: dict[tuple[int, int], tuple] = {}  # (id(plan), buffer address) -> ctypes arguments
         self.pool = None if lib is not None else ThreadPoolExecutor(self.threads, thread_name_prefix="engine-read")
-        self._fault: tuple[int, int, int] | None = None
-        self._stamp = self._file_stamp()
+        self._fault = None
 
     @property
     def native(self) -> bool:
@@ -213,52 +278,6 @@ class FileReader:
             raise self._os_error(label, offset, need, e.errno) from None
         if tr:
             tr.span("read " + label, t0, tr.now(), tid=threading.get_ident(), args={"bytes": got})
-
-    def _file_stamp(self) -> tuple[int, int]:
-        try:
-            st = os.fstat(self._bfd)
-        except OSError:
-            return (-1, -1)
-        return st.st_size, st.st_mtime_ns
-
-    def file_changed(self) -> bool:
-        """True (once) when the file's size or modification time changed since the last call: it was
-        truncated or written under the model, and reads made ahead may hold what is no longer there."""
-        stamp = self._file_stamp()
-        changed, self._stamp = stamp != self._stamp, stamp
-        return changed
-
-    def pread(self, offset: int, length: int, label: str) -> bytes:
-        """A small synchronous read through the page cache (embedding rows). Every failure, a file that
-        shrank under the model included, is a WeightIOError: a memory-mapped view would be a SIGBUS."""
-        fault = self._fault
-        if fault is not None and fault[0] <= offset < fault[1]:
-            if fault[2] == SHORT_READ:
-                raise self._eof_error(label, offset, length)
-            raise self._os_error(label, offset, length, fault[2])
-        parts, got = [], 0
-        try:
-            while got < length:
-                b = os.pread(self._bfd, length - got, offset + got)
-                if not b:
-                    raise self._eof_error(label, offset, length)
-                parts.append(b)
-                got += len(b)
-        except OSError as e:
-            raise self._os_error(label, offset, length, e.errno) from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _eof_error(self, label: str, offset: int, need: int) -> WeightIOError:
-        try:
-            at = f" at {os.fstat(self.fd).st_size} bytes"
-        except OSError:  # the reader is closed
-            at = ""
-        return WeightIOError(f"{label}: file ended{at} while reading [{offset}, {offset + need}); was "
-                             "the model file truncated?", path=self.path)
-
-    def _os_error(self, label: str, offset: int, need: int, err: int) -> WeightIOError:
-        return WeightIOError(f"{label}: read of {need} bytes at offset {offset} failed: {os.strerror(err)}",
-                             path=self.path)
 
     def _recycle(self, handle: int) -> None:
         """A native ticket whose reads are over: reused while the reader is open, else freed."""
