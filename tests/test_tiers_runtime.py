@@ -206,12 +206,23 @@ def test_ctrl_c_during_streaming_exits_cleanly(tmp_path):
 def test_trace_shows_every_read_and_compute_and_their_overlap(tmp_path, reader_kind):
     """--trace: a Perfetto-loadable JSON with, per token, a read span of every streamed unit and a compute
     span of every unit; spans on one track never overlap (what Perfetto draws); reads of the next units run
-    while the current one computes."""
+    while the current one computes. Every compute span is stretched to >= 20 ms (a sleep before release,
+    which frees the CPU and the GIL): SmolLM2's units compute in ~0.5 ms, and on a loaded machine the
+    reads issued ahead of a unit could otherwise finish before it starts, or start only after it ended,
+    so whether they overlapped it measured the load rather than the scheduler."""
     out = tmp_path / "trace.json"
     tokens = 3
     with engine.load(config=str(ROOT / "configs" / "cpu-tight.yaml"), n_ctx=64, trace=str(out)) as m:
         streamed = {m.weights.units[i].name for i in m.weights.seq}
         units = [u.name for u in m.weights.units]
+        assert m.weights.k >= 2  # a ring of two or more: the next unit's read is issued before this one computes
+        release = m.weights.release
+
+        def slow_release(i: int) -> None:
+            time.sleep(0.02)
+            release(i)
+
+        m.weights.release = slow_release
         list(m.generate([1, 2, 3, 4], max_tokens=tokens, temperature=0, stop=()))
     doc = json.loads(out.read_text())
     spans = [e for e in doc["traceEvents"] if e["ph"] == "X"]
