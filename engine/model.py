@@ -3,10 +3,11 @@ generate text."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 from typing import Sequence as Seq
 
@@ -17,7 +18,7 @@ from .device import Device, select_device
 from .errors import EngineError, ModelFormatError, PlanError, brief
 from .gguf_file import GGUFFile
 from .models.llama import Llama
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
 from .sequence import Batch, Row, Sequence, tree_depths, tree_mask
 from .spec import ModelSpec
 from .tiers.config import MAX_COMPUTE_THREADS, load_config
@@ -28,6 +29,7 @@ from .tiers.units import PREFILL_TOKENS
 from .weights import layer_layout
 
 DEFAULT_CTX = 4096
+log = logging.getLogger("engine.model")
 
 
 @dataclass(slots=True)
@@ -98,7 +100,12 @@ class Model:
                                    path=f.path, field=f"{spec.architecture}.block_count")
         tok = Tokenizer.from_metadata(f.metadata, f.path)
         cfg = load_config(config)
-        n_ctx = min(n_ctx or cfg.kv_cache.max_context or DEFAULT_CTX, spec.context_length)
+        if n_ctx is None:  # the config's max_context (or the default) is capped at the trained context
+            n_ctx = min(cfg.kv_cache.max_context or DEFAULT_CTX, spec.context_length)
+        elif n_ctx > spec.context_length:  # asked for explicitly: honoured, and said
+            log.warning("%s: n_ctx %d is beyond the model's trained context of %d tokens (%s.context_length): "
+                        "positions past it are extrapolated by rope, output quality is not guaranteed",
+                        f.path, n_ctx, spec.context_length, spec.architecture)
         if device is None:  # before any large allocation: a CUDA request that cannot be honoured fails here
             device = select_device(cfg.device, threads=threads or cfg.compute_threads, kv_dtype=cfg.kv_cache.dtype)
         kind = device.torch_device.type
@@ -191,11 +198,13 @@ class Model:
         self.sequences.add(seq)
         return seq
 
-    def _batch(self, rows, last_only: bool, trees) -> Batch:
+    def _batch(self, rows, want, trees) -> Batch:
         if not rows:
             raise EngineError("a pass needs at least one row", field="rows")
         if trees is not None and len(trees) != len(rows):
             raise EngineError(f"{len(trees)} tree parent lists for {len(rows)} rows", field="trees")
+        if want is not None and len(want) != len(rows):
+            raise EngineError(f"{len(want)} output counts for {len(rows)} rows", field="want")
         packed, ids, positions, seen = [], [], [], set()
         offset = 0
         for r, (seq, toks) in enumerate(rows):
@@ -209,6 +218,10 @@ class Model:
             T = t.numel()
             if T == 0:
                 raise EngineError(f"row {r}: no tokens", field="rows")
+            if want is not None and (isinstance(want[r], bool) or not isinstance(want[r], int)
+                                     or not 1 <= want[r] <= T):
+                raise EngineError(f"row {r}: logits wanted for {brief(want[r])} of its {T} tokens "
+                                  f"(need 1..{T})", field="want")
             if seq.pos + T > self.n_ctx:
                 raise EngineError(f"context of {self.n_ctx} tokens exceeded ({seq.pos} + {T})", field="n_ctx")
             parents = None if trees is None or trees[r] is None else [int(p) for p in trees[r]]
@@ -221,23 +234,28 @@ class Model:
             offset += T
         ids_all = torch.cat(ids)
         self._check_ids(ids_all)
-        return Batch(packed, ids_all, torch.cat(positions), last_only)
+        return Batch(packed, ids_all, torch.cat(positions), want)
 
     @torch.inference_mode()
-    def step(self, rows, last_only: bool = False, trees=None) -> list[torch.Tensor]:
+    def step(self, rows, last_only: bool = False, trees=None, want=None) -> list[torch.Tensor]:
         """ONE pass over the weights for every row: rows = [(sequence, token ids), ...], any mix of
-        prefill chunks and decode tokens. -> per row logits (T_i, vocab), or (1, vocab) with last_only,
-        fp32 on the compute device. trees: per row None or parents (parents[j] = index of token j's
-        parent among the row's new tokens, -1 = the last cached token) for draft-tree verification.
-        A failed pass leaves every sequence as it was before it."""
-        batch = self._batch(rows, last_only, trees)
+        prefill chunks and decode tokens. -> per row logits (T_i, vocab); with last_only (1, vocab), or
+        with want (per row n_i in 1..T_i) the logits of each row's last n_i tokens (n_i, vocab): the
+        output head runs only on those. fp32 on the compute device. trees: per row None or parents
+        (parents[j] = index of token j's parent among the row's new tokens, -1 = the last cached
+        token) for draft-tree verification. A failed pass leaves every sequence as it was before it."""
+        if last_only and want is None:
+            want = [1] * len(rows)
+        batch = self._batch(rows, want, trees)
         with self._lock:
-            logits = self.net.forward(batch, self.weights)  # (N or R, vocab)
-        out = []
+            logits = self.net.forward(batch, self.weights)  # (N or M, vocab)
+        out, o = [], 0
         for i, r in enumerate(batch.rows):  # the pass succeeded: the rows' tokens are cached
             r.seq.pos += r.T
             r.seq.tree = None if r.tree is None else (r.start, tuple(int(p) for p in trees[i]))
-            out.append(logits[i:i + 1] if last_only else logits[r.offset:r.offset + r.T])
+            n = r.T if want is None else want[i]
+            out.append(logits[o:o + n])
+            o += n
         return out
 
     def _check_ids(self, ids: torch.Tensor) -> None:
@@ -315,79 +333,16 @@ class Model:
         `draft`: speculative decoding with "prompt-lookup", a draft Model or GGUF path sharing this
         model's vocabulary (same output: see engine.serving.speculative); `speculate`: tokens verified
         per pass (default: from the cost model)."""
-        params = SamplingParams(**sampling)
-        ids = list(prompt) if not isinstance(prompt, str) else self.prompt_ids(prompt, chat, system)
-        if not ids:
-            raise EngineError("the prompt is empty (no tokens)", field="prompt")
-        if len(ids) >= self.n_ctx:
-            raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}", field="prompt")
-        if draft is None:
-            yield from _Generation(self, ids, params, max_tokens).run()
-            return
         from .serving import batcher, speculative
 
-        drafter = speculative.drafter_for(self, draft)
+        params = SamplingParams(**sampling)
+        ids = list(prompt) if not isinstance(prompt, str) else self.prompt_ids(prompt, chat, system)
+        batcher.check_prompt(ids, self.n_ctx)
+        drafter = None if draft is None else speculative.drafter_for(self, draft)
         try:
-            depth = speculate if speculate is not None else speculative.verify_widths(self, drafter)
+            depth = 1 if drafter is None else speculate if speculate is not None else \
+                speculative.verify_widths(self, drafter)
             yield from batcher.generate(self, ids, params, max_tokens, drafter=drafter, depth=depth, stats=self.stats)
         finally:
-            if drafter is not draft:
+            if drafter is not None and drafter is not draft:
                 drafter.shutdown()
-
-
-@dataclass(slots=True)
-class _Generation:
-    model: Model
-    ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    history: list[int] = field(default_factory=list)
-
-    def run(self) -> Iterator[str]:
-        m, p = self.model, self.params
-        with m.open_sequence() as seq:  # this generation's own KV slot, freed however it ends
-            yield from self._decode(seq)
-
-    def _decode(self, seq: Sequence) -> Iterator[str]:
-        m, p = self.model, self.params
-        st = m.stats
-        sampler, dec = Sampler(p), m.tokenizer.decoder()
-        stops, stop_ids = p.stop, m.tokenizer.stop_ids
-        hold = max((len(s) for s in stops), default=1) - 1  # chars held back while a stop may be forming
-        self.history = list(self.ids)
-        t0 = time.perf_counter()
-        logits = m.prefill(seq, self.ids)
-        st.prompt_tokens, st.prompt_s = len(self.ids), time.perf_counter() - t0
-        st.decode_tokens, st.decode_s, st.finish_reason = 0, 0.0, "length"
-        pending, cut = "", -1
-        t1 = time.perf_counter()
-        try:
-            for n in range(self.max_tokens):
-                tok = sampler(logits, self.history)  # the one device-to-host copy of the token
-                st.decode_tokens += 1
-                if tok in stop_ids:
-                    st.finish_reason = "stop"
-                    break
-                self.history.append(tok)
-                pending += dec.push(tok)
-                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    st.finish_reason = "stop"
-                    pending = pending[:cut]
-                    break
-                if len(pending) > hold:
-                    out, pending = (pending[:len(pending) - hold], pending[len(pending) - hold:]) if hold else (pending, "")
-                    yield out
-                if n + 1 == self.max_tokens:  # no pass for logits nobody samples
-                    break
-                if seq.pos + 1 >= m.n_ctx:
-                    st.finish_reason = "context"
-                    break
-                logits = m.step([(seq, [tok])], last_only=True)[0][-1]
-            if cut < 0:  # not ended by a stop string: release the bytes the decoder held back
-                pending += dec.flush()
-            if pending:
-                yield pending
-        finally:
-            st.decode_s = time.perf_counter() - t1
-

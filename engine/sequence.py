@@ -108,9 +108,14 @@ class Batch:
     """A ragged pass: every row's new tokens packed along one axis (no padding), their rope positions,
     and per row where its keys go. Device copies of the small index tensors are made once per device."""
 
-    def __init__(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, last_only: bool):
-        self.rows, self.ids, self.positions, self.last_only = rows, ids, positions, last_only  # (N,) int64 host
-        self.last = torch.tensor([r.offset + r.T - 1 for r in rows])  # (R,) the rows' last tokens
+    def __init__(self, rows: list[Row], ids: torch.Tensor, positions: torch.Tensor, want: Seq[int] | None):
+        """want: per row, how many of its last tokens need logits (None: every token of every row)."""
+        self.rows, self.ids, self.positions = rows, ids, positions  # (N,) int64 host
+        self.want = None if want is None else list(want)
+        self.last_only = want is not None  # the head runs only on the `last` tokens
+        self.last = torch.tensor([] if want is None else  # (M,) the tokens whose logits the pass returns
+                                 [j for r, n in zip(rows, want) for j in range(r.offset + r.T - n, r.offset + r.T)],
+                                 dtype=torch.int64)
         self._on: dict[torch.device, BatchOn] = {}
 
     @property
@@ -130,4 +135,4 @@ class Batch:
 class BatchOn:
     positions: torch.Tensor  # (N,) int64 rope positions
     trees: list[torch.Tensor | None]  # per row: (T, T) bool tree mask, or None (causal)
-    last: torch.Tensor  # (R,) int64: each row's last token in the packed axis
+    last: torch.Tensor  # (M,) int64: the tokens whose logits the pass returns, in the packed axis

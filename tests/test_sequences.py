@@ -103,6 +103,22 @@ def test_tree_pass_scores_every_branch_and_keep_path_continues_it(model):
         model.step([(seq, [1, 2])], trees=[[-1, 1]])
 
 
+def test_per_row_outputs_equal_the_full_logits(model):
+    """want[i]: only row i's last want[i] positions go through the output head, each equal to the same
+    row's logits from a pass that computes every position (the head is batch-invariant on the CPU)."""
+    with model.open_sequence() as sa, model.open_sequence() as sb, model.open_sequence() as sc:
+        full = model.step([(sa, A), (sb, B), (sc, C)])
+    with model.open_sequence() as sa, model.open_sequence() as sb, model.open_sequence() as sc:
+        got = model.step([(sa, A), (sb, B), (sc, C)], want=[1, 3, 2])
+        assert (sa.pos, sb.pos, sc.pos) == (len(A), len(B), len(C))
+    assert [g.shape[0] for g in got] == [1, 3, 2]
+    for g, f, n in zip(got, full, [1, 3, 2]):
+        assert torch.equal(g, f[-n:])
+    with model.open_sequence() as s:  # one row, several outputs (a draft verification)
+        (one,) = model.step([(s, A)], want=[3])
+    assert torch.equal(one, full[0][-3:])
+
+
 def test_pass_errors_are_typed_and_change_nothing(model, path):
     with model.open_sequence() as s, engine.load(path, config={"device": "cpu"}) as other:
         model.step([(s, A)])
@@ -112,6 +128,10 @@ def test_pass_errors_are_typed_and_change_nothing(model, path):
             with pytest.raises(EngineError, match=match):
                 model.step(rows)
             assert s.pos == len(A)
+        for want in ([0], [2], [1, 1], [True]):  # 1..T outputs per row, one count per row
+            with pytest.raises(EngineError) as e:
+                model.step([(s, [1])], want=want)
+            assert e.value.field == "want" and s.pos == len(A)
     with pytest.raises(EngineError, match="closed"):
         model.step([(s, [1])])
 

@@ -71,6 +71,34 @@ def test_self_draft_accepts_its_own_greedy_tokens(models):
     assert u.passes < u.completion_tokens  # several tokens per weight pass
 
 
+def test_a_row_verifies_drafts_while_another_prefills(models):
+    """Rows ask for their own outputs (model.step want=): one generation verifies prompt-lookup drafts
+    in the same passes that feed another's prompt chunks; both texts equal plain greedy."""
+    from engine.serving.batcher import run_round
+    from engine.serving.decode import Decode
+    from engine.serving.slots import Slots
+
+    target = models[0]
+    long = PROMPT * 5
+    plain = ["".join(target.generate(list(PROMPT), 20, temperature=0)),
+             "".join(target.generate(list(long), 8, temperature=0))]
+    slots = Slots(target)
+    a = Decode(slots, slots.open(), list(PROMPT), greedy(), 20, target.tokenizer, PromptLookup(), 4)
+    b = Decode(slots, slots.open(), list(long), greedy(), 8, target.tokenizer, prefill_chunk=4)
+    texts, mixed = {id(a): "", id(b): ""}, 0
+    while not (a.done and b.done):
+        live = [d for d in (a, b) if not d.done]
+        drafted, feeding = a.usage.drafted, b.prefilling and not b.done
+        for d, t in zip(live, run_round(slots, live)):
+            texts[id(d)] += t
+        mixed += feeding and a.usage.drafted > drafted
+    for d in (a, b):
+        d.close()
+        d.seq.close()
+    assert mixed >= 3  # passes that fed b's prompt and verified a's drafts
+    assert [texts[id(a)], texts[id(b)]] == plain
+
+
 def test_draft_with_another_vocabulary_is_refused(models):
     target, _, other = models
     with pytest.raises(DraftMismatchError, match="tokenizer.ggml.tokens"):

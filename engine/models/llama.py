@@ -180,7 +180,7 @@ class Llama:
         return logits
 
     def forward(self, batch: Batch, weights) -> torch.Tensor:
-        """A ragged batch -> logits (N, vocab) fp32, or (R, vocab) of the rows' last tokens (last_only).
+        """A ragged batch -> logits (N, vocab) fp32, or (M, vocab) of the tokens batch.last selects (last_only).
         Everything a block needs on its devices (activations, positions, rope rotations, tree masks) is
         moved there before the block's weights are taken: inside a block nothing crosses devices."""
         N = batch.n_tokens
@@ -200,5 +200,5 @@ class Llama:
             if hints and i + 1 < self.spec.n_layers:
                 self.hint_next(x, i + 1, dev, weights)
         if batch.last_only:
-            x = x.index_select(0, batch.on(x.device).last) if len(batch.rows) > 1 else x[-1:]
+            x = x.index_select(0, batch.on(x.device).last) if batch.last.numel() > 1 else x[-1:]
         return self.head(x, weights)

@@ -15,15 +15,16 @@ from typing import Iterator, Sequence
 
 from ..errors import EngineError
 from ..sampling import SamplingParams
+from ..tiers.units import PREFILL_TOKENS
 from .decode import Decode, Usage
 from .slots import Slots
 
 
 def run_round(slots: Slots, decodes: Sequence[Decode]) -> list[str]:
-    """One pass over the weights for every decode -> the text each produced. A pass that feeds a prompt
-    verifies no drafts, so it needs only each row's last logits (no output head over prompt tokens)."""
-    speculate = not any(d.prefilling for d in decodes)
-    feeds = [d.feed(speculate) for d in decodes]
+    """One pass over the weights for every decode -> the text each produced. Each row asks for the
+    logits it samples from (a prompt chunk: its last token's; a verification: its drafts' and the
+    token before them), so prompt chunks and draft verifications share a pass."""
+    feeds = [d.feed() for d in decodes]
     outs = slots.step([(d.seq, ids) for d, (ids, _, _) in zip(decodes, feeds)], [w for _, w, _ in feeds],
                       [tree for _, _, tree in feeds])
     return [d.take(o) for d, o in zip(decodes, outs)]
@@ -95,7 +96,7 @@ class Handle:
 class Batcher:
     """The scheduler thread. `max_batch` generations share each pass; more wait for a free slot."""
 
-    def __init__(self, model, *, drafter=None, depth=1, max_batch: int = 8, prefill_chunk: int = 512):
+    def __init__(self, model, *, drafter=None, depth=1, max_batch: int = 8, prefill_chunk: int = PREFILL_TOKENS):
         """depth: tokens verified per pass, or the cost model's PassCosts (see Decode)."""
         if max_batch < 1 or prefill_chunk < 1 or (isinstance(depth, int) and depth < 1):
             raise EngineError("max_batch, depth and prefill_chunk must be >= 1", field="batcher")

@@ -12,6 +12,7 @@ import torch
 
 from ..sampling import Sampler, SamplingParams
 from ..tiers.speculation import DEFAULT_ACCEPTANCE
+from ..tiers.units import PREFILL_TOKENS
 from .speculative import Proposal, verify
 
 
@@ -70,7 +71,7 @@ class Decode:
     tokenizer: object
     drafter: object = None
     depth: int = 1
-    prefill_chunk: int = 512
+    prefill_chunk: int = PREFILL_TOKENS
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None  # "stop" | "length" once done
     generated: list[int] = field(default_factory=list)
@@ -95,13 +96,13 @@ class Decode:
         """More than one uncached token: the next pass feeds (part of) a prompt."""
         return len(self.tokens) - self.seq.pos > 1
 
-    def feed(self, speculate: bool = True) -> tuple[list[int], int, list[int] | None]:
+    def feed(self) -> tuple[list[int], int, list[int] | None]:
         """-> (token ids for the next pass, how many last positions need logits, the row's tree parents
-        or None for a chain). No drafts while prefilling or when `speculate` is False."""
+        or None for a chain). No drafts while this generation's prompt is being fed."""
         todo = self.tokens[self.seq.pos:]
         if len(todo) > self.prefill_chunk:
             return todo[:self.prefill_chunk], 1, None
-        k = 0 if self.prefilling or not speculate else min(
+        k = 0 if self.prefilling else min(
             self.width() - 1, self.max_tokens - len(self.generated) - 1, self.slots.n_ctx - len(self.tokens) - 1)
         self._prop = prop = Proposal()
         if self.drafter is not None and k > 0:

@@ -27,13 +27,13 @@ class Slots:
              trees: Sequence[list[int] | None] | None = None) -> list[torch.Tensor]:
         """rows: (sequence, new token ids); want[i]: how many last positions of row i need logits;
         trees[i]: row i's tree parents (see model.step) or None.
-        -> per row fp32 logits (want[i], vocab). Each row's cache grows by its ids; an exception leaves
-        the rows of the pass unusable (callers end their generations)."""
+        -> per row fp32 logits (want[i], vocab) on the compute device (the output head runs only on
+        those positions). Each row's cache grows by its ids; an exception leaves every row as it was
+        before the pass (model.step), and callers end the pass's generations."""
         for seq, ids in rows:
             if seq.pos + len(ids) > self.n_ctx:
                 raise EngineError(f"context of {self.n_ctx} tokens exceeded ({seq.pos} + {len(ids)})",
                                   field="n_ctx")
         if trees is not None and all(t is None for t in trees):
             trees = None
-        out = self.model.step([(s, list(ids)) for s, ids in rows], last_only=max(want) == 1, trees=trees)
-        return [o[-w:].float().cpu() for o, w in zip(out, want)]
+        return self.model.step([(s, list(ids)) for s, ids in rows], want=list(want), trees=trees)
