@@ -1,8 +1,8 @@
 """Speculative decoding and batching benchmark: many tokens per pass over the weights.
 
-    python scripts/bench_spec.py [--tokens 96] [--budgets 100,10] [--widths auto,4,8] [--rounds 2]
-                                 [--synthetic PATH] [--batches 1,4,16] [--synthetic-budgets 10,33]
-                                 [--json]
+    python scripts/bench_spec.py [--tokens 96] [--budgets 100,10|none] [--widths auto,4,8] [--rounds 2]
+                                 [--synthetic PATH,PATH] [--batches 1,4,16,64] [--synthetic-budgets 10,33]
+                                 [--batch-tokens 3] [--hardware JSON] [--json]
 
 Part 1, prompt lookup on SmolLM2 (the default model): a code-editing chat prompt (the answer repeats
 much of the prompt), greedy. Per weight budget (engine.load with {"resident_budget": "N%", io_backend
@@ -11,15 +11,19 @@ plain decode and prompt-lookup speculation at each verification width (auto = th
 choice, engine.tiers.speculation), alternated `rounds` times; per row decode tok/s (medians), passes
 over the weights, tokens per pass, drafts kept, and whether the text equals plain greedy.
 
-Part 2, batching (only with a model that has step(): all rows in one pass over the weights): `batch`
-sequences with cached 8-token prompts decode together; the median pass time and total tok/s, on the
-synthetic 8B-shaped model (scripts/make_synthetic_model.py) streamed at the given budgets.
-Numbers on a shared 2-core VM are noisy: compare rows of one invocation.
+Part 2, batching: `batch` sequences with cached 8-token prompts decode together, all rows in one
+pass over the weights (model.step); the median pass time and total tok/s, beside the cost model's
+predicted pass time at that many rows (engine.tiers.speculation.pass_costs: max(compute, streamed
+bytes / disk speed) per unit), on each synthetic model (scripts/make_synthetic_model.py: the
+8B-shaped default and a 4-block Llama-70B-shaped one) streamed at the given budgets.
+`--budgets none` skips part 1. Numbers on a shared 2-core VM are noisy: compare rows of one
+invocation; the load average before and after each part is printed with the tables.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tiers import config_for, drop_page_cache  # noqa: E402
 
-DEFAULT_SYNTHETIC = Path(tempfile.gettempdir()) / "engine-bench" / "synthetic-8b.gguf"
+DEFAULT_SYNTHETIC = (Path(tempfile.gettempdir()) / "engine-bench" / "synthetic-8b.gguf",
+                     Path.home() / ".cache" / "engine" / "bench" / "llama70b-shaped-4.gguf")
+SYNTHETIC_HINT = {"llama70b-shaped-4.gguf": " --layers 4 --dim 8192 --ffn 28672 --heads 64 --vocab 4096 --ctx 1024"}
 PROMPTS = {  # chat prompts whose answers repeat much of the prompt
     "summarise": "Summarize the following text in two sentences.\n\nThe James Webb Space Telescope is a space "
                  "telescope designed to conduct infrared astronomy. Its high-resolution and high-sensitivity "
@@ -82,7 +88,7 @@ def bench_lookup(args) -> list[dict]:
     rows = []
     for budget in args.budgets:
         dropped = drop_page_cache()
-        m = engine.load(config=config_for(budget, 4, 2048), n_ctx=2048, threads=args.threads)
+        m = engine.load(config=config_for(budget, 4, 2048, args.hardware), n_ctx=2048, threads=args.threads)
         try:
             pl = PromptLookup()
             widths = [1] + [verify_widths(m, pl) if d == "auto" else int(d) for d in args.depths if d != "1"]
@@ -96,45 +102,56 @@ def bench_lookup(args) -> list[dict]:
 
 
 def bench_batch(args) -> list[dict]:
-    """Decode passes of `batch` sequences at once (after their prompts are cached): total tok/s."""
+    """Decode passes of `batch` sequences at once (after their prompts are cached): total tok/s, and the
+    cost model's pass time for that many rows."""
     import torch
 
     import engine
-    from engine.serving.slots import Slots
+    from engine.errors import PlanError
+    from engine.plan import hardware_for
+    from engine.tiers.footprint import footprint_from_gguf
+    from engine.tiers.speculation import pass_costs
 
-    if not args.synthetic.exists():
-        print(f"part 2 skipped: {args.synthetic} missing (python scripts/make_synthetic_model.py {args.synthetic})",
-              file=sys.stderr)
-        return []
     rows = []
-    for budget in args.synthetic_budgets:
-        drop_page_cache()
-        m = engine.load(args.synthetic, config=config_for(budget, 4, 256), n_ctx=256, threads=args.threads)
-        try:
-            slots = Slots(m)
-            if not slots.native:
-                print("part 2 skipped: this model has no step() (continuous batching needs it)", file=sys.stderr)
-                return []
-            vocab = m.spec.vocab_size
-            for batch in args.batches:
-                seqs = [slots.open() for _ in range(batch)]
-                try:
-                    prompts = [[(17 + 7919 * (i + j)) % vocab for i in range(8)] for j in range(batch)]
-                    logits = slots.step(list(zip(seqs, prompts)), [1] * batch)
-                    times = []
-                    for _ in range(args.batch_tokens):
-                        nxt = [[int(torch.argmax(lg[-1]))] for lg in logits]
-                        t0 = time.perf_counter()
-                        logits = slots.step(list(zip(seqs, nxt)), [1] * batch)
-                        times.append(time.perf_counter() - t0)
-                    pass_s = statistics.median(times)
-                    rows.append({"budget": budget, "batch": batch, "pass_s": pass_s, "tps": batch / pass_s,
-                                 "plan": m.plan_summary()})
-                finally:
-                    for s in seqs:
-                        s.close()
-        finally:
-            m.close()
+    for path in args.synthetic:
+        if not path.exists():
+            print(f"part 2: {path} missing (python scripts/make_synthetic_model.py {path}"
+                  f"{SYNTHETIC_HINT.get(path.name, '')})", file=sys.stderr)
+            continue
+        for budget in args.synthetic_budgets:
+            drop_page_cache()
+            try:
+                m = engine.load(path, config=config_for(budget, 4, 256, args.hardware), n_ctx=256,
+                                threads=args.threads)
+            except PlanError as e:  # e.g. one 70B-shaped block (459 MiB) is more than 10% of a 4-block file
+                print(f"  {path.name} {budget}%: no plan fits: {e}", file=sys.stderr)
+                rows.append({"model": path.name, "budget": budget, "batch": None, "error": str(e)})
+                continue
+            try:
+                costs = pass_costs(footprint_from_gguf(m.file, m.spec), hardware_for(m.config), m.config, m.plan,
+                                   max_tokens=max(args.batches))
+                vocab = m.spec.vocab_size
+                for batch in args.batches:
+                    seqs = [m.open_sequence() for _ in range(batch)]
+                    try:
+                        prompts = [[(17 + 7919 * (i + j)) % vocab for i in range(8)] for j in range(batch)]
+                        logits = m.step(list(zip(seqs, prompts)), last_only=True)
+                        times = []
+                        for _ in range(args.batch_tokens):
+                            nxt = [[int(torch.argmax(lg[-1]))] for lg in logits]
+                            t0 = time.perf_counter()
+                            logits = m.step(list(zip(seqs, nxt)), last_only=True)
+                            times.append(time.perf_counter() - t0)
+                        pass_s = statistics.median(times)
+                        rows.append({"model": path.name, "budget": budget, "batch": batch, "pass_s": pass_s,
+                                     "tps": batch / pass_s, "predicted_pass_s": costs.pass_s[batch - 1],
+                                     "plan": m.plan_summary()})
+                        print(f"  {path.name} {budget}% batch {batch}: {pass_s:.2f} s per pass", file=sys.stderr)
+                    finally:
+                        for s in seqs:
+                            s.close()
+            finally:
+                m.close()
     return rows
 
 
@@ -147,11 +164,17 @@ def table(lookup: list[dict], batch: list[dict]) -> str:
         out.append(f"| {r['budget']}% | {r['prompt']} | {width} | {r['decode_tps']:.1f} | {r['speedup']:.2f}x | "
                    f"{r['tokens_per_pass']:.2f} | {kept} | {'yes' if r['same_text'] else 'NO'} |")
     if batch:
-        out += ["", "| synthetic 8B budget | batch | pass (median) | total tok/s | vs batch 1 |", "|---|---|---|---|---|"]
-        one = {r["budget"]: r["tps"] for r in batch if r["batch"] == 1}
-        out += [f"| {r['budget']}% | {r['batch']} | {r['pass_s']:.2f} s | {r['tps']:.2f} | "
-                f"{r['tps'] / one[r['budget']]:.1f}x |" if r["budget"] in one else
-                f"| {r['budget']}% | {r['batch']} | {r['pass_s']:.2f} s | {r['tps']:.2f} | - |" for r in batch]
+        out += ["", "| model | budget | batch | pass (median) | predicted pass | total tok/s | vs batch 1 |",
+                "|---|---|---|---|---|---|---|"]
+        one = {(r["model"], r["budget"]): r["tps"] for r in batch if r["batch"] == 1}
+        for r in batch:
+            if r["batch"] is None:
+                out.append(f"| {r['model']} | {r['budget']}% | - | no plan fits this budget | | | |")
+                continue
+            base = one.get((r["model"], r["budget"]))
+            gain = f"{r['tps'] / base:.1f}x" if base else "-"
+            out.append(f"| {r['model']} | {r['budget']}% | {r['batch']} | {r['pass_s']:.2f} s | "
+                       f"{r['predicted_pass_s']:.2f} s | {r['tps']:.2f} | {gain} |")
     return "\n".join(out)
 
 
@@ -162,19 +185,33 @@ def main(argv=None) -> int:
     p.add_argument("--widths", dest="depths", default="auto,4,8")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--synthetic", type=Path, default=DEFAULT_SYNTHETIC)
+    p.add_argument("--synthetic", default=",".join(map(str, DEFAULT_SYNTHETIC)), help="comma-separated GGUF paths")
     p.add_argument("--synthetic-budgets", default="10,33")
-    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--batches", default="1,4,16,64")
     p.add_argument("--batch-tokens", type=int, default=3, help="timed decode passes per batch size")
+    p.add_argument("--hardware", default="auto",
+                   help="hardware profile JSON the planner and the predicted pass use (python -m engine.calibrate "
+                        "--output PATH; default: the calibrated one, else defaults)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    args.budgets = [int(b) for b in args.budgets.split(",")]
+    args.hardware = args.hardware if args.hardware == "auto" else os.path.abspath(args.hardware)
+    args.budgets = [] if args.budgets == "none" else [int(b) for b in args.budgets.split(",")]
+    args.synthetic = [Path(x).expanduser() for x in args.synthetic.split(",") if x]
     args.synthetic_budgets = [int(b) for b in args.synthetic_budgets.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     args.depths = args.depths.split(",")
+    load = [os.getloadavg()[0]]
     lookup = bench_lookup(args)
+    load.append(os.getloadavg()[0])
+    if lookup and not args.json:  # printed at once: part 2 takes minutes
+        print(table(lookup, []) + f"\n\n1-minute load average: {load[0]:.1f} at start, {load[1]:.1f} at the end\n",
+              flush=True)
     batch = bench_batch(args)
-    print(json.dumps({"lookup": lookup, "batch": batch}, indent=1) if args.json else table(lookup, batch))
+    load.append(os.getloadavg()[0])
+    if args.json:
+        print(json.dumps({"lookup": lookup, "batch": batch, "load_average": load}, indent=1))
+    elif batch:
+        print(table([], batch) + f"\n\n1-minute load average: {load[1]:.1f} at start, {load[2]:.1f} at the end")
     return 0 if all(r["same_text"] for r in lookup) else 1
 
 
