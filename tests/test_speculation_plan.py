@@ -13,7 +13,7 @@ from engine.tiers.config import load_config
 from engine.tiers.footprint import describe
 from engine.tiers.hardware import ComputeRate, HardwareProfile
 from engine.tiers.planner import plan
-from engine.tiers.speculation import choose, expected_tokens
+from engine.tiers.speculation import PassCosts, choose, expected_tokens
 
 GiB = 1 << 30
 RTX4090 = str(Path(__file__).resolve().parent.parent / "configs" / "rtx4090-70b.yaml")
@@ -32,6 +32,33 @@ def test_expected_tokens_chain_formula():
     assert expected_tokens(1, 0.5) == 1.0
     assert expected_tokens(3, 0.5) == pytest.approx(1 + 0.5 + 0.25)
     assert expected_tokens(4, 1.0) == 4.0
+
+
+def test_expected_tokens_of_a_tree_counts_its_levels():
+    """A tree of T-1 drafts in `breadth` nodes per level is (T-1)/breadth levels deep: at the same
+    per-level acceptance it yields what a chain of that depth yields."""
+    for a in (0.3, 0.8):
+        assert expected_tokens(7, a, breadth=3.0) == pytest.approx(expected_tokens(3, a))  # 6 nodes, 2 levels
+        assert expected_tokens(7, a, breadth=1.0) == expected_tokens(7, a)
+    assert expected_tokens(9, 1.0, breadth=2.0) == 5.0
+
+
+def test_tree_width_weighs_rows_against_depth():
+    """The width is the best rate of E(tokens of a tree of `breadth`)/pass time, within 2%, and no
+    narrower width is as good; a tree whose levels are kept no more often than a chain's drafts is
+    worth less per pass, so a measured breadth changes the choice."""
+    costs = PassCosts(tuple(1.0 + 0.1 * t for t in range(1, 33)))
+
+    def rate(t, a, b):
+        return expected_tokens(t, a, b) / costs.pass_s[t - 1]
+
+    for a, b in ((0.8, 1.0), (0.8, 4.0), (0.95, 4.0), (0.5, 2.0), (0.05, 1.0)):
+        t = costs.best(a, b)
+        assert rate(t, a, b) >= max(rate(u, a, b) for u in range(1, 33)) / 1.02
+        assert all(rate(u, a, b) < rate(t, a, b) for u in range(1, t))
+    assert costs.best(0.05, 1.0) == 1  # drafts almost never kept: not worth a row
+    assert (costs.best(0.8, 1.0), costs.best(0.8, 4.0)) == (6, 8)  # a chain of 5 drafts; a tree of 7 nodes
+    assert costs.speculation(0.8, 4.0).tps < costs.speculation(0.8, 1.0).tps
 
 
 def test_streamed_pass_verifies_many_tokens_compute_bound_none():

@@ -226,6 +226,35 @@ def test_width_follows_measured_acceptance_and_pass_costs(models):
     assert min(widths[1:-1]) >= 7  # drafts kept: the width stays wide
 
 
+def test_measured_breadth_and_acceptance_count_tree_levels(models):
+    """The cost model's inputs a generation measures: breadth (draft nodes per tree level) is 1 for a
+    chain drafter and above 1 where prompt lookup drafts trees; acceptance counts the levels the
+    verification reached (a first draft rejected is one level tried, not the whole chain)."""
+    from engine.serving.batcher import run_round
+    from engine.serving.decode import DECAY, PRIOR_WEIGHT, Decode
+    from engine.serving.slots import Slots
+    from engine.tiers.speculation import DEFAULT_ACCEPTANCE
+
+    target = models[0]
+    slots = Slots(target)
+
+    def decode(drafter, prompt, n=16):
+        d = Decode(slots, slots.open(), list(prompt), greedy(), n, target.tokenizer, drafter, 6)
+        while not d.done:
+            run_round(slots, [d])
+        d.close()
+        d.seq.close()
+        return d
+
+    branching = [5, 6, 7, 1, 5, 6, 8, 2, 5, 6, 9, 3, 5, 6]  # "5 6" goes on three ways: a tree of candidates
+    assert decode(PromptLookup(), branching).breadth > 1.2
+    assert decode(DraftModel(target, target), PROMPT).breadth == 1.0
+    d = decode(_WrongDrafter(target.spec.vocab_size), PROMPT)
+    assert d.usage.accepted == 0 and d.usage.drafted > 3 * d.usage.passes
+    most = sum(DECAY ** i for i in range(d.usage.passes))  # at most one level reached per pass
+    assert d.acceptance >= PRIOR_WEIGHT * DEFAULT_ACCEPTANCE / (most + PRIOR_WEIGHT) > 0.1
+
+
 def test_smollm2_speculative_greedy_equals_plain():
     """The default model: prompt lookup (a tree once step() verifies trees) and the model as its own
     draft give plain greedy's text on an editing prompt whose answer repeats the prompt."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..sampling import Sampler, SamplingParams
+from ..sequence import tree_depths
 from ..tiers.speculation import DEFAULT_ACCEPTANCE
 from ..tiers.units import PREFILL_TOKENS
 from .speculative import Proposal, verify
@@ -83,7 +84,8 @@ class Decode:
         self.usage.prefill_tokens = len(self.tokens) - self.seq.pos
         self.draft_state = self.drafter.start(self.sampler) if self.drafter is not None else None
         self._prop, self._fed = Proposal(), 0
-        self._kept = self._tried = 0.0  # decayed counts of drafts kept / verified
+        self._kept = self._tried = 0.0  # decayed counts of draft levels kept / reached
+        self._nodes = self._levels = 0.0  # decayed counts of draft nodes / tree levels proposed
         if self.max_tokens <= 0:
             self.finish_reason = "length"
 
@@ -115,13 +117,19 @@ class Decode:
 
     @property
     def acceptance(self) -> float:
-        """Estimated chance that a draft is kept: measured, pulled towards the cost model's default."""
+        """Estimated chance that a draft level the verification reaches is kept (a chain's draft, or one
+        node of a tree level): measured, pulled towards the cost model's default."""
         return (self._kept + PRIOR_WEIGHT * DEFAULT_ACCEPTANCE) / (self._tried + PRIOR_WEIGHT)
+
+    @property
+    def breadth(self) -> float:
+        """Draft nodes per tree level the drafter proposes (1 for chains): measured, prior 1."""
+        return (self._nodes + PRIOR_WEIGHT) / (self._levels + PRIOR_WEIGHT)
 
     def width(self) -> int:
         if self.drafter is None:
             return 1
-        return self.depth if isinstance(self.depth, int) else self.depth.best(self.acceptance)
+        return self.depth if isinstance(self.depth, int) else self.depth.best(self.acceptance, self.breadth)
 
     def take(self, logits: torch.Tensor) -> str:
         """logits (want, vocab) of the pass that ran `feed()` -> the text it produced."""
@@ -139,8 +147,11 @@ class Decode:
         u.passes += 1
         u.drafted += len(prop.tokens)
         u.accepted += kept
+        levels = len(prop.tokens) if prop.parents is None else 1 + max(tree_depths(prop.parents), default=-1)
         self._kept = DECAY * self._kept + kept
-        self._tried = DECAY * self._tried + len(prop.tokens)
+        self._tried = DECAY * self._tried + min(kept + 1, levels)  # the levels verification reached
+        self._nodes = DECAY * self._nodes + len(prop.tokens)
+        self._levels = DECAY * self._levels + levels
         out, cut = [], False
         for tok in new:
             u.completion_tokens += 1
