@@ -12,6 +12,11 @@ wrongly typed values, broken syntax, or random valid values). Cases run in long-
 workers are replaced. The others are `ok` (loaded and computed), `typed` (an engine.errors.EngineError)
 or `untyped` (any other exception: a bug). Case i is generated from (seed, i) alone: `--only i` reruns it.
 Exit status 1 if any case is untyped, signal, hang or memory.
+
+Case files go to a work folder `engine-fuzz-<pid>-*` under --tmp (/dev/shm by default), removed when the
+run ends, is interrupted (Ctrl-C, SIGTERM, SIGHUP: the workers are stopped first) or -- for a parent
+killed outright (SIGKILL) -- by the next run, which removes the folders of fuzzers no longer alive.
+Workers die with their parent (PR_SET_PDEATHSIG) and exit when their input closes.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from gguf_edit import (ARRAY, BOOL, F32, F64, I32, I64, RAW, SCALAR_CODES, STRING, U8, U32, U64,  # noqa: E402
+from gguf_edit import (ARRAY, BOOL, F32, F64, I32, RAW, STRING, U8, U32, U64,  # noqa: E402
                        GGUFDoc, Value, boundaries, decode, encode, payload, relayout)
 
 BAD = ("untyped", "signal", "hang", "memory")
@@ -365,16 +370,52 @@ def worker_main() -> None:
         out.flush()
 
 
+WORK_PREFIX = "engine-fuzz-"
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGKILL when the fuzzer dies (Linux prctl PR_SET_PDEATHSIG; strictly when
+    the thread that started it ends, which is after it closed the worker or when the fuzzer dies)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def sweep_stale(tmp: str | None) -> list[Path]:
+    """Remove the work folders of fuzzers that are no longer running (killed outright) -> those removed."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(WORK_PREFIX + "*"):
+        pid = d.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+class _Interrupted(BaseException):
+    """SIGTERM or SIGHUP in the fuzzer: unwinds like Ctrl-C, so the work folder is removed."""
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted(signal.Signals(signum).name)
+
+
 class Worker:
-    def __init__(self, env: dict):
-        self.env = env
+    def __init__(self, env: dict, stopping=None):
+        self.env, self.stopping = env, stopping  # stopping: an Event; once set, no new worker starts
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
+        if self.stopping is not None and self.stopping.is_set():
+            return
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env, cwd=ROOT,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, preexec_fn=_die_with_parent)
 
     def rss_mb(self) -> float:
         try:
@@ -411,8 +452,17 @@ class Worker:
         self.start()
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """From another thread: end the worker now (the fuzzer is interrupted)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
 
 
 def run(args) -> dict:
@@ -425,7 +475,12 @@ def run(args) -> dict:
 
     default_kernels()
     _native_library()
-    work = Path(tempfile.mkdtemp(prefix="engine-fuzz-", dir=args.tmp))
+    sweep_stale(args.tmp)
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=args.tmp))
+    stopping, lock = threading.Event(), threading.Lock()
+    workers: list[Worker] = []
+    threads: list[threading.Thread] = []
+    handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         seeds = write_seeds(work)
         seed_docs = [(decode(p.read_bytes()), p.read_bytes()) for p in seeds]
@@ -436,17 +491,18 @@ def run(args) -> dict:
                    ENGINE_SLOW_FALLBACK="", OMP_NUM_THREADS="1")
         counts = {"gguf": Counter(), "config": Counter()}
         findings: list[dict] = []
-        lock = threading.Lock()
         queue = list(reversed(cases))
         t0 = time.monotonic()
 
         def job(w: int) -> None:
-            worker = Worker(env)
+            worker = Worker(env, stopping)
+            with lock:
+                workers.append(worker)
             first = True
             try:
                 while True:
                     with lock:
-                        if not queue:
+                        if not queue or stopping.is_set():
                             return
                         i, kind = queue.pop()
                     r = random.Random(f"{args.seed}:{i}")
@@ -460,9 +516,16 @@ def run(args) -> dict:
                         path = work / f"w{w}.yaml"
                         path.write_bytes(raw)
                         case = {"id": i, "model": str(seeds[i % len(seeds)]), "config": str(path)}
-                    outcome, error = worker.run(case, args.timeout, args.mem_mb, first)
+                    try:
+                        outcome, error = worker.run(case, args.timeout, args.mem_mb, first)
+                    except (OSError, ValueError):  # its pipes closed under it: only when stopping
+                        if stopping.is_set():
+                            return
+                        raise
                     first = False
                     with lock:
+                        if stopping.is_set():  # the worker was stopped under this case: no outcome
+                            return
                         counts[kind][outcome] += 1
                         if outcome in BAD:
                             findings.append({"id": i, "kind": kind, "mutations": names, "outcome": outcome,
@@ -472,18 +535,28 @@ def run(args) -> dict:
                             print(f"{done}/{len(cases)} cases, {time.monotonic() - t0:.0f} s: "
                                   f"{dict(counts['gguf'])} {dict(counts['config'])}", file=sys.stderr, flush=True)
             finally:
-                worker.close()
+                if worker.proc is not None:
+                    worker.close()
 
-        threads = [threading.Thread(target=job, args=(w,)) for w in range(args.jobs)]
+        threads += [threading.Thread(target=job, args=(w,), daemon=True) for w in range(args.jobs)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            while t.is_alive():  # join with a timeout: signals reach the main thread meanwhile
+                t.join(0.5)
         return {"seed": args.seed, "gguf_cases": sum(counts["gguf"].values()),
                 "config_cases": sum(counts["config"].values()), "seconds": round(time.monotonic() - t0, 1),
                 "gguf": {k: counts["gguf"][k] for k in OUTCOMES}, "config": {k: counts["config"][k] for k in OUTCOMES},
                 "findings": sorted(findings, key=lambda f: f["id"])}
     finally:
+        stopping.set()  # interrupted (or done): stop the workers before their folder goes
+        with lock:
+            for worker in workers:
+                worker.stop()
+        for t in threads:
+            t.join(30)
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -4,9 +4,14 @@ must end `ok` or `typed`: no untyped exception, no signal, no hang, no memory bl
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +60,66 @@ def test_fuzz_classifies_a_crash_a_hang_and_an_untyped_error(tmp_path, monkeypat
     finally:
         w.close()
     assert got == ["signal", "hang", "memory", "untyped", "typed"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _gone(pids: list[int], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_fuzz_leaves_no_files_or_workers_when_killed(tmp_path, sig):
+    """Interrupted mid-run, the fuzzer removes its work folder (under --tmp, /dev/shm by default) and
+    its workers; killed outright (SIGKILL), its workers die with it and the next run removes the
+    folder it left."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fuzz
+
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "fuzz.py"), "--gguf", "100000", "--config", "0",
+                          "--jobs", "1", "--tmp", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("engine-fuzz-*/w0.gguf")) and time.monotonic() < deadline:
+            assert p.poll() is None
+            time.sleep(0.1)
+        assert list(tmp_path.glob("engine-fuzz-*/w0.gguf")), "the fuzzer never started its cases"
+        workers = _children(p.pid)
+        assert workers
+        p.send_signal(sig)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert _gone(workers), "a worker outlived the fuzzer"
+    if sig == signal.SIGKILL:
+        (left,) = tmp_path.iterdir()
+        (bystander := tmp_path / f"engine-fuzz-{os.getpid()}-live").mkdir()  # a running fuzzer's folder stays
+        assert fuzz.sweep_stale(str(tmp_path)) == [left]
+        bystander.rmdir()
+    assert list(tmp_path.iterdir()) == []
