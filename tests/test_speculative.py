@@ -99,6 +99,33 @@ def test_a_row_verifies_drafts_while_another_prefills(models):
     assert [texts[id(a)], texts[id(b)]] == plain
 
 
+def test_batcher_feeds_at_most_its_prompt_budget_per_pass(models, monkeypatch):
+    """Concurrent requests with long prompts: one pass feeds at most prefill_chunk prompt tokens in all
+    (the plan's workspace holds PREFILL_TOKENS rows), decode rows beside them; every text equals its
+    request run alone."""
+    from engine.serving.batcher import Batcher
+
+    target = models[0]
+    prompts = [PROMPT * 3, [9, 8, 7, 6] * 6, PROMPT + [1, 2, 3]]
+    alone = ["".join(target.generate(list(p), 10, temperature=0)) for p in prompts]
+    passes, step = [], target.step
+
+    def recording_step(rows, *a, **kw):
+        passes.append([len(ids) for _, ids in rows])
+        return step(rows, *a, **kw)
+
+    monkeypatch.setattr(target, "step", recording_step)
+    b = Batcher(target, max_batch=3, prefill_chunk=8)
+    try:
+        handles = [b.submit(list(p), greedy(), 10) for p in prompts]
+        texts = ["".join(ev.text for ev in h) for h in handles]
+    finally:
+        b.close()
+    assert texts == alone
+    prompt_tokens = [sum(n for n in rows if n > 1) for rows in passes]  # undrafted: rows of > 1 are prompt
+    assert max(prompt_tokens) == 8 and max(len(rows) for rows in passes) == 3
+
+
 def test_draft_with_another_vocabulary_is_refused(models):
     target, _, other = models
     with pytest.raises(DraftMismatchError, match="tokenizer.ggml.tokens"):

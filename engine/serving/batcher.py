@@ -20,14 +20,24 @@ from .decode import Decode, Usage
 from .slots import Slots
 
 
-def run_round(slots: Slots, decodes: Sequence[Decode]) -> list[str]:
+def run_round(slots: Slots, decodes: Sequence[Decode], prompt_tokens: int = PREFILL_TOKENS) -> list[str]:
     """One pass over the weights for every decode -> the text each produced. Each row asks for the
     logits it samples from (a prompt chunk: its last token's; a verification: its drafts' and the
-    token before them), so prompt chunks and draft verifications share a pass."""
-    feeds = [d.feed() for d in decodes]
-    outs = slots.step([(d.seq, ids) for d, (ids, _, _) in zip(decodes, feeds)], [w for _, w, _ in feeds],
-                      [tree for _, _, tree in feeds])
-    return [d.take(o) for d, o in zip(decodes, outs)]
+    token before them), so prompt chunks and draft verifications share a pass. Prompt chunks take at
+    most `prompt_tokens` of the pass in all (the planner's workspace is sized for PREFILL_TOKENS rows),
+    in the decodes' order; a prompt left without any waits for the next pass (its text is "")."""
+    budget, rows = prompt_tokens, []
+    for d in decodes:
+        if not d.prefilling:
+            rows.append((d, d.feed()))
+        elif budget > 0:
+            feed = d.feed(budget)
+            budget -= len(feed[0])
+            rows.append((d, feed))
+    outs = slots.step([(d.seq, ids) for d, (ids, _, _) in rows], [w for _, (_, w, _) in rows],
+                      [tree for _, (_, _, tree) in rows])
+    texts = {id(d): d.take(o) for (d, _), o in zip(rows, outs)}
+    return [texts.get(id(d), "") for d in decodes]
 
 
 def check_prompt(ids: Sequence[int], n_ctx: int) -> None:
@@ -97,7 +107,8 @@ class Batcher:
     """The scheduler thread. `max_batch` generations share each pass; more wait for a free slot."""
 
     def __init__(self, model, *, drafter=None, depth=1, max_batch: int = 8, prefill_chunk: int = PREFILL_TOKENS):
-        """depth: tokens verified per pass, or the cost model's PassCosts (see Decode)."""
+        """depth: tokens verified per pass, or the cost model's PassCosts (see Decode); prefill_chunk: the
+        most prompt tokens one pass feeds, over all requests (memory stays within the plan's workspace)."""
         if max_batch < 1 or prefill_chunk < 1 or (isinstance(depth, int) and depth < 1):
             raise EngineError("max_batch, depth and prefill_chunk must be >= 1", field="batcher")
         self.model, self.slots = model, Slots(model)
@@ -178,7 +189,7 @@ class Batcher:
             if not live:
                 continue
             try:
-                texts = run_round(self.slots, [d for _, d in live])
+                texts = run_round(self.slots, [d for _, d in live], self.prefill_chunk)
             except Exception as e:  # the pass failed: its generations end with the error, the model stays usable
                 for h, d in live:
                     self._finish(h, d, Event(error=e))

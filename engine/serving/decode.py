@@ -98,12 +98,14 @@ class Decode:
         """More than one uncached token: the next pass feeds (part of) a prompt."""
         return len(self.tokens) - self.seq.pos > 1
 
-    def feed(self) -> tuple[list[int], int, list[int] | None]:
+    def feed(self, budget: int | None = None) -> tuple[list[int], int, list[int] | None]:
         """-> (token ids for the next pass, how many last positions need logits, the row's tree parents
-        or None for a chain). No drafts while this generation's prompt is being fed."""
+        or None for a chain). No drafts while this generation's prompt is being fed; `budget` (>= 1):
+        the most prompt tokens this pass may take for it."""
         todo = self.tokens[self.seq.pos:]
-        if len(todo) > self.prefill_chunk:
-            return todo[:self.prefill_chunk], 1, None
+        chunk = self.prefill_chunk if budget is None else min(self.prefill_chunk, budget)
+        if len(todo) > chunk:
+            return todo[:chunk], 1, None
         k = 0 if self.prefilling else min(
             self.width() - 1, self.max_tokens - len(self.generated) - 1, self.slots.n_ctx - len(self.tokens) - 1)
         self._prop = prop = Proposal()
