@@ -83,9 +83,9 @@ def test_eog_token_ends_generation(tiny, monkeypatch):
     eos = tiny.tokenizer.eos_id
     real = tiny.step
 
-    def forced(rows, last_only=False, trees=None):  # the model "wants" EOS after two tokens
+    def forced(rows, last_only=False, trees=None, want=None):  # the model "wants" EOS after two tokens
         starts = [seq.pos for seq, _ in rows]
-        out = [o.clone() for o in real(rows, last_only, trees)]
+        out = [o.clone() for o in real(rows, last_only, trees, want)]
         for o, start in zip(out, starts):
             if start >= 4:
                 o[..., eos] = 1e4
