@@ -802,6 +802,31 @@ def test_shim_cuda_device_generates_the_cpu_greedy_tokens(shim, tmp_path):
             assert err < 2e-2, err  # fp16 activations, weights and KV against the CPU's fp32
 
 
+def test_shim_cuda_device_runs_moe_blocks(shim, tmp_path):
+    """A Mixtral-shaped model (llama + 4 experts, top 2) on CudaDevice over the shim kernels: the MoE FFN is
+    the same grouped code on both devices, so the greedy tokens are the CPU's, resident and streamed."""
+    from tiny_llama import TinyConfig, write_tiny_llama
+
+    import engine
+
+    QT = gguf.GGMLQuantizationType
+    cfg = TinyConfig(n_layers=2, n_heads=8, n_kv_heads=2, n_experts=4, n_experts_used=2, ffn=256,
+                     router_scale=0.25, fmt=(QT.Q4_1, QT.Q6_K), embd_fmt=QT.Q6_K, seed=22)
+    path = write_tiny_llama(tmp_path / "moe.gguf", cfg)
+    prompt = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77]
+    f = GGUFFile(path)
+    spec = ModelSpec.from_gguf(f)
+    lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
+    with engine.load(path, config={"device": "cpu"}) as m:
+        cpu_tokens, cpu_logits = greedy(m, prompt), m.logits(prompt)
+    for stream in (False, True):
+        placement = Placement.uniform(lays, head_info(f, spec), stream=stream, ring_size=2)
+        with Model.load(path, placement=placement, device=shim_device(shim)) as m:
+            assert greedy(m, prompt) == cpu_tokens, stream
+            err = np.abs(m.logits(prompt) - cpu_logits).max() / np.abs(cpu_logits).max()
+            assert err < 2e-2, err
+
+
 @gpu
 def test_gpu_greedy_tokens_match_cpu(cuda_dev):
     import engine

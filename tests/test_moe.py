@@ -241,3 +241,68 @@ def test_cli_names_the_bad_moe_field_in_one_line(small_moe, tmp_path, case):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (cli, r.stderr)
         assert field in lines[0] and "Traceback" not in r.stderr
+
+
+# -- transformers' own implementations as a second reference ------------------------------------------------
+def hf_moe_model(path):
+    """MixtralForCausalLM / Qwen3MoeForCausalLM in float64 holding the GGUF's weights as gguf-py dequantizes
+    them (llama's Q/K rows un-permuted; the experts fused as transformers 5 stores them: gate_up (E, 2Fe, dim))."""
+    import transformers
+    from gguf import GGUFReader, dequantize
+
+    from tiny_llama import _unpermute
+
+    r = GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    arch = meta["general.architecture"]
+    m = lambda key: meta[f"{arch}.{key}"]
+    W = {t.name: torch.from_numpy(dequantize(t.data, t.tensor_type).astype(np.float64).reshape(
+        tuple(int(d) for d in reversed(t.shape.tolist())))) for t in r.tensors}
+    nh, nkv, L = m("attention.head_count"), m("attention.head_count_kv"), m("block_count")
+    common = dict(vocab_size=W["token_embd.weight"].shape[0], hidden_size=m("embedding_length"), num_hidden_layers=L,
+                  num_attention_heads=nh, num_key_value_heads=nkv, rms_norm_eps=m("attention.layer_norm_rms_epsilon"),
+                  max_position_embeddings=m("context_length"), tie_word_embeddings="output.weight" not in W,
+                  num_experts_per_tok=m("expert_used_count"), rope_theta=m("rope.freq_base"),
+                  experts_implementation="eager", attn_implementation="eager")  # float64 runs only eagerly
+    if arch == "llama":
+        cfg = transformers.MixtralConfig(intermediate_size=m("feed_forward_length"), num_local_experts=m("expert_count"),
+                                         sliding_window=None, **common)
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=m("feed_forward_length"), num_experts=m("expert_count"),
+                                          moe_intermediate_size=m("expert_feed_forward_length"),
+                                          head_dim=m("attention.key_length"), norm_topk_prob=True, **common)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    sd = {"model.embed_tokens.weight": W["token_embd.weight"], "model.norm.weight": W["output_norm.weight"],
+          "lm_head.weight": W.get("output.weight", W["token_embd.weight"])}
+    for i in range(L):
+        p, q = f"blk.{i}.", f"model.layers.{i}."
+        wq, wk = W[p + "attn_q.weight"], W[p + "attn_k.weight"]
+        if arch == "llama":  # GGUF stores llama's Q/K permuted for adjacent-pair rope
+            wq, wk = (torch.from_numpy(_unpermute(w.numpy(), n)) for w, n in ((wq, nh), (wk, nkv)))
+        sd |= {q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk,
+               q + "self_attn.v_proj.weight": W[p + "attn_v.weight"], q + "self_attn.o_proj.weight": W[p + "attn_output.weight"],
+               q + "input_layernorm.weight": W[p + "attn_norm.weight"],
+               q + "post_attention_layernorm.weight": W[p + "ffn_norm.weight"],
+               q + "mlp.gate.weight": W[p + "ffn_gate_inp.weight"],
+               q + "mlp.experts.gate_up_proj": torch.cat([W[p + "ffn_gate_exps.weight"], W[p + "ffn_up_exps.weight"]], 1),
+               q + "mlp.experts.down_proj": W[p + "ffn_down_exps.weight"]}
+        if arch == "qwen3moe":
+            sd |= {q + "self_attn.q_norm.weight": W[p + "attn_q_norm.weight"],
+                   q + "self_attn.k_norm.weight": W[p + "attn_k_norm.weight"]}
+    model = model.to(torch.float64)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["mixtral-q6_k-q5_0", "qwen3moe-q4_k-q5_k"])
+def test_transformers_agrees_with_the_reference_and_the_engine(name, tmp_path):
+    pytest.importorskip("transformers")
+    path = write_tiny_llama(tmp_path / f"{name}.gguf", MOE_MODELS[name])
+    with torch.no_grad():
+        hf = hf_moe_model(path)(torch.tensor([A + B])).logits[0].numpy()  # (T, vocab) float64
+    ref = reference_logits(path, A + B)
+    assert rel_err(hf, ref) < 1e-6  # transformers' routing, rope and experts are the reference's
+    with engine.load(path, config={"device": "cpu"}) as m:
+        assert rel_err(m.logits(A + B), hf) < 1e-3
