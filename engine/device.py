@@ -15,6 +15,7 @@ never loads the CUDA package.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from typing import Protocol, Sequence
@@ -23,8 +24,9 @@ import torch
 
 from . import cpu as cpu_kernels
 from .attention import AttnMask, attend, matmul_kernel
+from .cpu import DecodeLayer
 from .errors import ConfigError, KernelError
-from .weights import QWeight
+from .weights import LayerWeights, QWeight
 
 log = logging.getLogger("engine.device")
 
@@ -62,9 +64,16 @@ class CpuDevice:
     act_dtype = torch.float32
     staging = None
 
-    def __init__(self, threads: int | None = None, *, kv_dtype: torch.dtype = torch.float32):
+    MAX_DECODE_ROWS = 256  # rows of one native decode_block call
+
+    def __init__(self, threads: int | None = None, *, kv_dtype: torch.dtype = torch.float32,
+                 native_step: bool = True):
         self.threads = threads or torch.get_num_threads()
         self.kv_dtype = kv_dtype
+        # decode_block: passes of single decode tokens run each block in one native call (False: the
+        # Python block, the definition, runs every pass -- the tests' reference)
+        self.native_step = native_step
+        self._decode_layers: dict[int, tuple[LayerWeights, DecodeLayer | None]] = {}
         # torch only runs the small per-token ops (norms, rope, attention over a few heads): one thread
         # avoids its OpenMP team fighting the kernel pool for the same cores.
         torch.set_num_threads(1)
@@ -96,6 +105,71 @@ class CpuDevice:
     def attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: AttnMask) -> torch.Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])
         return attend(q, keys, vals, mask, lambda *a: matmul_kernel(*a, scale))
+
+    def decode_block(self, x: torch.Tensor, w: LayerWeights, spec, layer: int, batch, rot: torch.Tensor
+                     ) -> torch.Tensor | None:
+        """Llama.block (engine/models/llama.py, the definition) for a pass whose every row is one decode
+        token, with the KV cache on this device: one native call (engine/cpu/decode_step.h) instead of
+        ~40 Python and torch operations. x (R, dim) -> (R, dim), the rows' new keys/values written into
+        their KV slots. Equal to the Python block within rounding (tests/test_cpu_decode_step.py). None
+        when the pass or layer is not one it runs (prefill rows, MoE, unusual tensors): the caller then
+        runs the Python block."""
+        R = x.shape[0]
+        if not (self.native_step and self.kernels and len(batch.rows) == R <= self.MAX_DECODE_ROWS):
+            return None
+        got = self._decode_layers.get(layer)
+        if got is None or got[0] is not w:
+            got = self._decode_layers[layer] = (w, _decode_layer(w, spec, self.kv_dtype))
+        lay = got[1]
+        if lay is not None and lay.n_ctx == 0:  # every KV slot of a model has its n_ctx
+            lay.n_ctx = batch.rows[0].seq.keys[layer].shape[1]
+        if lay is None or not (x.dtype is torch.float32 and x.is_contiguous() and x.shape[1] == lay.dim
+                               and rot.dtype is torch.complex64 and rot.is_contiguous()
+                               and rot.numel() == R * (lay.rope_dim // 2)):
+            return None
+        keys, vals, starts = (ctypes.c_void_p * R)(), (ctypes.c_void_p * R)(), (ctypes.c_int64 * R)()
+        for i, r in enumerate(batch.rows):
+            k, v = r.seq.keys[layer], r.seq.vals[layer]  # (Hkv, n_ctx, hd)
+            if not (k.dtype is v.dtype is self.kv_dtype and k.shape == v.shape == (lay.n_kv_heads, lay.n_ctx, lay.head_dim)
+                    and k.is_contiguous() and v.is_contiguous() and k.is_cpu and v.is_cpu):
+                return None
+            keys[i], vals[i], starts[i] = k.data_ptr(), v.data_ptr(), r.start
+        out = torch.empty_like(x)
+        cpu_kernels.decode_block(lay, x, out, rot, keys, vals, starts)
+        return out
+
+
+def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype) -> DecodeLayer | None:
+    """The C description of a block's weights for decode_block, or None if the native step cannot run
+    it (a MoE block, a format or tensor it does not take): every pointer it holds is checked here."""
+    if w.ffn_gate is None or kv_dtype not in (torch.float32, torch.float16):
+        return None
+    d, q, kv, f, hd = spec.dim, spec.q_dim, spec.kv_dim, spec.ffn_dim, spec.head_dim
+    mats = [(w.attn_q, (q, d)), (w.attn_k, (kv, d)), (w.attn_v, (kv, d)), (w.attn_output, (d, q)),
+            (w.ffn_gate, (f, d)), (w.ffn_up, (f, d)), (w.ffn_down, (d, f))]
+    vecs = [(w.attn_norm, d), (w.ffn_norm, d), (w.attn_q_bias, q), (w.attn_k_bias, kv), (w.attn_v_bias, kv),
+            (w.attn_q_norm, hd), (w.attn_k_norm, hd)]
+    for m, shape in mats:
+        if not (m.fmt.name in cpu_kernels.SUPPORTED and tuple(m.shape) == shape and m.data.dtype is torch.uint8
+                and m.data.is_cpu and m.data.is_contiguous() and shape[1] % m.fmt.block_size == 0
+                and m.data.numel() == shape[0] * m.fmt.row_nbytes(shape[1])):
+            return None
+    for t, n in vecs:
+        if t is not None and not (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.shape == (n,)):
+            return None
+    if (w.attn_q_bias is None) != (w.attn_k_bias is None) or (w.attn_q_norm is None) != (w.attn_k_norm is None) \
+            or spec.n_heads % spec.n_kv_heads:
+        return None
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    lay = DecodeLayer(dim=d, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=hd, ffn=f,
+                      rope_dim=spec.rope_dim, neox=spec.rope_style == "neox", kv_f16=kv_dtype is torch.float16,
+                      eps=spec.rms_eps, attn_norm=ptr(w.attn_norm), ffn_norm=ptr(w.ffn_norm),
+                      n_ctx=0)  # n_ctx: set from the first KV slot decode_block sees
+    lay.bias[:] = [ptr(w.attn_q_bias), ptr(w.attn_k_bias), ptr(w.attn_v_bias)]
+    lay.qk_norm[:] = [ptr(w.attn_q_norm), ptr(w.attn_k_norm)]
+    lay.w[:] = [m.data.data_ptr() for m, _ in mats]
+    lay.type[:] = [cpu_kernels.FORMATS[m.fmt.name].type_id for m, _ in mats]
+    return lay
 
 
 def _cuda_requested(req: str) -> bool:

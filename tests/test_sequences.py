@@ -46,7 +46,28 @@ def solo(model, chunks):
         return [model.step([(seq, c)])[0] for c in chunks]
 
 
-def test_ragged_rows_equal_single_sequences_bit_for_bit(model):
+@pytest.fixture
+def python_block(model):
+    """The model with the CPU's native decode step off: every pass runs the Python block."""
+    dev = model.weights.device_for(0, 1)
+    dev.native_step = False
+    yield model
+    dev.native_step = True
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_ragged_rows_equal_single_sequences_bit_for_bit(model, native, request):
+    """Bit for bit with the Python block; with the native decode step on, a decode token alone takes that
+    step and beside prefills the Python block, so what depends on it is equal within rounding."""
+    if not native:
+        request.getfixturevalue("python_block")
+
+    def same(got, want, exact):
+        if exact or not native:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+
     a1, b1 = solo(model, [A, [7]]), solo(model, [B, C])
     c1 = solo(model, [C])
     with model.open_sequence() as sa, model.open_sequence() as sb, model.open_sequence() as sc:
@@ -54,12 +75,13 @@ def test_ragged_rows_equal_single_sequences_bit_for_bit(model):
         assert (sa.pos, sb.pos) == (len(A), len(B))
         la2, lb2, lc = model.step([(sa, [7]), (sb, C), (sc, C)])  # a decode token beside two prefills
         assert la.shape == (len(A), model.spec.vocab_size) and la2.shape == (1, model.spec.vocab_size)
-        for got, want in [(la, a1[0]), (la2, a1[1]), (lb, b1[0]), (lb2, b1[1]), (lc, c1[0])]:
-            assert torch.equal(got, want)
+        for got, want in [(la, a1[0]), (lb, b1[0]), (lb2, b1[1]), (lc, c1[0])]:
+            same(got, want, exact=True)
+        same(la2, a1[1], exact=False)
         last = model.step([(sa, [1, 2]), (sc, [3])], last_only=True)
         assert [t.shape[0] for t in last] == [1, 1]
-    assert torch.equal(last[0][0], solo(model, [A, [7], [1, 2]])[2][-1])
-    assert torch.equal(last[1][0], solo(model, [C, [3]])[1][-1])
+    same(last[0][0], solo(model, [A, [7], [1, 2]])[2][-1], exact=False)  # sa's KV holds [7] from the mixed pass
+    same(last[1][0], solo(model, [C, [3]])[1][-1], exact=False)  # [3] alone is a native decode step
 
 
 def test_sequence_logits_match_the_float64_reference(model, path):

@@ -11,13 +11,14 @@ import torch
 
 from ..errors import KernelError
 from .build import slow_fallback_allowed
-from .launcher import FORMAT_NAMES, INT16_FORMATS, MAX_MANY, default_kernels
+from .launcher import FORMAT_NAMES, FORMATS, INT16_FORMATS, MAX_MANY, DecodeLayer, default_kernels
 
 SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
 
 log = logging.getLogger("engine.cpu")
 
-__all__ = ["INT16_FORMATS", "MAX_MANY", "SUPPORTED", "available", "linear", "linear_many", "set_num_threads"]
+__all__ = ["FORMATS", "INT16_FORMATS", "MAX_MANY", "SUPPORTED", "DecodeLayer", "available", "decode_block", "linear",
+           "linear_many", "set_num_threads"]
 
 
 def available() -> bool:
@@ -49,6 +50,13 @@ def linear_many(x: torch.Tensor, mats, k: int, exact: bool = False) -> list[torc
     """[linear(x, w, fmt, n, k) for (w, fmt, n) in mats] in one call and one pool job (q/k/v,
     gate/up): x is quantized once, every result is bit-identical to the separate call."""
     return default_kernels().linear_many(x, mats, k, exact)
+
+
+def decode_block(layer: DecodeLayer, x: torch.Tensor, out: torch.Tensor, rot: torch.Tensor, keys, vals,
+                 starts) -> None:
+    """One Llama block for R rows of one decode token each, in one call (see Kernels.decode_block and
+    engine/cpu/decode_step.h): out (R, dim) from x (R, dim), the new keys/values written into the slots."""
+    default_kernels().decode_block(layer, x, out, rot, keys, vals, starts)
 
 
 def set_num_threads(n: int) -> None:

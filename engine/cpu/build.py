@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -63,9 +64,16 @@ def _compiler_version(compiler: str) -> str:
     return res.stdout
 
 
+def _local_includes(source: Path) -> list[bytes]:
+    """The bytes of the files a source pulls in with #include "name" (beside it), so that an edit to
+    one of them rebuilds the library."""
+    names = re.findall(rb'^#include "([^"]+)"', source.read_bytes(), flags=re.M)
+    return [(source.parent / n.decode()).read_bytes() for n in names]
+
+
 def library_path(spec: BuildSpec) -> Path:
     h = hashlib.sha256()
-    for part in (spec.source.read_bytes(), "\0".join(spec.flags).encode(),
+    for part in (spec.source.read_bytes(), *_local_includes(spec.source), "\0".join(spec.flags).encode(),
                  _compiler_version(spec.compiler).encode(), _cpu_flags().encode()):
         h.update(hashlib.sha256(part).digest())
     return cache_dir() / f"{spec.source.stem}-{h.hexdigest()[:20]}.so"

@@ -20,7 +20,7 @@ FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q
                 "IQ4_NL", "IQ4_XS")
 # Formats with an integer path (activations quantized to int16 per 256-element block).
 INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K"})
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,8 @@ class Kernels:
             ("ql_linear", _int, (_vp, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64)),
             ("ql_linear_many", _int, (_vp, _int, ctypes.POINTER(_int), _int, _vp, ctypes.POINTER(_vp),
                                       ctypes.POINTER(_vp), _i64, ctypes.POINTER(_i64), _i64)),
+            ("ql_decode_block", _int, (_vp, _vp, _i64, _vp, _vp, _vp, _vp, _vp, _vp)),
+            ("ql_decode_layer_size", _int, ()),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -72,8 +74,12 @@ class Kernels:
                     or (block.value, nbytes.value) != (info.block, info.nbytes):
                 raise KernelError(f"{lib_path}: format {name} layout disagrees with gguf "
                                   f"({block.value}, {nbytes.value}) != ({info.block}, {info.nbytes})")
+        if lib.ql_decode_layer_size() != ctypes.sizeof(DecodeLayer):
+            raise KernelError(f"{lib_path}: DecodeLayer is {lib.ql_decode_layer_size()} bytes, expected "
+                              f"{ctypes.sizeof(DecodeLayer)}")
         self._lib = lib
         self._call = lib.ql_linear
+        self._decode = lib.ql_decode_block
         self._many = lib.ql_linear_many
         self.isa = "avx512" if lib.ql_isa() == 512 else "portable"
         self._pool = lib.ql_pool_new(1)
@@ -126,6 +132,28 @@ class Kernels:
                 shapes = ", ".join(f"{fmt} ({n}, {k})" for _, fmt, n in mats)
                 raise KernelError(f"{shapes} x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
         return outs
+
+
+    def decode_block(self, layer: "DecodeLayer", x: torch.Tensor, out: torch.Tensor, rot: torch.Tensor,
+                     keys, vals, starts) -> None:
+        """One block for R rows of one decode token each (engine/cpu/decode_step.h): x, out (R, dim)
+        fp32, rot (R, rope_dim / 2) complex64, keys/vals ctypes arrays of the rows' KV slot addresses,
+        starts a ctypes int64 array of the tokens each slot holds. The caller (CpuDevice.decode_block)
+        has checked every shape, dtype and address against `layer`."""
+        rc = self._decode(self._pool, ctypes.addressof(layer), x.shape[0], x.data_ptr(), out.data_ptr(),
+                          rot.data_ptr(), keys, vals, starts)
+        if rc:
+            raise KernelError(f"decode block of {x.shape[0]} row(s): {_RETURN_CODES.get(rc, f'error code {rc}')}")
+
+
+class DecodeLayer(ctypes.Structure):
+    """A layer's constant data for ql_decode_block (the C struct DecodeLayer in decode_step.h)."""
+
+    _fields_ = [("dim", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64), ("ffn", _i64),
+                ("rope_dim", _i64), ("n_ctx", _i64), ("neox", ctypes.c_int32), ("kv_f16", ctypes.c_int32),
+                ("eps", ctypes.c_float), ("pad_", ctypes.c_int32), ("attn_norm", _vp), ("ffn_norm", _vp),
+                ("bias", _vp * 3), ("qk_norm", _vp * 2), ("w", _vp * 7), ("type", ctypes.c_int32 * 7),
+                ("pad2_", ctypes.c_int32)]
 
 
 def _checked(x, w, fmt, n, k, out):

@@ -1661,7 +1661,7 @@ void run_many(const void* ctx, i64 g0, i64 g1) {
 // C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape, 3 out of memory.
 // Pointers are not checked here; the Python launcher validates dtypes, shapes and sizes.
 // ---------------------------------------------------------------------------------------------
-QL_EXPORT int ql_abi_version() { return 4; }
+QL_EXPORT int ql_abi_version() { return 5; }
 
 QL_EXPORT int ql_isa() { return QL_AVX512 ? 512 : 0; }
 
@@ -1737,3 +1737,18 @@ QL_EXPORT int ql_linear(void* pool_handle, int type, int mode, const float* x, c
                         i64 T, i64 N, i64 K) {
     return ql_linear_many(pool_handle, 1, &type, mode, x, &w, &out, T, &N, K);
 }
+
+#include "decode_step.h"
+
+// One block for R rows of one decode token each (see decode_step.h): x, out (R, dim) fp32 (out may
+// not overlap x), rot (R, rope_dim / 2) (cos, sin) pairs, keys/vals[r] row r's KV slot (Hkv, n_ctx,
+// head_dim) of the layer's KV type, starts[r] the tokens it holds (the new key goes there).
+QL_EXPORT int ql_decode_block(void* pool_handle, const DecodeLayer* layer, i64 rows, const float* x, float* out,
+                              const float* rot, void* const* keys, void* const* vals, const i64* starts) {
+    const uint64_t failures = g_alloc_failures.load(std::memory_order_relaxed);
+    const int rc = decode_block(static_cast<Pool*>(pool_handle), *layer, rows, x, out, rot, keys, vals, starts);
+    if (rc) return rc;
+    return g_alloc_failures.load(std::memory_order_relaxed) != failures ? 3 : 0;
+}
+
+QL_EXPORT int ql_decode_layer_size() { return int(sizeof(DecodeLayer)); }

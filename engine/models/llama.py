@@ -76,6 +76,9 @@ class Llama:
         the tokens' rope rotations on dev; `weights` the provider (an MoE block's experts come from it)."""
         s = self.spec
         N = x.shape[0]
+        fused = getattr(dev, "decode_block", None) if kv_dev is dev else None
+        if fused is not None and (y := fused(x, w, s, layer, batch, rot)) is not None:
+            return y  # this block for single decode tokens in one native call (equal within rounding)
         h = F.rms_norm(x, (s.dim,), w.attn_norm, s.rms_eps)
         q, k, v = dev.linear_many(h, (w.attn_q, w.attn_k, w.attn_v))  # (N, q_dim), (N, kv_dim), (N, kv_dim)
         if s.attn_bias:
