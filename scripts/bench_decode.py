@@ -5,7 +5,7 @@ alternate, and the medians are reported with their ratio. Both decode a fixed nu
 tokens (end-of-generation ignored) after the same prompt, with the same thread count.
 
     python scripts/bench_decode.py [--model PATH] [--threads 2 [1 ...]] [--isa native [avx2]]
-                                   [--tokens 128] [--runs 3] [--json]
+                                   [--python-block] [--baseline DIR] [--tokens 128] [--runs 3] [--json]
     python scripts/bench_decode.py --big-layers 4 --threads 1 2 --isa native avx2 --tokens 16
 
 --big-layers N writes (once, cached under $ENGINE_CACHE_DIR/bench) a synthetic GGUF of N blocks shaped
@@ -14,7 +14,9 @@ with the project's writer (scripts/make_synthetic_model.py); both engines then g
 token ids. Every round also measures the machine's read bandwidth (a torch sum over 1 GiB with the same
 thread count) in its own process, so the weights' GB/s per decoded token can be set against it.
 --isa runs the engine once per kernel flavour (ENGINE_CPU_ISA: native = AVX-512 here, avx2 = the
-portable path as an AVX2 CPU builds it); llama.cpp runs as installed.
+portable path as an AVX2 CPU builds it); llama.cpp runs as installed. --python-block adds a run of the
+engine with the CPU's native decode step off (every block through the Python definition), to see what
+that step is worth in the same run.
 llama.cpp comes from llama-cpp-python if installed (it is not a dependency of the engine).
 """
 from __future__ import annotations
@@ -80,6 +82,8 @@ def worker_engine(model: str, threads: int, n: int, prompt_ids) -> dict:
     import engine
 
     m = engine.load(model, threads=threads)
+    if os.environ.get("BENCH_PYTHON_BLOCK") == "1":
+        m.weights.device_for(0, 1).native_step = False
     load_s = time.perf_counter() - t0
     ids = prompt_ids or m.tokenize(PROMPT)
     t1 = time.perf_counter()
@@ -119,12 +123,12 @@ WORKERS = {"engine": worker_engine, "llama.cpp": worker_llamacpp, "read": worker
 
 
 def measure(which: str, model: str, threads: int, n: int, prompt_ids, isa: str = "native",
-            engine_path: str | None = None) -> dict:
+            engine_path: str | None = None, python_block: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", model, "--threads", str(threads),
            "--tokens", str(n)]
     if prompt_ids:
         cmd += ["--prompt-ids", ",".join(map(str, prompt_ids))]
-    env = {**os.environ, "ENGINE_CPU_ISA": isa}
+    env = {**os.environ, "ENGINE_CPU_ISA": isa, "BENCH_PYTHON_BLOCK": "1" if python_block else "0"}
     if engine_path:  # another checkout of the engine (--baseline)
         env["PYTHONPATH"] = engine_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
@@ -159,6 +163,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--baseline", metavar="DIR", help="also time the engine of another checkout (e.g. a git worktree "
                                                       "of an older commit), as 'baseline'")
+    ap.add_argument("--python-block", action="store_true", help="also time the engine with its native decode step "
+                                                                 "off, as 'engine/python-block'")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
@@ -176,7 +182,8 @@ def main() -> None:
         from engine.defaults import default_model_path
 
         a.model = str(default_model_path())
-    names = [f"engine/{isa}" for isa in a.isa] + (["baseline"] if a.baseline else [])
+    names = [f"engine/{isa}" for isa in a.isa] + (["engine/python-block"] if a.python_block else []) \
+        + (["baseline"] if a.baseline else [])
     try:
         import llama_cpp
 
@@ -198,6 +205,8 @@ def main() -> None:
                 which, _, isa = k.partition("/")
                 if which == "baseline":
                     runs[k].append(measure("engine", a.model, threads, a.tokens, prompt_ids, engine_path=a.baseline))
+                elif isa == "python-block":
+                    runs[k].append(measure("engine", a.model, threads, a.tokens, prompt_ids, python_block=True))
                 else:
                     runs[k].append(measure(which, a.model, threads, a.tokens, prompt_ids, isa or "native"))
         med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
@@ -220,16 +229,16 @@ def main() -> None:
           f"load average {out['load_avg_1min_before']:.1f} before, {out['load_avg_1min_after']:.1f} after")
     for threads, res in out["threads"].items():
         print(f"-- {threads} thread(s), medians of {a.runs} alternated fresh processes")
-        print(f"{'':16} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'decode GB/s':>12} "
+        print(f"{'':20} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'decode GB/s':>12} "
               f"{'peak RSS MB':>12} {'x llama.cpp':>16} {'/ read':>7}")
         for k, m in res["median"].items():
             if k == "read":
-                print(f"{'read (torch sum)':16} {'':7} {'':13} {'':13} {m['read_GBps']:12.1f}")
+                print(f"{'read (torch sum)':20} {'':7} {'':13} {'':13} {m['read_GBps']:12.1f}")
                 continue
             r = res.get("ratio_over_llamacpp", {}).get(k)
             ratio = f"{r['decode_tps']:.2f} / {r['prompt_tps']:.2f}" if r else ""
             frac = res.get("decode_GBps_over_read", {}).get(k)
-            print(f"{k:16} {m['load_s']:7.2f} {m['prompt_tps']:13.1f} {m['decode_tps']:13.1f} {m['decode_GBps']:12.1f} "
+            print(f"{k:20} {m['load_s']:7.2f} {m['prompt_tps']:13.1f} {m['decode_tps']:13.1f} {m['decode_GBps']:12.1f} "
                   f"{m['peak_rss_mb']:12.0f} {ratio:>16} {'' if frac is None else f'{frac:.2f}':>7}")
     print("(x llama.cpp: decode / prompt ratio of medians)")
 

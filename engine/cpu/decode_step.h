@@ -165,6 +165,11 @@ void attn_items(const void* ctx, i64 i0, i64 i1) {
     }
 }
 
+Scratch& decode_scratch() {  // the step's activations, per calling thread
+    thread_local Scratch buf;
+    return buf;
+}
+
 int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float* out, const float* rot,
                  void* const* keys, void* const* vals, const i64* starts) {
     const i64 D = L.dim, H = L.n_heads, Hkv = L.n_kv_heads, hd = L.head_dim, F = L.ffn;
@@ -173,7 +178,7 @@ int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float*
         return 2;
     for (i64 r = 0; r < R; ++r)
         if (starts[r] < 0 || starts[r] >= L.n_ctx) return 2;
-    thread_local Scratch buf;
+    Scratch& buf = decode_scratch();
     // h (R, max(D, F)) | q (R, qd) | k, v (R, kvd) | att (R, qd) | gate, up (R, F) | y (R, D)
     const i64 hw = D > F ? D : F;
     float* h = buf.try_get(R * (hw + 2 * qd + 2 * kvd + 2 * F + D));

@@ -1747,6 +1747,7 @@ QL_EXPORT int ql_decode_block(void* pool_handle, const DecodeLayer* layer, i64 r
                               const float* rot, void* const* keys, void* const* vals, const i64* starts) {
     const uint64_t failures = g_alloc_failures.load(std::memory_order_relaxed);
     const int rc = decode_block(static_cast<Pool*>(pool_handle), *layer, rows, x, out, rot, keys, vals, starts);
+    decode_scratch().shrink(i64(1) << 20);  // a large batch's activations are not kept for the process's life
     if (rc) return rc;
     return g_alloc_failures.load(std::memory_order_relaxed) != failures ? 3 : 0;
 }
