@@ -142,7 +142,7 @@ class CpuDevice:
 def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype) -> DecodeLayer | None:
     """The C description of a block's weights for decode_block, or None if the native step cannot run
     it (a MoE block, a format or tensor it does not take): every pointer it holds is checked here."""
-    if w.ffn_gate is None or kv_dtype not in (torch.float32, torch.float16):
+    if w.ffn_gate is None or w.ffn_gate_inp is not None or kv_dtype not in (torch.float32, torch.float16):
         return None
     d, q, kv, f, hd = spec.dim, spec.q_dim, spec.kv_dim, spec.ffn_dim, spec.head_dim
     mats = [(w.attn_q, (q, d)), (w.attn_k, (kv, d)), (w.attn_v, (kv, d)), (w.attn_output, (d, q)),
