@@ -19,7 +19,7 @@ is shared: the load average is printed):
   * per budget, expert-level (the planner's plan for resident_budget N%, io_backend odirect): tok/s,
     MiB read per token (what the reader read for experts, O_DIRECT alignment included), the routed
     experts' bytes per token that were not resident (what a cache-less engine must read), their ratio
-    (goal <= 1.2), the expert cache's hit rate, the disk's GB/s measured right after the timed steps by
+    (goal <= 1.2), the expert cache's hit rate and the share of lookups a next-layer prefetch served, the disk's GB/s measured right after the timed steps by
     re-reading exactly the expert reads of those steps with the same reader, the bound
     max(compute, MiB read / that GB/s) and token time / bound (goal <= 1.2).
   * per budget, the same engine streaming whole layers: as many whole layers resident as the budget's
@@ -175,7 +175,8 @@ def expert_row(path, budget, stream, warmup, compute_s) -> dict:
         bound = max(compute_s, read / bw)
         return {"budget": budget, "tok_s": n / dt, "token_s": dt / n, "read_mib": read / 2**20,
                 "routed_mib": routed / 2**20, "read_over_routed": read / routed if routed else 0.0,
-                "hit_rate": ex.hit_rate, "hint_mib": ex.hint_bytes / n / 2**20, "disk_gbs": bw / 1e9,
+                "hit_rate": ex.hit_rate, "hint_mib": ex.hint_bytes / n / 2**20,
+                "prefetched_share": ex.hinted_used / max(1, ex.hits + ex.misses), "disk_gbs": bw / 1e9,
                 "compute_s": compute_s, "bound_s": bound, "token_over_bound": (dt / n) / bound,
                 "predicted_tok_s": plan.predicted.tokens_per_s, "cache_slots": store.n_slots,
                 "resident_experts": sum(1 for t in tiers.values() if t == "resident"), "experts": len(tiers),
@@ -251,14 +252,14 @@ def main(argv=None) -> int:
           f"{100 * res['top16_share']:.0f}% of selections, {res['experts_used_layer0']} of 128 used")
     print(f"100% resident: {res['tok_s']:.2f} tok/s = compute {1e3 * res['token_s']:.0f} ms/token")
     print("| budget | experts resident | cache slots | tok/s | MiB read/token | routed non-resident MiB/token "
-          "| read/routed | cache hit | disk GB/s | bound ms | token ms | token/bound | predicted tok/s "
+          "| read/routed | cache hit (prefetched) | disk GB/s | bound ms | token ms | token/bound | predicted tok/s "
           "| whole-layer tok/s | whole-layer MiB/token |")
     print("|---" * 15 + "|")
     for r in rows:
         e, w = r["experts"], r["whole_layers"]
         print(f"| {e['budget']}% | {e['resident_experts']}/{e['experts']} | {e['cache_slots']} | {e['tok_s']:.2f} "
               f"| {e['read_mib']:.1f} | {e['routed_mib']:.1f} | {e['read_over_routed']:.2f} "
-              f"| {100 * e['hit_rate']:.0f}% | {e['disk_gbs']:.2f} | {1e3 * e['bound_s']:.0f} "
+              f"| {100 * e['hit_rate']:.0f}% ({100 * e['prefetched_share']:.0f}%) | {e['disk_gbs']:.2f} | {1e3 * e['bound_s']:.0f} "
               f"| {1e3 * e['token_s']:.0f} | {e['token_over_bound']:.2f} | {e['predicted_tok_s']:.2f} "
               f"| {w['tok_s']:.2f} ({w['resident_layers']} layers resident) | {w['read_mib']:.0f} |")
     print(f"load average (1/5/15 min): start {'/'.join(f'{x:.1f}' for x in load0)}, end "
