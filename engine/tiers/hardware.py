@@ -234,25 +234,34 @@ def load_profile(path: str | os.PathLike | None = None, device: str = "cpu") -> 
             return default_profile(device)
         path = cached
     path = os.fspath(path)
+    return HardwareProfile.from_json(read_json_object(path, "hardware profile"), path=path)
+
+
+def read_json_object(path: str, what: str) -> Mapping:
+    """A JSON object from a profile file; ConfigError naming the file when it is unreadable or not one."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except OSError as e:
-        raise ConfigError(f"cannot read hardware profile: {e.strerror}", path=path) from None
+        raise ConfigError(f"cannot read {what}: {e.strerror}", path=path) from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"hardware profile is not valid JSON: {e.msg} (line {e.lineno})", path=path) from None
+        raise ConfigError(f"{what} is not valid JSON: {e.msg} (line {e.lineno})", path=path) from None
     if not isinstance(data, Mapping):
-        raise ConfigError("hardware profile must be a JSON object", path=path)
-    return HardwareProfile.from_json(data, path=path)
+        raise ConfigError(f"{what} must be a JSON object", path=path)
+    return data
+
+
+def write_json(path: Path, data: object) -> Path:
+    """Write a profile atomically (a temporary file renamed over `path`), creating its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike | None = None) -> Path:
-    path = Path(path) if path is not None else profile_path(profile.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(profile.to_json(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(path) if path is not None else profile_path(profile.device), profile.to_json())
 
 
 def resolve_profile(hardware: str, device: str, hardware_path: str | None = None) -> HardwareProfile:

@@ -6,7 +6,6 @@ the planner reads it to keep the hottest experts resident (uniform k/E when ther
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, brief
-from .hardware import cache_dir
+from .hardware import cache_dir, read_json_object, write_json
 
 PROFILE_VERSION = 1
 KIND = "router-statistics"
@@ -93,8 +92,6 @@ class RouterProfile:
 
     @classmethod
     def from_json(cls, data: object, path: str) -> RouterProfile:
-        if not isinstance(data, Mapping):
-            raise ConfigError("a router profile must be a JSON object", path=path)
         if data.get("kind") != KIND:
             raise ConfigError(f"not a router profile (kind {brief(data.get('kind'))})", path=path, field="kind")
         if data.get("version") != PROFILE_VERSION:
@@ -150,24 +147,12 @@ def profile_path(model_path: str | os.PathLike) -> Path:
 
 
 def save_router_profile(profile: RouterProfile, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(profile.to_json()) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(path), profile.to_json())
 
 
 def load_router_profile(path: str | os.PathLike) -> RouterProfile:
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as e:
-        raise ConfigError(f"cannot read router profile: {e.strerror}", path=path) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"router profile is not valid JSON: {e.msg} (line {e.lineno})", path=path) from None
-    return RouterProfile.from_json(data, path)
+    return RouterProfile.from_json(read_json_object(path, "router profile"), path)
 
 
 def find_router_profile(model_path: str | os.PathLike) -> RouterProfile | None:
