@@ -184,3 +184,16 @@ def test_malformed_router_profiles_are_typed_errors(tmp_path, edit, field):
     p.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_router_profile(p)
+
+
+def test_speculative_pass_costs_count_the_experts_more_rows_route_to(tmp_path):
+    from engine.tiers.speculation import pass_costs
+
+    fp = describe("qwen3-30b-a3b:Q4_K_M")
+    hw = default_profile("cpu")
+    cfg = _cfg(tmp_path, "10%")
+    p = plan(fp, hw, cfg)
+    costs = pass_costs(fp, hw, cfg, p, max_tokens=4).pass_s
+    assert math.isclose(costs[0], p.predicted.token_s, rel_tol=1e-9)
+    assert costs[0] < costs[1] < costs[2] < costs[3]  # more rows, more distinct routed experts to read
+    assert costs[3] < 4 * costs[0]  # but shared experts and dense parts are paid once

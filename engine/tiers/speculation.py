@@ -21,6 +21,7 @@ from .config import TierConfig
 from .footprint import ModelFootprint
 from .hardware import HardwareProfile
 from .planner import Plan, Workload, evaluate
+from .planner.experts import evaluate_experts
 
 DEFAULT_ACCEPTANCE = 0.6
 MAX_VERIFY = 32
@@ -89,6 +90,8 @@ def pass_costs(fp: ModelFootprint, hw: HardwareProfile, cfg: TierConfig, plan: P
 
     def pass_s(t: int) -> float:
         work = Workload(batch=t, prompt_tokens=w.prompt_tokens, gen_tokens=w.gen_tokens)
+        if plan.experts:  # experts as units: t rows route to more experts, whose reads the pass waits for
+            return evaluate_experts(fp, hw, cfg, plan, work).token_s + (t - 1) * draft_token_s
         pred = evaluate(fp, hw, cfg, plan.layers, output_tier=plan.output_tier,
                         embedding_tier=plan.embedding_tier, kv_tier=plan.kv_tier,
                         ring_size=max(plan.ring_size, 1), work=work, output_cpu_decode=plan.output_cpu_decode)

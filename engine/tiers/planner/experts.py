@@ -16,6 +16,7 @@ max(expert compute, its expected reads / the link's bandwidth); no schedule beat
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -24,7 +25,8 @@ from ...errors import PlanError
 from ..footprint import ModelFootprint
 from ..router_stats import RouterProfile
 from ..units import DIRECT_IO_ALIGN, format_size
-from .contract import DISK, HOST, LINK_DISK, LINK_H2D, RESIDENT, ExpertPlacement, LayerPlacement, Plan, Prediction
+from .contract import (DISK, HOST, LINK_DISK, LINK_H2D, RESIDENT, ExpertPlacement, LayerPlacement, Plan,
+                       Prediction, Workload)
 
 CACHE_SHARE = 0.1  # of the resident bytes left for experts, kept as the expert cache (at least a pass's experts)
 
@@ -123,10 +125,6 @@ def plan_experts(p, profile: RouterProfile | None) -> Plan:
     def tier_of(i: int, e: int) -> str:
         return RESIDENT if (i, e) in res_set else HOST if (i, e) in host_set else DISK
 
-    # expected reads per step: q = P(some token of the step routes to e); the cache holds LRU hits
-    q = {(i, e): 1 - (1 - freq[i][e]) ** b for i, e in experts}
-    slow = [ie for ie in experts if ie not in res_set]
-    hits = dict(zip(slow, lru_hits([q[ie] for ie in slow], cache)))
     placements, layers = [], []
     for i, lay in enumerate(fp.layers):
         roles = frozenset(t.role for t in lay.tensors)
@@ -134,12 +132,9 @@ def plan_experts(p, profile: RouterProfile | None) -> Plan:
             layers.append(LayerPlacement(i, RESIDENT, roles, frozenset(), 0))
             continue
         layers.append(LayerPlacement(i, RESIDENT, frozenset(t.role for t in lay.dense_tensors), frozenset(), 0))
-        tiers = tuple(tier_of(i, e) for e in range(lay.n_experts))
-        read = {HOST: 0.0, DISK: 0.0}
-        for e, t in enumerate(tiers):
-            if t != RESIDENT:
-                read[t] += q[(i, e)] * (1 - hits[(i, e)]) * ebytes[i]
-        placements.append(ExpertPlacement(i, tiers, tuple(freq[i]), ebytes[i], read[HOST], read[DISK]))
+        placements.append(ExpertPlacement(i, tuple(tier_of(i, e) for e in range(lay.n_experts)), tuple(freq[i]),
+                                          ebytes[i]))
+    placements, q = _with_reads(placements, b, cache)
     pred = _predict(p, fp, placements, emb_tier, kv_tier, q)
     res_weights = (dense + p.small + head + (emb if emb_tier == RESIDENT else 0)
                    + sum(ebytes[i] for i, _ in res_set))
@@ -167,6 +162,34 @@ def plan_experts(p, profile: RouterProfile | None) -> Plan:
         output_chunk_rows=fp.head.shape[0], output_chunks=1, predicted=pred, notes=tuple(notes),
         experts=tuple(placements), expert_cache=cache, expert_slot_bytes=slot if cache else 0,
         router=profile.source if profile else "uniform")
+
+
+def _with_reads(placements: Sequence[ExpertPlacement], batch: int, cache: int
+                ) -> tuple[tuple[ExpertPlacement, ...], dict]:
+    """The placements with their expected reads per step of `batch` tokens: q = P(some token of the step
+    routes to e) from the routing frequency; a non-resident expert is read when routed and not in the LRU
+    cache of `cache` slots (Che's approximation). -> (placements, q per (layer, expert))."""
+    q = {(x.layer, e): 1 - (1 - f) ** batch for x in placements for e, f in enumerate(x.frequency)}
+    slow = [(x.layer, e) for x in placements for e, t in enumerate(x.tiers) if t != RESIDENT]
+    hits = dict(zip(slow, lru_hits([q[k] for k in slow], cache)))
+    out = []
+    for x in placements:
+        read = {HOST: 0.0, DISK: 0.0}
+        for e, t in enumerate(x.tiers):
+            if t != RESIDENT:
+                read[t] += q[(x.layer, e)] * (1 - hits[(x.layer, e)]) * x.expert_bytes
+        out.append(dataclasses.replace(x, host_read=read[HOST], disk_read=read[DISK]))
+    return tuple(out), q
+
+
+def evaluate_experts(fp: ModelFootprint, hw, cfg, plan: Plan, work: Workload) -> Prediction:
+    """The cost model's prediction for an expert-level plan under another workload (a batch of t rows,
+    as a speculative pass verifying t tokens is): more rows route to more distinct experts."""
+    from .search import _Planner
+
+    p = _Planner(fp, hw, cfg, work)
+    placements, q = _with_reads(plan.experts, work.batch, plan.expert_cache)
+    return _predict(p, fp, placements, plan.embedding_tier, plan.kv_tier, q)
 
 
 def _predict(p, fp: ModelFootprint, placements: Sequence[ExpertPlacement], emb_tier: str, kv_tier: str,
