@@ -22,6 +22,8 @@ is shared: the load average is printed):
     (goal <= 1.2), the expert cache's hit rate and the share of lookups a next-layer prefetch served, the disk's GB/s measured right after the timed steps by
     re-reading exactly the expert reads of those steps with the same reader, the bound
     max(compute, MiB read / that GB/s) and token time / bound (goal <= 1.2).
+  * per budget again with a router profile gathered on --profile-tokens other random tokens (what
+    engine.calibrate --moe-profile stores; the planner then keeps the measured hottest experts resident).
   * per budget, the same engine streaming whole layers: as many whole layers resident as the budget's
     bytes hold after the head and embedding (its ring of two layer buffers is not counted), the rest read
     from disk every token: tok/s and MiB read per token.
@@ -33,6 +35,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 PROMPT = 16
+CACHE_ENV = "ENGINE_CACHE_DIR"  # engine.tiers.hardware.CACHE_ENV
 
 
 def model_path(layers: int, zipf: float) -> Path:
@@ -183,6 +187,19 @@ def expert_row(path, budget, stream, warmup, compute_s) -> dict:
                 "plan": m.plan_summary()}
 
 
+def use_router_profile(path: Path, tokens: int, tmp: str) -> None:
+    """Gather router statistics on `tokens` random tokens (seed 1: not the timed stream) with the model all
+    resident, and save them where the planner looks for this model's profile, under a temporary cache dir."""
+    from engine.model import Model
+    from engine.tiers.router_stats import gather, profile_path, save_router_profile
+
+    rng = random.Random(1)
+    with Model.load(path, config=config(100), n_ctx=256) as m:
+        prof = gather(m, [[rng.randrange(600, 32000) for _ in range(min(tokens, 250))]])
+    os.environ[CACHE_ENV] = tmp
+    save_router_profile(prof, profile_path(path))
+
+
 def baseline_row(path, budget, stream, tokens) -> dict:
     """The same engine moving whole layers: as many whole layers resident as the budget's bytes hold."""
     from engine.gguf_file import GGUFFile
@@ -225,6 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--baseline-tokens", type=int, default=3)
     p.add_argument("--zipf", type=float, default=0.8)
+    p.add_argument("--profile-tokens", type=int, default=64,
+                   help="also run every budget with a router profile gathered on this many other random tokens "
+                        "(engine.tiers.router_stats.gather, as engine.calibrate --moe-profile does); 0: skip")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     budgets = [int(b) for b in a.budgets.split(",")]
@@ -240,6 +260,12 @@ def main(argv=None) -> int:
         base = baseline_row(path, b, stream, a.baseline_tokens)
         rows.append({"experts": ex, "whole_layers": base})
         print(f"budget {b}% done: {ex['tok_s']:.2f} vs {base['tok_s']:.2f} tok/s", file=sys.stderr, flush=True)
+    if a.profile_tokens:
+        with tempfile.TemporaryDirectory() as tmp:
+            use_router_profile(path, a.profile_tokens, tmp)
+            for r, b in zip(rows, budgets):
+                r["experts_profiled"] = expert_row(path, b, stream, a.warmup, res["token_s"])
+            os.environ.pop(CACHE_ENV)
     load1 = os.getloadavg()
     out = {"model": str(path), "layers": a.layers, "zipf": a.zipf, "tokens": a.tokens, "warmup": a.warmup,
            "resident": res, "rows": rows, "loadavg_start": load0, "loadavg_end": load1}
@@ -251,17 +277,22 @@ def main(argv=None) -> int:
     print(f"routing measured (layer 0, timed steps): top-8 expert shares {res['layer0_top']}, top-16 experts "
           f"{100 * res['top16_share']:.0f}% of selections, {res['experts_used_layer0']} of 128 used")
     print(f"100% resident: {res['tok_s']:.2f} tok/s = compute {1e3 * res['token_s']:.0f} ms/token")
-    print("| budget | experts resident | cache slots | tok/s | MiB read/token | routed non-resident MiB/token "
+    print("| budget | router statistics | experts resident | cache slots | tok/s | MiB read/token | routed non-resident MiB/token "
           "| read/routed | cache hit (prefetched) | disk GB/s | bound ms | token ms | token/bound | predicted tok/s "
           "| whole-layer tok/s | whole-layer MiB/token |")
-    print("|---" * 15 + "|")
+    print("|---" * 16 + "|")
     for r in rows:
-        e, w = r["experts"], r["whole_layers"]
-        print(f"| {e['budget']}% | {e['resident_experts']}/{e['experts']} | {e['cache_slots']} | {e['tok_s']:.2f} "
-              f"| {e['read_mib']:.1f} | {e['routed_mib']:.1f} | {e['read_over_routed']:.2f} "
-              f"| {100 * e['hit_rate']:.0f}% ({100 * e['prefetched_share']:.0f}%) | {e['disk_gbs']:.2f} | {1e3 * e['bound_s']:.0f} "
-              f"| {1e3 * e['token_s']:.0f} | {e['token_over_bound']:.2f} | {e['predicted_tok_s']:.2f} "
-              f"| {w['tok_s']:.2f} ({w['resident_layers']} layers resident) | {w['read_mib']:.0f} |")
+        w = r["whole_layers"]
+        for router, key in (("uniform", "experts"), (f"profile ({a.profile_tokens} tokens)", "experts_profiled")):
+            e = r.get(key)
+            if e is None:
+                continue
+            print(f"| {e['budget']}% | {router} | {e['resident_experts']}/{e['experts']} | {e['cache_slots']} "
+                  f"| {e['tok_s']:.2f} | {e['read_mib']:.1f} | {e['routed_mib']:.1f} | {e['read_over_routed']:.2f} "
+                  f"| {100 * e['hit_rate']:.0f}% ({100 * e['prefetched_share']:.0f}%) | {e['disk_gbs']:.2f} "
+                  f"| {1e3 * e['bound_s']:.0f} | {1e3 * e['token_s']:.0f} | {e['token_over_bound']:.2f} "
+                  f"| {e['predicted_tok_s']:.2f} | {w['tok_s']:.2f} ({w['resident_layers']} layers resident) "
+                  f"| {w['read_mib']:.0f} |")
     print(f"load average (1/5/15 min): start {'/'.join(f'{x:.1f}' for x in load0)}, end "
           f"{'/'.join(f'{x:.1f}' for x in load1)} on {os.cpu_count()} cores")
     return 0

@@ -70,7 +70,7 @@ def _experts(p: Plan) -> list[str]:
              f"norms, router) resident, then the hottest experts by {why}",
              f"  expert cache (LRU, resident): {p.expert_cache} x {format_size(p.expert_slot_bytes)}; reads issued "
              "after each layer's router, the next layer's guessed ones prefetched",
-             f"  {'layers':<14} {'resident':>8} {'host':>5} {'disk':>5}  {'read/step':>10}  hottest resident (share, "
+             f"  {'layers':<14} {'resident':>8} {'host':>5} {'disk':>5}  {'predicted read/step':>19}  hottest resident (share, "
              f"first layer)"]
     rows: dict[tuple, list] = {}
     for x in p.experts:
@@ -79,7 +79,7 @@ def _experts(p: Plan) -> list[str]:
         lo, hi = min(x.read_bytes for x in xs), max(x.read_bytes for x in xs)
         read = format_size(lo) if format_size(lo) == format_size(hi) else f"{format_size(lo)}-{format_size(hi)}"
         hot = ", ".join(f"{e} ({xs[0].frequency[e]:.3f})" for e in xs[0].hottest(RESIDENT)) or "-"
-        lines.append(f"  {_ranges([x.layer for x in xs]):<14} {r:>8} {h:>5} {d:>5}  {read:>10}  {hot}")
+        lines.append(f"  {_ranges([x.layer for x in xs]):<14} {r:>8} {h:>5} {d:>5}  {read:>19}  {hot}")
     return lines
 
 
