@@ -86,17 +86,24 @@ def worker_engine(model: str, threads: int, n: int, prompt_ids) -> dict:
         m.weights.device_for(0, 1).native_step = False
     load_s = time.perf_counter() - t0
     ids = prompt_ids or m.tokenize(PROMPT)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     logits = m.forward(torch.tensor([ids]), 0, last_only=True)[0, -1]
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     pos = len(ids)
     for _ in range(n):
         tok = int(torch.argmax(logits))
         logits = m.forward(torch.tensor([[tok]]), pos, last_only=True)[0, -1]
         pos += 1
-    t3 = time.perf_counter()
-    return {"load_s": load_s, "prompt_tokens": len(ids), "prompt_tps": len(ids) / (t2 - t1),
-            "decode_tps": n / (t3 - t2), "peak_rss_mb": peak_rss_mb()}
+    t3, c3 = time.perf_counter(), time.process_time()
+    return _result(load_s, len(ids), n, (t1, c1), (t2, c2), (t3, c3))
+
+
+def _result(load_s: float, prompt_tokens: int, n: int, t1, t2, t3) -> dict:
+    """Rates from (wall, CPU) clock pairs taken before the prompt, after it and after n decoded tokens.
+    CPU ms per token (all the process's threads) is robust to other processes taking the cores."""
+    return {"load_s": load_s, "prompt_tokens": prompt_tokens, "prompt_tps": prompt_tokens / (t2[0] - t1[0]),
+            "decode_tps": n / (t3[0] - t2[0]), "decode_cpu_ms": (t3[1] - t2[1]) / n * 1e3,
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def worker_llamacpp(model: str, threads: int, n: int, prompt_ids) -> dict:
@@ -108,15 +115,14 @@ def worker_llamacpp(model: str, threads: int, n: int, prompt_ids) -> dict:
                           verbose=False)
     load_s = time.perf_counter() - t0
     ids = prompt_ids or llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     llm.eval(ids)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     for _ in range(n):
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([tok])
-    t3 = time.perf_counter()
-    return {"load_s": load_s, "prompt_tokens": len(ids), "prompt_tps": len(ids) / (t2 - t1),
-            "decode_tps": n / (t3 - t2), "peak_rss_mb": peak_rss_mb()}
+    t3, c3 = time.perf_counter(), time.process_time()
+    return _result(load_s, len(ids), n, (t1, c1), (t2, c2), (t3, c3))
 
 
 WORKERS = {"engine": worker_engine, "llama.cpp": worker_llamacpp, "read": worker_read}
@@ -216,6 +222,7 @@ def main() -> None:
         res = {"median": med}
         if "llama.cpp" in med:
             res["ratio_over_llamacpp"] = {k: {f: med[k][f] / med["llama.cpp"][f] for f in ("decode_tps", "prompt_tps")}
+                                          | {"decode_cpu": med["llama.cpp"]["decode_cpu_ms"] / med[k]["decode_cpu_ms"]}
                                           for k in med if k != "llama.cpp" and k != "read"}
         if "read" in med:
             res["decode_GBps_over_read"] = {k: med[k]["decode_GBps"] / med["read"]["read_GBps"]
@@ -230,7 +237,7 @@ def main() -> None:
     for threads, res in out["threads"].items():
         print(f"-- {threads} thread(s), medians of {a.runs} alternated fresh processes")
         print(f"{'':20} {'load s':>7} {'prompt tok/s':>13} {'decode tok/s':>13} {'decode GB/s':>12} "
-              f"{'peak RSS MB':>12} {'x llama.cpp':>16} {'/ read':>7}")
+              f"{'CPU ms/tok':>11} {'peak RSS MB':>12} {'x llama.cpp':>16} {'CPU x':>6} {'/ read':>7}")
         for k, m in res["median"].items():
             if k == "read":
                 print(f"{'read (torch sum)':20} {'':7} {'':13} {'':13} {m['read_GBps']:12.1f}")
@@ -238,9 +245,12 @@ def main() -> None:
             r = res.get("ratio_over_llamacpp", {}).get(k)
             ratio = f"{r['decode_tps']:.2f} / {r['prompt_tps']:.2f}" if r else ""
             frac = res.get("decode_GBps_over_read", {}).get(k)
+            cpu = f"{r['decode_cpu']:.2f}" if r else ""
             print(f"{k:20} {m['load_s']:7.2f} {m['prompt_tps']:13.1f} {m['decode_tps']:13.1f} {m['decode_GBps']:12.1f} "
-                  f"{m['peak_rss_mb']:12.0f} {ratio:>16} {'' if frac is None else f'{frac:.2f}':>7}")
-    print("(x llama.cpp: decode / prompt ratio of medians)")
+                  f"{m['decode_cpu_ms']:11.1f} {m['peak_rss_mb']:12.0f} {ratio:>16} {cpu:>6} "
+                  f"{'' if frac is None else f'{frac:.2f}':>7}")
+    print("(x llama.cpp: decode / prompt ratio of medians; CPU x: llama.cpp's CPU time per decoded token over this "
+          "one's, robust to other processes taking the cores, meaningful at 1 thread)")
 
 
 if __name__ == "__main__":
