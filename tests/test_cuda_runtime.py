@@ -771,20 +771,29 @@ def greedy(m, prompt, n=12) -> list[int]:
     return out
 
 
-def test_shim_cuda_device_generates_the_cpu_greedy_tokens(shim, tmp_path):
+SHIM_MODELS = {  # TinyConfig fields: a dense llama, and a Mixtral-shaped one (4 experts, top 2)
+    "dense": dict(seed=21),
+    "moe": dict(n_experts=4, n_experts_used=2, ffn=256, router_scale=0.25, seed=22),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SHIM_MODELS))
+def test_shim_cuda_device_generates_the_cpu_greedy_tokens(shim, tmp_path, kind):
     """The whole model on CudaDevice with the .cu kernels executed on the CPU (fp16 activations into
     the GEMV for decode, dequantize + matmul for the 10-token prefill, SDPA over an fp16 KV cache):
-    the same greedy tokens as the CPU device, resident and streamed through CudaStaging."""
+    the same greedy tokens as the CPU device, resident and streamed through CudaStaging. The MoE model's
+    expert FFN is the same grouped code on both devices."""
     from tiny_llama import TinyConfig, write_tiny_llama
 
     import engine
 
-    cfg = TinyConfig(n_layers=2, n_heads=8, n_kv_heads=2, fmt=(gguf.GGMLQuantizationType.Q4_1,
-                     gguf.GGMLQuantizationType.Q6_K), embd_fmt=gguf.GGMLQuantizationType.Q6_K, seed=21)
+    QT = gguf.GGMLQuantizationType
+    cfg = TinyConfig(n_layers=2, n_heads=8, n_kv_heads=2, fmt=(QT.Q4_1, QT.Q6_K), embd_fmt=QT.Q6_K, **SHIM_MODELS[kind])
     path = write_tiny_llama(tmp_path / "shim.gguf", cfg)
     prompt = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77]
     f = GGUFFile(path)
     spec = ModelSpec.from_gguf(f)
+    assert spec.moe == (kind == "moe")
     lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
     with engine.load(path, config={"device": "cpu"}) as m:
         cpu_tokens = greedy(m, prompt)
@@ -800,31 +809,6 @@ def test_shim_cuda_device_generates_the_cpu_greedy_tokens(shim, tmp_path):
                 assert {t.dtype for t in seq.keys} == {torch.float16}
             err = np.abs(m.logits(prompt) - cpu_logits).max() / np.abs(cpu_logits).max()
             assert err < 2e-2, err  # fp16 activations, weights and KV against the CPU's fp32
-
-
-def test_shim_cuda_device_runs_moe_blocks(shim, tmp_path):
-    """A Mixtral-shaped model (llama + 4 experts, top 2) on CudaDevice over the shim kernels: the MoE FFN is
-    the same grouped code on both devices, so the greedy tokens are the CPU's, resident and streamed."""
-    from tiny_llama import TinyConfig, write_tiny_llama
-
-    import engine
-
-    QT = gguf.GGMLQuantizationType
-    cfg = TinyConfig(n_layers=2, n_heads=8, n_kv_heads=2, n_experts=4, n_experts_used=2, ffn=256,
-                     router_scale=0.25, fmt=(QT.Q4_1, QT.Q6_K), embd_fmt=QT.Q6_K, seed=22)
-    path = write_tiny_llama(tmp_path / "moe.gguf", cfg)
-    prompt = [5, 17, 300, 42, 8, 99, 1, 250, 3, 77]
-    f = GGUFFile(path)
-    spec = ModelSpec.from_gguf(f)
-    lays = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
-    with engine.load(path, config={"device": "cpu"}) as m:
-        cpu_tokens, cpu_logits = greedy(m, prompt), m.logits(prompt)
-    for stream in (False, True):
-        placement = Placement.uniform(lays, head_info(f, spec), stream=stream, ring_size=2)
-        with Model.load(path, placement=placement, device=shim_device(shim)) as m:
-            assert greedy(m, prompt) == cpu_tokens, stream
-            err = np.abs(m.logits(prompt) - cpu_logits).max() / np.abs(cpu_logits).max()
-            assert err < 2e-2, err
 
 
 @gpu
