@@ -93,6 +93,8 @@ class Llama:
         self.rope.apply(k, rot)
         att = self.attend(q, k, v, layer, batch, kv_dev)  # (N, H, hd)
         x = x + dev.linear(att.reshape(N, s.q_dim), w.attn_output)
+        if s.moe and layer + 1 < s.n_layers and getattr(weights, "wants_hints", False):
+            self.hint_next(x, layer + 1, dev, weights)  # before this FFN, so the reads can hide behind it
         h = F.rms_norm(x, (s.dim,), w.ffn_norm, s.rms_eps)
         if w.ffn_gate_inp is not None:
             return x + self.moe(h, w.ffn_gate_inp, layer, dev, weights)
@@ -121,7 +123,7 @@ class Llama:
         tokens = (order // k).to(h.device)  # (N*k,) the token of each grouped assignment
         scale = top.reshape(-1)[order].unsqueeze(-1)  # (N*k, 1)
         used, counts = used.tolist(), counts.tolist()  # the provider needs the ids on the host
-        experts = weights.experts(layer, used, N)
+        experts = weights.experts(layer, used, N)  # may bind lazily: take each expert once, in `used` order
         out = torch.zeros_like(h)
         a = 0
         for e, c in zip(used, counts):
@@ -132,8 +134,8 @@ class Llama:
         return out
 
     def hint_next(self, x: torch.Tensor, layer: int, dev, weights) -> None:
-        """Tell the provider which experts block `layer` will likely want: its router applied to the hidden
-        state entering it (its router and norm must be readable now; only providers that want hints)."""
+        """Tell the provider which experts block `layer` will likely want: its router (and ffn_norm) applied
+        to x, the previous block's post-attention residual (the router and norm must be readable now)."""
         got = weights.router(layer)
         if got is None:
             return
@@ -189,7 +191,6 @@ class Llama:
         N = batch.n_tokens
         x = self.embed(batch.ids, weights.device_for(0, N))  # (N, dim)
         rot: dict[torch.device, torch.Tensor] = {}
-        hints = self.spec.moe and getattr(weights, "wants_hints", False)
         for i in range(self.spec.n_layers):
             dev, kv_dev = weights.device_for(i, N), weights.kv_device(i)
             d = dev.torch_device
@@ -200,8 +201,6 @@ class Llama:
             w = weights.layer(i, N)  # bound where device_for(i, N) computes it
             x = self.block(x, w, i, batch, dev, kv_dev, rot[d], weights)
             weights.release(i)
-            if hints and i + 1 < self.spec.n_layers:
-                self.hint_next(x, i + 1, dev, weights)
         if batch.last_only:
             x = x.index_select(0, batch.on(x.device).last) if batch.last.numel() > 1 else x[-1:]
         return self.head(x, weights)
