@@ -6,6 +6,7 @@ a resident copy or a streamed staging buffer.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -218,7 +219,11 @@ def layer_layout(f: GGUFFile, spec: ModelSpec, i: int) -> LayerLayout:
     for t in f.layer_tensors(i):
         role = role_of(t.name)
         if role not in expected or not t.name.endswith((".weight", ".bias")):
-            raise UnsupportedModelError(f"unexpected tensor in a {spec.architecture} block", path=f.path, field=t.name)
+            legacy = spec.moe and re.fullmatch(r"ffn_(gate|up|down)\.\d+", role)
+            raise UnsupportedModelError("one tensor per expert (the legacy Mixtral layout) is not supported: the "
+                                        "experts must be stacked (ffn_*_exps, as current llama.cpp converters write)"
+                                        if legacy else f"unexpected tensor in a {spec.architecture} block",
+                                        path=f.path, field=t.name)
         if t.shape != expected[role]:
             raise ModelFormatError(f"shape {t.shape} does not match the metadata, expected {expected[role]}"
                                    f"{_from_keys(spec, role)}", path=f.path, field=t.name)

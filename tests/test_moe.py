@@ -20,7 +20,7 @@ from engine.model import Model
 from engine.spec import ModelSpec
 from engine.tiers.runtime import Placement, head_info
 from engine.weights import expected_layer_shapes, expert_slice, layer_layout
-from gguf_edit import U32, Value, decode, encode
+from gguf_edit import STRING, U32, Value, decode, encode
 from tiny_llama import TinyConfig, reference_logits, write_tiny_llama
 
 # tiny MoE models in a few formats (dims multiples of 256 so K-quants fit); qwen3moe's head size (64) is
@@ -194,6 +194,16 @@ def drop(name):
     return edit
 
 
+def without(key):
+    return lambda doc: doc.kvs.remove(next(kv for kv in doc.kvs if kv[0] == key))
+
+
+def rename(name, new):
+    def edit(doc):
+        next(t for t in doc.tensors if t.name == name).name = new
+    return edit
+
+
 def router_of(n):  # claim the router of block 1 has n experts (its bytes stay)
     def edit(doc):
         next(t for t in doc.tensors if t.name == "blk.1.ffn_gate_inp.weight").dims[1] = n
@@ -209,9 +219,12 @@ BAD = [  # (edit, error type, field the error names, words of the message)
     (router_of(3), ModelFormatError, "blk.1.ffn_gate_inp.weight", "expert_count = 4"),
     (drop("blk.1.ffn_up_exps.weight"), ModelFormatError, "blk.1.ffn_up_exps.weight", "missing"),
     (drop("blk.0.ffn_gate_inp.weight"), ModelFormatError, "blk.0.ffn_gate_inp.weight", "missing"),
-    (lambda doc: doc.kvs.remove(next(kv for kv in doc.kvs if kv[0] == "qwen3moe.expert_count")),
-     ModelFormatError, "qwen3moe.expert_count", "needs experts"),
+    (without("qwen3moe.expert_count"), ModelFormatError, "qwen3moe.expert_count", "needs experts"),
     (set_u32("qwen3moe.expert_gating_func", 2), UnsupportedModelError, "qwen3moe.expert_gating_func", "gating"),
+    (lambda doc: doc.set("qwen3moe.expert_count", Value(STRING, "4")), ModelFormatError, "qwen3moe.expert_count",
+     "expected int"),
+    (rename("blk.0.ffn_up_exps.weight", "blk.0.ffn_up.3.weight"), UnsupportedModelError, "blk.0.ffn_up.3.weight",
+     "legacy Mixtral layout"),
 ]
 
 
@@ -222,6 +235,17 @@ def test_inconsistent_moe_files_are_typed_errors(small_moe, tmp_path, case):
     with pytest.raises(kind) as ei:
         engine.load(bad)
     assert ei.value.field == field and str(bad) in str(ei.value) and words in str(ei.value)
+
+
+@pytest.mark.parametrize("edit", [without("qwen3moe.feed_forward_length"),  # optional in an MoE file
+                                  # absent: llama.cpp's fallback, feed_forward_length / expert_used_count
+                                  lambda doc: (without("qwen3moe.expert_feed_forward_length")(doc),
+                                               set_u32("qwen3moe.feed_forward_length", 512)(doc))])
+def test_optional_widths_as_llama_cpp_reads_them(small_moe, tmp_path, edit):
+    bad = edited(small_moe, tmp_path, edit)
+    with engine.load(small_moe) as m, engine.load(bad) as m2:
+        assert m2.spec.expert_ffn_dim == 256
+        assert np.array_equal(m.logits(A), m2.logits(A))
 
 
 def test_dense_llama_with_experts_per_token_but_no_experts(tmp_path):
