@@ -98,3 +98,24 @@ def test_context_overflow_is_a_clear_error(tmp_path):
         model.logits(list(range(model.n_ctx + 1)))
     with pytest.raises(engine.EngineError, match="token id"):
         model.logits([model.spec.vocab_size])
+
+
+def test_context_beyond_the_trained_one_only_when_asked(tmp_path, caplog):
+    """The config's max_context (and the default) stop at the trained context; an explicit n_ctx past
+    it is honoured, with a warning naming the file and the metadata key, and positions past the
+    trained context compute (rope extrapolates)."""
+    import logging
+
+    path = write_tiny_llama(tmp_path / "c.gguf", CONFIGS["q8_0-tied"])  # trained context 128
+    with engine.load(path, config={"device": "cpu", "kv_cache": {"max_context": 1024}}) as m:
+        assert m.n_ctx == 128
+    with caplog.at_level(logging.WARNING, logger="engine.model"):
+        m = engine.load(path, n_ctx=200)
+    try:
+        assert m.n_ctx == 200
+        (line,) = [r.getMessage() for r in caplog.records if "trained context" in r.getMessage()]
+        assert str(path) in line and "llama.context_length" in line and "128" in line
+        logits = m.logits([(7 * i) % 300 for i in range(150)])
+        assert logits.shape == (150, m.spec.vocab_size) and np.isfinite(logits).all()
+    finally:
+        m.close()
