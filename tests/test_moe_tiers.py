@@ -133,6 +133,7 @@ def test_bytes_read_are_exactly_the_routed_uncached_experts(moe_path, tmp_path):
 
         w.experts = experts
         lru: OrderedDict = OrderedDict()
+        counted = {"hits": 0, "misses": 0}
 
         def expected_reads() -> int:
             """The cache as an LRU list: a pass's hits become most recent, then its misses are read."""
@@ -143,8 +144,10 @@ def test_bytes_read_are_exactly_the_routed_uncached_experts(moe_path, tmp_path):
                 for key in keys:
                     if key in lru:
                         lru.move_to_end(key)
+                        counted["hits"] += 1
                 for key in keys:
                     if key not in lru:
+                        counted["misses"] += 1
                         n += expert_bytes(*key)
                         lru[key] = True
                         while len(lru) > cache:
@@ -161,6 +164,8 @@ def test_bytes_read_are_exactly_the_routed_uncached_experts(moe_path, tmp_path):
                 assert all(len(ids) == spec.n_experts_used for _, ids in requests)  # one token: its k experts
                 assert sum(n for _, n in read) == expected_reads()
                 assert all(".expert." in label for label, _ in read)
+        st = w.expert_stats
+        assert (st.hits, st.misses) == (counted["hits"], counted["misses"]) and st.misses > 0
 
 
 def test_read_fault_is_recoverable_and_next_generation_identical(moe_path, reference, tmp_path):

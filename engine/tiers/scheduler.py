@@ -18,6 +18,11 @@ uploaded once and stays.
 Hybrid compute. Units in `cpu_units` compute on the CPU (over the host store) in passes of at most
 `cpu_max_rows` rows and stream to the device otherwise: the ring runs one sequence per phase and
 restarts when a pass of the other phase begins.
+
+Experts. An MoE block whose experts are units of their own (Placement.expert_tiers) is a unit of its
+dense tensors; `experts(i, ids, rows)` hands out the routed experts from the expert store
+(engine.tiers.experts: resident views or the expert cache), `hint_experts` starts reads for a later
+block's likely experts. Experts inside a whole-layer unit are slices of that unit's bytes.
 """
 from __future__ import annotations
 

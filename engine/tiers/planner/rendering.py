@@ -34,10 +34,12 @@ def render(p: Plan) -> str:
                      f"{p.prefetch_depth}; io {p.io_backend}, {p.io_threads} threads")
     cpu_note = "; C = host, computed on the CPU at decode" if p.cpu_max_rows else ""
     lines.append(f"layer map (R resident, H host, D disk; lower case = partly resident{cpu_note}):")
+    partly = {x.layer for x in p.experts if x.count(RESIDENT) < len(x.tiers)}  # MoE: some experts elsewhere
     lines.append("  " + "".join("C" if lp.cpu_decode else _SYMBOL[lp.tier].lower()
-                                if lp.tier != RESIDENT and lp.resident_roles else _SYMBOL[lp.tier] for lp in p.layers))
+                                if (lp.tier != RESIDENT and lp.resident_roles) or lp.index in partly
+                                else _SYMBOL[lp.tier] for lp in p.layers))
     lines.append(f"  {'tier':<9} {'resident part':<14} {'decode on':<10} {'streamed/step':<22} layers")
-    for (tier, kept, cpu), group in _groups(p.layers).items():
+    for (tier, kept, cpu), group in _groups(p.layers, partly).items():
         per = sum(lp.streamed_bytes for lp in group) if not cpu else 0
         per = f"{format_size(per)} ({len(group)} layer{'s' if len(group) > 1 else ''})" if per else "-"
         on = "cpu" if cpu else p.device
@@ -83,11 +85,14 @@ def _experts(p: Plan) -> list[str]:
     return lines
 
 
-def _groups(layers: Sequence[LayerPlacement]) -> dict[tuple[str, str, bool], list[LayerPlacement]]:
-    """Layers grouped by (tier, which part stays resident, computed on the CPU at decode), in first-seen order."""
+def _groups(layers: Sequence[LayerPlacement], partly: set[int]) -> dict[tuple[str, str, bool], list[LayerPlacement]]:
+    """Layers grouped by (tier, which part stays resident, computed on the CPU at decode), in first-seen order;
+    `partly`: MoE layers whose dense part is resident but not every expert (see the experts section)."""
     out: dict[tuple[str, str], list[LayerPlacement]] = {}
     for lp in layers:
-        if not lp.streamed_roles:
+        if lp.index in partly:
+            kept = "dense, experts"
+        elif not lp.streamed_roles:
             kept = "all"
         else:
             kept = ", ".join(g for g in GROUPS if any(r.startswith(g + "_") for r in lp.resident_roles)) or "none"
