@@ -211,11 +211,17 @@ class ExpertStore:
         return ent.bound
 
     def hint(self, i: int, ids: Sequence[int]) -> None:
-        """Start reads of block i's likely experts into free or least recently used, unpinned, idle slots."""
+        """Start reads of block i's likely experts into free or least recently used, unpinned, idle slots.
+        Guesses not yet used hold at most n_slots - len(ids) slots, so the pass that comes before block i
+        (the model may hint before asking for its own experts) keeps as many slots for what it needs."""
+        room = self.n_slots - len(ids) - sum(1 for ent in self.lru.values() if ent.hinted)
         for e in ids:
             key = (i, e)
             if key in self._fixed or key in self.lru or key not in self.slices:
                 continue
+            if room <= 0:
+                return
+            room -= 1
             ent = self._start(key, block=False)
             if ent is None:
                 return
