@@ -120,3 +120,23 @@ def test_the_cpu_staging_runs_the_same_code(expert_file, slots):
         assert set(store.plans) == {k for k in slices if TIERS[k] == "disk"}
     finally:
         reader.close()
+
+
+def test_unused_guesses_leave_room_for_a_pass(expert_file):
+    """Hints may hold at most n_slots - len(ids) slots with guesses not yet used: the pass that follows
+    keeps room for as many experts as were guessed."""
+    path, data, slices = expert_file
+    reader = FileReader(str(path), backend="posix", threads=2)
+    try:
+        store = make_store(slices, reader, HostStaging(), 4)
+        disk = [e for e in range(E) if TIERS[(1, e)] == "disk"]
+        store.hint(1, disk[:2])  # 4 slots - 2 guessed: both may start
+        assert sum(ent.hinted for ent in store.lru.values()) == 2
+        store.hint(2, [e for e in range(E) if TIERS[(2, e)] == "disk"][:2])  # 4 - 2 - 2 held: none
+        assert sum(ent.hinted for ent in store.lru.values()) == 2
+        got = store.routed(1, disk[:2], 1)  # the guesses are hits, then no longer guesses
+        assert store.stats.hits == 2 and store.stats.hinted_used == 2
+        assert wrong([((1, e), [w.data.clone() for w in (got[e].gate, got[e].up, got[e].down)])
+                      for e in disk[:2]], data, slices) == []
+    finally:
+        reader.close()
