@@ -14,6 +14,7 @@ import threading
 
 from .cli import guarded
 from .errors import EngineError
+from .tiers.units import PREFILL_TOKENS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=None, help="context length per sequence")
     p.add_argument("--max-batch", type=int, default=8, help="generations that share a pass (more wait)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per sequence per pass")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_TOKENS,
+                   help="the most prompt tokens one pass feeds, over all requests")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft", help="speculative decoding with this draft GGUF (same vocabulary as --model)")
     spec.add_argument("--prompt-lookup", action="store_true", help="speculative decoding from n-grams of the context")
