@@ -22,7 +22,8 @@ from .sampling import SamplingParams
 from .sequence import Batch, Row, Sequence, tree_depths, tree_mask
 from .spec import ModelSpec
 from .tiers.config import MAX_COMPUTE_THREADS, load_config
-from .tiers.io import open_reader
+from .tiers.planner.contract import AUTO_IO_THREADS
+from .tiers.io import open_reader, reader_backend
 from .tiers.runtime import Placement, build_weights, head_info
 from .tiers.trace import Tracer
 from .tiers.units import PREFILL_TOKENS
@@ -108,37 +109,18 @@ class Model:
                         f.path, n_ctx, spec.context_length, spec.architecture)
         if device is None:  # before any large allocation: a CUDA request that cannot be honoured fails here
             device = select_device(cfg.device, threads=threads or cfg.compute_threads, kv_dtype=cfg.kv_cache.dtype)
-        kind = device.torch_device.type
+        kind = "cpu" if device.torch_device.type == "cpu" else "cuda"  # a device with memory of its own plans as CUDA
         plan = None
-        if placement is None:
-            from .plan import hardware_for, router_profile
-            from .tiers.footprint import footprint_from_gguf
-            from .tiers.planner import Workload, ranked
-
-            kv = dataclasses.replace(cfg.kv_cache, max_context=n_ctx,
-                                     dtype="f16" if device.kv_dtype == torch.float16 else "f32")
-            cfg = dataclasses.replace(cfg, kv_cache=kv, device=kind)  # plan for the device we run on
-            prompt = max(1, min(PREFILL_TOKENS, n_ctx // 2))
-            work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
-            fp = footprint_from_gguf(f, spec)
-            router = router_profile(f.path) if fp.is_moe else None
-            plans = ranked(fp, hardware_for(cfg), cfg, work, rank + 1, router)
-            if rank >= len(plans):
-                raise PlanError(f"rank {rank}: the planner has only {len(plans)} placements that fit",
-                                path=cfg.source, field="rank")
-            plan = plans[rank]
-            if plan.kv_tier != "resident" and kind != "cpu":
-                raise PlanError(f"the plan puts the KV cache in {plan.kv_tier} memory, which this runtime does not "
-                                "do yet: set kv_cache.placement: resident", path=cfg.source,
-                                field="kv_cache.placement")
-            placement = Placement.from_plan(plan, layouts, head_info(f, spec))
-        tracer = Tracer(trace) if trace else None
-        if plan is not None:  # the backend and thread count the plan's prediction assumed
-            reader = open_reader(f.path, plan.io_backend, threads=plan.io_threads)
-        else:
-            reader = open_reader(f.path, cfg.io_backend, threads=cfg.io_threads or 2)
-        reader.tracer = tracer
+        # the reader first: the plan assumes the backend that really opened (kvikio only when it started,
+        # and as a disk-to-GPU path only when it reads into device memory)
+        reader = open_reader(f.path, cfg.io_backend, threads=cfg.io_threads or (AUTO_IO_THREADS if placement is None else 2),
+                             device_type=kind)
         try:
+            if placement is None:
+                plan, cfg = cls._plan(f, spec, cfg, device, kind, n_ctx, rank, reader)
+                placement = Placement.from_plan(plan, layouts, head_info(f, spec))
+            tracer = Tracer(trace) if trace else None
+            reader.tracer = tracer
             weights, glob = build_weights(f, spec, layouts, placement, reader, device, tracer,
                                           cpu_threads=threads or cfg.compute_threads)
         except BaseException:
@@ -147,6 +129,28 @@ class Model:
         model = cls(f, spec, device, weights, glob, tok, n_ctx, time.perf_counter() - t0, reader, plan, tracer)
         model.config = cfg
         return model
+
+    @staticmethod
+    def _plan(f: GGUFFile, spec: ModelSpec, cfg, device: Device, kind: str, n_ctx: int, rank: int, reader):
+        """The planner's (rank+1)-th best plan for this device, the context and the opened reader, and
+        the config it planned (device, KV dtype and io_backend resolved)."""
+        from .plan import hardware_for, router_profile
+        from .tiers.footprint import footprint_from_gguf
+        from .tiers.planner import Workload, ranked
+
+        kv = dataclasses.replace(cfg.kv_cache, max_context=n_ctx,
+                                 dtype="f16" if device.kv_dtype == torch.float16 else "f32")
+        # plan for the device we run on and the reader that opened
+        cfg = dataclasses.replace(cfg, kv_cache=kv, device=kind, io_backend=reader_backend(reader))
+        prompt = max(1, min(PREFILL_TOKENS, n_ctx // 2))
+        work = Workload(prompt_tokens=prompt, gen_tokens=max(0, min(512, n_ctx - prompt)))
+        fp = footprint_from_gguf(f, spec)
+        router = router_profile(f.path) if fp.is_moe else None
+        plans = ranked(fp, hardware_for(cfg), cfg, work, rank + 1, router)
+        if rank >= len(plans):
+            raise PlanError(f"rank {rank}: the planner has only {len(plans)} placements that fit",
+                            path=cfg.source, field="rank")
+        return plans[rank], cfg
 
     def plan_summary(self) -> str:
         w = self.weights

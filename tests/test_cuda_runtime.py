@@ -585,6 +585,59 @@ def test_open_reader_auto_choice(monkeypatch, data_file, backend, device_type, i
         r.close()
 
 
+@pytest.mark.parametrize("installed", [True, False])
+def test_planner_auto_io_backend_is_what_open_reader_opens(monkeypatch, installed):
+    """io_backend auto on CUDA plans kvikio (disk straight into device slots) only where kvikio is
+    installed; otherwise O_DIRECT reads bounced through pinned host buffers, and the plan says so."""
+    from engine.tiers.config import load_config
+    from engine.tiers.planner import Workload, plan, search
+    from engine.tiers.footprint import describe
+    from engine.tiers.hardware import PRESETS
+
+    monkeypatch.setattr(search, "kvikio_available", lambda: installed)
+    cfg = load_config({"device": "cuda", "resident_budget": "22GiB", "host_budget": "4GiB"})
+    p = plan(describe("llama3-70b:Q4_K_M"), PRESETS["rtx4090"](), cfg, Workload(1, 128, 128))
+    assert any(lp.tier == "disk" for lp in p.layers)
+    assert (p.io_backend, p.host_staging) == (("kvikio", False) if installed else ("odirect", True))
+    assert any("kvikio is not installed" in n for n in p.notes) != installed
+
+
+@pytest.mark.parametrize(("mode", "expect"), [("compat", "posix"), ("gds", "kvikio")])
+def test_reader_backend_is_what_a_plan_may_assume(monkeypatch, data_file, mode, expect):
+    """kvikio counts as a disk-to-GPU path only when it reads into device memory (GDS); in compat mode
+    it reads buffered into host memory like posix. FileReader: O_DIRECT when granted, else posix."""
+    from engine.tiers.io import reader_backend
+
+    path, _ = data_file
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio(compat=mode == "compat"))
+    r = kvikio_io.KvikioReader(path)
+    fr = FileReader(str(path), backend="posix")
+    try:
+        assert (reader_backend(r), reader_backend(fr)) == (expect, "posix")
+    finally:
+        r.close()
+        fr.close()
+
+
+def test_load_plans_with_the_reader_that_opened(monkeypatch, tmp_path):
+    """A CUDA load whose `auto` reader is kvikio in compat mode plans buffered reads bounced through
+    pinned host buffers (what the runtime does), not kvikio's disk-to-GPU path."""
+    from engine.tiers import io as tiers_io
+    from test_device_placement import MetaDevice
+    from tiny_llama import TinyConfig, write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "t.gguf", TinyConfig(n_layers=3))
+    monkeypatch.setitem(sys.modules, "kvikio", fake_kvikio(compat=True))
+    monkeypatch.setattr(tiers_io, "kvikio_available", lambda: True)
+    cfg = {"device": "cuda", "hardware": "rtx4090", "resident_budget": 1_200_000, "host_budget": 1_500_000,
+           "kv_cache": {"max_context": 64}}
+    with Model.load(path, cfg, n_ctx=64, device=MetaDevice()) as m:
+        assert isinstance(m.reader, kvikio_io.KvikioReader) and not m.reader.device_reads
+        assert any(lp.tier == "disk" for lp in m.plan.layers)
+        assert (m.plan.io_backend, m.plan.host_staging) == ("posix", True)
+        assert m.weights.arena.numel() == m.weights.k * m.weights.slot_bytes > 0  # the planned bounce buffers
+
+
 def test_open_reader_on_the_cpu_path_imports_no_cuda_module(data_file):
     path, _ = data_file
     code = ("import sys; from engine.tiers.io import open_reader; r = open_reader(sys.argv[1]); r.close(); "

@@ -257,3 +257,57 @@ def test_cuda_request_without_cuda_is_one_error_line(tiny, tmp_path, capsys):
     assert err.count("\n") == 1 and err.startswith("error:") and "cuda" in err and "Traceback" not in err
     with pytest.raises(engine.EngineError, match="device"):
         engine.load(tiny, config={"device": "cuda:0"})
+
+
+# budgets (bytes) that make the planner use every tier for `tiny` on an RTX 4090 profile: host and hybrid
+# layers, a host KV cache, disk streaming; each config's every ranked plan is loaded
+CUDA_PLAN_CONFIGS = {
+    "host": {"resident_budget": 1_600_000, "host_budget": 2_000_000},
+    "disk": {"resident_budget": 1_600_000, "host_budget": 700_000},
+}
+
+
+@pytest.mark.parametrize("name", list(CUDA_PLAN_CONFIGS))
+def test_every_plan_for_a_cuda_profile_loads_and_runs(tiny, name):
+    """Every placement the planner ranks for a CUDA hardware profile exists at runtime: Model.load plans
+    it for the (meta) device, binds each tier where the plan says (a host KV cache and CPU-decoded
+    layers' KV in host RAM, in the plan's dtype), and a generation runs with no op mixing devices and
+    host<->device copies inside a block only where a layer's attention runs beside a host KV cache."""
+    from engine.tiers.config import load_config
+    from engine.tiers.footprint import footprint_from_gguf
+    from engine.tiers.hardware import PRESETS
+    from engine.tiers.planner import Workload, ranked
+
+    cfg = load_config({"device": "cuda", "hardware": "rtx4090", "kv_cache": {"max_context": 64},
+                       **CUDA_PLAN_CONFIGS[name]})
+    f = GGUFFile(tiny)
+    plans = ranked(footprint_from_gguf(f, ModelSpec.from_gguf(f)), PRESETS["rtx4090"](), cfg, Workload(1, 32, 32), 100)
+    assert len(plans) > 10
+    kinds = {(p.kv_tier, any(lp.cpu_decode for lp in p.layers), frozenset(lp.tier for lp in p.layers)) for p in plans}
+    assert {k[0] for k in kinds} == {"resident", "host"}  # the planner does plan a host KV cache here
+    threads = torch.get_num_threads()
+    try:
+        for rank, p in enumerate(plans):
+            with Model.load(tiny, cfg, n_ctx=64, rank=rank, device=MetaDevice()) as m:
+                assert (m.plan.layers, m.plan.kv_tier, m.plan.embedding_tier) == (p.layers, p.kv_tier, p.embedding_tier)
+                w, L = m.weights, m.spec.n_layers
+                host_kv = [p.kv_tier == "host" or lp.cpu_decode for lp in p.layers]
+                for lp, on_host in zip(p.layers, host_kv):
+                    assert w.kv_device(lp.index).torch_device.type == ("cpu" if on_host else "meta"), (rank, lp)
+                    assert w.device_for(lp.index, 1).torch_device.type == ("cpu" if lp.cpu_decode else "meta")
+                    assert w.sources[lp.index] == ("resident" if lp.tier == "resident" else lp.tier)
+                rec = Recorder()
+                m.weights = Units(w, rec)
+                with rec, m.open_sequence() as seq:
+                    m.prefill(seq, [5, 17, 300, 42, 8])
+                    m.step([(seq, [9])])
+                    assert [(k.device.type, k.dtype) for k in seq.keys] == \
+                        [("cpu" if h else "meta", torch.float16) for h in host_kv]
+                assert rec.mixed == [], (rank, rec.mixed[:3])
+                crossing = {u for u, _ in rec.h2d + rec.d2h if u}
+                beside = {f"unit {i}" for i in range(L) if host_kv[i]}
+                assert crossing <= beside, (rank, crossing)
+                if p.kv_tier == "host":
+                    assert crossing, rank  # the GPU layers' attention did run beside the host KV
+    finally:
+        torch.set_num_threads(threads)

@@ -332,7 +332,10 @@ def test_read_plan_pieces_cover_the_plan():
 # -- a real plan, bound on a simulated CUDA device ---------------------------------------------------------
 PLAN_CASES = {  # tiny model of 8 layers (3.2 MiB each): budgets that make the planner use every tier
     "tiers": {"resident_budget": 14_000_000, "host_budget": 10_000_000, "hybrid_compute": "off"},
-    "hybrid": {"resident_budget": 14_000_000, "host_budget": 10_000_000, "hybrid_compute": "auto"},
+    "hybrid": {"resident_budget": 14_000_000, "host_budget": 10_000_000, "hybrid_compute": "auto",
+               "kv_cache": {"placement": "resident", "max_context": 64}},
+    "kv-host": {"resident_budget": 14_000_000, "host_budget": 10_000_000, "hybrid_compute": "auto",
+                "kv_cache": {"placement": "host", "max_context": 64}},
 }
 
 
@@ -365,14 +368,16 @@ def test_every_planned_tier_is_bound_where_the_plan_says(tiny8, case):
     spec = ModelSpec.from_gguf(f)
     hw = dataclasses.replace(PRESETS["rtx4090"](), resident_bytes=1 << 30, host_bytes=1 << 30)
     cfg = load_config({"device": "cuda", "io_backend": "posix", "kv_cache": {"max_context": 64}, **PLAN_CASES[case]})
+    kv_host = case == "kv-host"
     p = plan(footprint_from_gguf(f, spec), hw, cfg, Workload(1, 16, 16))
     tiers = {lp.tier for lp in p.layers}
     assert tiers == {"resident", "host", "disk"} if case == "tiers" else {"resident", "host"} <= tiers
-    assert any(lp.cpu_decode for lp in p.layers) == (case == "hybrid")
+    assert any(lp.cpu_decode for lp in p.layers) == (case != "tiers")
+    assert p.kv_tier == ("host" if kv_host else "resident")
     layouts = [layer_layout(f, spec, i) for i in range(spec.n_layers)]
     placement = Placement.from_plan(p, layouts, head_info(f, spec))
     staging, ops = sim_staging("lazy")
-    device = types.SimpleNamespace(name="cuda-sim", staging=staging)
+    device = types.SimpleNamespace(name="cuda-sim", staging=staging, kv_dtype=torch.float16)
     threads = torch.get_num_threads()
     reader = FileReader(str(tiny8), backend="posix", threads=p.io_threads)
     try:
@@ -390,7 +395,7 @@ def test_every_planned_tier_is_bound_where_the_plan_says(tiny8, case):
                 i = lp.index
                 dev = w.device_for(i, rows)
                 assert dev is (w.cpu_device if lp.cpu_decode and rows <= p.cpu_max_rows else device)
-                assert w.kv_device(i) is (w.cpu_device if lp.cpu_decode else device)
+                assert w.kv_device(i) is (w.cpu_device if lp.cpu_decode or kv_host else device)
                 got = w.layer(i, rows)
                 for role, t in lay.tensors:
                     data = getattr(got, role)
@@ -418,6 +423,7 @@ def test_every_planned_tier_is_bound_where_the_plan_says(tiny8, case):
             assert not ops.on_device(embd) and not inside(embd, host)
         assert torch.equal(embd, f.view(f.tensor("token_embd.weight")))
         assert w.cpu_max_rows == p.cpu_max_rows and w.cpu_units == placement.cpu_units
+        assert w.cpu_device.kv_dtype == torch.float16  # host KV keeps the plan's dtype
     finally:
         torch.set_num_threads(threads)
         reader.close()

@@ -419,6 +419,15 @@ def open_reader(path: str | os.PathLike, backend: str = "auto", threads: int = 2
     return FileReader(path, backend="posix" if backend == "posix" else "odirect", threads=threads)
 
 
+def reader_backend(reader) -> str:
+    """The io_backend a plan must assume for an opened reader: "kvikio" only when it reads into device
+    memory (GDS: no host bounce, no H2D copy), "odirect" when its reads bypass the page cache, else
+    "posix" (buffered reads: a refused O_DIRECT, or kvikio's compat mode)."""
+    if getattr(reader, "device_reads", False):
+        return "kvikio"
+    return "odirect" if reader.direct else "posix"
+
+
 @functools.cache
 def _native_library():
     """The compiled preadq.cpp. When it cannot be built or loaded: a KernelError, or None (logged once)

@@ -28,7 +28,9 @@ class Placement:
     `cpu_units` compute on the CPU in passes of at most `cpu_max_rows` rows (batch x tokens).
     Mixture of experts: `expert_tiers[i]` (empty: block i's experts travel inside its unit) gives where
     each expert of block i lives (resident | host | disk); block i's unit is then its dense tensors only,
-    and the non-resident experts come through an expert cache of `expert_cache` slots."""
+    and the non-resident experts come through an expert cache of `expert_cache` slots. `kv_host`: every
+    layer's KV cache lives in host RAM, its attention computed there by the CPU (the plan's kv_tier
+    "host" on a GPU)."""
 
     streamed: tuple[frozenset[str], ...]
     head_rows: tuple[tuple[int, int], ...]
@@ -41,6 +43,7 @@ class Placement:
     expert_tiers: tuple[tuple[str, ...], ...] = ()
     expert_cache: int = 0
     expert_slot_bytes: int = 0
+    kv_host: bool = False
 
     def __post_init__(self):
         if self.embedding_tier not in TIERS:
@@ -83,7 +86,7 @@ class Placement:
         return cls(tuple(streamed), rows, plan.embedding_tier, plan.ring_size, plan.staging_bytes, tuple(sources),
                    frozenset(cpu), plan.cpu_max_rows,
                    tuple(experts.get(i, ()) for i in range(len(layouts))) if experts else (),
-                   plan.expert_cache, plan.expert_slot_bytes)
+                   plan.expert_cache, plan.expert_slot_bytes, plan.kv_tier == HOST)
 
     @classmethod
     def uniform(cls, layouts: Sequence[LayerLayout], head: TensorInfo, stream: bool, ring_size: int = 2,
@@ -168,10 +171,11 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
         # not a SIGBUS (FileReader; kvikio's reader has no pread, so its embedding rows stay on the map)
         glob = dataclasses.replace(glob, token_embd=FileRows(embd.name, embd.fmt, embd.shape, embd.offset, reader.pread))
     cpu_device = device
-    if placement.cpu_units and staging.separate:
+    if (placement.cpu_units or placement.kv_host) and staging.separate:
         from ..device import CpuDevice
 
-        cpu_device = CpuDevice(cpu_threads)
+        # the KV cache it holds (CPU-computed layers, or all of it) keeps the plan's dtype
+        cpu_device = CpuDevice(cpu_threads, kv_dtype=device.kv_dtype)
     experts = ExpertStore(slices, tiers, store, host, reader, staging, placement.expert_cache,
                           placement.expert_slot_bytes, tracer) if slices else None
     streamed = [s & {t.name for t in u.tensors} for u, s in zip(units, placement.streamed)]
@@ -179,6 +183,6 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
                             slot_bytes=placement.staging_bytes, host=host,
                             sources=[placement.source(i) for i in range(len(units))], cpu_units=placement.cpu_units,
                             cpu_max_rows=placement.cpu_max_rows, device=device, cpu_device=cpu_device,
-                            expert_store=experts)
+                            expert_store=experts, kv_host=placement.kv_host)
     weights.head_rows = placement.head_rows
     return weights, glob

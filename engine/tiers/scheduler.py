@@ -137,10 +137,12 @@ class TieredWeights:
     def __init__(self, units: Sequence[Unit], streamed: Sequence[frozenset[str]], reader: FileReader,
                  resident: ResidentStore, ring_size: int, staging, tracer=None, slot_bytes: int = 0, *,
                  host: HostStore | None = None, sources: Sequence[str] = (), cpu_units: frozenset[int] = frozenset(),
-                 cpu_max_rows: int = 0, device=None, cpu_device=None, expert_store=None):
+                 cpu_max_rows: int = 0, device=None, cpu_device=None, expert_store=None,
+                 kv_host: bool = False):
         """streamed[i]: names of unit i's tensors that are not in the resident store (empty = fully
         resident); sources[i]: where they come from, "disk" (default) or "host" (the host store, region
-        named after the unit). `staging`: the device's hooks (engine.tiers.staging)."""
+        named after the unit). `staging`: the device's hooks (engine.tiers.staging). kv_host: every
+        layer's KV cache lives with the CPU device (attention computed there), not only cpu_units'."""
         self.units, self.reader, self.resident, self.tracer = list(units), reader, resident, tracer
         self.expert_store = expert_store  # routed experts as units of their own (engine.tiers.experts)
         # FileReader tells when the file changed under the model (kvikio's reader and test doubles do not)
@@ -154,6 +156,7 @@ class TieredWeights:
                for i in self.cpu_units):
             raise PlanError("units computed on the CPU must have every tensor in the host tier", field="cpu_units")
         self.cpu_max_rows = cpu_max_rows
+        self.kv_host = kv_host and staging.separate  # without device memory, host RAM is the resident tier
         self.plans = {i: (host.plans[units[i].name] if self.sources[i] == "host" else
                           reader.plan(_runs(t for t in units[i].tensors if t.name in s)))
                       for i, s in self.streamed_names.items()}
@@ -206,8 +209,9 @@ class TieredWeights:
         return self.cpu_device if i in self.cpu_units and rows <= self.cpu_max_rows else self.device
 
     def kv_device(self, i: int):
-        """Where layer i's KV cache lives: its decode device (host RAM for a CPU-decoded layer)."""
-        return self.cpu_device if i in self.cpu_units else self.device
+        """Where layer i's KV cache lives and its attention runs: host RAM and the CPU for a CPU-decoded
+        layer or a host-tier KV cache (kv_host), else the compute device."""
+        return self.cpu_device if self.kv_host or i in self.cpu_units else self.device
 
     @property
     def staging_bytes(self) -> int:

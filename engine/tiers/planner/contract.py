@@ -108,6 +108,8 @@ class Plan:
       `prefetch_depth` + 1 loads hold buffers at once, the computing one included; a buffer is reused
       as soon as the unit in it has been computed, and loading runs on into the next step.
     * embedding_tier "disk": rows are read from the model file per token; "host": from pinned RAM.
+    * kv_tier "host" (CUDA): every layer's KV cache lives in host RAM and its attention runs on the CPU
+      beside it (q/k/v go over, the result comes back); hybrid CPU-decoded layers keep theirs there too.
     * On CPU there is no host tier; "disk" loads read the model file (O_DIRECT unless io_backend posix).
     """
 

@@ -23,11 +23,12 @@ def render(p: Plan) -> str:
     if p.device == "cuda":
         bounce = p.ring_size * p.staging_bytes if p.host_staging else 0
         kv_host = p.kv_host_bytes
-        lines.append(f"host (pinned RAM): {format_size(p.host_bytes)} of {format_size(p.host_budget)} = weights "
+        lines.append(f"host RAM: {format_size(p.host_bytes)} of {format_size(p.host_budget)} = weights (pinned) "
                      f"{format_size(p.host_weight_bytes)} + disk bounce buffers {format_size(bounce)} + KV "
                      f"{format_size(kv_host)}")
     head = f" in {p.output_chunks} chunks of {p.output_chunk_rows} rows" if p.output_chunks > 1 else ""
-    lines.append(f"KV cache: {p.kv_tier}, {format_size(p.kv_bytes)} ({p.kv_context} tokens x batch {w.batch}, "
+    kv_where = " (attention computed on the CPU beside it)" if p.kv_tier == HOST else ""
+    lines.append(f"KV cache: {p.kv_tier}{kv_where}, {format_size(p.kv_bytes)} ({p.kv_context} tokens x batch {w.batch}, "
                  f"{p.kv_dtype}); embedding: {p.embedding_tier}; output head: {p.output_tier}{head}")
     if p.ring_size:
         lines.append(f"staging: ring of {p.ring_size} x {format_size(p.staging_bytes)}, prefetch depth "

@@ -11,6 +11,7 @@ from ...errors import PlanError
 from ..config import AUTO, TierConfig
 from ..footprint import GROUPS, ModelFootprint, TensorFootprint
 from ..hardware import HardwareProfile
+from ..io import kvikio_available
 from ..units import DIRECT_IO_ALIGN, READ_CHUNK, format_size
 from .contract import (
     AUTO_HOST_FRACTION,
@@ -98,7 +99,7 @@ class _Planner:
             raise PlanError(f"the config asks for device {cfg.device} but the hardware profile "
                             f"({hw.name}) is for {hw.device}", path=cfg.source, field="device")
         self.cuda = self.device == "cuda"
-        self.io_backend = cfg.io_backend if cfg.io_backend != AUTO else ("kvikio" if self.cuda else "odirect")
+        self.io_backend = cfg.io_backend if cfg.io_backend != AUTO else self._auto_io_backend()
         self.disk_bw = hw.disk_read(self.io_backend)
         self.slow = cfg.slow_tier == "disk"
         # hybrid compute: host-tier units may compute on the host CPU in small passes (CUDA, CPU rates known)
@@ -122,6 +123,17 @@ class _Planner:
                               f"only {depth + 1} buffers are ever in use")
 
     # -- setup ----------------------------------------------------------------------------------------
+    def _auto_io_backend(self) -> str:
+        """What `auto` opens (engine.tiers.io.open_reader): kvikio on CUDA where it is installed, else
+        O_DIRECT reads (on CUDA bounced through pinned host buffers). Model.load plans with the backend
+        of the reader that really opened (kvikio in compat mode reads like posix)."""
+        if self.cuda and kvikio_available():
+            return "kvikio"
+        if self.cuda:
+            self.notes.append("io_backend auto: kvikio is not installed, disk loads bounce through pinned "
+                              "host buffers (O_DIRECT)")
+        return "odirect"
+
     def _kv_setup(self) -> None:
         cfg, spec, work = self.cfg.kv_cache, self.fp.spec, self.work
         ctx = cfg.max_context
@@ -256,15 +268,17 @@ class _Planner:
         return rows * (self.hw.disk_latency_s + row / self.disk_bw)
 
     def kv_read_s(self, kv_tier: str, on_cpu: bool = False) -> float:
-        """Per layer per decode step: read the cached keys and values at the mean context (a layer that
-        computes on the CPU keeps its KV in host RAM and reads it there)."""
+        """Per layer per decode step: read the cached keys and values at the mean context. A KV cache in
+        host RAM (a layer computed on the CPU, or kv_tier host) is read there by the CPU, which computes
+        that layer's attention beside it; a GPU-computed layer then hands q/k/v over and the result back."""
         s, w = self.fp.spec, self.work
         mean_ctx = w.prompt_tokens + w.gen_tokens / 2
         nbytes = 2 * w.batch * mean_ctx * s.kv_dim * (2 if self.kv_dtype == "f16" else 4)
         if on_cpu:
             return nbytes / self.hw.host_bandwidth
-        bw = self.hw.resident_bandwidth if kv_tier == RESIDENT else self.hw.host_to_device
-        return nbytes / bw
+        if kv_tier == HOST:
+            return nbytes / self.hw.host_bandwidth + 2 * HANDOVER_S
+        return nbytes / self.hw.resident_bandwidth
 
     # -- candidates -----------------------------------------------------------------------------------
     def candidates(self) -> Iterator[_Candidate]:
@@ -385,7 +399,9 @@ class _Planner:
             else:
                 seq_decode.append((u.decode_s + (kv_s if u.layer is not None else 0.0), stages))
             on_cpu.append(i in c.cpu)
-            seq_prefill.append((u.prefill_s, stages))
+            # host KV: the prompt's attention runs on the CPU too (q/k/v over and back once per layer)
+            handover = 2 * HANDOVER_S if c.kv_tier == HOST and u.layer is not None else 0.0
+            seq_prefill.append((u.prefill_s + handover, stages))
         # activations change device at every CPU<->GPU boundary of the decode order (the step starts
         # and ends on the GPU: embedding rows in, sampling out)
         edges = [False, *on_cpu, False]
