@@ -329,3 +329,19 @@ def test_real_model_tensors(model, tensor):
     ref = gguf_dequantize(t.data.view(np.uint8).reshape(-1)[:nbytes].reshape(shape[0], -1), t.tensor_type)
     assert_bits_equal(fmt.dequantize(view, shape, path=MODEL, field=tensor), ref.reshape(shape))
     del view
+
+
+def test_f16_nans_branch_free_on_a_device():
+    """On a GPU the F16 dequantizer rewrites NaN lanes branch-free (no `nan.any()` host sync): run on
+    `meta` it issues no data-dependent read; the branch-free rewrite gives every 16-bit pattern the
+    bits the CPU's path (checked against gguf-py above) gives."""
+    from engine.formats.elements import rewrite_nans
+
+    out = FORMATS["F16"].dequantize(torch.empty(2 * 64, dtype=torch.uint8, device="meta"), (64,))
+    assert (out.device.type, out.shape, out.dtype) == ("meta", (64,), torch.float32)
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    ref, got = bits.view(torch.float16).float(), bits.view(torch.float16).float()
+    rewrite_nans(bits, ref, branch_free=False)
+    rewrite_nans(bits, got, branch_free=True)
+    assert torch.equal(ref.view(torch.int32), got.view(torch.int32))
+    assert not torch.equal(ref.view(torch.int32), bits.view(torch.float16).float().view(torch.int32))  # NaNs did change

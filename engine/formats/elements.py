@@ -28,7 +28,8 @@ class F32(_Elementwise):
 
 class F16(_Elementwise):
     """torch's fp16 -> fp32 conversion changes NaN payloads (quiets or canonicalises them); numpy
-    keeps sign and payload bits. NaN lanes are rewritten from their bits to match exactly."""
+    keeps sign and payload bits. NaN lanes are rewritten from their bits to match exactly. On a GPU
+    that is done branch-free over every lane: asking whether any NaN exists would sync the host."""
 
     __slots__ = ()
     dtype = torch.float16
@@ -36,11 +37,23 @@ class F16(_Elementwise):
     def _decode(self, blocks: torch.Tensor, out: torch.Tensor) -> None:
         bits = _aligned(blocks).view(torch.int16)  # (m, 1); negative iff the sign bit is set
         out.copy_(bits.view(torch.float16))
-        nan = (bits & 0x7FFF) > 0x7C00
-        if nan.any():
-            h = bits[nan].to(torch.int32)
-            f = 0x7F800000 | ((h & 0x03FF) << 13)
-            out.view(torch.int32)[nan] = torch.where(h < 0, f | -(1 << 31), f)
+        rewrite_nans(bits, out, branch_free=out.device.type != "cpu")
+
+
+def rewrite_nans(bits: torch.Tensor, out: torch.Tensor, branch_free: bool) -> None:
+    """out (fp32) gets the fp16 NaNs of `bits` (int16) with their sign and payload bits. branch_free:
+    over every lane with torch.where (no host sync), else only where a NaN was found."""
+    nan = (bits & 0x7FFF) > 0x7C00
+    if branch_free:
+        out.view(torch.int32).copy_(torch.where(nan, _nan_bits(bits.to(torch.int32)), out.view(torch.int32)))
+    elif nan.any():
+        out.view(torch.int32)[nan] = _nan_bits(bits[nan].to(torch.int32))
+
+
+def _nan_bits(h: torch.Tensor) -> torch.Tensor:
+    """fp32 bits of the fp16 NaNs h (int32 holding the int16 bits, negative iff the sign is set)."""
+    f = 0x7F800000 | ((h & 0x03FF) << 13)
+    return torch.where(h < 0, f | -(1 << 31), f)
 
 
 class BF16(_Elementwise):
