@@ -127,12 +127,7 @@ class _Planner:
         """What `auto` opens (engine.tiers.io.open_reader): kvikio on CUDA where it is installed, else
         O_DIRECT reads (on CUDA bounced through pinned host buffers). Model.load plans with the backend
         of the reader that really opened (kvikio in compat mode reads like posix)."""
-        if self.cuda and kvikio_available():
-            return "kvikio"
-        if self.cuda:
-            self.notes.append("io_backend auto: kvikio is not installed, disk loads bounce through pinned "
-                              "host buffers (O_DIRECT)")
-        return "odirect"
+        return "kvikio" if self.cuda and kvikio_available() else "odirect"
 
     def _kv_setup(self) -> None:
         cfg, spec, work = self.cfg.kv_cache, self.fp.spec, self.work
@@ -516,6 +511,9 @@ class _Planner:
             resident_bytes += self.kv_bytes - n_cpu * (self.kv_bytes // fp.spec.n_layers)
             resident_budget += self.kv_bytes
         notes = list(self.notes)
+        if self.cuda and self.cfg.io_backend == AUTO and self.io_backend != "kvikio" and DISK in c.source.values():
+            notes.append("io_backend auto: kvikio is not installed, disk loads bounce through pinned host "
+                         "buffers (O_DIRECT)")
         cpu_rows = self.cpu_max_rows(c) if c.cpu else 0
         if c.cpu:
             gpu = self.predict(dataclasses.replace(c, cpu=frozenset()))
