@@ -1,5 +1,7 @@
 """Grouped-query attention of one sequence's new tokens over its KV slot, in query chunks so that
-no score tensor exceeds SCORE_BYTES whatever the prompt or context length.
+no score tensor exceeds SCORE_BYTES whatever the prompt or context length; and of a ragged batch's
+rows (AttnRow), which a device takes in one call (Device.attention_rows): the CPU row by row, the GPU
+with its decode rows (one causal token each) in one fused SDPA over keys padded to the longest row.
 
 A mask says which cached keys each new query sees: every one of the `start` tokens cached before
 the pass, then among the pass's own tokens either its causal prefix (`tree` None) or its ancestors
@@ -7,6 +9,7 @@ in a draft tree (`tree` (T, T) bool, the diagonal included).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,51 @@ from .tiers.units import SCORE_BYTES
 class AttnMask:
     start: int  # tokens cached before this pass (the new keys sit at start..start+T-1)
     tree: torch.Tensor | None = None  # (T, T) bool on the compute device: query t sees new key j
+
+
+@dataclass(frozen=True, slots=True)
+class AttnRow:
+    """One row of a ragged batch: its queries q[offset:offset+T] attend over its sequence's KV slot."""
+
+    offset: int
+    T: int
+    keys: torch.Tensor  # (Hkv, n_ctx, hd), the row's new keys already written at mask.start..
+    vals: torch.Tensor
+    mask: AttnMask
+
+    @property
+    def decode(self) -> bool:
+        """One causal token: it sees the mask.start + 1 keys up to itself."""
+        return self.T == 1 and self.mask.tree is None
+
+
+def attend_each(q: torch.Tensor, rows: Sequence[AttnRow], attention) -> torch.Tensor:
+    """q (N, H, hd) -> (N, H, hd) fp32, row by row: attention(q_rows, keys, vals, mask) per row."""
+    if len(rows) == 1:
+        r = rows[0]
+        return attention(q, r.keys, r.vals, r.mask)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for r in rows:
+        out[r.offset:r.offset + r.T] = attention(q[r.offset:r.offset + r.T], r.keys, r.vals, r.mask)
+    return out
+
+
+def sdpa_decode_rows(q: torch.Tensor, rows: Sequence[AttnRow], ends: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode rows (one causal token each, q (R, H, hd)) in one fused SDPA: every row's keys and values
+    padded to the longest row's L (R stacked copies), a key past its row's end masked and zeroed with
+    its value (a slot's unwritten bytes may hold NaN, which a mask alone does not cancel). ends (R,) int64 on the KV device: keys row r sees
+    (mask.start + 1), given by the caller so that no mask is built on the host. -> (R, H, hd) fp32."""
+    L = max(r.mask.start for r in rows) + 1
+    k = torch.stack([r.keys[:, :L] for r in rows])  # (R, Hkv, L, hd)
+    v = torch.stack([r.vals[:, :L] for r in rows])
+    seen = torch.arange(L, device=q.device) < ends[:, None]  # (R, L)
+    unseen = ~seen[:, None, :, None]  # (R, 1, L, 1)
+    k.masked_fill_(unseen, 0)
+    v.masked_fill_(unseen, 0)
+    qh = q.to(k.dtype).unsqueeze(2)  # (R, H, 1, hd)
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=seen[:, None, None, :], scale=scale,
+                                         enable_gqa=True)  # (R, H, 1, hd)
+    return out.squeeze(2).float()
 
 
 def query_chunk(n_heads: int, context: int, score_bytes: int = SCORE_BYTES) -> int:

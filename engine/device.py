@@ -9,6 +9,10 @@
         def linear(x (..., K), w: QWeight, out=None) -> (..., N) fp32 on torch_device
         def linear_many(x (..., K), ws: Sequence[QWeight]) -> [(..., N_i)]   # q/k/v, gate/up
         def attention(q (T, H, hd), keys, vals (Hkv, L, hd), mask: AttnMask) -> (T, H, hd) fp32
+        def attention_rows(q (N, H, hd), rows: Sequence[AttnRow], ends (R,) | None) -> (N, H, hd) fp32
+                                        # a ragged batch's rows in one call; ends: start + 1 of each row
+                                        # on the device when every row is a decode row (else None)
+        def prepare(formats: Iterable[str])  # at load: make the kernels of the model's matrix formats ready
 
 `select_device` imports engine.cuda only when CUDA is requested or `auto` may find it: the CPU path
 never loads the CUDA package.
@@ -18,12 +22,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
 from . import cpu as cpu_kernels
-from .attention import AttnMask, attend, matmul_kernel
+from .attention import AttnMask, AttnRow, attend, attend_each, matmul_kernel
 from .cpu import DecodeLayer
 from .errors import ConfigError, KernelError
 from .weights import LayerWeights, QWeight
@@ -43,6 +47,8 @@ class Device(Protocol):
     def linear(self, x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor: ...
     def linear_many(self, x: torch.Tensor, ws: Sequence[QWeight]) -> list[torch.Tensor]: ...
     def attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: AttnMask) -> torch.Tensor: ...
+    def attention_rows(self, q: torch.Tensor, rows: Sequence[AttnRow], ends: torch.Tensor | None) -> torch.Tensor: ...
+    def prepare(self, formats: Iterable[str]) -> None: ...
 
 
 def kv_dtype_of(name: str, default: torch.dtype) -> torch.dtype:
@@ -81,6 +87,9 @@ class CpuDevice:
         if self.kernels:
             cpu_kernels.set_num_threads(self.threads)
 
+    def prepare(self, formats: Iterable[str]) -> None:
+        """Nothing to do: the native kernels were built (or refused) at construction, for every format."""
+
     def linear(self, x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) fp32 -> (..., N) = x @ W^T, W read from its GGUF bytes."""
         n, k = w.shape
@@ -105,6 +114,10 @@ class CpuDevice:
     def attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: AttnMask) -> torch.Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])
         return attend(q, keys, vals, mask, lambda *a: matmul_kernel(*a, scale))
+
+    def attention_rows(self, q: torch.Tensor, rows: Sequence[AttnRow], ends: torch.Tensor | None) -> torch.Tensor:
+        """Row by row: each row's result is bit-identical to a pass of that row alone."""
+        return attend_each(q, rows, self.attention)
 
     def decode_block(self, x: torch.Tensor, w: LayerWeights, spec, layer: int, batch, rot: torch.Tensor
                      ) -> torch.Tensor | None:

@@ -65,6 +65,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def matrix_formats(layouts, head) -> list[str]:
+    """The tensor formats of the matrices a pass multiplies (blocks and the output head), in order."""
+    names = [t.fmt.name for lay in layouts for _, t in lay.tensors if len(t.shape) >= 2]
+    return list(dict.fromkeys([*names, head.fmt.name]))
+
+
 class Model:
     def __init__(self, f: GGUFFile, spec: ModelSpec, device: Device, weights, glob, tokenizer, n_ctx: int,
                  load_s: float, reader, plan=None, tracer=None):
@@ -123,6 +129,7 @@ class Model:
             reader.tracer = tracer
             weights, glob = build_weights(f, spec, layouts, placement, reader, device, tracer,
                                           cpu_threads=threads or cfg.compute_threads)
+            device.prepare(matrix_formats(layouts, head_info(f, spec)))  # kernels ready before the first pass
         except BaseException:
             reader.close()
             raise

@@ -22,7 +22,7 @@ import torch
 
 from engine.cuda import device as cuda_device_mod
 from engine.cuda import kvikio_io, nvml
-from engine.cuda.cpu_shim import CpuBuildSpec, CpuKernels, PendingBuild
+from engine.cuda.cpu_shim import CpuBuildSpec, CpuKernels, PendingBuild, ShimLibrary
 from engine.cuda.device import CudaDevice, cuda_unavailable_reason, linear_path
 from engine.cuda.staging import CudaStaging, TorchCudaOps
 from engine.device import CpuDevice, select_device
@@ -161,37 +161,15 @@ def test_cuda_staging_checks_the_device_buffer():
 SHIM_FORMATS = "GK_FORMATS(X)=X(q4_1, FmtQ4_1) X(q6_k, FmtQ6_K)"
 
 
-class ShimKernels:
-    """KernelLibrary's gemv / dequantize signatures over the g++-built .cu kernels (CPU tensors);
-    records which kernel each call ran."""
-
-    def __init__(self, gemv: CpuKernels, dequant: CpuKernels):
-        self.gemv_lib, self.dequant_lib, self.calls = gemv, dequant, []
-
-    @staticmethod
-    def _tag(dtype: torch.dtype) -> str:
-        return {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
-
-    def gemv(self, x, w, fmt, n, k, *, out=None, stream=None):
-        self.calls.append("gemv")
-        bits = x.view(torch.int16).numpy()
-        xn = bits.view(np.float16) if x.dtype == torch.float16 else bits.view(np.uint16)
-        return torch.from_numpy(self.gemv_lib.gemv(w.numpy(), xn, fmt, n, k, xtype=self._tag(x.dtype)))
-
-    def dequantize(self, w, fmt, n, k, *, dtype, stream=None):
-        self.calls.append("dequant")
-        out = self.dequant_lib.dequantize(w.numpy(), fmt, n, k, otype=self._tag(dtype))
-        return torch.from_numpy(out.view(np.int16)).view(dtype)
-
-
 @pytest.fixture(scope="module")
-def shim(tmp_path_factory) -> ShimKernels:
+def shim(tmp_path_factory) -> ShimLibrary:
+    """KernelLibrary (binding, checks, launch plans) with launches run by the g++-built .cu kernels."""
     out = tmp_path_factory.mktemp("cuda_runtime_shim")
     builds = [PendingBuild(CpuBuildSpec(src, defines=(SHIM_FORMATS,), opt="-O1"), out) for src in ("gemv.cu", "dequant.cu")]
-    return ShimKernels(*(CpuKernels(b.wait()) for b in builds))
+    return ShimLibrary(*(CpuKernels(b.wait()) for b in builds))
 
 
-def shim_device(shim: ShimKernels, **options) -> CudaDevice:
+def shim_device(shim: ShimLibrary, **options) -> CudaDevice:
     ops = SimOps(frozenset({"compute", "copy"}))
     return CudaDevice(torch.device("cpu"), ops, shim, **options)
 
@@ -854,10 +832,21 @@ def test_shim_cuda_device_generates_the_cpu_greedy_tokens(shim, tmp_path, kind):
     for stream in (False, True):
         placement = Placement.uniform(lays, head_info(f, spec), stream=stream, ring_size=2)
         dev = shim_device(shim)
+        shim.prepared.clear()
         with Model.load(path, placement=placement, device=dev) as m:
+            # the model's matrix formats prepared once, at load (the embedding is looked up, not multiplied)
+            assert shim.prepared == [(0, ("Q4_1", "Q6_K"))]
             shim.calls.clear()
+            shim.binds.clear()
             assert greedy(m, prompt) == cpu_tokens, stream
             assert {"gemv", "dequant"} <= set(shim.calls)
+            # each matrix binding checked once (7 per block + the head; streamed: once per ring slot a
+            # unit lands in), whatever the number of passes
+            bound = len(shim.binds)
+            assert bound == (spec.n_layers * 7 + 1) * (m.weights.k if stream else 1), stream
+            assert len(shim.calls) > 3 * bound
+            greedy(m, prompt, 2)
+            assert len(shim.binds) == bound
             with m.open_sequence() as seq:
                 assert {t.dtype for t in seq.keys} == {torch.float16}
             err = np.abs(m.logits(prompt) - cpu_logits).max() / np.abs(cpu_logits).max()

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import engine
-from engine.attention import attend, sdpa_kernel
+from engine.attention import attend, attend_each, sdpa_decode_rows, sdpa_kernel
 from engine.cli import guarded
 from engine.gguf_file import GGUFFile
 from engine.model import Model
@@ -91,9 +91,19 @@ class MetaDevice:
     def linear_many(self, x, ws):
         return [self.linear(x, w) for w in ws]
 
+    def prepare(self, formats):
+        self.prepared = list(formats)
+
     def attention(self, q, keys, vals, mask):
         assert q.device == keys.device == META and keys.dtype == self.kv_dtype
         return attend(q, keys, vals, mask, lambda *a: sdpa_kernel(*a, 0.125))
+
+    def attention_rows(self, q, rows, ends):
+        """As CudaDevice: a pass of decode rows in one SDPA, other passes row by row."""
+        self.batched = getattr(self, "batched", 0) + (ends is not None and len(rows) > 1)
+        if ends is None or len(rows) == 1:
+            return attend_each(q, rows, self.attention)
+        return sdpa_decode_rows(q, rows, ends, 0.125)
 
 
 class Recorder(TorchDispatchMode):
@@ -195,6 +205,9 @@ def test_ragged_pass_on_the_device_returns_device_logits(tiny):
         with m.open_sequence() as a, m.open_sequence() as b, rec:
             la, lb = m.step([(a, [1, 2, 3]), (b, [4, 5])], trees=[None, [-1, 0]])
             (la2,) = m.step([(a, [6])], last_only=True)
+            dev = m.device
+            m.step([(a, [7]), (b, [8])])  # decode rows: one batched attention per layer
+            assert dev.batched == m.spec.n_layers
             assert {t.dtype for t in a.keys} == {torch.float32}
         assert (la.device, la.shape, lb.shape, la2.shape) == (META, (3, m.spec.vocab_size), (2, m.spec.vocab_size),
                                                               (1, m.spec.vocab_size))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import KernelError
-from .kernels import KERNEL_DIR, LaunchPlan, TensorDesc, plan_dequant, plan_gemv
+from .kernels import KERNEL_DIR, BoundWeight, KernelLibrary, LaunchPlan, TensorDesc, kernel_format, plan_dequant, plan_gemv
 
 CXX = os.environ.get("CXX", "g++")
 _BASE_FLAGS = ("-std=c++20", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror")
@@ -181,3 +181,33 @@ class CpuKernels:
         self.launch("cuda_cpu_launch_dequant", plan, [w.ctypes.data, out.ctypes.data],
                     policy=policy, seed=seed, workers=workers)
         return out
+
+
+class ShimLibrary(KernelLibrary):
+    """A KernelLibrary whose launches run the g++-built kernels on CPU tensors (tests): weight binding,
+    argument checks and launch plans are KernelLibrary's own, only the launch itself differs.
+    `prepared` records every prepare() call, `calls` the kind of every launch ("gemv" | "dequant")
+    and `binds` every weight check bind() ran (cache misses)."""
+
+    def __init__(self, gemv: CpuKernels, dequant: CpuKernels):
+        super().__init__()
+        self._libs = {"gemv.cu": (gemv, "cuda_cpu_launch_gemv"), "dequant.cu": (dequant, "cuda_cpu_launch_dequant")}
+        self.prepared: list[tuple[int, tuple[str, ...]]] = []
+        self.calls: list[str] = []
+        self.binds: list[BoundWeight] = []
+
+    def prepare(self, device_index: int, fmts) -> None:
+        names = tuple(dict.fromkeys(kernel_format(f).name for f in fmts))
+        self.prepared.append((device_index, names))
+
+    def bind(self, w, fmt: str, n: int, k: int) -> BoundWeight:
+        before = len(self._bound)
+        bw = super().bind(w, fmt, n, k)
+        if len(self._bound) != before:
+            self.binds.append(bw)
+        return bw
+
+    def _launch(self, source: str, bw: BoundWeight, plan: LaunchPlan, pointers: tuple[int, ...], device, stream) -> None:
+        lib, launcher = self._libs[source]
+        self.calls.append(source.removesuffix(".cu"))
+        lib.launch(launcher, plan, list(pointers), policy=Policy.FORWARD, seed=0, workers=1)

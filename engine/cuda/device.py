@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from ..attention import AttnMask, attend, sdpa_kernel
+from ..attention import AttnMask, AttnRow, attend, attend_each, sdpa_decode_rows, sdpa_kernel
 from ..errors import KernelError
 from ..weights import QWeight
-from .kernels import FORMATS, GEMV_MAX_T, KernelLibrary, _import_cupy
+from .kernels import FORMATS, GEMV_MAX_T, BoundWeight, KernelLibrary, _import_cupy
 from .staging import CudaStaging, StreamOps, TorchCudaOps
 
 log = logging.getLogger("engine.cuda")
 
 WEIGHT_ALIGN = max(f.weight_align for f in FORMATS.values())  # widest weight load of any kernel (bytes)
 ACT_DTYPES = (torch.float16, torch.bfloat16)
+BIND_CACHE_MAX = 1 << 14  # bound QWeights kept (resident units, ring-slot bindings, head chunks)
 
 
 def linear_path(t: int, fmt: str, reference: bool = False) -> str:
@@ -41,7 +42,7 @@ class CudaDevice:
 
     def __init__(self, device: torch.device, ops: StreamOps, kernels, *, act_dtype: torch.dtype = torch.float16,
                  kv_dtype: torch.dtype = torch.float16, reference: bool = False):
-        """kernels: a KernelLibrary (or anything with its gemv/dequantize signatures)."""
+        """kernels: a KernelLibrary (engine.cuda.cpu_shim.ShimLibrary runs its launches on the CPU)."""
         if act_dtype not in ACT_DTYPES:
             raise KernelError(f"must be torch.float16 or torch.bfloat16, got {act_dtype}", field="act_dtype")
         self.device, self.ops, self.kernels = device, ops, kernels
@@ -53,6 +54,29 @@ class CudaDevice:
         self.compute_stream = ops.current_stream()
         self.copy_stream = ops.new_stream()
         self.staging = CudaStaging(ops, self.compute_stream, self.copy_stream, self.name)
+        self._bound: dict[int, tuple[QWeight, BoundWeight]] = {}  # id(QWeight) -> (it, its checked binding)
+
+    def prepare(self, formats: Iterable[str]) -> None:
+        """At load: build or load from the disk cache the kernels of exactly these tensor formats (the
+        model's matrices), so no launch compiles. Formats without a kernel take the reference path."""
+        fmts = [] if self.reference else [f for f in dict.fromkeys(formats) if f in FORMATS]
+        if fmts:
+            self.kernels.prepare(self.device.index or 0, fmts)
+
+    def _bind(self, w: QWeight) -> BoundWeight:
+        """w's bytes checked once as a matrix for the kernels (device, shape, alignment): the provider
+        hands the same QWeight for a resident unit or a ring slot every pass; launches then check only
+        the activations and the output."""
+        got = self._bound.get(id(w))
+        if got is None or got[0] is not w:
+            if w.data.device != self.device:
+                raise KernelError(f"{w.name} is on {w.data.device}, not {self.name}: stage weights with "
+                                  "Staging.upload or to_resident first", field="w")
+            if len(self._bound) >= BIND_CACHE_MAX:
+                self._bound.clear()
+            n, k = w.shape
+            got = self._bound[id(w)] = (w, self.kernels.bind(w.data, w.fmt.name, n, k))
+        return got[1]
 
     def linear(self, x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None, *,
                reference: bool | None = None) -> torch.Tensor:
@@ -61,9 +85,6 @@ class CudaDevice:
         n, k = w.shape
         if x.shape[-1] != k:
             raise KernelError(f"{w.name}: activations have {x.shape[-1]} features, the matrix takes {k}", field="x")
-        if w.data.device != self.device:
-            raise KernelError(f"{w.name} is on {w.data.device}, not {self.name}: stage weights with "
-                              "Staging.upload or to_resident first", field="w")
         x2 = x.reshape(-1, k)  # (T, K)
         t = x2.shape[0]
         path = linear_path(t, w.fmt.name, self.reference if reference is None else reference)
@@ -84,17 +105,27 @@ class CudaDevice:
         with self.ops.use(self.compute_stream):
             return attend(q, keys, vals, mask, lambda *a: sdpa_kernel(*a, scale))
 
+    def attention_rows(self, q: torch.Tensor, rows: Sequence[AttnRow], ends: torch.Tensor | None) -> torch.Tensor:
+        """A pass of decode rows (ends given) in one fused SDPA over padded keys; others row by row."""
+        if ends is None or len(rows) == 1:
+            return attend_each(q, rows, self.attention)
+        with self.ops.use(self.compute_stream):
+            return sdpa_decode_rows(q, rows, ends, 1.0 / math.sqrt(q.shape[-1]))
+
     def _linear(self, path: str, x2: torch.Tensor, w: QWeight, n: int, k: int) -> torch.Tensor:
         if path == "reference":
+            if w.data.device != self.device:
+                raise KernelError(f"{w.name} is on {w.data.device}, not {self.name}: stage weights with "
+                                  "Staging.upload or to_resident first", field="w")
             wf = w.fmt.dequantize(w.data, (n, k))  # (N, K) fp32 on the device, as gguf-py dequantizes
             return x2.to(self.device, torch.float32) @ wf.T
+        bw = self._bind(w)
         xd = x2.to(self.device, self.act_dtype).contiguous()  # (T, K)
         if xd.data_ptr() % 16:  # the kernels load x in 16-byte vectors
             xd = xd.clone()
-        fmt = w.fmt.name
         if path == "gemv":
-            return self.kernels.gemv(xd, w.data, fmt, n, k, stream=self.compute_stream)
-        wd = self.kernels.dequantize(w.data, fmt, n, k, dtype=self.act_dtype, stream=self.compute_stream)  # (N, K)
+            return self.kernels.gemv(xd, bw, stream=self.compute_stream)
+        wd = self.kernels.dequantize(bw, dtype=self.act_dtype, stream=self.compute_stream)  # (N, K)
         return torch.matmul(xd, wd.T).float()
 
 

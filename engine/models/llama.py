@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import AttnMask
+from ..attention import AttnMask, AttnRow
 from ..sequence import Batch
 from ..spec import ModelSpec
 from ..weights import GlobalWeights, LayerWeights
@@ -151,18 +151,15 @@ class Llama:
         home, kd = q.device, kv_dev.torch_device
         if kd != home:  # the KV cache lives elsewhere (hybrid): attention runs beside it
             q, k, v = q.to(kd), k.to(kd), v.to(kd)
-        trees = batch.on(kd).trees
-        out = None if len(batch.rows) == 1 else torch.empty(q.shape, dtype=torch.float32, device=kd)
-        for r, tree in zip(batch.rows, trees):
-            rows = slice(r.offset, r.offset + r.T)
+        on = batch.on(kd)
+        rows = []
+        for r, tree in zip(batch.rows, on.trees):
             keys, vals = r.seq.keys[layer], r.seq.vals[layer]  # (Hkv, n_ctx, hd)
-            keys[:, r.start:r.start + r.T] = k[rows].transpose(0, 1)
-            vals[:, r.start:r.start + r.T] = v[rows].transpose(0, 1)
-            att = kv_dev.attention(q[rows], keys, vals, AttnMask(r.start, tree))  # (T, H, hd)
-            if out is None:
-                out = att
-            else:
-                out[rows] = att
+            keys[:, r.start:r.start + r.T] = k[r.offset:r.offset + r.T].transpose(0, 1)
+            vals[:, r.start:r.start + r.T] = v[r.offset:r.offset + r.T].transpose(0, 1)
+            rows.append(AttnRow(r.offset, r.T, keys, vals, AttnMask(r.start, tree)))
+        decode = 1 < len(rows) == batch.n_tokens and all(r.decode for r in rows)  # rows of one causal token
+        out = kv_dev.attention_rows(q, rows, on.positions + 1 if decode else None)  # (N, H, hd)
         return out if kd == home else out.to(home)
 
     def head(self, x: torch.Tensor, weights) -> torch.Tensor:
