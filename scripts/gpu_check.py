@@ -5,7 +5,7 @@ whether it passed, failed or ran out of time. A step that cannot do its work rai
 recorded, never skipped silently.
 
     python scripts/gpu_check.py STEP OUT [--dry-run]
-    STEP: env | warm | memcheck | parity | stream70b | bench | record NAME RC SECONDS LIMIT | finish
+    STEP: env | warm | memcheck | parity | decode | bench | record NAME RC SECONDS LIMIT | finish
 
 --dry-run runs the same steps on the CPU with tiny models (what CI checks: the files appear and every
 step is recorded); the GPU-only steps then record why they could not run.
@@ -30,9 +30,17 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
 
 # The files a run leaves in OUT (the device tool brings back at most 8).
-FILES = ("summary.json", "steps.log", "pytest_gpu.log", "sanitizer.log", "parity.json", "stream70b.json",
+FILES = ("summary.json", "steps.log", "pytest_gpu.log", "sanitizer.log", "parity.json", "decode.json",
          "trace70b.json", "bench.json")
-STEPS = ("setup", "env", "warm", "pytest", "memcheck", "parity", "stream70b", "bench")
+# in order of what a short run must not lose: pytest -m gpu (the longest) gets what is left at the end
+STEPS = ("setup", "env", "warm", "memcheck", "parity", "decode", "bench", "pytest")
+# decode: each model in each placement; "hybrid" plans with the h100 preset's host-CPU rates (an
+# uncalibrated CUDA profile has none, so its planner never computes a layer on the CPU)
+DECODE_MODES = {
+    "resident": {},
+    "streamed": {"resident_budget": "30%", "host_budget": "16GiB", "hybrid_compute": "off"},
+    "hybrid": {"resident_budget": "30%", "host_budget": "16GiB", "hybrid_compute": "auto", "hardware": "h100"},
+}
 
 # Llama-3-70B block shapes (dim 8192, FFN 28672, 64 query / 8 KV heads of 128).
 LLAMA70B = dict(dim=8192, ffn=28672, n_heads=64, n_kv_heads=8)
@@ -259,7 +267,7 @@ def step_parity(out: Path, dry: bool, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# stream70b: a 4-block 70B-shaped model in a tight VRAM budget
+# decode: tok/s of a SmolLM2-shaped model and 4 Llama-70B-shaped blocks, resident, streamed, hybrid
 # ---------------------------------------------------------------------------------------------
 def trace_summary(path: Path) -> dict:
     """Per span kind (first word of the name): count and total ms; and how much of the non-compute
@@ -279,42 +287,70 @@ def trace_summary(path: Path) -> dict:
             "transfer_overlapping_compute": (inside / total) if total else None}
 
 
-def step_stream70b(out: Path, dry: bool, work: Path) -> dict:
+def decode_models(work: Path, dry: bool) -> dict[str, tuple[Path, int]]:
+    """name -> (GGUF path, vocab): a SmolLM2-shaped model and 4 Llama-70B-shaped blocks (tiny on the CPU)."""
+    from make_synthetic_model import SyntheticConfig, write_synthetic_model
+
+    shape = dict(dim=256, ffn=512, n_heads=4, n_kv_heads=2, vocab=1024) if dry else dict(LLAMA70B)
+    models = {"llama70b-4blocks": SyntheticConfig(n_layers=4, **shape),
+              "smollm2-shaped": SyntheticConfig(**{**SMOLLM2, **({"n_layers": 2} if dry else {})})}
+    out = {}
+    for name, cfg in models.items():
+        path = work / f"{name}.gguf"
+        if not path.exists():  # parity wrote the SmolLM2-shaped one already
+            write_synthetic_model(path, cfg)
+        out[name] = (path, cfg.vocab)
+    return out
+
+
+def step_decode(out: Path, dry: bool, work: Path) -> dict:
+    """Decode tok/s of each model resident, streamed from the host tier (hybrid off) and hybrid (host
+    layers computed on the CPU at decode): bytes moved per token, achieved GB/s against the plan's
+    prediction; the 70B-shaped streamed run writes the engine trace and its copy/compute overlap."""
     import numpy as np
     import torch
 
     from engine.model import Model
-    from make_synthetic_model import SyntheticConfig, write_synthetic_model
 
-    shape = dict(dim=256, ffn=512, n_heads=4, n_kv_heads=2, vocab=1024) if dry else dict(LLAMA70B)
-    cfg = SyntheticConfig(n_layers=4, **shape)
-    path = write_synthetic_model(work / "llama70b-4blocks.gguf", cfg)
-    config = {"device": "cpu" if dry else "cuda", "resident_budget": "30%", "kv_cache": {"max_context": 512}}
-    if not dry:
-        config["host_budget"] = "16GiB"
-    trace = out / "trace70b.json"
-    n_prompt, n_new = 8, (3 if dry else 24)
-    report = {"model": {"layers": cfg.n_layers, **shape, "file_bytes": path.stat().st_size}, "config": config}
-    write_json(out / "stream70b.json", report)
     sync = torch.cuda.synchronize if torch.cuda.is_available() and not dry else (lambda: None)
-    t0 = time.perf_counter()
-    with Model.load(path, config, trace=str(trace)) as m:
-        report["load_s"] = round(time.perf_counter() - t0, 2)
-        report["plan"] = m.plan.to_json() if m.plan is not None else None
-        report["plan_summary"] = m.plan_summary()
-        prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab, n_prompt)]
-        report["prefill_s"], times, _ = run_greedy(m, prompt, n_new + 1, sync)
-    tok_s = 1.0 / float(np.median(times))
-    streamed = sum(report["plan"]["streamed_bytes_per_step"].values()) if report["plan"] else None
-    report.update(decode_tokens=len(times), tokens_per_s=tok_s, token_ms_median=1e3 * float(np.median(times)),
-                  token_ms_all=[round(1e3 * t, 3) for t in times], bytes_per_token=streamed)
-    if streamed:
-        pred = report["plan"]["predicted"]
-        report["achieved_stream_gbs"] = streamed * tok_s / 1e9
-        report["predicted"] = pred
-    report["trace"] = trace_summary(trace) if trace.exists() else "no trace written"
-    write_json(out / "stream70b.json", report)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("plan", "token_ms_all")}, default=str))
+    n_prompt, n_new = 8, (3 if dry else 24)
+    report, failures = {"device": "cpu (dry run)" if dry else "cuda", "modes": DECODE_MODES, "runs": {}}, []
+    for name, (path, vocab) in decode_models(work, dry).items():
+        prompt = [int(t) for t in np.random.default_rng(1).integers(0, vocab, n_prompt)]
+        for mode, extra in DECODE_MODES.items():
+            key = f"{name}/{mode}"
+            if dry and mode == "hybrid":
+                report["runs"][key] = {"not_run": "hybrid compute needs a CUDA device (the CPU has no host tier)"}
+                continue
+            config = {"device": "cpu" if dry else "cuda", "kv_cache": {"max_context": 512}, **extra}
+            trace = out / "trace70b.json" if (name, mode) == ("llama70b-4blocks", "streamed") else None
+            r = report["runs"][key] = {"config": config}
+            try:
+                t0 = time.perf_counter()
+                with Model.load(path, config, trace=str(trace) if trace else None) as m:
+                    r["load_s"] = round(time.perf_counter() - t0, 2)
+                    r["plan_summary"] = m.plan_summary()
+                    plan = m.plan.to_json() if m.plan is not None else {}
+                    r["cpu_layers"] = sum(1 for lp in m.plan.layers if lp.cpu_decode) if m.plan else 0
+                    r["prefill_s"], times, _ = run_greedy(m, prompt, n_new + 1, sync)
+                tok_s = 1.0 / float(np.median(times))
+                moved = sum(plan.get("streamed_bytes_per_step", {}).values())
+                r.update(decode_tokens=len(times), tokens_per_s=tok_s, token_ms_median=1e3 * float(np.median(times)),
+                         token_ms_all=[round(1e3 * t, 3) for t in times], bytes_per_token=moved,
+                         achieved_stream_gbs=moved * tok_s / 1e9, predicted=plan.get("predicted"))
+                if trace is not None:
+                    r["trace"] = trace_summary(trace) if trace.exists() else "no trace written"
+                if mode == "hybrid" and not r["cpu_layers"]:
+                    failures.append(f"{key}: the plan computes no layer on the CPU ({r['plan_summary']})")
+            except Exception as e:  # noqa: BLE001 - recorded, and the step fails
+                r.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+                failures.append(f"{key}: {type(e).__name__}: {e}")
+            write_json(out / "decode.json", report)
+            print(json.dumps({key: {k: v for k, v in r.items() if k not in ("token_ms_all", "traceback")}}, default=str))
+    report["failures"] = failures
+    write_json(out / "decode.json", report)
+    if failures:
+        raise RuntimeError(f"{len(failures)} decode failures: {failures[0]}")
     return report
 
 
@@ -420,7 +456,7 @@ def finish(out: Path, dry: bool) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=("env", "warm", "memcheck", "parity", "stream70b", "bench", "record", "finish"))
+    ap.add_argument("step", choices=("env", "warm", "memcheck", "parity", "decode", "bench", "record", "finish"))
     ap.add_argument("out", type=Path)
     ap.add_argument("args", nargs="*", help="record: NAME RC SECONDS LIMIT")
     ap.add_argument("--dry-run", action="store_true")
@@ -440,7 +476,7 @@ def main(argv=None) -> int:
     if fn is not None:
         fn(out, a.dry_run)
     else:
-        {"parity": step_parity, "stream70b": step_stream70b, "bench": step_bench}[a.step](out, a.dry_run, work)
+        {"parity": step_parity, "decode": step_decode, "bench": step_bench}[a.step](out, a.dry_run, work)
     return 0
 
 

@@ -41,7 +41,7 @@ def test_dry_run_leaves_its_files_and_records_every_step(dry_run):
     assert files == sorted(FILES) and len(files) <= 8, proc.stdout[-3000:]
     assert [s["name"] for s in summary["steps"]] == list(STEPS)
     status = {s["name"]: s for s in summary["steps"]}
-    for name in ("setup", "env", "parity", "stream70b"):
+    for name in ("setup", "env", "parity", "decode"):
         assert status[name]["status"] == "ok", status[name]
     # GPU-only steps fail with their reason (pytest: no gpu test ran); the run as a whole is not ok
     assert status["pytest"]["status"] == "failed" and "skipped" in status["pytest"]["result"]
@@ -67,10 +67,17 @@ def test_dry_run_parity_and_streaming_reports(dry_run):
             # CPU against CPU: every placement computes the same logits, bit for bit
             assert r["greedy_equal"] and r["max_abs_logit_error"] == 0.0 and r["argmax_agree"] == 1.0, (name, mode, r)
         assert "streamed" in entry["streamed"]["plan"]
-    stream = json.loads((out / "stream70b.json").read_text())
-    assert stream["tokens_per_s"] > 0 and stream["bytes_per_token"] > 0 and stream["decode_tokens"] == 3
-    assert stream["achieved_stream_gbs"] > 0 and stream["predicted"]["tokens_per_s"] > 0
-    spans = stream["trace"]["spans"]
+    decode = json.loads((out / "decode.json").read_text())
+    runs = decode["runs"]
+    assert set(runs) == {f"{m}/{mode}" for m in ("llama70b-4blocks", "smollm2-shaped")
+                         for mode in ("resident", "streamed", "hybrid")}
+    for model in ("llama70b-4blocks", "smollm2-shaped"):
+        assert "needs a CUDA device" in runs[f"{model}/hybrid"]["not_run"]  # recorded, not silently dropped
+        res, stream = runs[f"{model}/resident"], runs[f"{model}/streamed"]
+        assert res["tokens_per_s"] > 0 and res["bytes_per_token"] == 0 and res["decode_tokens"] == 3, res
+        assert stream["tokens_per_s"] > 0 and stream["bytes_per_token"] > 0 and stream["achieved_stream_gbs"] > 0
+        assert stream["predicted"]["tokens_per_s"] > 0 and "streamed" in stream["plan_summary"]
+    spans = runs["llama70b-4blocks/streamed"]["trace"]["spans"]
     assert spans["compute"]["count"] > 0 and spans["read"]["count"] > 0
     trace = json.loads((out / "trace70b.json").read_text())
     assert any(e.get("name", "").startswith("compute") for e in trace["traceEvents"])
