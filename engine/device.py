@@ -83,6 +83,7 @@ class CpuDevice:
         # torch only runs the small per-token ops (norms, rope, attention over a few heads): one thread
         # avoids its OpenMP team fighting the kernel pool for the same cores.
         torch.set_num_threads(1)
+        return_large_frees()
         self.kernels = cpu_kernels.available()
         if self.kernels:
             cpu_kernels.set_num_threads(self.threads)
@@ -183,6 +184,35 @@ def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype) -> DecodeLayer |
     lay.w[:] = [m.data.data_ptr() for m, _ in mats]
     lay.type[:] = [cpu_kernels.FORMATS[m.fmt.name].type_id for m, _ in mats]
     return lay
+
+
+HEAP_MMAP_THRESHOLD = 1 << 20  # blocks of at least this many bytes come from mmap and go back to the OS on free
+
+
+def return_large_frees() -> bool:
+    """Make glibc serve allocations of HEAP_MMAP_THRESHOLD bytes or more with mmap and unmap them on free.
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so
+    after the first prefill chunk the attention scores and activations of every later chunk come from
+    the heap, which keeps their freed pages: peak RSS ran 10-27% above the plan on long prompts
+    (scripts/bench_memory.py). A fixed threshold keeps the process's memory what the plan counts, for
+    a page fault per 4 KiB of each large temporary. False where the C library is not glibc."""
+    global _heap_set
+    if _heap_set is None:
+        try:
+            libc = ctypes.CDLL(None)
+            mallopt = libc.mallopt  # glibc only (musl and macOS have none)
+        except (OSError, AttributeError):
+            _heap_set = False
+        else:
+            M_MMAP_THRESHOLD = -3
+            _heap_set = bool(mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+            if not _heap_set:
+                log.debug("mallopt(M_MMAP_THRESHOLD) refused; large frees may stay in the heap")
+    return _heap_set
+
+
+_heap_set: bool | None = None
 
 
 def _cuda_requested(req: str) -> bool:
