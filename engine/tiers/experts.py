@@ -19,6 +19,7 @@ WeightIOError and leaves the cache consistent, so the next pass reads the expert
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,12 +55,11 @@ class ExpertStats:
         return self.hits / n if n else 1.0
 
     def snapshot(self) -> "ExpertStats":
-        return ExpertStats(self.hits, self.misses, self.read_bytes, self.hint_bytes, self.hinted_used, self.tokens)
+        return dataclasses.replace(self)
 
     def since(self, old: "ExpertStats") -> "ExpertStats":
-        return ExpertStats(self.hits - old.hits, self.misses - old.misses, self.read_bytes - old.read_bytes,
-                           self.hint_bytes - old.hint_bytes, self.hinted_used - old.hinted_used,
-                           self.tokens - old.tokens)
+        """The counts accumulated after `old` (a snapshot)."""
+        return ExpertStats(*(getattr(self, f.name) - getattr(old, f.name) for f in dataclasses.fields(self)))
 
     def line(self) -> str:
         per = self.read_bytes / self.tokens / 2**20 if self.tokens else 0.0
