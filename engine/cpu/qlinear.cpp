@@ -1197,6 +1197,35 @@ struct IntQ45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
     static constexpr int kQs = kQ5 ? 48 : 16;  // offset of qs (Q5_K's qh sits at 16)
+#if QL_AVX512 && defined(__AVX512VBMI__)
+    static constexpr bool kBytewise = !kQ5;  // decode_direct exists
+    // Q4_K: decode()'s words without widening. qs bytes 64G..64G+63 hold chunks 4G + h (bytes 0..31)
+    // and 4G + 2 + h (bytes 32..63) in nibble h; vpermb interleaves the two halves (byte 2i + e <-
+    // byte 32e + i), then vpmaddubsw of the nibbles with [sc, 0, sc, 0, ...] (e = 0) or
+    // [0, sc, 0, sc, ...] (e = 1) gives chunk 4G + 2e + h's words q * sc in natural order.
+    static void decode_direct(const uint8_t* sb, WI w[8], float& d, M8& mins) {
+        d = half_at(sb);
+        const float dmin = half_at(sb + 2);
+        const __m128i sm = kquant_scale_min_bytes(sb + 4);
+        mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
+        const __m512i smb = _mm512_broadcast_i32x4(sm);
+        const __m512i m4 = _mm512_set1_epi8(15);
+        const __m512i inter = _mm512_set_epi8(
+            63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16,
+            47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        for (int G = 0; G < 2; ++G) {
+            const __m512i z = _mm512_permutexvar_epi8(inter, _mm512_loadu_si512(sb + kQs + 64 * G));
+            const __m512i nib[2] = {_mm512_and_si512(z, m4), _mm512_and_si512(_mm512_srli_epi16(z, 4), m4)};
+            for (int h = 0; h < 2; ++h) {
+                const int c0 = 4 * G + h, c1 = 4 * G + 2 + h;
+                w[c0] = _mm512_maddubs_epi16(nib[h], _mm512_shuffle_epi8(smb, _mm512_set1_epi16(short(0x8000 | c0))));
+                w[c1] = _mm512_maddubs_epi16(nib[h], _mm512_shuffle_epi8(smb, _mm512_set1_epi16(short((c1 << 8) | 0x80))));
+            }
+        }
+    }
+#else
+    static constexpr bool kBytewise = false;
+#endif
     static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
         d = half_at(sb);
         const float dmin = half_at(sb + 2);
@@ -1244,6 +1273,7 @@ using IntQ5_K = IntQ45_K<true>;
 struct IntQ6_K {
     static constexpr int kBytes = 210;
     static constexpr bool kMins = false;
+    static constexpr bool kBytewise = false;
     // Chunk c = 4h + cc: q = low nibble of ql[64h + 32(cc & 1) + l] (nibble cc >> 1) | bits 2cc..2cc+1
     // of qh[32h + l] << 4; scale sc[8h + 2cc] for l < 16, sc[8h + 2cc + 1] above.
     static void decode(const uint8_t* sb, WI w[8], float& d, M8&) {
@@ -1301,7 +1331,10 @@ void int_direct_tile(const QProblem& p, i64 n0) {
             WI w[8];
             float d;
             M8 mins;
-            F::decode(sb, w, d, mins);
+            if constexpr (F::kBytewise)
+                F::decode_direct(sb, w, d, mins);
+            else
+                F::decode(sb, w, d, mins);
             for (int t = 0; t < TT; ++t) {
                 const int16_t* xq = p.xq + t * p.K + b * kQBlock;
                 AI s[4] = {izero(), izero(), izero(), izero()};  // 4 chains (integer sums: exact in any order)
