@@ -28,6 +28,11 @@ class QWeight:
     shape: tuple[int, int]  # (N out features, K in features)
     data: torch.Tensor  # uint8, contiguous
 
+    @classmethod
+    def of(cls, info: TensorInfo, data: torch.Tensor) -> QWeight:
+        """The matrix `info` describes, bound over its raw bytes `data` wherever they live."""
+        return cls(info.name, info.fmt, info.shape, data)
+
     def dequantize(self) -> torch.Tensor:
         return self.fmt.dequantize(self.data, self.shape)  # (N, K) float32
 
@@ -113,7 +118,7 @@ class ExpertSource:
             for info, raw in zip(self.infos, self.raw):
                 t = expert_slice(info, e)
                 at = t.offset - info.offset
-                parts.append(QWeight(t.name, t.fmt, t.shape, raw[at:at + t.nbytes]))
+                parts.append(QWeight.of(t, raw[at:at + t.nbytes]))
             got = self._cache[e] = ExpertWeights(*parts)
         return got
 
@@ -197,7 +202,7 @@ class LayerLayout:
             if role in EXPERT_ROLES:
                 stacked[role] = (info, raw)
             else:
-                parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight(info.name, info.fmt, info.shape, raw)
+                parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight.of(info, raw)
         if stacked:
             infos, raws = zip(*(stacked[r] for r in EXPERT_ROLES))
             parts["experts"] = ExpertSource(infos, raws)
@@ -250,7 +255,7 @@ def global_weights(f: GGUFFile, spec: ModelSpec) -> GlobalWeights:
         t = f.tensor(name)
         if len(t.shape) != 2:
             raise ModelFormatError(f"expected a matrix, got shape {t.shape}", path=f.path, field=name)
-        return QWeight(name, t.fmt, t.shape, f.view(t))
+        return QWeight.of(t, f.view(t))
 
     embd = q("token_embd.weight")
     out = embd if spec.tied_output else q("output.weight")

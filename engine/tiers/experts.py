@@ -320,7 +320,7 @@ class ExpertStore:
 
 
 def _bind(ts: Sequence[TensorInfo], view) -> ExpertWeights:
-    return ExpertWeights(*(QWeight(t.name, t.fmt, t.shape, view(t)) for t in ts))
+    return ExpertWeights(*(QWeight.of(t, view(t)) for t in ts))
 
 
 class _Routed(Mapping):

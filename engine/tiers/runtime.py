@@ -146,7 +146,7 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     tiers = {key: exp_tiers[key[0]][key[1]] for key in slices}
     for r0, r1 in placement.head_rows:
         t = head_rows_info(head, r0, r1, f.path)
-        units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, t=t: QWeight(t.name, t.fmt, t.shape, view(t))))
+        units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, t=t: QWeight.of(t, view(t))))
     if len(placement.streamed) != len(units):
         raise PlanError(f"the placement has {len(placement.streamed)} units, the model {len(units)}", field="streamed")
     resident = [t for u, s in zip(units, placement.streamed) for t in u.tensors if t.name not in s]
@@ -164,9 +164,9 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     host = HostStore(reader, regions, staging)
     glob = global_weights(f, spec)
     if embd in store:  # embedding rows from the resident copy, else the host store, else read from the file
-        glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, store.view(embd)))
+        glob = dataclasses.replace(glob, token_embd=QWeight.of(embd, store.view(embd)))
     elif embd.name in host.plans:
-        glob = dataclasses.replace(glob, token_embd=QWeight(embd.name, embd.fmt, embd.shape, host.view(embd.name, embd)))
+        glob = dataclasses.replace(glob, token_embd=QWeight.of(embd, host.view(embd.name, embd)))
     elif hasattr(reader, "pread"):  # never from the map: a file truncated under the model is a WeightIOError,
         # not a SIGBUS (FileReader; kvikio's reader has no pread, so its embedding rows stay on the map)
         glob = dataclasses.replace(glob, token_embd=FileRows(embd.name, embd.fmt, embd.shape, embd.offset, reader.pread))
