@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <memory>
 #include <new>
 #include <thread>
 #include <vector>
@@ -1459,6 +1460,12 @@ void int_run_groups(const QProblem& p, i64 g0, i64 g1) {
 // dynamically; each item is computed entirely by the thread that claims it, so results do not
 // depend on the thread count or on who ran what.
 //
+// The items are cut into one contiguous slice per thread; a thread claims `grain` items at a time
+// from the front of its own slice, then from the other slices (stealing what their owners have not
+// reached). So each thread streams through one contiguous stretch of the weights, which the
+// hardware and software prefetchers follow; claims interleaved between threads (one shared
+// counter) cut every thread's stream into pieces and ran a 2-thread GEMV at 1.0-1.2x one thread.
+//
 // A worker joins a job only by checking in while the job is open; the caller closes the job when
 // it runs out of items and then waits only for the workers that checked in. So a worker that the
 // OS has not scheduled (another process busy on its core) costs nothing: the caller does the
@@ -1499,14 +1506,15 @@ public:
         ctx_ = ctx;
         items_ = items;
         grain_ = grain;
-        next_.store(0, std::memory_order_relaxed);
+        const i64 slices = i64(threads());
+        for (i64 t = 0; t < slices; ++t) slices_[t].next.store(items * t / slices, std::memory_order_relaxed);
         finished_.store(0, std::memory_order_relaxed);
         state_.store(uint64_t(++generation_) << 32, std::memory_order_seq_cst);  // open, nobody in
         if (sleepers_.load(std::memory_order_seq_cst) > 0) {
             std::lock_guard<std::mutex> lk(sleep_mu_);
             wake_.notify_all();
         }
-        work();
+        work(0);
         const uint64_t closed = state_.fetch_or(kClosed, std::memory_order_acq_rel);
         const uint32_t joined = uint32_t(closed & kCountMask);
         for (int i = 1; finished_.load(std::memory_order_acquire) != joined; ++i) {
@@ -1524,6 +1532,8 @@ private:
 
     void start(int threads) {
         stopping_.store(false);
+        slices_.reset(new (std::nothrow) Slice[size_t(threads)]);
+        if (!slices_) threads = 1;
         try {
             for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
         } catch (const std::exception&) {  // thread limit or memory: keep the workers that started
@@ -1540,11 +1550,17 @@ private:
         workers_.clear();
     }
 
-    void work() {
-        for (;;) {
-            const i64 b = next_.fetch_add(grain_, std::memory_order_relaxed);
-            if (b >= items_) return;
-            fn_(ctx_, b, b + grain_ < items_ ? b + grain_ : items_);
+    // Participant `self` (0 = the caller, then workers in check-in order): its own slice first,
+    // then the others' leftovers.
+    void work(i64 self) {
+        const i64 slices = i64(threads());
+        for (i64 k = 0; k < slices; ++k) {
+            const i64 t = (self + k) % slices, end = items_ * (t + 1) / slices;
+            for (;;) {
+                const i64 b = slices_[t].next.fetch_add(grain_, std::memory_order_relaxed);
+                if (b >= end) break;
+                fn_(ctx_, b, b + grain_ < end ? b + grain_ : end);
+            }
         }
     }
 
@@ -1580,7 +1596,7 @@ private:
             seen = generation_of(s);
             while (generation_of(s) == seen && !(s & kClosed)) {  // check in, unless already closed
                 if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
-                    work();
+                    work(i64(s & kCountMask) + 1);
                     finished_.fetch_add(1, std::memory_order_release);
                     break;
                 }
@@ -1595,7 +1611,10 @@ private:
     std::atomic<uint64_t> state_{0};  // generation << 32 | closed bit | number of workers checked in
     std::atomic<int> sleepers_{0};
     std::atomic<bool> stopping_{false};
-    std::atomic<i64> next_{0};
+    struct alignas(64) Slice {  // one cache line each: owners and thieves do not share lines
+        std::atomic<i64> next{0};
+    };
+    std::unique_ptr<Slice[]> slices_;  // next unclaimed item of each thread's slice
     std::atomic<uint32_t> finished_{0};
     uint32_t generation_ = 0;
     ItemsFn fn_ = nullptr;
