@@ -2,10 +2,11 @@
 the Python Llama block: passes whose rows are single decode tokens run each block in one native call.
 
 Stated tolerance: the native step's logits and the keys/values it writes equal the Python block's within
-3e-4 of the largest logit / key (measured on these tiny random models: ~5e-7 where every format takes the
-fp32 path, up to 1.2e-4 where a Q4_K/Q5_K/Q6_K kernel's int16 rounding of an activation or an fp16 KV
-rounding flips; ~6e-7 on SmolLM2-135M Q4_1); the float64 reference stays within 1e-3; rows of a decode
-batch equal their single-sequence runs bit for bit.
+3e-4 of the largest logit / key, plus one fp16 unit in the last place of a key/value stored as fp16
+(measured on these tiny random models: ~5e-7 where every format takes the fp32 path, up to 1.2e-4 where an
+integer-path kernel's int16 rounding of an activation flips, and then a stored fp16 key may land one unit
+away); the float64 reference stays within 1e-3; rows of a decode batch equal their single-sequence runs bit
+for bit.
 """
 from __future__ import annotations
 
@@ -78,7 +79,16 @@ def test_native_step_equals_the_python_block(case, calls):
     assert (nat - py).abs().max() <= REL_TOL * scale
     assert torch.equal(nat.argmax(-1), py.argmax(-1))
     for a, b in zip(nk + nv, pk + pv):  # the keys/values the step wrote into the slot
-        assert (a - b).abs().max() <= REL_TOL * b.abs().max()
+        assert ((a - b).abs() <= REL_TOL * b.abs().max() + kv_ulp(m, b)).all()
+
+
+def kv_ulp(m, b: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each stored key/value in the slot's dtype (0 for fp32): a value
+    whose int16-rounded inputs differ by a unit may round to the neighbouring fp16 number."""
+    if m.weights.device_for(0, 1).kv_dtype != torch.float16:
+        return torch.zeros_like(b)
+    _, e = torch.frexp(b.abs().clamp_min(2.0 ** -14))
+    return torch.ldexp(torch.ones_like(b), e - 11)
 
 
 def test_native_step_matches_the_float64_reference(case):

@@ -40,7 +40,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
     """x (T, K) float32 contiguous, w raw GGUF bytes of an (N, K) `fmt` matrix -> (T, N) float32.
 
     `out`, if given, must be a contiguous (T, N) float32 tensor not overlapping x or w.
-    Formats in INT16_FORMATS round x to int16 per 256-element block (~1e-5 relative error) unless
+    Formats in INT16_FORMATS round x to int16 per 256- or 32-element block (~1e-5 relative error) unless
     `exact`. Raises KernelError on bad arguments or if the kernels are unavailable.
     """
     return default_kernels().linear(x, w, fmt, n, k, out, exact)

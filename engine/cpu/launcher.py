@@ -18,8 +18,9 @@ from .build import BuildSpec, build, load_library
 
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                 "IQ4_NL", "IQ4_XS")
-# Formats with an integer path (activations quantized to int16 per 256-element block).
-INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K"})
+# Formats with an integer path: activations quantized to int16 per block of the weights' scales
+# (256 elements for the K-quants, 32 for the legacy formats).
+INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q8_0"})
 ABI_VERSION = 5
 
 
@@ -104,8 +105,8 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
                out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
-        """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS round x to int16 per 256-block
-        (relative error ~1e-5) unless `exact`, which takes the fp32 path (slower)."""
+        """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS round x to int16 per block
+        (256 or 32 elements; relative error ~1e-5) unless `exact`, which takes the fp32 path (slower)."""
         info, t, out = _checked(x, w, fmt, n, k, out)
         if t:
             rc = self._call(self._pool, info.type_id, 1 if exact else 0, x.data_ptr(), w.data_ptr(), out.data_ptr(),

@@ -1456,6 +1456,306 @@ void int_run_groups(const QProblem& p, i64 g0, i64 g1) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pair path (Q4_0, Q4_1, Q8_0): integer dot products on the legacy 32-element blocks. Numerics
+// (again identical in every code path):
+//   * each row of x is quantized per 32-element chunk c as quantize_x does per 256: sx_c =
+//     amax_c / 32767, x16 = rint(x * (32767 / amax_c)); a chunk holding a NaN or an infinity gets
+//     sx_c = NaN; xsum_c = float(sum of x16 over the chunk) * sx_c;
+//   * chunks go in pairs (a, b) = (2p, 2p + 1). A pair's 64 words are [a's elements 0..15, b's
+//     0..15, a's 16..31, b's 16..31], for x16 and for the weights' integer codes (Q4_0: q - 8,
+//     Q4_1: q, Q8_0: q); an odd last chunk pairs with zeros;
+//   * I (16 int32 lanes) = the pair's word products summed two by two, exactly: lanes 0..7 chunk
+//     a (elements 2l, 2l + 1, 16 + 2l, 17 + 2l), lanes 8..15 chunk b;
+//   * f = the blocks' fp16 fields [d_a, m_a, d_b, m_b] as floats (Q4_0/Q8_0 use d only);
+//   * acc (16 fp32 lanes) = fma(float(I), [d_a * sx_a x 8, d_b * sx_b x 8], acc) for p in order;
+//     Q4_1: mins (2 fp32 lanes) = fma([m_a, m_b], [xsum_a, xsum_b], mins) for p in order;
+//   * out = vsum(acc) (Q4_1: + (mins_0 + mins_1)).
+// In this layout the nibbles need no lane shuffles (a 16-byte group's low nibbles are elements
+// 0..15, its high nibbles 16..31), an int32 lane never mixes two blocks' scales, and each block is
+// read front to back once (no scale prepass over the rows).
+// ---------------------------------------------------------------------------------------------
+Scratch& pair_scratch() {  // the caller's quantized x for the pair path
+    thread_local Scratch buf;
+    return buf;
+}
+
+struct PProblem {
+    const int16_t* xq;  // (T, pairs * 64) words in pair layout
+    const float* xg;    // (T, pairs * 4) [sx_a, xsum_a, sx_b, xsum_b] (zeros for a missing b)
+    const uint8_t* w;   // N rows of row_bytes
+    float* out;         // (T, N)
+    i64 T, N, K, row_bytes;
+    i64 chunks() const { return K / 32; }
+    i64 pairs() const { return (K / 32 + 1) / 2; }
+};
+
+// Quantize 32 elements into dst (words); returns sx, *sum = float(sum of the words) * sx.
+inline float quantize_chunk(const float* src, int16_t* dst, float* sum) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int i = 0; i < 32; ++i) {
+        const float a = src[i] < 0 ? -src[i] : src[i];
+        amax = a > amax ? a : amax;
+        finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
+    }
+    if (!finite || amax == 0.0f) {
+        for (int i = 0; i < 32; ++i) dst[i] = 0;
+        const float sx = finite ? 0.0f : __builtin_nanf("");
+        *sum = 0.0f * sx;
+        return sx;
+    }
+    const float inv = 32767.0f / amax, sx = amax / 32767.0f;
+    int s = 0;
+    for (int i = 0; i < 32; ++i) {
+        const float v = __builtin_rintf(src[i] * inv);
+        dst[i] = int16_t(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
+        s += dst[i];
+    }
+    *sum = float(s) * sx;
+    return sx;
+}
+
+void quantize_pairs(const float* x, i64 T, i64 K, int16_t* xq, float* xg) {
+    const i64 chunks = K / 32, pairs = (chunks + 1) / 2;
+    for (i64 t = 0; t < T; ++t) {
+        int16_t* row = xq + t * pairs * 64;
+        float* g = xg + t * pairs * 4;
+        if (chunks % 2) {  // the missing b of the last pair
+            std::memset(row + (pairs - 1) * 64, 0, 64 * sizeof(int16_t));
+            g[4 * pairs - 2] = g[4 * pairs - 1] = 0.0f;
+        }
+        for (i64 c = 0; c < chunks; ++c) {
+            int16_t q[32];
+            float* gc = g + 4 * (c / 2) + 2 * (c % 2);
+            gc[0] = quantize_chunk(x + t * K + c * 32, q, gc + 1);
+            int16_t* dst = row + (c / 2) * 64 + (c % 2) * 16;
+            std::memcpy(dst, q, 16 * sizeof(int16_t));
+            std::memcpy(dst + 32, q + 16, 16 * sizeof(int16_t));
+        }
+    }
+}
+
+// Weight decoders: chunks a and b (b nullptr: zeros) -> lo, hi words in pair layout, and the
+// blocks' first two fp16 fields as 4 floats (F4, see pair_fields).
+#if QL_AVX512
+using F4 = __m128;
+inline __m256i two_u128(const uint8_t* a, const uint8_t* b) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+    return b ? _mm256_inserti128_si256(_mm256_castsi128_si256(lo), _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1)
+             : _mm256_zextsi128_si256(lo);
+}
+// [field 0 of a, field 1 of a, field 0 of b, field 1 of b] (zeros for a missing b)
+inline F4 pair_fields(const uint8_t* a, const uint8_t* b) {
+    return _mm_cvtph_ps(_mm_set_epi32(0, 0, b ? int(load_u32(b)) : 0, int(load_u32(a))));
+}
+inline F4 f4load(const float* p) { return _mm_loadu_ps(p); }
+inline void f4store(float* p, F4 v) { _mm_storeu_ps(p, v); }
+inline F4 f4mul(F4 a, F4 b) { return _mm_mul_ps(a, b); }
+// [v_0 x 8, v_2 x 8]
+inline V pair_scale(F4 v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), _mm512_castps128_ps512(v));
+}
+struct Mins {  // lanes 1 and 3 of fma(f, g, v)
+    F4 v = _mm_setzero_ps();
+    void add(F4 f, F4 g) { v = _mm_fmadd_ps(f, g, v); }
+    float total() const { return _mm_cvtss_f32(_mm_add_ss(_mm_shuffle_ps(v, v, 1), _mm_shuffle_ps(v, v, 3))); }
+};
+#else
+struct F4 {
+    float v[4];
+};
+inline F4 pair_fields(const uint8_t* a, const uint8_t* b) {
+    return {{half_at(a), half_at(a + 2), b ? half_at(b) : 0.0f, b ? half_at(b + 2) : 0.0f}};
+}
+inline F4 f4load(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
+inline void f4store(float* p, F4 x) { std::memcpy(p, x.v, sizeof x.v); }
+inline F4 f4mul(F4 a, F4 b) { return {{a.v[0] * b.v[0], a.v[1] * b.v[1], a.v[2] * b.v[2], a.v[3] * b.v[3]}}; }
+inline V pair_scale(F4 x) { return {F8{} + x.v[0], F8{} + x.v[2]}; }
+struct Mins {
+    float a = 0.0f, b = 0.0f;
+    void add(F4 f, F4 g) { a = __builtin_fmaf(f.v[1], g.v[1], a), b = __builtin_fmaf(f.v[3], g.v[3], b); }
+    float total() const { return a + b; }
+};
+#endif
+
+template <int kBytesT, int kQsT, int kOffsetT, bool kMinsT>
+struct PairQ4 {
+    static constexpr int kBytes = kBytesT;
+    static constexpr bool kMins = kMinsT;
+    static void decode(const uint8_t* a, const uint8_t* b, WI& lo, WI& hi) {
+#if QL_AVX512
+        const __m512i w = _mm512_cvtepu8_epi16(two_u128(a + kQsT, b ? b + kQsT : nullptr));
+        lo = _mm512_and_si512(w, _mm512_set1_epi16(15));
+        hi = _mm512_srli_epi16(w, 4);
+        if constexpr (kOffsetT != 0) {
+            lo = _mm512_sub_epi16(lo, _mm512_set1_epi16(kOffsetT));
+            hi = _mm512_sub_epi16(hi, _mm512_set1_epi16(kOffsetT));
+        }
+#else
+        const W16 wa = u8_words(a + kQsT), wb = b ? u8_words(b + kQsT) : W16{};
+        const W16 off = W16{} + int16_t(kOffsetT);
+        lo = {W16(wa & int16_t(15)) - off, W16(wb & int16_t(15)) - off};
+        hi = {W16(wa >> 4) - off, W16(wb >> 4) - off};
+#endif
+    }
+};
+using PairQ4_0 = PairQ4<18, 2, 8, false>;
+using PairQ4_1 = PairQ4<20, 4, 0, true>;
+
+struct PairQ8_0 {
+    static constexpr int kBytes = 34;
+    static constexpr bool kMins = false;
+    static void decode(const uint8_t* a, const uint8_t* b, WI& lo, WI& hi) {
+#if QL_AVX512
+        lo = _mm512_cvtepi8_epi16(two_u128(a + 2, b ? b + 2 : nullptr));
+        hi = _mm512_cvtepi8_epi16(two_u128(a + 18, b ? b + 18 : nullptr));
+#else
+        lo = {s8_words(a + 2), b ? s8_words(b + 2) : W16{}};
+        hi = {s8_words(a + 18), b ? s8_words(b + 18) : W16{}};
+#endif
+    }
+};
+
+// Direct path: R rows of W times all TT (= T <= 3) rows of x; each chunk pair is decoded into
+// registers once and used for every row of x.
+template <class F, int R, int TT>
+void pair_direct_tile(const PProblem& p, i64 n0) {
+    V acc[R][TT];
+    Mins mins[R][TT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
+    const i64 chunks = p.chunks(), pairs = p.pairs(), full = chunks / 2;
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = p.w + (n0 + r) * p.row_bytes;
+    // Prefetch the next tile (its rows are contiguous) linearly over this tile's pair loop.
+    const i64 tile_bytes = R * p.row_bytes;
+    const uint8_t* pf = rows[0] + tile_bytes;
+    const uint8_t* const pf_end = p.w + p.N * p.row_bytes;
+    const i64 pf_step = ((tile_bytes + pairs - 1) / pairs + 63) / 64 * 64;
+    const auto step = [&](i64 q, bool both) {
+        for (i64 o = 0; o < pf_step; o += 64)
+            if (pf + o < pf_end) __builtin_prefetch(pf + o);
+        pf += pf_step;
+        for (int r = 0; r < R; ++r) {
+            const uint8_t* a = rows[r] + 2 * q * F::kBytes;
+            const uint8_t* b = both ? a + F::kBytes : nullptr;
+            WI lo, hi;
+            F::decode(a, b, lo, hi);
+            const F4 f = pair_fields(a, b);
+            for (int t = 0; t < TT; ++t) {
+                const int16_t* xw = p.xq + (t * pairs + q) * 64;
+                const AI I = dot_add(dot_add(izero(), lo, xw), hi, xw + 32);
+                const F4 g = f4load(p.xg + (t * pairs + q) * 4);
+                acc[r][t] = vfma(ito_float(I), pair_scale(f4mul(f, g)), acc[r][t]);
+                if constexpr (F::kMins) mins[r][t].add(f, g);
+            }
+        }
+    };
+    for (i64 q = 0; q < full; ++q) step(q, true);
+    if (chunks % 2) step(full, false);
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r)
+            p.out[t * p.N + n0 + r] = F::kMins ? vsum(acc[r][t]) + mins[r][t].total() : vsum(acc[r][t]);
+}
+
+template <class F, int R, int TT>
+void pair_direct_range(const PProblem& p, i64 n, i64 n_end) {
+    for (; n + R <= n_end; n += R) pair_direct_tile<F, R, TT>(p, n);
+    for (; n < n_end; ++n) pair_direct_tile<F, 1, TT>(p, n);
+}
+
+// Panel path: decode rows into pair-laid words (plus each pair's fields), then a
+// format-independent microkernel with the same per-element arithmetic as the direct path.
+struct PairPanel {
+    int16_t* w;  // (rows, pairs * 64)
+    float* f;    // (rows, pairs * 4)
+};
+
+template <class F>
+void pair_decode_rows(const PProblem& p, i64 n0, int nrows, const PairPanel& panel) {
+    const i64 chunks = p.chunks(), pairs = p.pairs();
+    for (int r = 0; r < nrows; ++r) {
+        const uint8_t* row = p.w + (n0 + r) * p.row_bytes;
+        for (i64 q = 0; q < pairs; ++q) {
+            const uint8_t* a = row + 2 * q * F::kBytes;
+            const uint8_t* b = 2 * q + 1 < chunks ? a + F::kBytes : nullptr;
+            WI lo, hi;
+            F::decode(a, b, lo, hi);
+            wstore(panel.w + (r * pairs + q) * 64, lo);
+            wstore(panel.w + (r * pairs + q) * 64 + 32, hi);
+            f4store(panel.f + (r * pairs + q) * 4, pair_fields(a, b));
+        }
+    }
+}
+
+template <bool kMins, int R, int TT>
+void pair_panel_tile(const PProblem& p, const PairPanel& panel, i64 n0, i64 t0) {
+    V acc[R][TT];
+    Mins mins[R][TT];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = vzero();
+    const i64 pairs = p.pairs();
+    for (i64 q = 0; q < pairs; ++q) {
+        WI lo[R], hi[R];
+        F4 f[R];
+        for (int r = 0; r < R; ++r) {
+            lo[r] = wload(panel.w + (r * pairs + q) * 64);
+            hi[r] = wload(panel.w + (r * pairs + q) * 64 + 32);
+            f[r] = f4load(panel.f + (r * pairs + q) * 4);
+        }
+        for (int t = 0; t < TT; ++t) {
+            const int16_t* xw = p.xq + ((t0 + t) * pairs + q) * 64;
+            const F4 g = f4load(p.xg + ((t0 + t) * pairs + q) * 4);
+            for (int r = 0; r < R; ++r) {
+                const AI I = dot_add(dot_add(izero(), lo[r], xw), hi[r], xw + 32);
+                acc[r][t] = vfma(ito_float(I), pair_scale(f4mul(f[r], g)), acc[r][t]);
+                if constexpr (kMins) mins[r][t].add(f[r], g);
+            }
+        }
+    }
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r)
+            p.out[(t0 + t) * p.N + n0 + r] = kMins ? vsum(acc[r][t]) + mins[r][t].total() : vsum(acc[r][t]);
+}
+
+constexpr int kPairPanelRows = 2;               // microkernel tile: rows of W
+constexpr int kPairPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
+constexpr int kPairRowsT1 = QL_AVX512 ? 4 : 2;  // direct path, T = 1
+constexpr int kPairRowsSmallT = 2;              // direct path, T = 2..3
+
+template <bool kMins, int R>
+void pair_panel_rows(const PProblem& p, const PairPanel& panel, i64 n0) {
+    i64 t0 = 0;
+    for (; t0 + kPairPanelT <= p.T; t0 += kPairPanelT) pair_panel_tile<kMins, R, kPairPanelT>(p, panel, n0, t0);
+    for (; t0 < p.T; ++t0) pair_panel_tile<kMins, R, 1>(p, panel, n0, t0);
+}
+
+template <class F>
+void pair_run_groups(const PProblem& p, i64 g0, i64 g1) {
+    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
+    i64 n = g0 * kRows;
+    switch (p.T) {
+        case 1: pair_direct_range<F, kPairRowsT1, 1>(p, n, n_end); return;
+        case 2: pair_direct_range<F, kPairRowsSmallT, 2>(p, n, n_end); return;
+        case 3: pair_direct_range<F, kPairRowsSmallT, 3>(p, n, n_end); return;
+        default: break;
+    }
+    thread_local Scratch buf;
+    const i64 pairs = p.pairs();
+    // Words (32 floats' worth a pair) and fields (4 floats a pair) of kPairPanelRows rows.
+    float* base = buf.get(kPairPanelRows * pairs * 36);
+    const PairPanel panel{reinterpret_cast<int16_t*>(base), base + kPairPanelRows * pairs * 32};
+    for (; n + kPairPanelRows <= n_end; n += kPairPanelRows) {
+        pair_decode_rows<F>(p, n, kPairPanelRows, panel);
+        pair_panel_rows<F::kMins, kPairPanelRows>(p, panel, n);
+    }
+    for (; n < n_end; ++n) {
+        pair_decode_rows<F>(p, n, 1, panel);
+        pair_panel_rows<F::kMins, 1>(p, panel, n);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Thread pool: persistent workers plus the calling thread. Work items (row groups) are claimed
 // dynamically; each item is computed entirely by the thread that claims it, so results do not
 // depend on the thread count or on who ran what.
@@ -1628,8 +1928,9 @@ private:
 struct FormatEntry {
     int type, block, bytes;
     bool permuted;
-    ItemsFn run;      // fp32 path (Problem)
-    ItemsFn run_int;  // integer path (QProblem), nullptr where the format has none
+    ItemsFn run;       // fp32 path (Problem)
+    ItemsFn run_int;   // integer path (QProblem), nullptr where the format has none
+    ItemsFn run_pair;  // pair path (PProblem), nullptr where the format has none
 };
 
 template <class F>
@@ -1642,7 +1943,7 @@ FormatEntry entry(int type) {
                     g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
                 }
             },
-            nullptr};
+            nullptr, nullptr};
 }
 
 template <class F, class I>
@@ -1658,10 +1959,23 @@ FormatEntry entry_int(int type) {
     return e;
 }
 
+template <class F, class P>
+FormatEntry entry_pair(int type) {
+    FormatEntry e = entry<F>(type);
+    e.run_pair = [](const void* ctx, i64 g0, i64 g1) {
+        try {
+            pair_run_groups<P>(*static_cast<const PProblem*>(ctx), g0, g1);
+        } catch (const std::bad_alloc&) {
+            g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
+        }
+    };
+    return e;
+}
+
 const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
-        entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry<FmtQ8_0>(kQ8_0),
-        entry<FmtQ4_0>(kQ4_0), entry<FmtQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
+        entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry_pair<FmtQ8_0, PairQ8_0>(kQ8_0),
+        entry_pair<FmtQ4_0, PairQ4_0>(kQ4_0), entry_pair<FmtQ4_1, PairQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
         entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry_int<FmtQ5_K, IntQ5_K>(kQ5_K),
         entry_int<FmtQ6_K, IntQ6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
     };
@@ -1681,11 +1995,14 @@ i64 grain_for(const Pool* pool, i64 groups, i64 row_bytes) {
 }
 
 // One matrix of a ql_linear_many call: its row groups are items [first, first + groups) of the job.
+enum class Path { kFloat, kInt, kPair };
+
 struct ManyPart {
     const FormatEntry* e;
-    bool quantized;  // integer path
+    Path path;
     Problem fp;
     QProblem qp;
+    PProblem pp;
     i64 first, groups;
 };
 
@@ -1701,8 +2018,11 @@ void run_many(const void* ctx, i64 g0, i64 g1) {
         const i64 end = m.first + m.groups;
         if (g0 >= end) continue;
         const i64 stop = g1 < end ? g1 : end;
-        if (m.quantized) m.e->run_int(&m.qp, g0 - m.first, stop - m.first);
-        else m.e->run(&m.fp, g0 - m.first, stop - m.first);
+        switch (m.path) {
+            case Path::kInt: m.e->run_int(&m.qp, g0 - m.first, stop - m.first); break;
+            case Path::kPair: m.e->run_pair(&m.pp, g0 - m.first, stop - m.first); break;
+            default: m.e->run(&m.fp, g0 - m.first, stop - m.first);
+        }
         g0 = stop;
     }
 }
@@ -1740,15 +2060,16 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
     constexpr int kMaxParts = 16;
     if (count < 1 || count > kMaxParts || T < 0 || K < 1 || mode < 0 || mode > 1) return 2;
     ManyPart parts[kMaxParts];
-    bool need_q = false, need_perm = false;
+    bool need_q = false, need_pair = false, need_perm = false;
     for (int i = 0; i < count; ++i) {
         const FormatEntry* e = find_format(types[i]);
         if (!e) return 1;
         if (ns[i] < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
         parts[i].e = e;
-        parts[i].quantized = mode == 0 && e->run_int;
-        need_q |= parts[i].quantized;
-        need_perm |= !parts[i].quantized && e->permuted;
+        parts[i].path = mode == 1 ? Path::kFloat : e->run_int ? Path::kInt : e->run_pair ? Path::kPair : Path::kFloat;
+        need_q |= parts[i].path == Path::kInt;
+        need_pair |= parts[i].path == Path::kPair;
+        need_perm |= parts[i].path == Path::kFloat && e->permuted;
     }
     if (T == 0) return 0;
     const uint64_t failures = g_alloc_failures.load(std::memory_order_relaxed);
@@ -1764,6 +2085,15 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         quantize_x(x, T, K, q, s, m);
         xq = q, xs = s, xm = m;
     }
+    const int16_t* pq = nullptr;
+    const float* pg = nullptr;
+    if (need_pair) {  // words (32 floats' worth a pair) and [sx, xsum] x 2 (4 floats a pair)
+        const i64 pairs = (K / 32 + 1) / 2;
+        float* base = pair_scratch().try_get(T * pairs * 36);
+        if (!base) return 3;
+        quantize_pairs(x, T, K, reinterpret_cast<int16_t*>(base), base + T * pairs * 32);
+        pq = reinterpret_cast<const int16_t*>(base), pg = base + T * pairs * 32;
+    }
     if (need_perm && !(xp = permute_x(x, T, K))) return 3;
     Pool* pool = static_cast<Pool*>(pool_handle);
     i64 items = 0, row_bytes_max = 0;
@@ -1772,6 +2102,7 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         const i64 row_bytes = K / m.e->block * m.e->bytes;
         m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.pp = PProblem{pq, pg, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.first = items;
         m.groups = (ns[i] + kRows - 1) / kRows;
         items += m.groups;
@@ -1781,6 +2112,7 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
     pool->run(run_many, &job, items, grain_for(pool, items, row_bytes_max));
     constexpr i64 kKeepScratchFloats = i64(1) << 20;  // per calling thread; a long prompt's is freed
     buf.shrink(kKeepScratchFloats);
+    pair_scratch().shrink(kKeepScratchFloats);
     permute_scratch().shrink(kKeepScratchFloats);
     return g_alloc_failures.load(std::memory_order_relaxed) != failures ? 3 : 0;
 }
