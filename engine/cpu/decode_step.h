@@ -126,7 +126,8 @@ struct AttnJob {
     const i64* starts;         // per row: tokens cached before this one
 };
 
-// Items = (row, kv head): the g query heads of that group over keys 0..start (the new one included).
+// Items = (row, query head): that head over keys 0..start (the new one included). Every head is
+// computed the same way whichever thread takes it (heads of one KV group read the same cached rows).
 void attn_items(const void* ctx, i64 i0, i64 i1) {
     const AttnJob& j = *static_cast<const AttnJob*>(ctx);
     const DecodeLayer& L = *j.L;
@@ -135,32 +136,25 @@ void attn_items(const void* ctx, i64 i0, i64 i1) {
     const bool f16 = L.kv_f16;
     thread_local Scratch buf;
     for (i64 item = i0; item < i1; ++item) {
-        const i64 r = item / L.n_kv_heads, kh = item % L.n_kv_heads, n = j.starts[r] + 1;
-        float* s = buf.get(g * n + 2 * hd);  // scores of the g heads, then two fp16 widening rows
-        float* tmp = s + g * n;
-        for (i64 t = 0; t < n; ++t) {
-            const float* k = kv_row(j.keys[r], f16, L.n_ctx, hd, kh, t, tmp);
-            for (i64 h = 0; h < g; ++h) s[h * n + t] = dot(j.q + r * qd + (kh * g + h) * hd, k, hd) * scale;
-        }
-        for (i64 h = 0; h < g; ++h) {  // softmax: exp(s - max) / sum
-            float* sh = s + h * n;
-            float m = sh[0];
-            for (i64 t = 1; t < n; ++t) m = sh[t] > m ? sh[t] : m;
-            for (i64 t = 0; t < n; ++t) sh[t] -= m;
-            exp_inplace(sh, n);
-            float sum = 0.0f;
-            for (i64 t = 0; t < n; ++t) sum += sh[t];
-            const float inv = 1.0f / sum;
-            for (i64 t = 0; t < n; ++t) sh[t] *= inv;
-        }
-        for (i64 h = 0; h < g; ++h) std::memset(j.out + r * qd + (kh * g + h) * hd, 0, size_t(hd) * sizeof(float));
+        const i64 r = item / L.n_heads, h = item % L.n_heads, kh = h / g, n = j.starts[r] + 1;
+        float* s = buf.get(n + 2 * hd);  // scores, then two fp16 widening rows
+        float* tmp = s + n;
+        const float* q = j.q + r * qd + h * hd;
+        for (i64 t = 0; t < n; ++t) s[t] = dot(q, kv_row(j.keys[r], f16, L.n_ctx, hd, kh, t, tmp), hd) * scale;
+        float m = s[0];  // softmax: exp(s - max) / sum
+        for (i64 t = 1; t < n; ++t) m = s[t] > m ? s[t] : m;
+        for (i64 t = 0; t < n; ++t) s[t] -= m;
+        exp_inplace(s, n);
+        float sum = 0.0f;
+        for (i64 t = 0; t < n; ++t) sum += s[t];
+        const float inv = 1.0f / sum;
+        for (i64 t = 0; t < n; ++t) s[t] *= inv;
+        float* o = j.out + r * qd + h * hd;
+        std::memset(o, 0, size_t(hd) * sizeof(float));
         for (i64 t = 0; t < n; ++t) {
             const float* v = kv_row(j.vals[r], f16, L.n_ctx, hd, kh, t, tmp + hd);
-            for (i64 h = 0; h < g; ++h) {
-                float* o = j.out + r * qd + (kh * g + h) * hd;
-                const float p = s[h * n + t];
-                for (i64 i = 0; i < hd; ++i) o[i] += p * v[i];
-            }
+            const float p = s[t];
+            for (i64 i = 0; i < hd; ++i) o[i] += p * v[i];
         }
     }
 }
@@ -217,9 +211,9 @@ int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float*
         const AttnJob job{&L, q, att, keys, vals, starts};
         i64 work = 0;
         for (i64 r = 0; r < R; ++r) work += (starts[r] + 1) * qd;
-        // Spread over the pool only when there is enough of it to pay for waking the workers.
-        if (work >= (i64(1) << 17)) pool->run(attn_items, &job, R * Hkv, 1);
-        else attn_items(&job, 0, R * Hkv);
+        // Spread over the pool only when there is enough of it to pay for handing it out.
+        if (work >= (i64(1) << 14)) pool->run(attn_items, &job, R * H, 1);
+        else attn_items(&job, 0, R * H);
         // (allocation failures in the workers are counted in g_alloc_failures: ql_decode_block reports them)
     }
     {
