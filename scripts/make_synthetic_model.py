@@ -21,9 +21,10 @@ top-k wins; the benchmark measures the frequencies it gets.
 The tokenizer is a byte-level BPE ("gpt2", pre-tokenizer llama-bpe): 256 byte tokens, two- and
 three-character tokens over [a-zA-Z0-9] (with the 'Ġ' space marker as a first character) each with
 its merge, then 256 special tokens (begin/end of text, eot, reserved) -- vocab_size equals the
-embedding rows. Tensors are streamed to disk one at a time (memory is bounded by the largest tensor,
-the output head) and the file is written to a temporary name and renamed when complete. The output is
-a pure function of the arguments (each tensor has its own generator seeded by (seed, tensor index)).
+embedding rows. The file is written by engine.synthetic (the writer of the tests' tiny models too):
+tensors streamed to disk one at a time (memory is bounded by the largest tensor, the output head), to a
+temporary name renamed when complete. The output is a pure function of the arguments (each tensor has
+its own generator seeded by (seed, tensor index)).
 """
 from __future__ import annotations
 
@@ -32,20 +33,29 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFWriter, TokenType
-from gguf.constants import GGML_QUANT_SIZES
+from gguf import TokenType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.synthetic import Layout, TensorSpec, random_quantized, write_gguf  # noqa: E402
 
 N_SPECIAL = 256  # like Llama 3's reserved block: begin/end of text, eot, then reserved tokens
 NAMED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")
 _SPACE = "\u0120"  # byte-level BPE's character for the space byte
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-FORMATS = {"Q4_K": QT.Q4_K, "Q6_K": QT.Q6_K, "Q8_0": QT.Q8_0, "Q4_1": QT.Q4_1}
+
+# per format, the std of the integer product each block decodes to (scale code x quant, random bytes),
+# which sets d so that the weights have std ~ 1/sqrt(K), and the min as a multiple of d that cancels the mean.
+#   Q4_K: w = d*sc*q - dmin*m, sc, m in 0..63, q in 0..15: std(sc*q) ~ 218; dmin = 7.5 d.
+#   Q6_K: w = d*sc*(q - 32), sc int8, q in 0..63: std(sc*(q-32)) ~ 74 * 18.5 ~ 1370.
+#   Q8_0: w = d*q, q int8: std 74.   Q4_1: w = d*q + m, q in 0..15: std 4.6; m = -7.5 d.
+_SCALES = {"Q4_K": (218.0, 7.5), "Q6_K": (1370.0, 0.0), "Q8_0": (74.0, 0.0), "Q4_1": (4.6, -7.5)}
+FORMATS = {name: QT[name] for name in _SCALES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,93 +89,39 @@ class SyntheticConfig:
         return cls(**(base | kw))
 
     def __post_init__(self):
-        for name in ("n_layers", "dim", "ffn", "n_heads", "n_kv_heads", "vocab", "ctx"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("block_fmt", "embd_fmt", "output_fmt"):
             if getattr(self, name) not in FORMATS:
                 raise ValueError(f"{name} must be one of {', '.join(FORMATS)}, got {getattr(self, name)!r}")
-        if (not self.head_dim_ and self.dim % self.n_heads) or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads, in groups of {self.n_kv_heads}")
         if self.arch not in ("llama", "qwen3moe"):
             raise ValueError(f"arch must be llama or qwen3moe, got {self.arch!r}")
-        if self.arch == "qwen3moe" and not (0 < self.n_experts_used <= self.n_experts and self.expert_ffn > 0):
-            raise ValueError("qwen3moe needs 0 < n_experts_used <= n_experts and expert_ffn > 0")
-        block = max(GGML_QUANT_SIZES[FORMATS[f]][0] for f in (self.block_fmt, self.embd_fmt, self.output_fmt))
-        if self.dim % block or self.ffn % block:
-            raise ValueError(f"dim and ffn must be multiples of {block} (the formats' block), "
-                             f"got {self.dim}, {self.ffn}")
+        if self.arch == "qwen3moe" and self.expert_ffn < 1:
+            raise ValueError(f"qwen3moe needs expert_ffn > 0, got {self.expert_ffn}")
+        self.layout()  # positive sizes, heads, experts, rows in whole blocks
         if self.vocab < 256 + N_SPECIAL + len(_ALNUM):
             raise ValueError(f"vocab must be at least {256 + N_SPECIAL + len(_ALNUM)}, got {self.vocab}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.head_dim_ or self.dim // self.n_heads
-
-    def tensors(self) -> Iterator[tuple[str, tuple[int, ...], str | None]]:
-        """(name, numpy shape, K-quant format or None for F32) in file order."""
-        d, kv, f = self.dim, self.n_kv_heads * self.head_dim, self.ffn
-        q = self.n_heads * self.head_dim
-        E, fe = self.n_experts, self.expert_ffn
-        yield "token_embd.weight", (self.vocab, d), self.embd_fmt
-        for i in range(self.n_layers):
-            p = f"blk.{i}."
-            yield p + "attn_norm.weight", (d,), None
-            yield p + "attn_q.weight", (q, d), self.block_fmt
-            yield p + "attn_k.weight", (kv, d), self.block_fmt
-            yield p + "attn_v.weight", (kv, d), self.block_fmt
-            yield p + "attn_output.weight", (d, q), self.block_fmt
-            if self.arch == "qwen3moe":
-                yield p + "attn_q_norm.weight", (self.head_dim,), None
-                yield p + "attn_k_norm.weight", (self.head_dim,), None
-            yield p + "ffn_norm.weight", (d,), None
-            if E:
-                yield p + "ffn_gate_inp.weight", (E, d), None
-                yield p + "ffn_gate_exps.weight", (E, fe, d), self.block_fmt
-                yield p + "ffn_up_exps.weight", (E, fe, d), self.block_fmt
-                yield p + "ffn_down_exps.weight", (E, d, fe), self.block_fmt
-                continue
-            yield p + "ffn_gate.weight", (f, d), self.block_fmt
-            yield p + "ffn_up.weight", (f, d), self.block_fmt
-            yield p + "ffn_down.weight", (d, f), self.block_fmt
-        yield "output_norm.weight", (d,), None
-        yield "output.weight", (self.vocab, d), self.output_fmt
+    def layout(self) -> Layout:
+        return Layout(arch=self.arch, n_layers=self.n_layers, dim=self.dim, n_heads=self.n_heads,
+                      n_kv_heads=self.n_kv_heads, ffn=self.ffn, vocab=self.vocab, ctx=self.ctx,
+                      rope_base=self.rope_base, eps=self.eps, head_dim=self.head_dim_ or None, tied=False,
+                      n_experts=self.n_experts, n_experts_used=self.n_experts_used,
+                      expert_ffn=self.expert_ffn or None, embd_fmt=FORMATS[self.embd_fmt],
+                      block_fmts=(FORMATS[self.block_fmt],), output_fmt=FORMATS[self.output_fmt])
 
     def file_bytes(self) -> int:
         """Tensor data bytes (the header and alignment padding come on top)."""
-        return sum(_nbytes(shape, fmt) for _, shape, fmt in self.tensors())
-
-
-def _nbytes(shape: tuple[int, ...], fmt: str | None) -> int:
-    if fmt is None:
-        return 4 * int(np.prod(shape))
-    block, size = GGML_QUANT_SIZES[FORMATS[fmt]]
-    return int(np.prod(shape[:-1])) * (shape[-1] // block * size)
-
-
-# byte offsets of the fp16 block scale d and of the min (None: no min) inside one block, the std of
-# the integer product each block decodes to (scale code x quant, random bytes), which sets d so that
-# the weights have std ~ 1/sqrt(K), and the min as a multiple of d that cancels the mean.
-#   Q4_K: w = d*sc*q - dmin*m, sc, m in 0..63, q in 0..15: std(sc*q) ~ 218; dmin = 7.5 d.
-#   Q6_K: w = d*sc*(q - 32), sc int8, q in 0..63: std(sc*(q-32)) ~ 74 * 18.5 ~ 1370.
-#   Q8_0: w = d*q, q int8: std 74.   Q4_1: w = d*q + m, q in 0..15: std 4.6; m = -7.5 d.
-_SCALES = {"Q4_K": (0, 2, 218.0, 7.5), "Q6_K": (208, None, 1370.0, 0.0), "Q8_0": (0, None, 74.0, 0.0),
-           "Q4_1": (0, 2, 4.6, -7.5)}
+        return self.layout().file_bytes()
 
 
 def random_kquant(rng: np.random.Generator, shape: tuple[int, int], fmt: str) -> np.ndarray:
     """Random quantized bytes for an (N, K) matrix -> uint8 (N, K / block * type_size), finite scales."""
-    n, k = shape
-    block, size = GGML_QUANT_SIZES[FORMATS[fmt]]
-    raw = np.frombuffer(rng.bytes(n * (k // block) * size), dtype=np.uint8).copy()
-    blocks = raw.reshape(-1, size)  # (N * K / block, type_size)
-    d_off, m_off, spread, m_over_d = _SCALES[fmt]
-    d = rng.uniform(0.5, 1.5, size=blocks.shape[0]) / (spread * np.sqrt(k))
-    blocks[:, d_off:d_off + 2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    if m_off is not None:
-        blocks[:, m_off:m_off + 2] = (d * m_over_d).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return raw.reshape(n, -1)
+    spread, m_over_d = _SCALES[fmt]
+
+    def scales(n_blocks: int, fields: int) -> list[np.ndarray]:
+        d = rng.uniform(0.5, 1.5, size=n_blocks) / (spread * np.sqrt(shape[1]))
+        return [d, d * m_over_d][:fields]
+
+    return random_quantized(rng, shape, FORMATS[fmt], scales)
 
 
 def _byte_chars() -> list[str]:
@@ -204,7 +160,8 @@ def synthetic_vocab(size: int) -> dict:
     first = len(tokens)
     tokens += specials
     types += [int(TokenType.CONTROL)] * len(specials)
-    return {"tokens": tokens, "types": types, "merges": merges, "bos": first, "eos": first + 1, "eot": first + 2}
+    return {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types, "merges": merges,
+            "bos": first, "eos": first + 1, "eot": first + 2}
 
 
 ROUTER_CAP = 0.45  # a zero-mean logit is among the top k at most about half the time
@@ -248,76 +205,21 @@ def _router(cfg: SyntheticConfig, index: int, shape: tuple[int, int]) -> np.ndar
     return (rows * (3.0 * sigma[rng.permutation(E)])[:, None]).astype(np.float32)
 
 
-def _tensor_data(cfg: SyntheticConfig, index: int, shape: tuple[int, ...], fmt: str | None) -> np.ndarray:
+def _tensor_data(cfg: SyntheticConfig, index: int, t: TensorSpec) -> np.ndarray:
     rng = np.random.default_rng([cfg.seed, index])
-    if fmt is None:
-        if len(shape) == 2:
-            return _router(cfg, index, shape)
-        return (1.0 + 0.1 * rng.standard_normal(shape[0])).astype(np.float32)
-    if len(shape) == 3:  # stacked experts (E, N, K): rows of one (E*N, K) matrix
-        return random_kquant(rng, (shape[0] * shape[1], shape[2]), fmt).reshape(shape[0], shape[1], -1)
-    return random_kquant(rng, shape, fmt)
+    if t.kind == "router":
+        return _router(cfg, index, t.shape)
+    if t.kind == "norm":
+        return (1.0 + 0.1 * rng.standard_normal(t.shape[0])).astype(np.float32)
+    return random_kquant(rng, t.rows, t.fmt.name)  # stacked experts (E, N, K): rows of one (E*N, K) matrix
 
 
 def write_synthetic_model(path: str | os.PathLike, cfg: SyntheticConfig = SyntheticConfig(),
                           progress=None) -> Path:
     """Write the model to `path` atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    voc = synthetic_vocab(cfg.vocab)
-    w = GGUFWriter(str(tmp), arch=cfg.arch)
-    try:
-        w.add_name(f"synthetic {cfg.arch} {cfg.n_layers}x{cfg.dim} (random weights, seed {cfg.seed})")
-        if cfg.n_experts:
-            w.add_expert_count(cfg.n_experts)
-            w.add_expert_used_count(cfg.n_experts_used)
-            w.add_expert_feed_forward_length(cfg.expert_ffn)
-        if cfg.head_dim_:
-            w.add_key_length(cfg.head_dim)
-            w.add_value_length(cfg.head_dim)
-        w.add_context_length(cfg.ctx)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.ffn)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_freq_base(cfg.rope_base)
-        w.add_layer_norm_rms_eps(cfg.eps)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_vocab_size(cfg.vocab)
-        w.add_quantization_version(2)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("llama-bpe")
-        w.add_token_list(voc["tokens"])
-        w.add_token_types(voc["types"])
-        w.add_token_merges(voc["merges"])
-        w.add_bos_token_id(voc["bos"])
-        w.add_eos_token_id(voc["eos"])
-        w.add_eot_token_id(voc["eot"])
-        specs = list(cfg.tensors())
-        for name, shape, fmt in specs:
-            if fmt is None:
-                w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, fmt))
-            else:
-                raw_shape = (*shape[:-1], _nbytes(shape, fmt) // int(np.prod(shape[:-1])))  # bytes per row
-                w.add_tensor_info(name, raw_shape, np.dtype(np.uint8), _nbytes(shape, fmt), raw_dtype=FORMATS[fmt])
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for index, (name, shape, fmt) in enumerate(specs):
-            w.write_tensor_data(_tensor_data(cfg, index, shape, fmt))
-            if progress is not None:
-                progress(index + 1, len(specs), name)
-        w.flush()
-        os.fsync(w.fout[0].fileno())
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_gguf(path, cfg.layout(), synthetic_vocab(cfg.vocab), functools.partial(_tensor_data, cfg),
+                      name=f"synthetic {cfg.arch} {cfg.n_layers}x{cfg.dim} (random weights, seed {cfg.seed})",
+                      quantization_version=2, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 
 from engine.formats import FORMATS
+from engine.synthetic import random_quantized
 
 # Byte offsets of the fp16 fields inside one block of each block format.
 FP16_FIELDS = {name: f.scale_offsets for name, f in FORMATS.items() if f.block_size > 1}
@@ -16,13 +17,8 @@ RANDOM_ONLY = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 def random_blocks(fmt: str, n: int, k: int, rng: np.random.Generator, scale: float = 0.02) -> np.ndarray:
     """Raw bytes (n, row_nbytes) of random valid blocks: every payload bit random, the fp16 fields
     normal(0, scale) values (finite, so the weights are)."""
-    spec = FORMATS[fmt]
-    raw = rng.integers(0, 256, size=(n, spec.row_nbytes(k)), dtype=np.uint8)
-    blocks = raw.reshape(n, -1, spec.type_size)
-    for off in FP16_FIELDS[fmt]:
-        halves = (rng.standard_normal(blocks.shape[:2]) * scale).astype(np.float16)
-        blocks[:, :, off:off + 2] = halves.view(np.uint8).reshape(*blocks.shape[:2], 2)
-    return raw
+    return random_quantized(rng, (n, k), gguf.GGMLQuantizationType[fmt],
+                            lambda n_blocks, fields: [rng.standard_normal(n_blocks) * scale for _ in range(fields)])
 
 
 def random_weights(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:

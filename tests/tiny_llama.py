@@ -1,6 +1,6 @@
-"""Tiny random-weight GGUFs (llama, qwen2, qwen3; Mixtral = llama with experts, qwen3moe) written with
-gguf.GGUFWriter, and an independent float64 reference forward (numpy, no engine code) on the weights as
-gguf-py dequantizes them."""
+"""Tiny random-weight GGUFs (llama, qwen2, qwen3; Mixtral = llama with experts, qwen3moe) written by
+engine.synthetic's writer with their own random streams, and an independent float64 reference forward
+(numpy, no engine code) on the weights as gguf-py dequantizes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader, GGUFWriter, dequantize, quantize
-from gguf.constants import GGML_QUANT_SIZES
+from gguf import GGUFReader, dequantize, quantize
 
+from engine.synthetic import Layout, TensorSpec, random_quantized, write_gguf
 from vocab_models import bpe_vocab, spm_vocab
 
-# Blocks of the formats gguf-py cannot quantize are random bytes with their fp16 scales overwritten by
-# these values (byte offset of d, of dmin or None, scale) so the weights stay in a sane range.
-_KQUANT_SCALES = {QT.Q4_K: (0, 2, 3e-4), QT.Q5_K: (0, 2, 1.5e-4), QT.Q6_K: (208, None, 3e-5),
-                  QT.Q2_K: (80, 82, 4e-3), QT.Q3_K: (108, None, 2.5e-3), QT.IQ4_NL: (0, None, 1.3e-3),
-                  QT.IQ4_XS: (0, None, 8e-5)}
+# Blocks of the formats gguf-py cannot quantize are random bytes with their fp16 scale (and min) drawn
+# uniformly around this value, so the weights stay in a sane range.
+_KQUANT_SCALES = {QT.Q4_K: 3e-4, QT.Q5_K: 1.5e-4, QT.Q6_K: 3e-5, QT.Q2_K: 4e-3, QT.Q3_K: 2.5e-3,
+                  QT.IQ4_NL: 1.3e-3, QT.IQ4_XS: 8e-5}
 
 
 # how each architecture runs in llama.cpp, written down here independently of engine.spec
@@ -50,107 +49,41 @@ class TinyConfig:
     expert_ffn: int | None = None  # qwen3moe's expert_feed_forward_length (llama experts use ffn)
     router_scale: float = 0.08  # std of the F32 router weights (bigger: more decisive routing)
 
+    def layout(self, vocab: int) -> Layout:
+        return Layout(arch=self.arch, n_layers=self.n_layers, dim=self.dim, n_heads=self.n_heads,
+                      n_kv_heads=self.n_kv_heads, ffn=self.ffn, vocab=vocab, ctx=self.ctx, rope_base=self.rope_base,
+                      eps=self.eps, head_dim=self.head_dim, sliding_window=self.sliding_window,
+                      rope_freqs=self.rope_freqs, tied=self.tied, n_experts=self.n_experts,
+                      n_experts_used=self.n_experts_used if self.n_experts else 0, expert_ffn=self.expert_ffn,
+                      embd_fmt=self.embd_fmt, block_fmts=self.fmt, output_fmt=self.embd_fmt, fmt_of=self.fmt_of)
+
 
 def _quantized(rng: np.random.Generator, shape: tuple[int, int], qt: QT) -> np.ndarray:
     if qt in _KQUANT_SCALES:
-        bs, ts = GGML_QUANT_SIZES[qt]
-        raw = rng.integers(0, 256, size=(shape[0], shape[1] // bs, ts), dtype=np.uint8)
-        d_off, m_off, scale = _KQUANT_SCALES[qt]
-        for off in (d_off, m_off):
-            if off is not None:
-                vals = (rng.uniform(0.5, 1.5, size=raw.shape[:2]) * scale).astype(np.float16)
-                raw[:, :, off:off + 2] = vals.view(np.uint8).reshape(*raw.shape[:2], 2)
-        return raw.reshape(shape[0], -1)
+        scale = _KQUANT_SCALES[qt]
+        return random_quantized(rng, shape, qt, lambda n, fields: [rng.uniform(0.5, 1.5, size=n) * scale
+                                                                   for _ in range(fields)])
     w = rng.standard_normal(shape).astype(np.float32) * 0.08
     return quantize(w, qt)
 
 
 def write_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> Path:
+    """One generator seeded by cfg.seed draws every tensor in file order (llama.cpp fixtures record these
+    files' sha256: keep the draws as they are)."""
     rng = np.random.default_rng(cfg.seed)
     voc = {"bpe": bpe_vocab, "spm": spm_vocab}[cfg.vocab]()
-    vocab = len(voc["tokens"])
-    hd = cfg.head_dim or cfg.dim // cfg.n_heads
-    w = GGUFWriter(str(path), arch=cfg.arch)
-    w.add_context_length(cfg.ctx)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_base)
-    w.add_layer_norm_rms_eps(cfg.eps)
-    w.add_rope_dimension_count(hd)
-    if cfg.sliding_window:
-        w.add_sliding_window(cfg.sliding_window)
-    if cfg.head_dim:
-        w.add_key_length(hd)
-        w.add_value_length(hd)
-    fe = cfg.expert_ffn or cfg.ffn
-    if cfg.n_experts:
-        w.add_expert_count(cfg.n_experts)
-        w.add_expert_used_count(cfg.n_experts_used)
-        if cfg.expert_ffn:
-            w.add_expert_feed_forward_length(cfg.expert_ffn)
-    w.add_vocab_size(vocab)
-    w.add_tokenizer_model(voc["model"])
-    if "pre" in voc:
-        w.add_tokenizer_pre(voc["pre"])
-    w.add_token_list(voc["tokens"])
-    w.add_token_types(voc["types"])
-    if "merges" in voc:
-        w.add_token_merges(voc["merges"])
-    if "scores" in voc:
-        w.add_token_scores(voc["scores"])
-    if cfg.chat_template is not None:
-        w.add_chat_template(cfg.chat_template)
-    w.add_bos_token_id(voc["bos"])
-    w.add_eos_token_id(voc["eos"])
 
-    overrides = {f"{name}.weight": qt for name, qt in cfg.fmt_of}
+    def data(_: int, t: TensorSpec) -> np.ndarray:
+        if t.kind == "matrix":
+            return _quantized(rng, t.rows, t.fmt)
+        if t.kind == "router":
+            return (rng.standard_normal(t.shape) * cfg.router_scale).astype(np.float32)
+        if t.kind == "rope_freqs":
+            return rng.uniform(1.0, 8.0, t.shape[0]).astype(np.float32)
+        around = 1.0 if t.kind == "norm" else 0.0  # norms around 1, biases around 0
+        return (around + 0.1 * rng.standard_normal(t.shape[0])).astype(np.float32)
 
-    def mat(name, shape, qt):  # shape (N, K), or stacked experts (E, N, K)
-        qt = overrides.get(name, qt)
-        raw = _quantized(rng, (int(np.prod(shape[:-1])), shape[-1]), qt)
-        w.add_tensor(name, raw.reshape(*shape[:-1], -1), raw_dtype=qt)
-
-    def vec(name, n, around=1.0):
-        w.add_tensor(name, (around + 0.1 * rng.standard_normal(n)).astype(np.float32))
-
-    mat("token_embd.weight", (vocab, cfg.dim), cfg.embd_fmt)
-    if cfg.rope_freqs:
-        w.add_tensor("rope_freqs.weight", rng.uniform(1.0, 8.0, hd // 2).astype(np.float32))
-    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    shapes = {"attn_q": (q, cfg.dim), "attn_k": (kv, cfg.dim), "attn_v": (kv, cfg.dim),
-              "attn_output": (cfg.dim, q)}
-    E = cfg.n_experts
-    if E:
-        shapes |= {"ffn_gate_exps": (E, fe, cfg.dim), "ffn_up_exps": (E, fe, cfg.dim), "ffn_down_exps": (E, cfg.dim, fe)}
-    else:
-        shapes |= {"ffn_gate": (cfg.ffn, cfg.dim), "ffn_up": (cfg.ffn, cfg.dim), "ffn_down": (cfg.dim, cfg.ffn)}
-    k = 0
-    for i in range(cfg.n_layers):
-        vec(f"blk.{i}.attn_norm.weight", cfg.dim)
-        for role, shape in shapes.items():
-            mat(f"blk.{i}.{role}.weight", shape, cfg.fmt[k % len(cfg.fmt)])
-            k += 1
-        if cfg.arch == "qwen2":
-            for role, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
-                vec(f"blk.{i}.{role}.bias", n, around=0.0)
-        if E:  # the router stays F32, as llama.cpp's quantizer leaves it
-            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight",
-                         (rng.standard_normal((E, cfg.dim)) * cfg.router_scale).astype(np.float32))
-        if cfg.arch in ("qwen3", "qwen3moe"):
-            vec(f"blk.{i}.attn_q_norm.weight", hd)
-            vec(f"blk.{i}.attn_k_norm.weight", hd)
-        vec(f"blk.{i}.ffn_norm.weight", cfg.dim)
-    vec("output_norm.weight", cfg.dim)
-    if not cfg.tied:
-        mat("output.weight", (vocab, cfg.dim), cfg.embd_fmt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path)
+    return write_gguf(path, cfg.layout(len(voc["tokens"])), voc, data, chat_template=cfg.chat_template)
 
 
 def reference_moe(h: np.ndarray, router: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, k: int,
