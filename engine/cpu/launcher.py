@@ -20,7 +20,7 @@ FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q
                 "IQ4_NL", "IQ4_XS")
 # Formats with an integer path: activations quantized to int16 per block of the weights' scales
 # (256 elements for the K-quants, 32 for the legacy formats).
-INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q8_0"})
+INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
 ABI_VERSION = 5
 
 

@@ -1456,22 +1456,23 @@ void int_run_groups(const QProblem& p, i64 g0, i64 g1) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pair path (Q4_0, Q4_1, Q8_0): integer dot products on the legacy 32-element blocks. Numerics
-// (again identical in every code path):
+// Pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): integer dot products on the legacy 32-element blocks.
+// Numerics (again identical in every code path):
 //   * each row of x is quantized per 32-element chunk c as quantize_x does per 256: sx_c =
 //     amax_c / 32767, x16 = rint(x * (32767 / amax_c)); a chunk holding a NaN or an infinity gets
 //     sx_c = NaN; xsum_c = float(sum of x16 over the chunk) * sx_c;
 //   * chunks go in pairs (a, b) = (2p, 2p + 1). A pair's 64 words are [a's elements 0..15, b's
 //     0..15, a's 16..31, b's 16..31], for x16 and for the weights' integer codes (Q4_0: q - 8,
-//     Q4_1: q, Q8_0: q); an odd last chunk pairs with zeros;
+//     Q5_0: q - 16, Q4_1/Q5_1/Q8_0: q); an odd last chunk pairs with zeros;
 //   * I (16 int32 lanes) = the pair's word products summed two by two, exactly: lanes 0..7 chunk
 //     a (elements 2l, 2l + 1, 16 + 2l, 17 + 2l), lanes 8..15 chunk b;
-//   * f = the blocks' fp16 fields [d_a, m_a, d_b, m_b] as floats (Q4_0/Q8_0 use d only);
+//   * f = the blocks' fp16 fields [d_a, m_a, d_b, m_b] as floats (only Q4_1/Q5_1 use m);
 //   * acc (16 fp32 lanes) = fma(float(I), [d_a * sx_a x 8, d_b * sx_b x 8], acc) for p in order;
-//     Q4_1: mins (2 fp32 lanes) = fma([m_a, m_b], [xsum_a, xsum_b], mins) for p in order;
-//   * out = vsum(acc) (Q4_1: + (mins_0 + mins_1)).
+//     Q4_1/Q5_1: mins (2 fp32 lanes) = fma([m_a, m_b], [xsum_a, xsum_b], mins) for p in order;
+//   * out = vsum(acc) (Q4_1/Q5_1: + (mins_0 + mins_1)).
 // In this layout the nibbles need no lane shuffles (a 16-byte group's low nibbles are elements
-// 0..15, its high nibbles 16..31), an int32 lane never mixes two blocks' scales, and each block is
+// 0..15, its high nibbles 16..31; Q5's fifth bits are one mask bit per word), an int32 lane never
+// mixes two blocks' scales, and each block is
 // read front to back once (no scale prepass over the rows).
 // ---------------------------------------------------------------------------------------------
 Scratch& pair_scratch() {  // the caller's quantized x for the pair path
@@ -1578,8 +1579,10 @@ struct Mins {
 };
 #endif
 
-template <int kBytesT, int kQsT, int kOffsetT, bool kMinsT>
-struct PairQ4 {
+// 4-bit codes (16 bytes at kQs: low nibbles elements 0..15, high nibbles 16..31), plus for the 5-bit
+// formats bit 4 of element i = bit i of the 32-bit field at kQh; the word is code - kOffset.
+template <int kBytesT, int kQsT, int kOffsetT, bool kMinsT, int kQh = -1>
+struct PairNibbles {
     static constexpr int kBytes = kBytesT;
     static constexpr bool kMins = kMinsT;
     static void decode(const uint8_t* a, const uint8_t* b, WI& lo, WI& hi) {
@@ -1587,20 +1590,35 @@ struct PairQ4 {
         const __m512i w = _mm512_cvtepu8_epi16(two_u128(a + kQsT, b ? b + kQsT : nullptr));
         lo = _mm512_and_si512(w, _mm512_set1_epi16(15));
         hi = _mm512_srli_epi16(w, 4);
+        if constexpr (kQh >= 0) {  // word lanes 0..15 are a's elements, 16..31 b's: one mask bit each
+            const uint32_t ha = load_u32(a + kQh), hb = b ? load_u32(b + kQh) : 0;
+            lo = _mm512_or_si512(lo, _mm512_maskz_set1_epi16(__mmask32((ha & 0xFFFFu) | (hb << 16)), 16));
+            hi = _mm512_or_si512(hi, _mm512_maskz_set1_epi16(__mmask32((ha >> 16) | (hb & 0xFFFF0000u)), 16));
+        }
         if constexpr (kOffsetT != 0) {
             lo = _mm512_sub_epi16(lo, _mm512_set1_epi16(kOffsetT));
             hi = _mm512_sub_epi16(hi, _mm512_set1_epi16(kOffsetT));
         }
 #else
         const W16 wa = u8_words(a + kQsT), wb = b ? u8_words(b + kQsT) : W16{};
+        W16 la = wa & int16_t(15), lb = wb & int16_t(15), ua = wa >> 4, ub = wb >> 4;
+        if constexpr (kQh >= 0) {
+            const uint32_t ha = load_u32(a + kQh), hb = b ? load_u32(b + kQh) : 0;
+            for (int l = 0; l < 16; ++l) {
+                la[l] |= int16_t(((ha >> l) & 1) << 4), ua[l] |= int16_t(((ha >> (l + 16)) & 1) << 4);
+                lb[l] |= int16_t(((hb >> l) & 1) << 4), ub[l] |= int16_t(((hb >> (l + 16)) & 1) << 4);
+            }
+        }
         const W16 off = W16{} + int16_t(kOffsetT);
-        lo = {W16(wa & int16_t(15)) - off, W16(wb & int16_t(15)) - off};
-        hi = {W16(wa >> 4) - off, W16(wb >> 4) - off};
+        lo = {la - off, lb - off};
+        hi = {ua - off, ub - off};
 #endif
     }
 };
-using PairQ4_0 = PairQ4<18, 2, 8, false>;
-using PairQ4_1 = PairQ4<20, 4, 0, true>;
+using PairQ4_0 = PairNibbles<18, 2, 8, false>;
+using PairQ4_1 = PairNibbles<20, 4, 0, true>;
+using PairQ5_0 = PairNibbles<22, 6, 16, false, 2>;
+using PairQ5_1 = PairNibbles<24, 8, 0, true, 4>;
 
 struct PairQ8_0 {
     static constexpr int kBytes = 34;
@@ -1975,7 +1993,7 @@ FormatEntry entry_pair(int type) {
 const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry_pair<FmtQ8_0, PairQ8_0>(kQ8_0),
-        entry_pair<FmtQ4_0, PairQ4_0>(kQ4_0), entry_pair<FmtQ4_1, PairQ4_1>(kQ4_1), entry<FmtQ5_0>(kQ5_0), entry<FmtQ5_1>(kQ5_1),
+        entry_pair<FmtQ4_0, PairQ4_0>(kQ4_0), entry_pair<FmtQ4_1, PairQ4_1>(kQ4_1), entry_pair<FmtQ5_0, PairQ5_0>(kQ5_0), entry_pair<FmtQ5_1, PairQ5_1>(kQ5_1),
         entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry_int<FmtQ5_K, IntQ5_K>(kQ5_K),
         entry_int<FmtQ6_K, IntQ6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
     };
