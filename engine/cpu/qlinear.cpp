@@ -1419,7 +1419,7 @@ void int_panel_tile(const QProblem& p, const IntPanel& panel, i64 n0, i64 t0) {
 
 constexpr int kIntPanelRows = 2;               // microkernel tile: rows of W
 constexpr int kIntPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
-constexpr int kIntRowsT1 = QL_AVX512 ? 4 : 2;  // direct path, T = 1
+constexpr int kIntRowsT1 = QL_AVX512 ? 8 : 2;  // direct path, T = 1
 constexpr int kIntRowsSmallT = 2;              // direct path, T = 2..3
 
 template <bool kMins, int R>
