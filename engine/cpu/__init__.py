@@ -11,13 +11,14 @@ import torch
 
 from ..errors import KernelError
 from .build import slow_fallback_allowed
-from .launcher import FORMAT_NAMES, FORMATS, INT16_FORMATS, MAX_MANY, DecodeLayer, default_kernels
+from .launcher import (ACTIVATIONS, FORMAT_NAMES, FORMATS, INT8_FORMATS, INT16_FORMATS, MAX_MANY, DecodeLayer,
+                       activations_mode, default_kernels)
 
 SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
 
 log = logging.getLogger("engine.cpu")
 
-__all__ = ["FORMATS", "INT16_FORMATS", "MAX_MANY", "SUPPORTED", "DecodeLayer", "available", "decode_block", "linear",
+__all__ = ["ACTIVATIONS", "FORMATS", "INT8_FORMATS", "INT16_FORMATS", "activations_mode", "MAX_MANY", "SUPPORTED", "DecodeLayer", "available", "decode_block", "linear",
            "linear_many", "set_num_threads"]
 
 
@@ -36,20 +37,21 @@ def available() -> bool:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
-           out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+           out: torch.Tensor | None = None, exact: bool = False, activations: str = "int16") -> torch.Tensor:
     """x (T, K) float32 contiguous, w raw GGUF bytes of an (N, K) `fmt` matrix -> (T, N) float32.
 
     `out`, if given, must be a contiguous (T, N) float32 tensor not overlapping x or w.
     Formats in INT16_FORMATS round x to int16 per 256- or 32-element block (~1e-5 relative error) unless
-    `exact`. Raises KernelError on bad arguments or if the kernels are unavailable.
+    `exact`; activations="int8" rounds x to int8 per 256 elements for INT8_FORMATS instead (~1e-2
+    relative, faster; see ACTIVATIONS). Raises KernelError on bad arguments or if the kernels are unavailable.
     """
-    return default_kernels().linear(x, w, fmt, n, k, out, exact)
+    return default_kernels().linear(x, w, fmt, n, k, out, exact, activations)
 
 
-def linear_many(x: torch.Tensor, mats, k: int, exact: bool = False) -> list[torch.Tensor]:
+def linear_many(x: torch.Tensor, mats, k: int, exact: bool = False, activations: str = "int16") -> list[torch.Tensor]:
     """[linear(x, w, fmt, n, k) for (w, fmt, n) in mats] in one call and one pool job (q/k/v,
     gate/up): x is quantized once, every result is bit-identical to the separate call."""
-    return default_kernels().linear_many(x, mats, k, exact)
+    return default_kernels().linear_many(x, mats, k, exact, activations)
 
 
 def decode_block(layer: DecodeLayer, x: torch.Tensor, out: torch.Tensor, rot: torch.Tensor, keys, vals,

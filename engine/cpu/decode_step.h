@@ -15,7 +15,7 @@ struct DecodeLayer {
     i64 dim, n_heads, n_kv_heads, head_dim, ffn, rope_dim, n_ctx;
     int32_t neox, kv_f16;  // rope style; KV slot element type (0 fp32, 1 fp16)
     float eps;
-    int32_t pad_;
+    int32_t mode;            // ql_linear_many mode of the block's matrix products (0 or 2)
     const float* attn_norm;  // (dim,)
     const float* ffn_norm;   // (dim,)
     const float* bias[3];    // q, k, v biases or nullptr
@@ -185,7 +185,7 @@ int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float*
     {
         float* outs[3] = {q, k, v};
         const i64 ns[3] = {qd, kvd, kvd};
-        if ((rc = ql_linear_many(pool, 3, L.type, 0, h, L.w, outs, R, ns, D))) return rc;
+        if ((rc = ql_linear_many(pool, 3, L.type, L.mode, h, L.w, outs, R, ns, D))) return rc;
     }
     for (int p = 0; p < 3; ++p)
         if (L.bias[p]) {
@@ -219,7 +219,7 @@ int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float*
     {
         const int t = L.type[3];
         const uint8_t* w = L.w[3];
-        if ((rc = ql_linear_many(pool, 1, &t, 0, att, &w, &y, R, &D, qd))) return rc;
+        if ((rc = ql_linear_many(pool, 1, &t, L.mode, att, &w, &y, R, &D, qd))) return rc;
     }
     for (i64 i = 0; i < R * D; ++i) out[i] = x[i] + y[i];
     // feed-forward half
@@ -227,7 +227,7 @@ int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float*
     {
         float* outs[2] = {gate, up};
         const i64 ns[2] = {F, F};
-        if ((rc = ql_linear_many(pool, 2, L.type + 4, 0, h, L.w + 4, outs, R, ns, D))) return rc;
+        if ((rc = ql_linear_many(pool, 2, L.type + 4, L.mode, h, L.w + 4, outs, R, ns, D))) return rc;
     }
     for (i64 i = 0; i < R * F; ++i) h[i] = -gate[i];
     exp_inplace(h, R * F);  // exp(-gate)
@@ -235,7 +235,7 @@ int decode_block(Pool* pool, const DecodeLayer& L, i64 R, const float* x, float*
     {
         const int t = L.type[6];
         const uint8_t* w = L.w[6];
-        if ((rc = ql_linear_many(pool, 1, &t, 0, gate, &w, &y, R, &D, F))) return rc;
+        if ((rc = ql_linear_many(pool, 1, &t, L.mode, gate, &w, &y, R, &D, F))) return rc;
     }
     for (i64 i = 0; i < R * D; ++i) out[i] += y[i];
     return 0;

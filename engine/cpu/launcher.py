@@ -21,7 +21,13 @@ FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q
 # Formats with an integer path: activations quantized to int16 per block of the weights' scales
 # (256 elements for the K-quants, 32 for the legacy formats).
 INT16_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
-ABI_VERSION = 5
+# How the integer paths round x (the `mode` argument of ql_linear / ql_linear_many): "int16", the
+# default (relative error ~1e-5), or "int8": formats in INT8_FORMATS round x to int8 per 256 elements,
+# as llama.cpp does (engine/cpu/q8_path.h; ~1e-2 relative on logits, faster); the others as "int16".
+ACTIVATIONS = {"int16": 0, "int8": 2}
+INT8_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K"})
+_EXACT_MODE = 1  # the fp32 path
+ABI_VERSION = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,20 +110,23 @@ class Kernels:
         self._lib.ql_pool_set_threads(self._pool, n)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
-               out: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
+               out: torch.Tensor | None = None, exact: bool = False, activations: str = "int16") -> torch.Tensor:
         """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS round x to int16 per block
-        (256 or 32 elements; relative error ~1e-5) unless `exact`, which takes the fp32 path (slower)."""
+        (256 or 32 elements; relative error ~1e-5) unless `exact`, which takes the fp32 path (slower);
+        activations="int8" rounds x to int8 for INT8_FORMATS (see ACTIVATIONS)."""
+        mode = _EXACT_MODE if exact else activations_mode(activations)
         info, t, out = _checked(x, w, fmt, n, k, out)
         if t:
-            rc = self._call(self._pool, info.type_id, 1 if exact else 0, x.data_ptr(), w.data_ptr(), out.data_ptr(),
-                            t, n, k)
+            rc = self._call(self._pool, info.type_id, mode, x.data_ptr(), w.data_ptr(), out.data_ptr(), t, n, k)
             if rc:
                 raise KernelError(f"{fmt} ({n}, {k}) x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
         return out
 
-    def linear_many(self, x: torch.Tensor, mats, k: int, exact: bool = False) -> list[torch.Tensor]:
+    def linear_many(self, x: torch.Tensor, mats, k: int, exact: bool = False,
+                    activations: str = "int16") -> list[torch.Tensor]:
         """[x @ W_i^T for (W_i, fmt_i, n_i) in mats]: matrices sharing x (T, K) (q/k/v, gate/up) in one
         call and one pool job. Each output is bit-identical to linear() of that matrix alone."""
+        mode = _EXACT_MODE if exact else activations_mode(activations)
         count = len(mats)
         if not 0 < count <= MAX_MANY:
             raise KernelError(f"expected 1 to {MAX_MANY} matrices, got {count}", field="mats")
@@ -128,7 +137,7 @@ class Kernels:
             types[i], ws[i], ns[i] = info.type_id, w.data_ptr(), n
         if t:
             po = (_vp * count)(*(o.data_ptr() for o in outs))
-            rc = self._many(self._pool, count, types, 1 if exact else 0, x.data_ptr(), ws, po, t, ns, k)
+            rc = self._many(self._pool, count, types, mode, x.data_ptr(), ws, po, t, ns, k)
             if rc:
                 shapes = ", ".join(f"{fmt} ({n}, {k})" for _, fmt, n in mats)
                 raise KernelError(f"{shapes} x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
@@ -152,9 +161,17 @@ class DecodeLayer(ctypes.Structure):
 
     _fields_ = [("dim", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64), ("ffn", _i64),
                 ("rope_dim", _i64), ("n_ctx", _i64), ("neox", ctypes.c_int32), ("kv_f16", ctypes.c_int32),
-                ("eps", ctypes.c_float), ("pad_", ctypes.c_int32), ("attn_norm", _vp), ("ffn_norm", _vp),
+                ("eps", ctypes.c_float), ("mode", ctypes.c_int32), ("attn_norm", _vp), ("ffn_norm", _vp),
                 ("bias", _vp * 3), ("qk_norm", _vp * 2), ("w", _vp * 7), ("type", ctypes.c_int32 * 7),
                 ("pad2_", ctypes.c_int32)]
+
+
+def activations_mode(activations: str) -> int:
+    """The kernels' mode for an ACTIVATIONS name; KernelError naming the field otherwise."""
+    mode = ACTIVATIONS.get(activations) if isinstance(activations, str) else None
+    if mode is None:
+        raise KernelError(f"expected one of {', '.join(ACTIVATIONS)}, got {activations!r}", field="activations")
+    return mode
 
 
 def _checked(x, w, fmt, n, k, out):

@@ -1773,6 +1773,8 @@ void pair_run_groups(const PProblem& p, i64 g0, i64 g1) {
     }
 }
 
+#include "q8_path.h"
+
 // ---------------------------------------------------------------------------------------------
 // Thread pool: persistent workers plus the calling thread. Work items (row groups) are claimed
 // dynamically; each item is computed entirely by the thread that claims it, so results do not
@@ -1949,6 +1951,7 @@ struct FormatEntry {
     ItemsFn run;       // fp32 path (Problem)
     ItemsFn run_int;   // integer path (QProblem), nullptr where the format has none
     ItemsFn run_pair;  // pair path (PProblem), nullptr where the format has none
+    ItemsFn run_q8;    // 8-bit-activation path (Q8Problem, q8_path.h), nullptr where the format has none
 };
 
 template <class F>
@@ -1961,7 +1964,7 @@ FormatEntry entry(int type) {
                     g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
                 }
             },
-            nullptr, nullptr};
+            nullptr, nullptr, nullptr};
 }
 
 template <class F, class I>
@@ -1970,6 +1973,19 @@ FormatEntry entry_int(int type) {
     e.run_int = [](const void* ctx, i64 g0, i64 g1) {
         try {
             int_run_groups<I>(*static_cast<const QProblem*>(ctx), g0, g1);
+        } catch (const std::bad_alloc&) {
+            g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
+        }
+    };
+    return e;
+}
+
+template <class F, class I, class Q>
+FormatEntry entry_q8(int type) {
+    FormatEntry e = entry_int<F, I>(type);
+    e.run_q8 = [](const void* ctx, i64 g0, i64 g1) {
+        try {
+            q8_run_groups<Q>(*static_cast<const Q8Problem*>(ctx), g0, g1);
         } catch (const std::bad_alloc&) {
             g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
         }
@@ -1994,8 +2010,8 @@ const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry_pair<FmtQ8_0, PairQ8_0>(kQ8_0),
         entry_pair<FmtQ4_0, PairQ4_0>(kQ4_0), entry_pair<FmtQ4_1, PairQ4_1>(kQ4_1), entry_pair<FmtQ5_0, PairQ5_0>(kQ5_0), entry_pair<FmtQ5_1, PairQ5_1>(kQ5_1),
-        entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_int<FmtQ4_K, IntQ4_K>(kQ4_K), entry_int<FmtQ5_K, IntQ5_K>(kQ5_K),
-        entry_int<FmtQ6_K, IntQ6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
+        entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_q8<FmtQ4_K, IntQ4_K, Q8Q4_K>(kQ4_K), entry_q8<FmtQ5_K, IntQ5_K, Q8Q5_K>(kQ5_K),
+        entry_q8<FmtQ6_K, IntQ6_K, Q8Q6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
     };
     for (const auto& e : table)
         if (e.type == type) return &e;
@@ -2013,7 +2029,7 @@ i64 grain_for(const Pool* pool, i64 groups, i64 row_bytes) {
 }
 
 // One matrix of a ql_linear_many call: its row groups are items [first, first + groups) of the job.
-enum class Path { kFloat, kInt, kPair };
+enum class Path { kFloat, kInt, kPair, kQ8 };
 
 struct ManyPart {
     const FormatEntry* e;
@@ -2021,6 +2037,7 @@ struct ManyPart {
     Problem fp;
     QProblem qp;
     PProblem pp;
+    Q8Problem q8;
     i64 first, groups;
 };
 
@@ -2039,6 +2056,7 @@ void run_many(const void* ctx, i64 g0, i64 g1) {
         switch (m.path) {
             case Path::kInt: m.e->run_int(&m.qp, g0 - m.first, stop - m.first); break;
             case Path::kPair: m.e->run_pair(&m.pp, g0 - m.first, stop - m.first); break;
+            case Path::kQ8: m.e->run_q8(&m.q8, g0 - m.first, stop - m.first); break;
             default: m.e->run(&m.fp, g0 - m.first, stop - m.first);
         }
         g0 = stop;
@@ -2051,7 +2069,7 @@ void run_many(const void* ctx, i64 g0, i64 g1) {
 // C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape, 3 out of memory.
 // Pointers are not checked here; the Python launcher validates dtypes, shapes and sizes.
 // ---------------------------------------------------------------------------------------------
-QL_EXPORT int ql_abi_version() { return 5; }
+QL_EXPORT int ql_abi_version() { return 6; }
 
 QL_EXPORT int ql_isa() { return QL_AVX512 ? 512 : 0; }
 
@@ -2069,22 +2087,28 @@ QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
 QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
 QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->threads(); }
 
-// mode: 0 = each format's fastest path (integer where it has one), 1 = the fp32 path.
+// mode: 0 = each format's fastest path (integer where it has one), 1 = the fp32 path, 2 = 8-bit
+// activations (q8_path.h) for the formats that have that path, mode 0's path for the others.
 // outs[i] (T, ns[i]) = x (T, K) @ W_i (ns[i], K)^T for `count` matrices sharing x, in one pool job
 // (x is quantized or permuted once). Every output element is computed exactly as by a call with
 // that matrix alone.
 QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int mode, const float* x,
                              const uint8_t* const* ws, float* const* outs, i64 T, const i64* ns, i64 K) {
     constexpr int kMaxParts = 16;
-    if (count < 1 || count > kMaxParts || T < 0 || K < 1 || mode < 0 || mode > 1) return 2;
+    if (count < 1 || count > kMaxParts || T < 0 || K < 1 || mode < 0 || mode > 2) return 2;
     ManyPart parts[kMaxParts];
-    bool need_q = false, need_pair = false, need_perm = false;
+    bool need_q = false, need_pair = false, need_perm = false, need_q8 = false;
     for (int i = 0; i < count; ++i) {
         const FormatEntry* e = find_format(types[i]);
         if (!e) return 1;
         if (ns[i] < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
         parts[i].e = e;
-        parts[i].path = mode == 1 ? Path::kFloat : e->run_int ? Path::kInt : e->run_pair ? Path::kPair : Path::kFloat;
+        parts[i].path = mode == 1                  ? Path::kFloat
+                        : mode == 2 && e->run_q8 ? Path::kQ8
+                        : e->run_int             ? Path::kInt
+                        : e->run_pair            ? Path::kPair
+                                                 : Path::kFloat;
+        need_q8 |= parts[i].path == Path::kQ8;
         need_q |= parts[i].path == Path::kInt;
         need_pair |= parts[i].path == Path::kPair;
         need_perm |= parts[i].path == Path::kFloat && e->permuted;
@@ -2112,6 +2136,12 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         quantize_pairs(x, T, K, reinterpret_cast<int16_t*>(base), base + T * pairs * 32);
         pq = reinterpret_cast<const int16_t*>(base), pg = base + T * pairs * 32;
     }
+    Q8Problem q8{};
+    if (need_q8) {
+        float* base = q8_scratch().try_get(q8_scratch_floats(T, K));
+        if (!base) return 3;
+        q8_quantize_x(x, T, K, base, q8);
+    }
     if (need_perm && !(xp = permute_x(x, T, K))) return 3;
     Pool* pool = static_cast<Pool*>(pool_handle);
     i64 items = 0, row_bytes_max = 0;
@@ -2121,6 +2151,7 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.pp = PProblem{pq, pg, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.q8 = Q8Problem{q8.xq, q8.bs, q8.bz, q8.xs, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.first = items;
         m.groups = (ns[i] + kRows - 1) / kRows;
         items += m.groups;
@@ -2131,6 +2162,7 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
     constexpr i64 kKeepScratchFloats = i64(1) << 20;  // per calling thread; a long prompt's is freed
     buf.shrink(kKeepScratchFloats);
     pair_scratch().shrink(kKeepScratchFloats);
+    q8_scratch().shrink(kKeepScratchFloats);
     permute_scratch().shrink(kKeepScratchFloats);
     return g_alloc_failures.load(std::memory_order_relaxed) != failures ? 3 : 0;
 }

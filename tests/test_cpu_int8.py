@@ -1,0 +1,149 @@
+"""engine.cpu's opt-in 8-bit-activation path (engine/cpu/q8_path.h) vs numpy float64 on gguf-py
+dequantized weights: its error bound, its bit-identity across threads, batch sizes, linear_many and
+builds, and the formats without the path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+
+from engine import cpu
+from engine.cpu.build import BuildSpec, build
+from engine.cpu.launcher import INT8_FORMATS, ISA_FLAGS, Kernels
+from engine.errors import KernelError
+from test_cpu_kernels import TOL, make_weight, reference, shape_for
+
+INT8 = sorted(INT8_FORMATS)
+
+
+def run8(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None, activations="int8") -> np.ndarray:
+    xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(raw).reshape(-1))
+    return (kernels or cpu).linear(xt, wt, fmt, n, k, activations=activations).numpy()
+
+
+def rounding_bound(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
+    """(T, N): sum over 256-blocks b of 0.5 sx_b * sum_{i in b} |w_i|, sx_b = amax_b / 127: what
+    rounding x to x8 = rint(x / sx_b) can move each output, at most."""
+    w = np.abs(dequantize(raw, QT[fmt]).astype(np.float64).reshape(n, k // 256, 256)).sum(-1)  # (N, B)
+    sx = np.abs(x.astype(np.float64)).reshape(x.shape[0], k // 256, 256).max(-1) / 127  # (T, B)
+    return 0.5 * sx @ w.T
+
+
+def test_int8_formats():
+    assert INT8_FORMATS == {"Q4_K", "Q5_K", "Q6_K"} and INT8_FORMATS <= cpu.INT16_FORMATS
+    assert cpu.ACTIVATIONS == {"int16": 0, "int8": 2}
+
+
+@pytest.mark.parametrize("fmt", INT8)
+def test_int8_error_is_within_the_rounding_bound(fmt):
+    """|y - ref| <= 0.5 sx_b sum|w| summed over blocks (+ fp32 accumulation); measured relative to
+    the largest |ref|: ~0.4-1.3e-2 (about 300x the int16 path's)."""
+    rng = np.random.default_rng(sum(map(ord, fmt)) + 8)
+    n, k = 37, 1024
+    raw = make_weight(fmt, n, k, rng)
+    rels = []
+    for t in (1, 2, 3, 5, 37):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        y = run8(x, raw, fmt, n, k)
+        ref, scale = reference(x, raw, fmt, n, k)
+        err = np.abs(y - ref)
+        assert (err <= rounding_bound(x, raw, fmt, n, k) * (1 + 1e-3) + TOL * scale).all(), f"{fmt} T={t}"
+        rels.append(err.max() / np.abs(ref).max())
+        # the path is really taken: int16 activations give different (closer) bits
+        y16 = run8(x, raw, fmt, n, k, activations="int16")
+        assert not np.array_equal(y, y16) and np.abs(y16 - ref).max() < err.max()
+    assert 1e-3 < max(rels) < 3e-2, rels
+
+
+def test_int8_quantizes_each_block_on_its_own_scale():
+    """Tiny activations next to huge ones keep their own block's precision; a non-finite activation
+    gives NaN, an all-zero row zero."""
+    rng = np.random.default_rng(6)
+    for fmt in INT8:
+        n, k = 9, 512
+        raw = make_weight(fmt, n, k, rng)
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        x[0, :256] *= 1e-6
+        x[0, 256:] *= 1e4
+        for part in (slice(0, 256), slice(256, 512)):
+            xh = np.zeros_like(x)
+            xh[0, part] = x[0, part]
+            ref, scale = reference(xh, raw, fmt, n, k)
+            assert (np.abs(run8(xh, raw, fmt, n, k) - ref) <= rounding_bound(xh, raw, fmt, n, k) * 1.001 + TOL * scale).all()
+        assert not run8(np.zeros((1, k), np.float32), raw, fmt, n, k).any()
+        for bad_value in (np.inf, np.nan):
+            bad = x.copy()
+            bad[0, 300] = bad_value
+            assert np.isnan(run8(bad, raw, fmt, n, k)).all()
+
+
+def test_other_formats_ignore_int8():
+    """Formats without an 8-bit path take their default path, bit for bit (so mixed files work)."""
+    rng = np.random.default_rng(9)
+    for fmt in sorted(cpu.SUPPORTED - INT8_FORMATS):
+        n, k = shape_for(fmt)
+        raw = make_weight(fmt, n, k, rng)
+        for t in (1, 6):
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            assert np.array_equal(run8(x, raw, fmt, n, k).view(np.uint32),
+                                  run8(x, raw, fmt, n, k, activations="int16").view(np.uint32)), fmt
+
+
+@pytest.mark.parametrize("fmt", INT8)
+def test_int8_bit_identical_across_threads_and_batch(fmt):
+    rng = np.random.default_rng(17)
+    n, k = 1001, 768
+    raw = make_weight(fmt, n, k, rng)
+    x = rng.standard_normal((13, k)).astype(np.float32)
+    kern = Kernels(build(BuildSpec.default()), 1)
+    results = []
+    for threads in (1, 2, 3):
+        kern.set_num_threads(threads)
+        results.append(run8(x, raw, fmt, n, k, kern))
+    for other in results[1:]:
+        assert np.array_equal(results[0].view(np.uint32), other.view(np.uint32))
+    for t in (0, 5, 12):  # register tiles for T <= 3, tiles of 4 rows of x above, the rest one by one
+        assert np.array_equal(run8(x[t:t + 1], raw, fmt, n, k, kern)[0].view(np.uint32), results[0][t].view(np.uint32))
+    for t in (2, 3, 4, 6):
+        assert np.array_equal(run8(x[:t], raw, fmt, n, k, kern).view(np.uint32), results[0][:t].view(np.uint32))
+
+
+def test_int8_linear_many_equals_separate_calls():
+    """Mixed formats (some with the 8-bit path, some without) in one call: each matrix's own bits."""
+    rng = np.random.default_rng(21)
+    k = 512
+    mats = [(torch.from_numpy(make_weight(fmt, n, k, rng).reshape(-1)), fmt, n)
+            for fmt, n in (("Q4_K", 67), ("Q6_K", 16), ("Q5_K", 9), ("Q8_0", 24), ("F16", 3))]
+    kern = Kernels(build(BuildSpec.default()), 1)
+    for threads in (1, 3):
+        kern.set_num_threads(threads)
+        for t in (1, 2, 5):
+            x = torch.from_numpy(rng.standard_normal((t, k)).astype(np.float32))
+            for y, (w, fmt, n) in zip(kern.linear_many(x, mats, k, activations="int8"), mats):
+                assert torch.equal(y.view(torch.int32), kern.linear(x, w, fmt, n, k, activations="int8").view(torch.int32))
+
+
+def test_int8_portable_build_is_bit_identical_to_native():
+    native = Kernels(build(BuildSpec.default()), 2)
+    portable = Kernels(build(BuildSpec.default(ISA_FLAGS["avx2"])), 2)
+    rng = np.random.default_rng(4)
+    for fmt in INT8:
+        n, k = 37, 512
+        raw = make_weight(fmt, n, k, rng)
+        for t in (1, 2, 3, 6):
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            assert np.array_equal(run8(x, raw, fmt, n, k, native).view(np.uint32),
+                                  run8(x, raw, fmt, n, k, portable).view(np.uint32)), (fmt, t)
+
+
+@pytest.mark.parametrize("bad", ("int4", "INT8", "", None, 8))
+def test_activations_value_is_validated(bad):
+    x, w = torch.randn(1, 256), torch.zeros(144, dtype=torch.uint8)
+    with pytest.raises(KernelError) as e:
+        cpu.linear(x, w, "Q4_K", 1, 256, activations=bad)
+    assert e.value.field == "activations"
+    with pytest.raises(KernelError) as e:
+        cpu.linear_many(x, [(w, "Q4_K", 1)], 256, activations=bad)
+    assert e.value.field == "activations"
