@@ -18,7 +18,8 @@ def load(path=None, config=None, *, quantize=_UNSET, cache_dir=None, progress=No
     converted to a GGUF on load: `quantize` "q8_0" (default), "q4_k" or None (keep F32/F16/BF16);
     `cache_dir` keeps the conversion there (written atomically) so the next load opens it directly;
     `progress` shows a conversion bar on stderr (default: when stderr is a terminal).
-    `config`: a tier config (YAML path, dict or TierConfig); options: n_ctx, threads, trace.
+    `config`: a tier config (YAML path, dict or TierConfig); options: n_ctx, threads, trace, cpu_activations
+    (int16 | int8, overriding the config's `cpu_activations`).
     """
     import os
 

@@ -73,9 +73,12 @@ class CpuDevice:
     MAX_DECODE_ROWS = 256  # rows of one native decode_block call
 
     def __init__(self, threads: int | None = None, *, kv_dtype: torch.dtype = torch.float32,
-                 native_step: bool = True):
+                 native_step: bool = True, activations: str = "int16"):
         self.threads = threads or torch.get_num_threads()
         self.kv_dtype = kv_dtype
+        # how the kernels round activations (engine.cpu.ACTIVATIONS: int16, or int8 for Q4_K/Q5_K/Q6_K)
+        self._mode = cpu_kernels.activations_mode(activations)  # KernelError if unknown
+        self.activations = activations
         # decode_block: passes of single decode tokens run each block in one native call (False: the
         # Python block, the definition, runs every pass -- the tests' reference)
         self.native_step = native_step
@@ -87,6 +90,8 @@ class CpuDevice:
         self.kernels = cpu_kernels.available()
         if self.kernels:
             cpu_kernels.set_num_threads(self.threads)
+        elif activations != "int16":
+            log.warning("activations %s: ignored without the CPU kernels (the fallback computes in fp32)", activations)
 
     def prepare(self, formats: Iterable[str]) -> None:
         """Nothing to do: the native kernels were built (or refused) at construction, for every format."""
@@ -96,7 +101,7 @@ class CpuDevice:
         n, k = w.shape
         x2 = x.reshape(-1, k)  # (T, K)
         if self.kernels and w.fmt.name in cpu_kernels.SUPPORTED:
-            y = cpu_kernels.linear(x2.contiguous(), w.data, w.fmt.name, n, k, out)
+            y = cpu_kernels.linear(x2.contiguous(), w.data, w.fmt.name, n, k, out, activations=self.activations)
         else:
             y = torch.matmul(x2, w.dequantize().T, out=out)
         return y.view(*x.shape[:-1], n)
@@ -108,7 +113,8 @@ class CpuDevice:
         x2 = x.reshape(-1, k)  # (T, K)
         if self.kernels and len(ws) <= cpu_kernels.MAX_MANY and all(
                 w.shape[1] == k and w.fmt.name in cpu_kernels.SUPPORTED for w in ws):
-            ys = cpu_kernels.linear_many(x2.contiguous(), [(w.data, w.fmt.name, w.shape[0]) for w in ws], k)
+            ys = cpu_kernels.linear_many(x2.contiguous(), [(w.data, w.fmt.name, w.shape[0]) for w in ws], k,
+                                         activations=self.activations)
             return [y.view(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
         return [self.linear(x, w) for w in ws]
 
@@ -133,7 +139,7 @@ class CpuDevice:
             return None
         got = self._decode_layers.get(layer)
         if got is None or got[0] is not w:
-            got = self._decode_layers[layer] = (w, _decode_layer(w, spec, self.kv_dtype))
+            got = self._decode_layers[layer] = (w, _decode_layer(w, spec, self.kv_dtype, self._mode))
         lay = got[1]
         if lay is not None and lay.n_ctx == 0:  # every KV slot of a model has its n_ctx
             lay.n_ctx = batch.rows[0].seq.keys[layer].shape[1]
@@ -153,7 +159,7 @@ class CpuDevice:
         return out
 
 
-def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype) -> DecodeLayer | None:
+def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype, mode: int) -> DecodeLayer | None:
     """The C description of a block's weights for decode_block, or None if the native step cannot run
     it (a MoE block, a format or tensor it does not take): every pointer it holds is checked here."""
     if w.ffn_gate is None or w.ffn_gate_inp is not None or kv_dtype not in (torch.float32, torch.float16):
@@ -177,7 +183,7 @@ def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype) -> DecodeLayer |
     ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
     lay = DecodeLayer(dim=d, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads, head_dim=hd, ffn=f,
                       rope_dim=spec.rope_dim, neox=spec.rope_style == "neox", kv_f16=kv_dtype is torch.float16,
-                      eps=spec.rms_eps, attn_norm=ptr(w.attn_norm), ffn_norm=ptr(w.ffn_norm),
+                      eps=spec.rms_eps, mode=mode, attn_norm=ptr(w.attn_norm), ffn_norm=ptr(w.ffn_norm),
                       n_ctx=0)  # n_ctx: set from the first KV slot decode_block sees
     lay.bias[:] = [ptr(w.attn_q_bias), ptr(w.attn_k_bias), ptr(w.attn_v_bias)]
     lay.qk_norm[:] = [ptr(w.attn_q_norm), ptr(w.attn_k_norm)]
@@ -220,21 +226,23 @@ def _cuda_requested(req: str) -> bool:
 
 
 def select_device(requested: str = "auto", *, threads: int | None = None, kv_dtype: str = "auto",
-                  act_dtype: torch.dtype = torch.float16, reference: bool = False) -> Device:
+                  act_dtype: torch.dtype = torch.float16, reference: bool = False,
+                  cpu_activations: str = "int16") -> Device:
     """The compute device for a config's `device`: "cpu", "cuda" / "cuda:N" (KernelError if unusable),
     or "auto": CUDA when torch sees a device and the kernels can load, else the CPU (one log line says
-    why). `kv_dtype` is the config's kv_cache.dtype (auto: f32 on the CPU, f16 on CUDA)."""
+    why). `kv_dtype` is the config's kv_cache.dtype (auto: f32 on the CPU, f16 on CUDA);
+    `cpu_activations` the config's (the CPU device's; a CUDA device's kernels do not take it)."""
     req = str(requested).strip().lower()
     if req == "cpu" or (req == "auto" and not torch.cuda.is_available()):
         if req == "auto":
             log.info("no CUDA device visible to torch; computing on the CPU")
-        return CpuDevice(threads, kv_dtype=kv_dtype_of(kv_dtype, torch.float32))
+        return CpuDevice(threads, kv_dtype=kv_dtype_of(kv_dtype, torch.float32), activations=cpu_activations)
     if req != "auto" and not _cuda_requested(req):
         raise KernelError(f"unknown device {requested!r}: expected auto, cpu, cuda or cuda:N", field="device")
     from .cuda.device import select_cuda  # only now: a CUDA device is requested or visible
 
     dev = select_cuda(req, act_dtype=act_dtype, reference=reference)
     if dev is None:  # auto, and CUDA is not usable after all
-        return CpuDevice(threads, kv_dtype=kv_dtype_of(kv_dtype, torch.float32))
+        return CpuDevice(threads, kv_dtype=kv_dtype_of(kv_dtype, torch.float32), activations=cpu_activations)
     dev.kv_dtype = kv_dtype_of(kv_dtype, torch.float16)
     return dev

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--cpu-activations", metavar="int16|int8", default=None,
+                   help="how the CPU kernels round activations for Q4_K/Q5_K/Q6_K (default: the config's, int16; "
+                        "int8 is faster, ~1e-2 relative logit error)")
     p.add_argument("--ctx", type=int, default=None, help="context length (KV cache size)")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace of reads, copies and compute to this file")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming text")
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> dict:
     hf = {} if args.quantize is None else {"quantize": None if args.quantize == "none" else args.quantize}
     if args.cache_dir is not None:
         hf["cache_dir"] = args.cache_dir
-    model = load(path, config=args.config, n_ctx=args.ctx, threads=args.threads, trace=args.trace, **hf)
+    model = load(path, config=args.config, n_ctx=args.ctx, threads=args.threads, trace=args.trace,
+                 cpu_activations=args.cpu_activations, **hf)
     if args.interactive:
         try:
             return interactive(model, args)

@@ -87,10 +87,11 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, config=None, *, n_ctx: int | None = None, threads: int | None = None,
              trace: str | None = None, placement: Placement | None = None, rank: int = 0,
-             device: Device | None = None) -> "Model":
+             device: Device | None = None, cpu_activations: str | None = None) -> "Model":
         """Open, validate, pick the device, plan for it and load. `placement` overrides the planner and
         `device` the config's device (tests and tools); `rank` n takes the planner's (n+1)-th best
-        placement instead of its best (benchmarks checking its ranking)."""
+        placement instead of its best (benchmarks checking its ranking); `cpu_activations` (int16 | int8)
+        overrides the config's."""
         from .tokenizer import Tokenizer
 
         for name, v, hi in (("n_ctx", n_ctx, None), ("threads", threads, MAX_COMPUTE_THREADS)):
@@ -107,6 +108,8 @@ class Model:
                                    path=f.path, field=f"{spec.architecture}.block_count")
         tok = Tokenizer.from_metadata(f.metadata, f.path)
         cfg = load_config(config)
+        if cpu_activations is not None:  # overrides the config's (validated there: a ConfigError naming the key)
+            cfg = dataclasses.replace(cfg, cpu_activations=cpu_activations)
         if n_ctx is None:  # the config's max_context (or the default) is capped at the trained context
             n_ctx = min(cfg.kv_cache.max_context or DEFAULT_CTX, spec.context_length)
         elif n_ctx > spec.context_length:  # asked for explicitly: honoured, and said
@@ -114,7 +117,8 @@ class Model:
                         "positions past it are extrapolated by rope, output quality is not guaranteed",
                         f.path, n_ctx, spec.context_length, spec.architecture)
         if device is None:  # before any large allocation: a CUDA request that cannot be honoured fails here
-            device = select_device(cfg.device, threads=threads or cfg.compute_threads, kv_dtype=cfg.kv_cache.dtype)
+            device = select_device(cfg.device, threads=threads or cfg.compute_threads, kv_dtype=cfg.kv_cache.dtype,
+                                   cpu_activations=cfg.cpu_activations)
         kind = "cpu" if device.torch_device.type == "cpu" else "cuda"  # a device with memory of its own plans as CUDA
         plan = None
         # the reader first: the plan assumes the backend that really opened (kvikio only when it started,
@@ -128,7 +132,8 @@ class Model:
             tracer = Tracer(trace) if trace else None
             reader.tracer = tracer
             weights, glob = build_weights(f, spec, layouts, placement, reader, device, tracer,
-                                          cpu_threads=threads or cfg.compute_threads)
+                                          cpu_threads=threads or cfg.compute_threads,
+                                          cpu_activations=cfg.cpu_activations)
             device.prepare(matrix_formats(layouts, head_info(f, spec)))  # kernels ready before the first pass
         except BaseException:
             reader.close()

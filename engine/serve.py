@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--cpu-activations", metavar="int16|int8", default=None,
+                   help="how the CPU kernels round activations for Q4_K/Q5_K/Q6_K (default: the config's, int16; "
+                        "int8 is faster, ~1e-2 relative logit error)")
     p.add_argument("--ctx", type=int, default=None, help="context length per sequence")
     p.add_argument("--max-batch", type=int, default=8, help="generations that share a pass (more wait)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_TOKENS,
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> None:
         raise EngineError(f"cannot listen on {args.host}:{args.port}: {e.strerror}", field="--port") from None
     model = drafter = batcher = None
     try:
-        model = load(args.model or default_model_path(), config=args.config, n_ctx=args.ctx, threads=args.threads)
+        model = load(args.model or default_model_path(), config=args.config, n_ctx=args.ctx, threads=args.threads,
+                     cpu_activations=args.cpu_activations)
         draft = args.draft or ("prompt-lookup" if args.prompt_lookup else None)
         drafter = drafter_for(model, draft, threads=args.threads) if draft else None
         depth = (args.speculate or verify_widths(model, drafter)) if drafter else 1

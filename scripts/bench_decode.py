@@ -5,7 +5,8 @@ alternate, and the medians are reported with their ratio. Both decode a fixed nu
 tokens (end-of-generation ignored) after the same prompt, with the same thread count.
 
     python scripts/bench_decode.py [--model PATH] [--threads 2 [1 ...]] [--isa native [avx2]]
-                                   [--python-block] [--baseline DIR] [--tokens 128] [--runs 3] [--json]
+                                   [--cpu-activations int16 [int8]] [--python-block] [--baseline DIR]
+                                   [--tokens 128] [--runs 3] [--json]
     python scripts/bench_decode.py --big-layers 4 --threads 1 2 --isa native avx2 --tokens 16
 
 --big-layers N writes (once, cached under $ENGINE_CACHE_DIR/bench) a synthetic GGUF of N blocks shaped
@@ -14,7 +15,8 @@ with the project's writer (scripts/make_synthetic_model.py); both engines then g
 token ids. Every round also measures the machine's read bandwidth (a torch sum over 1 GiB with the same
 thread count) in its own process, so the weights' GB/s per decoded token can be set against it.
 --isa runs the engine once per kernel flavour (ENGINE_CPU_ISA: native = AVX-512 here, avx2 = the
-portable path as an AVX2 CPU builds it); llama.cpp runs as installed. --python-block adds a run of the
+portable path as an AVX2 CPU builds it); --cpu-activations int16 int8 also runs each flavour with the
+kernels' opt-in 8-bit activations (rows 'engine/ISA/int8'); llama.cpp runs as installed. --python-block adds a run of the
 engine with the CPU's native decode step off (every block through the Python definition), to see what
 that step is worth in the same run.
 llama.cpp comes from llama-cpp-python if installed (it is not a dependency of the engine).
@@ -81,7 +83,7 @@ def worker_engine(model: str, threads: int, n: int, prompt_ids) -> dict:
 
     import engine
 
-    m = engine.load(model, threads=threads)
+    m = engine.load(model, threads=threads, cpu_activations=os.environ.get("BENCH_CPU_ACTIVATIONS", "int16"))
     if os.environ.get("BENCH_PYTHON_BLOCK") == "1":
         m.weights.device_for(0, 1).native_step = False
     load_s = time.perf_counter() - t0
@@ -129,12 +131,13 @@ WORKERS = {"engine": worker_engine, "llama.cpp": worker_llamacpp, "read": worker
 
 
 def measure(which: str, model: str, threads: int, n: int, prompt_ids, isa: str = "native",
-            engine_path: str | None = None, python_block: bool = False) -> dict:
+            engine_path: str | None = None, python_block: bool = False, activations: str = "int16") -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--model", model, "--threads", str(threads),
            "--tokens", str(n)]
     if prompt_ids:
         cmd += ["--prompt-ids", ",".join(map(str, prompt_ids))]
-    env = {**os.environ, "ENGINE_CPU_ISA": isa, "BENCH_PYTHON_BLOCK": "1" if python_block else "0"}
+    env = {**os.environ, "ENGINE_CPU_ISA": isa, "BENCH_PYTHON_BLOCK": "1" if python_block else "0",
+           "BENCH_CPU_ACTIVATIONS": activations}
     if engine_path:  # another checkout of the engine (--baseline)
         env["PYTHONPATH"] = engine_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
@@ -164,6 +167,8 @@ def main() -> None:
     ap.add_argument("--big-layers", type=int, metavar="N", help="synthetic model of N Llama-70B-shaped blocks")
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--isa", nargs="+", default=["native"], choices=["native", "avx2"])
+    ap.add_argument("--cpu-activations", nargs="+", default=["int16"], metavar="int16|int8",
+                    help="run the engine once per activation rounding of its CPU kernels (int8: 'engine/ISA/int8')")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the --big-layers model")
     ap.add_argument("--runs", type=int, default=3)
@@ -188,7 +193,7 @@ def main() -> None:
         from engine.defaults import default_model_path
 
         a.model = str(default_model_path())
-    names = [f"engine/{isa}" for isa in a.isa] + (["engine/python-block"] if a.python_block else []) \
+    names = [f"engine/{isa}" + ("" if act == "int16" else f"/{act}") for isa in a.isa for act in a.cpu_activations] + (["engine/python-block"] if a.python_block else []) \
         + (["baseline"] if a.baseline else [])
     try:
         import llama_cpp
@@ -209,12 +214,14 @@ def main() -> None:
         for _ in range(a.runs):  # alternate: one run of each, in fresh processes, per round
             for k in names:
                 which, _, isa = k.partition("/")
+                isa, _, act = isa.partition("/")
                 if which == "baseline":
                     runs[k].append(measure("engine", a.model, threads, a.tokens, prompt_ids, engine_path=a.baseline))
                 elif isa == "python-block":
                     runs[k].append(measure("engine", a.model, threads, a.tokens, prompt_ids, python_block=True))
                 else:
-                    runs[k].append(measure(which, a.model, threads, a.tokens, prompt_ids, isa or "native"))
+                    runs[k].append(measure(which, a.model, threads, a.tokens, prompt_ids, isa or "native",
+                                           activations=act or "int16"))
         med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in runs.items()}
         for m in med.values():
             if "decode_tps" in m:

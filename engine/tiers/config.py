@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from ..cpu.launcher import ACTIVATIONS
 from ..errors import ConfigError, brief
 from .hardware import PRESETS
 from .units import format_size, parse_percent, parse_size
@@ -30,6 +31,7 @@ KV_PLACEMENTS = ("auto", "resident", "host")
 KV_DTYPES = ("auto", "f32", "f16")
 IO_BACKENDS = ("auto", "kvikio", "posix", "odirect")
 HYBRID = ("auto", "off")
+CPU_ACTIVATIONS = tuple(ACTIVATIONS)  # int16 (default) | int8: see engine.cpu.launcher.ACTIVATIONS
 AUTO = "auto"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_NESTING = 64  # flow collections ([...], {...}); a tier config needs two levels
@@ -133,6 +135,10 @@ class TierConfig:
     # auto: on CUDA, host-tier layers compute on the CPU in small passes where the cost model predicts
     # that faster than streaming them over PCIe | off: every layer computes on the GPU
     hybrid_compute: str = AUTO
+    # how the CPU kernels round activations for Q4_K/Q5_K/Q6_K matrices (every product they compute: the
+    # whole model on device cpu, the hybrid layers on CUDA; the GPU's kernels ignore it): int16 (default,
+    # ~1e-5 relative) | int8 (as llama.cpp, ~1e-2 relative on logits, faster)
+    cpu_activations: str = "int16"
     source: str | None = field(default=None, compare=False, repr=False)  # file it was read from
 
     def __post_init__(self):
@@ -141,6 +147,7 @@ class TierConfig:
         _choice(self, "slow_tier", SLOW_TIERS)
         _choice(self, "io_backend", IO_BACKENDS)
         _choice(self, "hybrid_compute", HYBRID)
+        _choice(self, "cpu_activations", CPU_ACTIVATIONS)
         object.__setattr__(self, "resident_budget",
                            Budget.parse(self.resident_budget, field="resident_budget", path=p, allow_fraction=True))
         object.__setattr__(self, "host_budget",

@@ -122,8 +122,8 @@ def head_info(f: GGUFFile, spec: ModelSpec) -> TensorInfo:
 
 
 def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], placement: Placement,
-                  reader: FileReader, device, tracer=None, cpu_threads: int | None = None
-                  ) -> tuple[TieredWeights, GlobalWeights]:
+                  reader: FileReader, device, tracer=None, cpu_threads: int | None = None,
+                  cpu_activations: str = "int16") -> tuple[TieredWeights, GlobalWeights]:
     """The stores and the scheduler of a placement on `device`. Every tier is bound where the placement
     says: resident tensors in the device's memory, host-tier units in the host store (uploaded through
     the ring, or computed there by the CPU), disk units read through the ring."""
@@ -175,7 +175,7 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
         from ..device import CpuDevice
 
         # the KV cache it holds (CPU-computed layers, or all of it) keeps the plan's dtype
-        cpu_device = CpuDevice(cpu_threads, kv_dtype=device.kv_dtype)
+        cpu_device = CpuDevice(cpu_threads, kv_dtype=device.kv_dtype, activations=cpu_activations)
     experts = ExpertStore(slices, tiers, store, host, reader, staging, placement.expert_cache,
                           placement.expert_slot_bytes, tracer) if slices else None
     streamed = [s & {t.name for t in u.tensors} for u, s in zip(units, placement.streamed)]
