@@ -1,6 +1,7 @@
 """engine.cpu's opt-in 8-bit-activation path (engine/cpu/q8_path.h) vs numpy float64 on gguf-py
-dequantized weights: its error bound, its bit-identity across threads, batch sizes, linear_many and
-builds, and the formats without the path."""
+dequantized weights: its error bound, its bit-identity with the portable build, the formats without the
+path, and the setting end to end (bit-identity across threads, batch sizes and linear_many:
+tests/test_cpu_kernels.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,14 +14,13 @@ from engine import cpu
 from engine.cpu.build import BuildSpec, build
 from engine.cpu.launcher import INT8_FORMATS, ISA_FLAGS, Kernels
 from engine.errors import KernelError
-from test_cpu_kernels import TOL, make_weight, reference, shape_for
+from test_cpu_kernels import TOL, make_weight, reference, run, shape_for
 
 INT8 = sorted(INT8_FORMATS)
 
 
 def run8(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None, activations="int8") -> np.ndarray:
-    xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(raw).reshape(-1))
-    return (kernels or cpu).linear(xt, wt, fmt, n, k, activations=activations).numpy()
+    return run(x, raw, fmt, n, k, kernels, activations=activations)
 
 
 def rounding_bound(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
@@ -89,40 +89,6 @@ def test_other_formats_ignore_int8():
             x = rng.standard_normal((t, k)).astype(np.float32)
             assert np.array_equal(run8(x, raw, fmt, n, k).view(np.uint32),
                                   run8(x, raw, fmt, n, k, activations="int16").view(np.uint32)), fmt
-
-
-@pytest.mark.parametrize("fmt", INT8)
-def test_int8_bit_identical_across_threads_and_batch(fmt):
-    rng = np.random.default_rng(17)
-    n, k = 1001, 768
-    raw = make_weight(fmt, n, k, rng)
-    x = rng.standard_normal((13, k)).astype(np.float32)
-    kern = Kernels(build(BuildSpec.default()), 1)
-    results = []
-    for threads in (1, 2, 3):
-        kern.set_num_threads(threads)
-        results.append(run8(x, raw, fmt, n, k, kern))
-    for other in results[1:]:
-        assert np.array_equal(results[0].view(np.uint32), other.view(np.uint32))
-    for t in (0, 5, 12):  # register tiles for T <= 3, tiles of 4 rows of x above, the rest one by one
-        assert np.array_equal(run8(x[t:t + 1], raw, fmt, n, k, kern)[0].view(np.uint32), results[0][t].view(np.uint32))
-    for t in (2, 3, 4, 6):
-        assert np.array_equal(run8(x[:t], raw, fmt, n, k, kern).view(np.uint32), results[0][:t].view(np.uint32))
-
-
-def test_int8_linear_many_equals_separate_calls():
-    """Mixed formats (some with the 8-bit path, some without) in one call: each matrix's own bits."""
-    rng = np.random.default_rng(21)
-    k = 512
-    mats = [(torch.from_numpy(make_weight(fmt, n, k, rng).reshape(-1)), fmt, n)
-            for fmt, n in (("Q4_K", 67), ("Q6_K", 16), ("Q5_K", 9), ("Q8_0", 24), ("F16", 3))]
-    kern = Kernels(build(BuildSpec.default()), 1)
-    for threads in (1, 3):
-        kern.set_num_threads(threads)
-        for t in (1, 2, 5):
-            x = torch.from_numpy(rng.standard_normal((t, k)).astype(np.float32))
-            for y, (w, fmt, n) in zip(kern.linear_many(x, mats, k, activations="int8"), mats):
-                assert torch.equal(y.view(torch.int32), kern.linear(x, w, fmt, n, k, activations="int8").view(torch.int32))
 
 
 def test_int8_portable_build_is_bit_identical_to_native():

@@ -11,7 +11,7 @@ from gguf.quants import dequantize, quantize
 
 from engine import cpu
 from engine.cpu.build import BuildSpec, build
-from engine.cpu.launcher import FORMATS, INT16_FORMATS, ISA_FLAGS, Kernels, isa_flags
+from engine.cpu.launcher import FORMATS, INT8_FORMATS, INT16_FORMATS, ISA_FLAGS, Kernels, isa_flags
 from engine.errors import KernelError
 from quant_data import RANDOM_ONLY, random_blocks
 
@@ -47,11 +47,10 @@ def reference(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int) -> tuple
     return x64 @ w.T, np.abs(x64) @ np.abs(w).T
 
 
-def run(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None, exact=False) -> np.ndarray:
+def run(x: np.ndarray, raw: np.ndarray, fmt: str, n: int, k: int, kernels=None, exact=False,
+        activations="int16") -> np.ndarray:
     xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(raw).reshape(-1))
-    if kernels is None:
-        return cpu.linear(xt, wt, fmt, n, k, exact=exact).numpy()
-    return kernels.linear(xt, wt, fmt, n, k, exact=exact).numpy()
+    return (kernels or cpu).linear(xt, wt, fmt, n, k, exact=exact, activations=activations).numpy()
 
 
 def shape_for(fmt: str) -> tuple[int, int]:
@@ -106,10 +105,12 @@ def test_int16_path_quantizes_each_block_on_its_own_scale():
         assert np.isnan(run(bad, raw, fmt, n, k)).all()
 
 
-@pytest.mark.parametrize("fmt", ("Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS"))
-def test_bit_identical_across_threads_and_batch(fmt):
+@pytest.mark.parametrize("fmt, act", [(f, "int16") for f in ("Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "Q2_K",
+                                                                "Q3_K", "IQ4_NL", "IQ4_XS")]
+                         + [(f, "int8") for f in sorted(INT8_FORMATS)])
+def test_bit_identical_across_threads_and_batch(fmt, act):
     rng = np.random.default_rng(7)
-    n, k = 1001, (512 if fmt in KQUANTS else 320)
+    n, k = 1001, (768 if fmt in KQUANTS else 320)
     raw = make_weight(fmt, n, k, rng)
     x = rng.standard_normal((13, k)).astype(np.float32)
     kern = Kernels(build(BuildSpec.default()), 1)
@@ -117,17 +118,20 @@ def test_bit_identical_across_threads_and_batch(fmt):
     for threads in (1, 2, 3):
         kern.set_num_threads(threads)
         assert kern.num_threads == threads
-        results.append(run(x, raw, fmt, n, k, kern))
+        results.append(run(x, raw, fmt, n, k, kern, activations=act))
     for other in results[1:]:
         assert np.array_equal(results[0].view(np.uint32), other.view(np.uint32))
-    # A row of x gives the same bits alone or inside a batch (register tiles for T <= 3, panels above).
+    # A row of x gives the same bits alone or inside a batch (register tiles for T <= 3, panels or
+    # tiles of rows of x above).
     for t in (0, 5, 12):
-        alone = run(x[t:t + 1], raw, fmt, n, k, kern)
+        alone = run(x[t:t + 1], raw, fmt, n, k, kern, activations=act)
         assert np.array_equal(alone[0].view(np.uint32), results[0][t].view(np.uint32))
-    for t in (2, 3):
-        assert np.array_equal(run(x[:t], raw, fmt, n, k, kern).view(np.uint32), results[0][:t].view(np.uint32))
-    ref, scale = reference(x, raw, fmt, n, k)
-    assert np.max(np.abs(results[0] - ref) / scale) < tol(fmt)
+    for t in (2, 3, 4, 6):
+        assert np.array_equal(run(x[:t], raw, fmt, n, k, kern, activations=act).view(np.uint32),
+                              results[0][:t].view(np.uint32))
+    if act == "int16":  # (the int8 path's bound: tests/test_cpu_int8.py)
+        ref, scale = reference(x, raw, fmt, n, k)
+        assert np.max(np.abs(results[0] - ref) / scale) < tol(fmt)
 
 
 def test_linear_many_equals_separate_calls():
@@ -136,17 +140,18 @@ def test_linear_many_equals_separate_calls():
     rng = np.random.default_rng(11)
     k = 512
     mats = [(torch.from_numpy(make_weight(fmt, n, k, rng).reshape(-1)), fmt, n)
-            for fmt, n in (("Q4_K", 67), ("Q6_K", 16), ("Q4_1", 40), ("F16", 9), ("Q8_0", 1))]
+            for fmt, n in (("Q4_K", 67), ("Q6_K", 16), ("Q5_K", 9), ("Q4_1", 40), ("F16", 9), ("Q8_0", 1))]
     kern = Kernels(build(BuildSpec.default()), 1)
     for threads in (1, 3):
         kern.set_num_threads(threads)
         for t in (1, 2, 5):
             x = torch.from_numpy(rng.standard_normal((t, k)).astype(np.float32))
-            for exact in (False, True):
-                got = kern.linear_many(x, mats, k, exact=exact)
+            for exact, act in ((False, "int16"), (True, "int16"), (False, "int8")):  # int8: mixed paths too
+                got = kern.linear_many(x, mats, k, exact=exact, activations=act)
                 for y, (w, fmt, n) in zip(got, mats):
                     assert y.shape == (t, n)
-                    assert torch.equal(y.view(torch.int32), kern.linear(x, w, fmt, n, k, exact=exact).view(torch.int32))
+                    alone = kern.linear(x, w, fmt, n, k, exact=exact, activations=act)
+                    assert torch.equal(y.view(torch.int32), alone.view(torch.int32))
     with pytest.raises(KernelError) as e:
         kern.linear_many(x, [mats[0], (mats[1][0], "Q6_K", 17)], k)
     assert e.value.field == "w"

@@ -1954,55 +1954,40 @@ struct FormatEntry {
     ItemsFn run_q8;    // 8-bit-activation path (Q8Problem, q8_path.h), nullptr where the format has none
 };
 
+// The work-item function of a path: Run over items [g0, g1) of the problem at ctx; an allocation
+// failure is counted (ql_linear reports it as code 3) instead of thrown through the pool.
+template <class P, void (*Run)(const P&, i64, i64)>
+void guarded(const void* ctx, i64 g0, i64 g1) {
+    try {
+        Run(*static_cast<const P*>(ctx), g0, g1);
+    } catch (const std::bad_alloc&) {
+        g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
+    }
+}
+
 template <class F>
 FormatEntry entry(int type) {
-    return {type, F::kBlock, F::kBytes, F::kPermuted,
-            [](const void* ctx, i64 g0, i64 g1) {
-                try {
-                    run_groups<F>(*static_cast<const Problem*>(ctx), g0, g1);
-                } catch (const std::bad_alloc&) {  // reported by ql_linear as code 3
-                    g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
-                }
-            },
-            nullptr, nullptr, nullptr};
+    return {type, F::kBlock, F::kBytes, F::kPermuted, guarded<Problem, run_groups<F>>, nullptr, nullptr, nullptr};
 }
 
 template <class F, class I>
 FormatEntry entry_int(int type) {
     FormatEntry e = entry<F>(type);
-    e.run_int = [](const void* ctx, i64 g0, i64 g1) {
-        try {
-            int_run_groups<I>(*static_cast<const QProblem*>(ctx), g0, g1);
-        } catch (const std::bad_alloc&) {
-            g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
-        }
-    };
+    e.run_int = guarded<QProblem, int_run_groups<I>>;
     return e;
 }
 
 template <class F, class I, class Q>
 FormatEntry entry_q8(int type) {
     FormatEntry e = entry_int<F, I>(type);
-    e.run_q8 = [](const void* ctx, i64 g0, i64 g1) {
-        try {
-            q8_run_groups<Q>(*static_cast<const Q8Problem*>(ctx), g0, g1);
-        } catch (const std::bad_alloc&) {
-            g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
-        }
-    };
+    e.run_q8 = guarded<Q8Problem, q8_run_groups<Q>>;
     return e;
 }
 
 template <class F, class P>
 FormatEntry entry_pair(int type) {
     FormatEntry e = entry<F>(type);
-    e.run_pair = [](const void* ctx, i64 g0, i64 g1) {
-        try {
-            pair_run_groups<P>(*static_cast<const PProblem*>(ctx), g0, g1);
-        } catch (const std::bad_alloc&) {
-            g_alloc_failures.fetch_add(1, std::memory_order_relaxed);
-        }
-    };
+    e.run_pair = guarded<PProblem, pair_run_groups<P>>;
     return e;
 }
 
