@@ -381,7 +381,10 @@ def test_every_planned_tier_is_bound_where_the_plan_says(tiny8, case):
     threads = torch.get_num_threads()
     reader = FileReader(str(tiny8), backend="posix", threads=p.io_threads)
     try:
-        w, glob = build_weights(f, spec, layouts, placement, reader, device, cpu_threads=1)
+        w, glob = build_weights(f, spec, layouts, placement, reader, device, cpu_threads=1, cpu_activations="int8")
+        assert (w.cpu_device is not device) == (case != "tiers")
+        if w.cpu_device is not device:  # the CPU's hybrid layers round activations as the config says
+            assert w.cpu_device.activations == "int8"
         host = w.host.buf
         assert (host.data_ptr(), host.numel()) in ops.pinned  # the host tier: one exact-size pinned allocation
         assert host.numel() == sum(pl.size for pl in w.host.plans.values())
