@@ -30,7 +30,7 @@
 // (one variable shift per half).
 //
 // Work: T <= 3 decodes each super-block into registers once for all rows of x; larger T runs tiles
-// of kQ8Tile rows of x, each decoding the (cache-resident) weights of its rows again.
+// of kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again.
 namespace {
 
 // Chunk c of a block goes to slot kQ8Slot[c] of the stored x8 (its own inverse).
@@ -97,6 +97,9 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     }
 }
 
+// A vpshufb control making 4 words of byte b each (high bytes zero).
+constexpr long long q8_ctrl4(int b) { return 0x8000800080008000ll | 0x0001000100010001ll * b; }
+
 // One decoded super-block: codes q[r] and scale words s[r] (pairing with x8 bytes 64r..64r+63), the
 // offset words ow (see the contract), d, dmin.
 #if QL_AVX512
@@ -104,8 +107,6 @@ using QB = __m512i;   // 64 unsigned codes
 using SW = __m256i;   // 16 words
 using M8I = __m256i;  // 8 int32 lanes
 inline SW sw_load(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-// Words (lo, hi) of 16-bit lanes, lo in the low byte: a vpshufb control taking byte lo (hi: zero or byte).
-constexpr long long q8_ctrl4(int b) { return 0x8000800080008000ll | 0x0001000100010001ll * b; }
 // acc + (q * x8 paired into words) * s paired into int32 lanes.
 inline AI q8_dot(AI acc, QB q, WI s, const int8_t* x8) {
     const __m512i p = _mm512_maddubs_epi16(q, _mm512_loadu_si512(x8));
@@ -203,6 +204,12 @@ struct Q8Q45_K {
             }
         }
 #else
+#if defined(__AVX2__)
+        const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
+        o.ow = W16(_mm256_cvtepu8_epi16(sm));
+        const __m256i smb = _mm256_broadcastsi128_si256(sm);
+        const auto scale_words = [&](int c) { return W16(_mm256_shuffle_epi8(smb, _mm256_set1_epi64x(q8_ctrl4(c)))); };
+#else
         int sc[8];
         o.ow = SW{};
         for (int i = 0; i < 8; ++i) {
@@ -211,6 +218,8 @@ struct Q8Q45_K {
             o.ow[i] = int16_t(sc[i]);
             o.ow[8 + i] = int16_t(mn);
         }
+        const auto scale_words = [&](int c) { return W16{} + int16_t(sc[c]); };
+#endif
         for (int r = 0; r < 4; ++r) {
             const int G = r >> 1, h = r & 1, c0 = 4 * G + h;
             const UB32 a = ub_load(sb + kQs + 64 * G), b = ub_load(sb + kQs + 64 * G + 32);
@@ -220,7 +229,7 @@ struct Q8Q45_K {
                 o.q[r].a |= UB32(((qh >> c0) & 1) << 4);
                 o.q[r].b |= UB32(((qh >> (c0 + 2)) & 1) << 4);
             }
-            o.s[r] = {W16{} + int16_t(sc[c0]), W16{} + int16_t(sc[c0 + 2])};
+            o.s[r] = {scale_words(c0), scale_words(c0 + 2)};
         }
 #endif
     }
@@ -330,7 +339,9 @@ void q8_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
 
 constexpr int kQ8RowsT1 = QL_AVX512 ? 4 : 2;  // rows of W per tile, T = 1
 constexpr int kQ8Rows = 2;                    // rows of W per tile, T >= 2
-constexpr int kQ8Tile = QL_AVX512 ? 4 : 2;    // rows of x per tile, T >= 4
+// Rows of x per tile, T >= 4. The portable path decodes a super-block with scalar code and holds
+// the decoded block in memory (16 ymm registers), so it amortizes that over more rows of x.
+constexpr int kQ8Tile = QL_AVX512 ? 4 : 8;
 
 template <class F>
 void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
@@ -342,12 +353,15 @@ void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
         default: break;
     }
     // Rows of W in pairs, each pair against all of x in tiles of kQ8Tile rows (the pair's weights
-    // stay in cache across the tiles), the last partial tile one row of x at a time.
+    // stay in cache across the tiles), the rest in tiles of 4 (if smaller than kQ8Tile), 2 and 1.
     for (i64 m = n; m < n_end; m += kQ8Rows) {
         const i64 m_end = m + kQ8Rows < n_end ? m + kQ8Rows : n_end;
         i64 t0 = 0;
         for (; t0 + kQ8Tile <= p.T; t0 += kQ8Tile) q8_range<F, kQ8Rows, kQ8Tile>(p, m, m_end, t0);
-        for (; t0 < p.T; ++t0) q8_range<F, kQ8Rows, 1>(p, m, m_end, t0);
+        if constexpr (kQ8Tile > 4)
+            if (t0 + 4 <= p.T) q8_range<F, kQ8Rows, 4>(p, m, m_end, t0), t0 += 4;
+        if (t0 + 2 <= p.T) q8_range<F, kQ8Rows, 2>(p, m, m_end, t0), t0 += 2;
+        if (t0 < p.T) q8_range<F, kQ8Rows, 1>(p, m, m_end, t0);
     }
 }
 

@@ -1097,6 +1097,20 @@ void quantize_x(const float* x, i64 T, i64 K, int16_t* xq, float* xs, float* xm)
     }
 }
 
+#if defined(__SSE4_1__)
+// The 16 bytes [sc_0..7, m_0..7] of a Q4_K / Q5_K super-block's 12 packed scale bytes.
+inline __m128i kquant_scale_min_bytes(const uint8_t* packed) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+    const __m128i a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+    const __m128i hb = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
+    const __m128i lo = _mm_blendv_epi8(a, _mm_srli_epi16(a, 4),  // mins 4..7: high nibbles
+                                       _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1));
+    const __m128i low_bits = _mm_and_si128(lo, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
+    const __m128i high_bits = _mm_and_si128(_mm_srli_epi16(hb, 2), _mm_set1_epi8(0x30));
+    return _mm_or_si128(low_bits, high_bits);
+}
+#endif
+
 #if QL_AVX512
 using WI = __m512i;  // 32 int16 words: one 32-element chunk
 using AI = __m512i;  // 16 int32 lanes
@@ -1123,16 +1137,6 @@ inline float m8sum(M8 a) {
     const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
-}
-// The 16 bytes [sc_0..7, m_0..7] of a Q4_K / Q5_K super-block's 12 packed scale bytes.
-inline __m128i kquant_scale_min_bytes(const uint8_t* packed) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
-    const __m128i a = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
-    const __m128i hb = _mm_shuffle_epi8(v, _mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7));
-    const __m128i lo = _mm_mask_blend_epi8(0xF000, a, _mm_srli_epi16(a, 4));  // mins 4..7: high nibbles
-    const __m128i low_bits = _mm_and_si128(lo, _mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15));
-    const __m128i high_bits = _mm_and_si128(_mm_srli_epi16(hb, 2), _mm_set1_epi8(0x30));
-    return _mm_or_si128(low_bits, high_bits);
 }
 #else
 typedef int16_t W16 __attribute__((vector_size(32)));
