@@ -270,12 +270,13 @@ def gguf_case(seed_docs: list[tuple[GGUFDoc, bytes]], r: random.Random) -> tuple
 
 # ------------------------------------------------------------------ config mutations
 CONFIG_FIELDS = ("device", "resident_budget", "host_budget", "slow_tier", "prefetch_depth", "staging_buffers",
-                 "io_backend", "io_threads", "compute_threads", "hardware", "kv_cache", "kv_cache.placement",
-                 "kv_cache.max_context", "kv_cache.dtype")
+                 "io_backend", "io_threads", "compute_threads", "hardware", "cpu_activations", "kv_cache",
+                 "kv_cache.placement", "kv_cache.max_context", "kv_cache.dtype")
 VALID = {"device": ["cpu", "auto"], "resident_budget": ["3%", "20%", "100%", "1MiB", "64 MB", 10**9, "auto"],
          "host_budget": ["1GiB", "auto"], "slow_tier": ["disk", "none"], "prefetch_depth": [1, 2, "auto"],
          "staging_buffers": [2, 3, 4], "io_backend": ["posix", "odirect", "auto"], "io_threads": [1, 2, 4],
-         "compute_threads": [1, 2], "hardware": ["auto"], "kv_cache.placement": ["auto", "resident", "host"],
+         "compute_threads": [1, 2], "hardware": ["auto"], "cpu_activations": ["int16", "int8"],
+         "kv_cache.placement": ["auto", "resident", "host"],
          "kv_cache.max_context": [16, 64, 4096], "kv_cache.dtype": ["auto", "f32", "f16"]}
 
 
