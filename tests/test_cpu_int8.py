@@ -204,3 +204,17 @@ def test_cli_flag(tiny_kquant):
     r = subprocess.run(base + ["--cpu-activations", "int4"], capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "cpu_activations" in lines[0]
+
+
+def test_draft_model_follows_the_target(tiny_kquant):
+    """A draft GGUF loaded for speculation takes the target's cpu_activations unless told otherwise."""
+    import engine
+    from engine.serving.speculative import drafter_for
+
+    with engine.load(tiny_kquant, config={"device": "cpu", "cpu_activations": "int8"}) as target:
+        for options, want in (({}, "int8"), ({"cpu_activations": "int16"}, "int16")):
+            drafter = drafter_for(target, str(tiny_kquant), **options)
+            try:
+                assert drafter.model.weights.device_for(0, 1).activations == want
+            finally:
+                drafter.shutdown()

@@ -230,7 +230,8 @@ PROMPT_LOOKUP = "prompt-lookup"
 
 
 def drafter_for(target, draft, **load_options):
-    """`draft`: "prompt-lookup", a drafter, a loaded Model, or a GGUF path (loaded and owned)."""
+    """`draft`: "prompt-lookup", a drafter, a loaded Model, or a GGUF path (loaded and owned; its CPU
+    kernels round activations as the target's config says unless `load_options` names cpu_activations)."""
     if draft == PROMPT_LOOKUP:
         return PromptLookup()
     if isinstance(draft, (PromptLookup, DraftModel)):
@@ -239,6 +240,7 @@ def drafter_for(target, draft, **load_options):
         return DraftModel(draft, target)
     from ..model import Model
 
+    load_options.setdefault("cpu_activations", getattr(getattr(target, "config", None), "cpu_activations", None))
     model = Model.load(draft, n_ctx=target.n_ctx, **load_options)
     try:
         return DraftModel(model, target, owned=True)
