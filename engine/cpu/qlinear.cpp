@@ -993,37 +993,49 @@ void panel_tile(const Problem& p, const float* panel, i64 kpad, i64 n0, i64 t0) 
         for (int r = 0; r < R; ++r) p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]);
 }
 
-// All rows of x against R decoded rows, in tiles of TT rows of x.
-template <int R, int TT>
-void panel_rows(const Problem& p, const float* panel, i64 kpad, i64 n0) {
-    i64 t0 = 0;
-    for (; t0 + TT <= p.T; t0 += TT) panel_tile<R, TT>(p, panel, kpad, n0, t0);
-    for (; t0 < p.T; ++t0) panel_tile<R, 1>(p, panel, kpad, n0, t0);
-}
-
-// Rows [g0*kRows, g1*kRows) clipped to N: register tiles for T <= 3, panel + microkernel above.
-template <class F>
-void run_groups(const Problem& p, i64 g0, i64 g1) {
+// Rows [g0 * kRows, g1 * kRows) clipped to N, for each path (a traits struct): for T <= 3 register
+// tiles straight from the weights (Path::direct<F, R, TT>: rows [n, n_end) against all of x), above
+// that Path::kPanelRows rows at a time decoded into a panel (Path::decode<F>) and a microkernel over
+// tiles of Path::kPanelT rows of x (Path::tile<F, R, TT>). No path's arithmetic depends on the tiling.
+template <class Path, class F>
+void run_rows(const typename Path::Prob& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
     i64 n = g0 * kRows;
     switch (p.T) {
-        case 1: direct_range<F, kRowsT1, 1>(p, n, n_end); return;
-        case 2: direct_range<F, kRowsSmallT, 2>(p, n, n_end); return;
-        case 3: direct_range<F, kRowsSmallT, 3>(p, n, n_end); return;
+        case 1: Path::template direct<F, Path::kRowsT1, 1>(p, n, n_end); return;
+        case 2: Path::template direct<F, Path::kRowsSmallT, 2>(p, n, n_end); return;
+        case 3: Path::template direct<F, Path::kRowsSmallT, 3>(p, n, n_end); return;
         default: break;
     }
     thread_local Scratch buf;
-    const i64 kpad = (p.K + 31) / 32 * 32;
-    float* panel = buf.get(kPanelRows * kpad);
-    for (; n + kPanelRows <= n_end; n += kPanelRows) {
-        decode_rows<F>(p, n, kPanelRows, panel, kpad);
-        panel_rows<kPanelRows, kPanelT>(p, panel, kpad, n);
-    }
-    for (; n < n_end; ++n) {
-        decode_rows<F>(p, n, 1, panel, kpad);
-        panel_rows<1, kPanelT>(p, panel, kpad, n);
-    }
+    const typename Path::Panel panel = Path::panel(p, buf.get(Path::kPanelRows * Path::panel_row_floats(p)));
+    const auto rows = [&]<int R>(i64 n0) {
+        Path::template decode<F>(p, n0, R, panel);
+        i64 t0 = 0;
+        for (; t0 + Path::kPanelT <= p.T; t0 += Path::kPanelT) Path::template tile<F, R, Path::kPanelT>(p, panel, n0, t0);
+        for (; t0 < p.T; ++t0) Path::template tile<F, R, 1>(p, panel, n0, t0);
+    };
+    for (; n + Path::kPanelRows <= n_end; n += Path::kPanelRows) rows.template operator()<Path::kPanelRows>(n);
+    for (; n < n_end; ++n) rows.template operator()<1>(n);
 }
+
+// The fp32 path: panels of decoded fp32 rows, zero-padded to whole chunks (kpad floats a row).
+struct FloatPath {
+    using Prob = Problem;
+    struct Panel {
+        float* w;
+        i64 kpad;
+    };
+    static constexpr int kRowsT1 = ::kRowsT1, kRowsSmallT = ::kRowsSmallT, kPanelRows = ::kPanelRows, kPanelT = ::kPanelT;
+    static i64 panel_row_floats(const Problem& p) { return (p.K + 31) / 32 * 32; }
+    static Panel panel(const Problem& p, float* base) { return {base, panel_row_floats(p)}; }
+    template <class F, int R, int TT>
+    static void direct(const Problem& p, i64 n, i64 n_end) { direct_range<F, R, TT>(p, n, n_end); }
+    template <class F>
+    static void decode(const Problem& p, i64 n0, int nrows, const Panel& q) { decode_rows<F>(p, n0, nrows, q.w, q.kpad); }
+    template <class F, int R, int TT>
+    static void tile(const Problem& p, const Panel& q, i64 n0, i64 t0) { panel_tile<R, TT>(p, q.w, q.kpad, n0, t0); }
+};
 
 // x with each 16-group of every row permuted by kSigma (K is a multiple of 32 for those formats);
 // nullptr if out of memory.
@@ -1426,38 +1438,23 @@ constexpr int kIntPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
 constexpr int kIntRowsT1 = QL_AVX512 ? 8 : 2;  // direct path, T = 1
 constexpr int kIntRowsSmallT = 2;              // direct path, T = 2..3
 
-template <bool kMins, int R>
-void int_panel_rows(const QProblem& p, const IntPanel& panel, i64 n0) {
-    i64 t0 = 0;
-    for (; t0 + kIntPanelT <= p.T; t0 += kIntPanelT) int_panel_tile<kMins, R, kIntPanelT>(p, panel, n0, t0);
-    for (; t0 < p.T; ++t0) int_panel_tile<kMins, R, 1>(p, panel, n0, t0);
-}
-
-template <class F>
-void int_run_groups(const QProblem& p, i64 g0, i64 g1) {
-    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
-    i64 n = g0 * kRows;
-    switch (p.T) {
-        case 1: int_direct_range<F, kIntRowsT1, 1>(p, n, n_end); return;
-        case 2: int_direct_range<F, kIntRowsSmallT, 2>(p, n, n_end); return;
-        case 3: int_direct_range<F, kIntRowsSmallT, 3>(p, n, n_end); return;
-        default: break;
+// The integer path: panels of int16 words, d and mins (K / 2 + K / 256 + K / 32 floats a row).
+struct IntPath {
+    using Prob = QProblem;
+    using Panel = IntPanel;
+    static constexpr int kRowsT1 = kIntRowsT1, kRowsSmallT = kIntRowsSmallT, kPanelRows = kIntPanelRows,
+                         kPanelT = kIntPanelT;
+    static i64 panel_row_floats(const QProblem& p) { return p.K / 2 + p.K / kQBlock + p.K / 32; }
+    static IntPanel panel(const QProblem& p, float* base) {
+        return {reinterpret_cast<int16_t*>(base), base + kPanelRows * p.K / 2, base + kPanelRows * (p.K / 2 + p.K / kQBlock)};
     }
-    thread_local Scratch buf;
-    const i64 nb = p.K / kQBlock;
-    // Words, d and mins of kIntPanelRows rows in one float-sized scratch (words take K/2 floats a row).
-    float* base = buf.get(kIntPanelRows * (p.K / 2 + nb + p.K / 32));
-    const IntPanel panel{reinterpret_cast<int16_t*>(base), base + kIntPanelRows * p.K / 2,
-                         base + kIntPanelRows * (p.K / 2 + nb)};
-    for (; n + kIntPanelRows <= n_end; n += kIntPanelRows) {
-        int_decode_rows<F>(p, n, kIntPanelRows, panel);
-        int_panel_rows<F::kMins, kIntPanelRows>(p, panel, n);
-    }
-    for (; n < n_end; ++n) {
-        int_decode_rows<F>(p, n, 1, panel);
-        int_panel_rows<F::kMins, 1>(p, panel, n);
-    }
-}
+    template <class F, int R, int TT>
+    static void direct(const QProblem& p, i64 n, i64 n_end) { int_direct_range<F, R, TT>(p, n, n_end); }
+    template <class F>
+    static void decode(const QProblem& p, i64 n0, int nrows, const IntPanel& q) { int_decode_rows<F>(p, n0, nrows, q); }
+    template <class F, int R, int TT>
+    static void tile(const QProblem& p, const IntPanel& q, i64 n0, i64 t0) { int_panel_tile<F::kMins, R, TT>(p, q, n0, t0); }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): integer dot products on the legacy 32-element blocks.
@@ -1745,37 +1742,23 @@ constexpr int kPairPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
 constexpr int kPairRowsT1 = QL_AVX512 ? 4 : 2;  // direct path, T = 1
 constexpr int kPairRowsSmallT = 2;              // direct path, T = 2..3
 
-template <bool kMins, int R>
-void pair_panel_rows(const PProblem& p, const PairPanel& panel, i64 n0) {
-    i64 t0 = 0;
-    for (; t0 + kPairPanelT <= p.T; t0 += kPairPanelT) pair_panel_tile<kMins, R, kPairPanelT>(p, panel, n0, t0);
-    for (; t0 < p.T; ++t0) pair_panel_tile<kMins, R, 1>(p, panel, n0, t0);
-}
-
-template <class F>
-void pair_run_groups(const PProblem& p, i64 g0, i64 g1) {
-    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
-    i64 n = g0 * kRows;
-    switch (p.T) {
-        case 1: pair_direct_range<F, kPairRowsT1, 1>(p, n, n_end); return;
-        case 2: pair_direct_range<F, kPairRowsSmallT, 2>(p, n, n_end); return;
-        case 3: pair_direct_range<F, kPairRowsSmallT, 3>(p, n, n_end); return;
-        default: break;
+// The pair path: panels of pair-laid words and each pair's fields (36 floats a pair).
+struct PairPath {
+    using Prob = PProblem;
+    using Panel = PairPanel;
+    static constexpr int kRowsT1 = kPairRowsT1, kRowsSmallT = kPairRowsSmallT, kPanelRows = kPairPanelRows,
+                         kPanelT = kPairPanelT;
+    static i64 panel_row_floats(const PProblem& p) { return p.pairs() * 36; }
+    static PairPanel panel(const PProblem& p, float* base) {
+        return {reinterpret_cast<int16_t*>(base), base + kPanelRows * p.pairs() * 32};
     }
-    thread_local Scratch buf;
-    const i64 pairs = p.pairs();
-    // Words (32 floats' worth a pair) and fields (4 floats a pair) of kPairPanelRows rows.
-    float* base = buf.get(kPairPanelRows * pairs * 36);
-    const PairPanel panel{reinterpret_cast<int16_t*>(base), base + kPairPanelRows * pairs * 32};
-    for (; n + kPairPanelRows <= n_end; n += kPairPanelRows) {
-        pair_decode_rows<F>(p, n, kPairPanelRows, panel);
-        pair_panel_rows<F::kMins, kPairPanelRows>(p, panel, n);
-    }
-    for (; n < n_end; ++n) {
-        pair_decode_rows<F>(p, n, 1, panel);
-        pair_panel_rows<F::kMins, 1>(p, panel, n);
-    }
-}
+    template <class F, int R, int TT>
+    static void direct(const PProblem& p, i64 n, i64 n_end) { pair_direct_range<F, R, TT>(p, n, n_end); }
+    template <class F>
+    static void decode(const PProblem& p, i64 n0, int nrows, const PairPanel& q) { pair_decode_rows<F>(p, n0, nrows, q); }
+    template <class F, int R, int TT>
+    static void tile(const PProblem& p, const PairPanel& q, i64 n0, i64 t0) { pair_panel_tile<F::kMins, R, TT>(p, q, n0, t0); }
+};
 
 #include "q8_path.h"
 
@@ -1971,13 +1954,13 @@ void guarded(const void* ctx, i64 g0, i64 g1) {
 
 template <class F>
 FormatEntry entry(int type) {
-    return {type, F::kBlock, F::kBytes, F::kPermuted, guarded<Problem, run_groups<F>>, nullptr, nullptr, nullptr};
+    return {type, F::kBlock, F::kBytes, F::kPermuted, guarded<Problem, run_rows<FloatPath, F>>, nullptr, nullptr, nullptr};
 }
 
 template <class F, class I>
 FormatEntry entry_int(int type) {
     FormatEntry e = entry<F>(type);
-    e.run_int = guarded<QProblem, int_run_groups<I>>;
+    e.run_int = guarded<QProblem, run_rows<IntPath, I>>;
     return e;
 }
 
@@ -1991,7 +1974,7 @@ FormatEntry entry_q8(int type) {
 template <class F, class P>
 FormatEntry entry_pair(int type) {
     FormatEntry e = entry<F>(type);
-    e.run_pair = guarded<PProblem, pair_run_groups<P>>;
+    e.run_pair = guarded<PProblem, run_rows<PairPath, P>>;
     return e;
 }
 
