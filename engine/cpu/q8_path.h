@@ -10,17 +10,16 @@
 //     block sx_b = 0; bs_i = sum of x8 over 16-element sub-block i, cs_j over 32-element chunk j;
 //   * a weight super-block gives unsigned codes q (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63, standing for
 //     q - 32), per-element scales (Q4_K/Q5_K sc_j of chunk j, 6 bits; Q6_K sc_i of sub-block i,
-//     signed 8 bits), 16 offset words ow and the floats d (Q4_K/Q5_K also dmin);
+//     signed 8 bits) and the float d; Q4_K/Q5_K also mins_b = dmin * float(m_j) (8 fp32 lanes, one
+//     product each, as the int16 path's decode); Q6_K 16 offset words ow = sc_0..15;
 //   * I_b (16 int32 lanes, exact) = sum over the super-block of sc * q * x8: vpmaddubsw pairs q * x8
 //     into int16 words (|word| <= 2 * 63 * 127: no saturation), vpdpwssd / vpmaddwd multiplies them
 //     by the scale words and sums pairs into int32 lane l of each of the block's 4 registers (x8
 //     bytes 64r..64r+63 of the stored block, see kQ8Slot), the 4 registers added;
-//   * M_b (8 int32 lanes, exact) = ow * ox summed in adjacent pairs: Q4_K/Q5_K ow = [sc_0..7,
-//     m_0..7], ox = [0 x8, cs_0..7] (lanes 4..7 hold the mins' terms); Q6_K ow = sc_0..15, ox = bs;
-//   * Q6_K: I_b lanes 0..7 -= 32 M_b; acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) for b
-//     in order; out = vsum(acc);
-//   * Q4_K / Q5_K: acc as above, macc (8 fp32 lanes) = fma(float(M_b), dmin_b * sx_b, macc) for b in
-//     order; out = vsum(acc) - sum8(macc) (the pairwise trees of vsum).
+//   * Q6_K: M_b (8 int32 lanes, exact) = ow * bs summed in adjacent pairs; I_b lanes 0..7 -= 32 M_b;
+//     acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) for b in order; out = vsum(acc);
+//   * Q4_K / Q5_K: acc as above, macc (8 fp32 lanes) = fma(mins_b, xm_b, macc) for b in order, xm_b =
+//     float(cs_j) * sx_b (lane j); out = vsum(acc) - sum8(macc) (the pairwise trees of vsum).
 // |I_b| < 2^25 and |M_b| < 2^21 by the formats' ranges, so every integer sum is exact.
 //
 // x8 is stored once per call with the 32-element chunks of each block in the order kQ8Slot (chunks
@@ -30,7 +29,9 @@
 // (one variable shift per half).
 //
 // Work: T <= 3 decodes each super-block into registers once for all rows of x; larger T runs tiles
-// of kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again.
+// of kQ8Rows rows of W by kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights
+// of its rows again. The Q4_K/Q5_K mins take one 8-lane fma per (row of W, row of x, block), their
+// float products made once per decoded block (dmin * m_j) and once per call (cs_j * sx_b).
 namespace {
 
 // Chunk c of a block goes to slot kQ8Slot[c] of the stored x8 (its own inverse).
@@ -41,7 +42,7 @@ constexpr int kQ8Sub[4][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}, {8, 9, 12, 13}, {10, 1
 struct Q8Problem {
     const int8_t* xq;   // (T, K) x8, chunks of each 256-block in kQ8Slot order
     const int16_t* bs;  // (T, K / 16) sums of x8 per 16 elements
-    const int16_t* bz;  // (T, K / 16) per block: 8 zeros, then cs_0..7 (sums of x8 per 32 elements)
+    const float* xm;    // (T, K / 32) float(cs_j) * sx_b (cs_j: sum of x8 over 32-element chunk j)
     const float* xs;    // (T, K / 256) sx_b
     const uint8_t* w;   // N rows of row_bytes
     float* out;         // (T, N)
@@ -53,16 +54,16 @@ Scratch& q8_scratch() {  // the caller's quantized x
     return buf;
 }
 
-// Floats of scratch for T rows: x8 (K / 4 floats' worth a row), bs and bz (K / 32 each), sx (K / 256).
+// Floats of scratch for T rows: x8 (K / 4 floats' worth a row), bs and xm (K / 32 each), sx (K / 256).
 inline i64 q8_scratch_floats(i64 T, i64 K) { return T * (K / 4 + K / 16 + K / kQBlock); }
 
 // Quantize T rows of x into the scratch `base` (q8_scratch_floats(T, K) floats); the problem's x fields.
 void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     int8_t* xq = reinterpret_cast<int8_t*>(base);
     int16_t* bs = reinterpret_cast<int16_t*>(base + T * K / 4);
-    int16_t* bz = bs + T * K / 16;
+    float* xm = base + T * (K / 4 + K / 32);
     float* xs = base + T * (K / 4 + K / 16);
-    p.xq = xq, p.bs = bs, p.bz = bz, p.xs = xs;
+    p.xq = xq, p.bs = bs, p.xm = xm, p.xs = xs;
     for (i64 b = 0; b < T * K / kQBlock; ++b) {
         const float* src = x + b * kQBlock;
         int8_t* dst = xq + b * kQBlock;
@@ -89,10 +90,7 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
             for (int l = 0; l < 16; ++l) s += q[16 * i + l];
             bs[b * 16 + i] = int16_t(s);
         }
-        for (int j = 0; j < 8; ++j) {
-            bz[b * 16 + j] = 0;
-            bz[b * 16 + 8 + j] = int16_t(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
-        }
+        for (int j = 0; j < 8; ++j) xm[b * 8 + j] = float(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]) * xs[b];
         for (int c = 0; c < 8; ++c) std::memcpy(dst + 32 * kQ8Slot[c], q + 32 * c, 32);
     }
 }
@@ -100,8 +98,8 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
 // A vpshufb control making 4 words of byte b each (high bytes zero).
 constexpr long long q8_ctrl4(int b) { return 0x8000800080008000ll | 0x0001000100010001ll * b; }
 
-// One decoded super-block: codes q[r] and scale words s[r] (pairing with x8 bytes 64r..64r+63), the
-// offset words ow (see the contract), d, dmin.
+// One decoded super-block: codes q[r] and scale words s[r] (pairing with x8 bytes 64r..64r+63), Q6_K's
+// offset words ow or Q4_K/Q5_K's mins (see the contract), d.
 #if QL_AVX512
 using QB = __m512i;   // 64 unsigned codes
 using SW = __m256i;   // 16 words
@@ -117,8 +115,6 @@ inline AI q8_dot(AI acc, QB q, WI s, const int8_t* x8) {
 #endif
 }
 inline M8I q8_offsets(SW ow, const int16_t* ox) { return _mm256_madd_epi16(ow, sw_load(ox)); }
-inline M8 m8from(M8I v) { return _mm256_cvtepi32_ps(v); }
-inline M8 m8bcast(float a) { return _mm256_set1_ps(a); }
 inline AI sub_lo32(AI I, M8I m) { return _mm512_sub_epi32(I, _mm512_zextsi256_si512(_mm256_slli_epi32(m, 5))); }
 #else
 typedef uint8_t UB32 __attribute__((vector_size(32)));
@@ -156,22 +152,21 @@ inline AI q8_dot(AI acc, QB q, WI s, const int8_t* x8) {
     return {acc.a + madd16(maddubs32(q.a, x8), s.a), acc.b + madd16(maddubs32(q.b, x8 + 32), s.b)};
 }
 inline M8I q8_offsets(SW ow, const int16_t* ox) { return madd16(ow, sw_load(ox)); }
-inline M8 m8from(M8I v) { return __builtin_convertvector(v, F8); }
-inline M8 m8bcast(float a) { return F8{} + a; }
 inline AI sub_lo32(AI I, M8I m) { return {I.a - (m << 5), I.b}; }
 #endif
 
 struct Q8Dec {
     QB q[4];
     WI s[4];
-    SW ow;
-    float d, dmin;
+    SW ow;    // Q6_K
+    M8 mins;  // Q4_K / Q5_K
+    float d;
 };
 
 // Q4_K (kQ5 false) / Q5_K: element 32j + l is nibble j & 1 of qs[32(j >> 1) + l] (Q5_K: plus bit j of
 // qh[l] as bit 4), scale sc_j, min m_j (6 bits each, packed in 12 bytes at offset 4). Register
 // r = 2G + h holds chunks 4G + h (bytes 0..31 of qs + 64G, nibble h) and 4G + 2 + h (bytes 32..63).
-// ow = [sc_0..7, m_0..7]; the offsets' x side is [0 x8, chunk sums of x8] (Q8Problem::bz).
+// mins = dmin * m_j; their x side is Q8Problem::xm.
 template <bool kQ5>
 struct Q8Q45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
@@ -179,10 +174,10 @@ struct Q8Q45_K {
     static constexpr int kQs = kQ5 ? 48 : 16;
     static void decode(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb);
-        o.dmin = half_at(sb + 2);
+        const float dmin = half_at(sb + 2);
 #if QL_AVX512
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        o.ow = _mm256_cvtepu8_epi16(sm);
+        o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
         const __m512i smb = _mm512_broadcast_i32x4(sm);
         const __m512i m4 = _mm512_set1_epi8(15);
         for (int G = 0; G < 2; ++G) {
@@ -206,17 +201,15 @@ struct Q8Q45_K {
 #else
 #if defined(__AVX2__)
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        o.ow = W16(_mm256_cvtepu8_epi16(sm));
+        o.mins = F8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin)));
         const __m256i smb = _mm256_broadcastsi128_si256(sm);
         const auto scale_words = [&](int c) { return W16(_mm256_shuffle_epi8(smb, _mm256_set1_epi64x(q8_ctrl4(c)))); };
 #else
         int sc[8];
-        o.ow = SW{};
         for (int i = 0; i < 8; ++i) {
             int mn;
             kquant_scale_min(sb + 4, i, sc[i], mn);
-            o.ow[i] = int16_t(sc[i]);
-            o.ow[8 + i] = int16_t(mn);
+            o.mins[i] = dmin * float(mn);
         }
         const auto scale_words = [&](int c) { return W16{} + int16_t(sc[c]); };
 #endif
@@ -245,7 +238,6 @@ struct Q8Q6_K {
     static constexpr bool kMins = false;
     static void decode(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb + 208);
-        o.dmin = 0.0f;
 #if QL_AVX512
         o.ow = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 192)));
         const auto bcast32 = [](const uint8_t* p) {
@@ -279,17 +271,18 @@ struct Q8Q6_K {
 };
 
 // acc/macc += one super-block of one row of W times block b of one row of x (the contract above).
+// bs: the block's 16 sums of x8 (Q6_K), xm: its 8 xm_b lanes (Q4_K / Q5_K).
 template <bool kMins>
-inline void q8_block(const Q8Dec& w, const int8_t* x8, const int16_t* ox, float sx, V& acc, M8& macc) {
+inline void q8_block(const Q8Dec& w, const int8_t* x8, const int16_t* bs, const float* xm, float sx, V& acc,
+                     M8& macc) {
     AI i0 = q8_dot(izero(), w.q[0], w.s[0], x8), i1 = q8_dot(izero(), w.q[1], w.s[1], x8 + 64);
     i0 = q8_dot(i0, w.q[2], w.s[2], x8 + 128);
     i1 = q8_dot(i1, w.q[3], w.s[3], x8 + 192);
     AI I = iadd(i0, i1);
-    const M8I M = q8_offsets(w.ow, ox);
     if constexpr (kMins)
-        macc = m8fma(m8from(M), m8bcast(w.dmin * sx), macc);
+        macc = m8fma(w.mins, m8load(xm), macc);
     else
-        I = sub_lo32(I, M);
+        I = sub_lo32(I, q8_offsets(w.ow, bs));
     acc = vfma(ito_float(I), vbcast(w.d * sx), acc);
 }
 
@@ -321,7 +314,7 @@ void q8_tile(const Q8Problem& p, i64 n0, i64 t0) {
             F::decode(sb, w);
             for (int t = 0; t < TT; ++t) {
                 const i64 tt = t0 + t;
-                q8_block<F::kMins>(w, p.xq + tt * p.K + b * kQBlock, (F::kMins ? p.bz : p.bs) + (tt * nb + b) * 16,
+                q8_block<F::kMins>(w, p.xq + tt * p.K + b * kQBlock, p.bs + (tt * nb + b) * 16, p.xm + (tt * nb + b) * 8,
                                    p.xs[tt * nb + b], acc[r][t], macc[r][t]);
             }
         }
