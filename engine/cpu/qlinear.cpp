@@ -1,22 +1,26 @@
 // Fused dequantize + matmul on raw GGUF weight blocks: out(T, N) = x(T, K) @ W(N, K)^T.
 //
-// Two numeric paths, each identical in every code path (so results never depend on T tiling,
-// thread count or which thread computed what). Q4_K, Q5_K and Q6_K take the integer path (see
-// "Integer path" below: x rounded to int16 per 256 elements, exact integer dot products, one fp32
-// fma per super-block) unless the caller asks for the fp32 path (mode 1); every other format
-// takes the fp32 path:
-//   * each weight is dequantized to fp32 by one fixed expression per format (d*q, fma(q, d, m), ...);
-//   * each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
-//     order, it does acc = fma(x[0:16], w[0:16], acc) then acc = fma(x[16:32], w[16:32], acc)
-//     (lanes hold the 16 elements in a fixed per-format order, see kSigma);
-//   * the 16 lanes are summed with one fixed pairwise tree (lane i + lane i+8, then +4, +2, +1).
-// The AVX-512 path and the portable path (GCC vector extensions, any ISA) follow this contract
+// Four numeric paths, each identical in every code path (so results never depend on T tiling,
+// thread count, which thread computed what, or the AVX-512 vs portable build):
+//   * integer path (Q4_K, Q5_K, Q6_K; "Integer path" below): x rounded to int16 per 256 elements,
+//     exact integer dot products, one fp32 fma per super-block;
+//   * pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; "Pair path" below): x rounded to int16 per 32
+//     elements, two blocks per 16-lane register, one fp32 fma per pair of blocks;
+//   * 8-bit path (Q4_K, Q5_K, Q6_K, only when the caller asks for it: mode 2; q8_path.h): x rounded to
+//     int8 per 256 elements as llama.cpp does;
+//   * fp32 path (every other format, and every format in mode 1):
+//       - each weight is dequantized to fp32 by one fixed expression per format (d*q, fma(q, d, m), ...);
+//       - each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
+//         order, it does acc = fma(x[0:16], w[0:16], acc) then acc = fma(x[16:32], w[16:32], acc)
+//         (lanes hold the 16 elements in a fixed per-format order, see kSigma);
+//       - the 16 lanes are summed with one fixed pairwise tree (lane i + lane i+8, then +4, +2, +1).
+// The AVX-512 path and the portable path (GCC vector extensions, any ISA) follow each contract
 // exactly, so on an FMA machine they are bit-identical.
 //
-// Work: rows of W are split into groups of kRows, handed out dynamically to a small persistent
-// thread pool (caller included, see Pool). Small T decodes each weight chunk into registers and
-// uses it for every row of x; larger T decodes a group of rows once into an fp32 scratch panel
-// and runs a register-tiled microkernel over all of x.
+// Work: rows of W are split into groups of kRows, handed out to a small persistent thread pool
+// (caller included, see Pool: one contiguous slice of groups per thread). Small T decodes each
+// weight block into registers and uses it for every row of x; larger T decodes a few rows once into
+// a scratch panel and runs a register-tiled microkernel over all of x (run_rows).
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
