@@ -862,6 +862,27 @@ void prepare_rows(const Problem& p, i64 n0, int nrows, float* scales) {
     }
 }
 
+// Weights stream from memory: a tile of rows prefetches the next tile (its rows are contiguous)
+// linearly, spread evenly over the `steps` iterations of its loop (one step() each), never past the
+// matrix's end. Measured on the fp32 path: -16% time on a cold decode sweep. kLocality 3 fetches into
+// L1 (prefetcht0), 1 into L2 only (prefetcht2).
+template <int kLocality = 3>
+class NextTilePrefetch {
+public:
+    NextTilePrefetch(const uint8_t* tile, i64 tile_bytes, const uint8_t* end, i64 steps)
+        : pf_(tile + tile_bytes), end_(end), step_(steps ? ((tile_bytes + steps - 1) / steps + 63) / 64 * 64 : 0) {}
+    void step() {
+        for (i64 o = 0; o < step_; o += 64)
+            if (pf_ + o < end_) __builtin_prefetch(pf_ + o, 0, kLocality);
+        pf_ += step_;
+    }
+
+private:
+    const uint8_t* pf_;
+    const uint8_t* const end_;
+    const i64 step_;
+};
+
 // Direct path: R rows of W times all TT (= T) rows of x, weights decoded straight into registers.
 template <class F, int R, int TT>
 void direct_tile(const Problem& p, const float* scales, i64 n0) {
@@ -876,16 +897,9 @@ void direct_tile(const Problem& p, const float* scales, i64 n0) {
         sc[r] = scales + r * chunks * F::kScales;
     }
     const float* xs = p.x;
-    // Weights stream from memory: prefetch the next tile (its rows are contiguous) linearly,
-    // spread evenly over this tile's chunk loop. Measured: -16% time on a cold decode sweep.
-    const i64 tile_bytes = R * p.row_bytes;
-    const uint8_t* pf = rows[0] + tile_bytes;
-    const uint8_t* const pf_end = p.w + p.N * p.row_bytes;
-    const i64 pf_step = chunks ? ((tile_bytes + chunks - 1) / chunks + 63) / 64 * 64 : 0;
+    NextTilePrefetch<> pf(rows[0], R * p.row_bytes, p.w + p.N * p.row_bytes, chunks);
     for (i64 c = 0; c < chunks; ++c) {
-        for (i64 o = 0; o < pf_step; o += 64)
-            if (pf + o < pf_end) __builtin_prefetch(pf + o);
-        pf += pf_step;
+        pf.step();
         for (int r = 0; r < R; ++r) {
             V lo, hi;
             F::decode(rows[r], sc[r], c, lo, hi);
@@ -1650,15 +1664,9 @@ void pair_direct_tile(const PProblem& p, i64 n0) {
     const i64 chunks = p.chunks(), pairs = p.pairs(), full = chunks / 2;
     const uint8_t* rows[R];
     for (int r = 0; r < R; ++r) rows[r] = p.w + (n0 + r) * p.row_bytes;
-    // Prefetch the next tile (its rows are contiguous) linearly over this tile's pair loop.
-    const i64 tile_bytes = R * p.row_bytes;
-    const uint8_t* pf = rows[0] + tile_bytes;
-    const uint8_t* const pf_end = p.w + p.N * p.row_bytes;
-    const i64 pf_step = ((tile_bytes + pairs - 1) / pairs + 63) / 64 * 64;
+    NextTilePrefetch<> pf(rows[0], R * p.row_bytes, p.w + p.N * p.row_bytes, pairs);
     const auto step = [&](i64 q, bool both) {
-        for (i64 o = 0; o < pf_step; o += 64)
-            if (pf + o < pf_end) __builtin_prefetch(pf + o);
-        pf += pf_step;
+        pf.step();
         for (int r = 0; r < R; ++r) {
             const uint8_t* a = rows[r] + 2 * q * F::kBytes;
             const uint8_t* b = both ? a + F::kBytes : nullptr;
