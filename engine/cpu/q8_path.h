@@ -65,26 +65,9 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     float* xs = base + T * (K / 4 + K / 16);
     p.xq = xq, p.bs = bs, p.xm = xm, p.xs = xs;
     for (i64 b = 0; b < T * K / kQBlock; ++b) {
-        const float* src = x + b * kQBlock;
         int8_t* dst = xq + b * kQBlock;
-        float amax = 0.0f;
-        bool finite = true;
-        for (int i = 0; i < kQBlock; ++i) {
-            const float a = src[i] < 0 ? -src[i] : src[i];
-            amax = a > amax ? a : amax;
-            finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
-        }
-        int8_t q[kQBlock] = {};
-        if (!finite || amax == 0.0f) {
-            xs[b] = finite ? 0.0f : __builtin_nanf("");
-        } else {
-            const float inv = 127.0f / amax;
-            for (int i = 0; i < kQBlock; ++i) {
-                const float v = __builtin_rintf(src[i] * inv);
-                q[i] = int8_t(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
-            }
-            xs[b] = amax / 127.0f;
-        }
+        int8_t q[kQBlock];
+        xs[b] = quantize_block<127>(x + b * kQBlock, kQBlock, q);
         for (int i = 0; i < 16; ++i) {
             int s = 0;
             for (int l = 0; l < 16; ++l) s += q[16 * i + l];

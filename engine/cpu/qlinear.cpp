@@ -1096,29 +1096,36 @@ struct QProblem {
     i64 T, N, K, row_bytes;
 };
 
-// Quantize T rows of x (see the contract above); one plain loop per block, the same on every ISA.
+// Round one block of n activations to integers in [-kMax, kMax] on the block's own scale: returns
+// sx = amax / kMax with dst = rint(src * (kMax / amax)); an all-zero block gives sx = 0, a block
+// holding a NaN or an infinity sx = NaN (dst zero for both). One plain loop, the same on every ISA:
+// the integer (int16 per 256), pair (int16 per 32) and 8-bit (int8 per 256) paths all round this way.
+template <int kMax, class Q>
+float quantize_block(const float* src, int n, Q* dst) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int i = 0; i < n; ++i) {
+        const float a = src[i] < 0 ? -src[i] : src[i];
+        amax = a > amax ? a : amax;
+        finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
+    }
+    if (!finite || amax == 0.0f) {
+        for (int i = 0; i < n; ++i) dst[i] = 0;
+        return finite ? 0.0f : __builtin_nanf("");
+    }
+    const float inv = float(kMax) / amax;
+    for (int i = 0; i < n; ++i) {
+        const float v = __builtin_rintf(src[i] * inv);
+        dst[i] = Q(v > float(kMax) ? float(kMax) : v < -float(kMax) ? -float(kMax) : v);
+    }
+    return amax / float(kMax);
+}
+
+// Quantize T rows of x (see the contract above).
 void quantize_x(const float* x, i64 T, i64 K, int16_t* xq, float* xs, float* xm) {
     for (i64 b = 0; b < T * K / kQBlock; ++b) {
-        const float* src = x + b * kQBlock;
         int16_t* dst = xq + b * kQBlock;
-        float amax = 0.0f;
-        bool finite = true;
-        for (int i = 0; i < kQBlock; ++i) {
-            const float a = src[i] < 0 ? -src[i] : src[i];
-            amax = a > amax ? a : amax;
-            finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
-        }
-        if (!finite || amax == 0.0f) {
-            for (int i = 0; i < kQBlock; ++i) dst[i] = 0;
-            xs[b] = finite ? 0.0f : __builtin_nanf("");
-        } else {
-            const float inv = 32767.0f / amax;
-            for (int i = 0; i < kQBlock; ++i) {
-                const float v = __builtin_rintf(src[i] * inv);
-                dst[i] = int16_t(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
-            }
-            xs[b] = amax / 32767.0f;
-        }
+        xs[b] = quantize_block<32767>(x + b * kQBlock, kQBlock, dst);
         for (int j = 0; j < kQBlock / 32; ++j) {
             int s = 0;
             for (int i = 0; i < 32; ++i) s += dst[32 * j + i];
@@ -1511,26 +1518,9 @@ struct PProblem {
 
 // Quantize 32 elements into dst (words); returns sx, *sum = float(sum of the words) * sx.
 inline float quantize_chunk(const float* src, int16_t* dst, float* sum) {
-    float amax = 0.0f;
-    bool finite = true;
-    for (int i = 0; i < 32; ++i) {
-        const float a = src[i] < 0 ? -src[i] : src[i];
-        amax = a > amax ? a : amax;
-        finite &= a <= 3.4028234663852886e38f;  // false for inf and NaN
-    }
-    if (!finite || amax == 0.0f) {
-        for (int i = 0; i < 32; ++i) dst[i] = 0;
-        const float sx = finite ? 0.0f : __builtin_nanf("");
-        *sum = 0.0f * sx;
-        return sx;
-    }
-    const float inv = 32767.0f / amax, sx = amax / 32767.0f;
+    const float sx = quantize_block<32767>(src, 32, dst);
     int s = 0;
-    for (int i = 0; i < 32; ++i) {
-        const float v = __builtin_rintf(src[i] * inv);
-        dst[i] = int16_t(v > 32767.0f ? 32767.0f : v < -32767.0f ? -32767.0f : v);
-        s += dst[i];
-    }
+    for (int i = 0; i < 32; ++i) s += dst[i];
     *sum = float(s) * sx;
     return sx;
 }
