@@ -30,3 +30,13 @@ def guarded(fn: Callable[[], T]) -> tuple[int, T | None]:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130, None
+
+
+def add_cpu_activations(p) -> None:
+    """--cpu-activations on an argparse parser (engine.generate, engine.serve): overrides the config's
+    `cpu_activations`, validated there (a bad value is one `error:` line naming the field)."""
+    from .tiers.config import CPU_ACTIVATIONS
+
+    p.add_argument("--cpu-activations", metavar="|".join(CPU_ACTIVATIONS), default=None,
+                   help="how the CPU kernels round activations for Q4_K/Q5_K/Q6_K (default: the config's, int16; "
+                        "int8 is faster, ~1e-2 relative logit error)")

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .cli import guarded
+from .cli import add_cpu_activations, guarded
 from .errors import EngineError
 
 DEFAULT_PROMPT = "The three most useful things to know about running large language models at home are"
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--cpu-activations", metavar="int16|int8", default=None,
-                   help="how the CPU kernels round activations for Q4_K/Q5_K/Q6_K (default: the config's, int16; "
-                        "int8 is faster, ~1e-2 relative logit error)")
+    add_cpu_activations(p)
     p.add_argument("--ctx", type=int, default=None, help="context length (KV cache size)")
     p.add_argument("--trace", help="write a Chrome/Perfetto trace of reads, copies and compute to this file")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of streaming text")

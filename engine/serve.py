@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from .cli import guarded
+from .cli import add_cpu_activations, guarded
 from .errors import EngineError
 from .tiers.units import PREFILL_TOKENS
 
@@ -24,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--cpu-activations", metavar="int16|int8", default=None,
-                   help="how the CPU kernels round activations for Q4_K/Q5_K/Q6_K (default: the config's, int16; "
-                        "int8 is faster, ~1e-2 relative logit error)")
+    add_cpu_activations(p)
     p.add_argument("--ctx", type=int, default=None, help="context length per sequence")
     p.add_argument("--max-batch", type=int, default=8, help="generations that share a pass (more wait)")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_TOKENS,

@@ -18,8 +18,8 @@ SUPPORTED: frozenset[str] = frozenset(FORMAT_NAMES)
 
 log = logging.getLogger("engine.cpu")
 
-__all__ = ["ACTIVATIONS", "FORMATS", "INT8_FORMATS", "INT16_FORMATS", "activations_mode", "MAX_MANY", "SUPPORTED", "DecodeLayer", "available", "decode_block", "linear",
-           "linear_many", "set_num_threads"]
+__all__ = ["ACTIVATIONS", "FORMATS", "INT8_FORMATS", "INT16_FORMATS", "MAX_MANY", "SUPPORTED", "DecodeLayer",
+           "activations_mode", "available", "decode_block", "linear", "linear_many", "set_num_threads"]
 
 
 def available() -> bool:
