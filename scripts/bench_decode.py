@@ -16,9 +16,9 @@ token ids. Every round also measures the machine's read bandwidth (a torch sum o
 thread count) in its own process, so the weights' GB/s per decoded token can be set against it.
 --isa runs the engine once per kernel flavour (ENGINE_CPU_ISA: native = AVX-512 here, avx2 = the
 portable path as an AVX2 CPU builds it); --cpu-activations int16 int8 also runs each flavour with the
-kernels' opt-in 8-bit activations (rows 'engine/ISA/int8'); llama.cpp runs as installed. --python-block adds a run of the
-engine with the CPU's native decode step off (every block through the Python definition), to see what
-that step is worth in the same run.
+kernels' opt-in 8-bit activations (rows 'engine/ISA/int8'); llama.cpp runs as installed. --python-block
+adds a run of the engine with the CPU's native decode step off (every block through the Python
+definition), to see what that step is worth in the same run.
 llama.cpp comes from llama-cpp-python if installed (it is not a dependency of the engine).
 """
 from __future__ import annotations
@@ -162,12 +162,14 @@ def big_layer_model(n_layers: int) -> str:
 
 
 def main() -> None:
+    from engine.tiers.config import CPU_ACTIVATIONS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
     ap.add_argument("--big-layers", type=int, metavar="N", help="synthetic model of N Llama-70B-shaped blocks")
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--isa", nargs="+", default=["native"], choices=["native", "avx2"])
-    ap.add_argument("--cpu-activations", nargs="+", default=["int16"], metavar="int16|int8",
+    ap.add_argument("--cpu-activations", nargs="+", default=["int16"], choices=CPU_ACTIVATIONS,
                     help="run the engine once per activation rounding of its CPU kernels (int8: 'engine/ISA/int8')")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the --big-layers model")
@@ -193,8 +195,8 @@ def main() -> None:
         from engine.defaults import default_model_path
 
         a.model = str(default_model_path())
-    names = [f"engine/{isa}" + ("" if act == "int16" else f"/{act}") for isa in a.isa for act in a.cpu_activations] + (["engine/python-block"] if a.python_block else []) \
-        + (["baseline"] if a.baseline else [])
+    names = [f"engine/{isa}" + ("" if act == "int16" else f"/{act}") for isa in a.isa for act in a.cpu_activations] \
+        + (["engine/python-block"] if a.python_block else []) + (["baseline"] if a.baseline else [])
     try:
         import llama_cpp
 
