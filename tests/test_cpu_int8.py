@@ -104,6 +104,24 @@ def test_int8_portable_build_is_bit_identical_to_native():
                                   run8(x, raw, fmt, n, k, portable).view(np.uint32)), (fmt, t)
 
 
+def test_int8_blocks_of_rows_of_x_give_the_same_bits():
+    """Long rows split x into blocks of rows (q8_path.h: kQ8XBlockBytes of x8, at K = 32768 16 rows a
+    block): a batch of 43 rows spans 3 blocks and a tail of tiles of 2 and 1; each row gives the bits
+    it gives alone, at 1 and 2 threads."""
+    rng = np.random.default_rng(12)
+    n, k = 21, 32768
+    kern = Kernels(build(BuildSpec.default()), 2)
+    for fmt in INT8:
+        raw = make_weight(fmt, n, k, rng)
+        x = rng.standard_normal((43, k)).astype(np.float32)
+        whole = run8(x, raw, fmt, n, k, kern)
+        kern.set_num_threads(1)
+        assert np.array_equal(whole.view(np.uint32), run8(x, raw, fmt, n, k, kern).view(np.uint32)), fmt
+        kern.set_num_threads(2)
+        for t in (0, 15, 16, 40, 42):
+            assert np.array_equal(run8(x[t:t + 1], raw, fmt, n, k, kern)[0].view(np.uint32), whole[t].view(np.uint32)), (fmt, t)
+
+
 @pytest.mark.parametrize("bad", ("int4", "INT8", "", None, 8))
 def test_activations_value_is_validated(bad):
     x, w = torch.randn(1, 256), torch.zeros(144, dtype=torch.uint8)
