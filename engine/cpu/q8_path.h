@@ -183,11 +183,11 @@ struct Q8Q45_K {
     static constexpr bool kMins = true;
     static constexpr int kQs = kQ5 ? 48 : 16;
     static void decode(const uint8_t* sb, Q8Dec& o) {
-        o.d = half_at(sb);
-        const float dmin = half_at(sb + 2);
 #if QL_AVX512
+        const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
+        o.d = _mm_cvtss_f32(dd);
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
+        o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_broadcastss_ps(_mm_movehdup_ps(dd)));
         const __m512i smb = _mm512_broadcast_i32x4(sm);
         const __m512i m4 = _mm512_set1_epi8(15);
         for (int G = 0; G < 2; ++G) {
@@ -208,6 +208,8 @@ struct Q8Q45_K {
             }
         }
 #else
+        o.d = half_at(sb);
+        const float dmin = half_at(sb + 2);
 #if defined(__AVX2__)
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
         o.mins = F8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin)));
