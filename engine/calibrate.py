@@ -7,7 +7,8 @@ $ENGINE_CACHE_DIR/hardware-cpu.json, else ~/.cache/engine/hardware-cpu.json):
     posix_fadvise(DONTNEED); as root the global page cache is also dropped unless --no-drop-caches),
     plus the latency of small random O_DIRECT reads (embedding rows);
   * memcpy, and single-thread streaming reads of RAM (what attention over the KV cache does);
-  * every CPU linear kernel (engine.cpu.linear on random weight bytes) at T=1 and T=32;
+  * every CPU linear kernel (engine.cpu.linear on random weight bytes) at T=1 and T=32, and those with an
+    8-bit-activation path (engine.cpu.INT8_FORMATS) again with activations="int8" (cpu_activations: int8);
   * a per-layer and a per-token fixed-cost proxy (tiny kernel calls and small torch ops).
 --quick keeps the whole run under ~20 s on two cores. Errors: one line on stderr, exit 1.
 
@@ -217,7 +218,9 @@ def _weights(fmt: str, n: int, k: int):
     return torch.randint(0, 256, (n * f.row_nbytes(k),), dtype=torch.uint8, generator=g)
 
 
-def measure_kernels(s: Settings, threads: int, batched_tokens: int = 32) -> tuple[dict, dict]:
+def measure_kernels(s: Settings, threads: int, batched_tokens: int = 32) -> tuple[dict, dict, dict]:
+    """Per format, the kernels' ComputeRate with the default int16 activations and, for INT8_FORMATS,
+    with int8 ones (the same matrices and method), and the raw timings."""
     import torch
 
     from . import cpu
@@ -227,17 +230,22 @@ def measure_kernels(s: Settings, threads: int, batched_tokens: int = 32) -> tupl
         raise EngineError("the CPU linear kernels are unavailable; nothing to calibrate", field="engine.cpu")
     cpu.set_num_threads(threads)
     k = 4096
-    rates, raw = {}, {}
+    rates, rates_int8, raw = {}, {}, {}
+    x1, xb = torch.randn(1, k), torch.randn(batched_tokens, k)
     for fmt in sorted(cpu.SUPPORTED):
         n = max(1, s.matrix_bytes // FORMATS[fmt].row_nbytes(k))
         w = _weights(fmt, n, k)
-        x1, xb = torch.randn(1, k), torch.randn(batched_tokens, k)
-        cpu.linear(x1, w, fmt, n, k)  # warm up: pages, caches, the thread pool
-        t1 = _best(lambda: cpu.linear(x1, w, fmt, n, k), s.repeats + 2)
-        tb = _best(lambda: cpu.linear(xb, w, fmt, n, k), s.repeats)
-        rates[fmt] = ComputeRate(t1=w.numel() / t1, batched=batched_tokens * w.numel() / tb)
-        raw[fmt] = {"n": n, "k": k, "weight_bytes": w.numel(), "t1_s": t1, f"t{batched_tokens}_s": tb}
-    return rates, raw
+        raw[fmt] = {"n": n, "k": k, "weight_bytes": w.numel()}
+        for activations, into in (("int16", rates), ("int8", rates_int8)):
+            if activations == "int8" and fmt not in cpu.INT8_FORMATS:
+                continue
+            cpu.linear(x1, w, fmt, n, k, activations=activations)  # warm up: pages, caches, the thread pool
+            t1 = _best(lambda: cpu.linear(x1, w, fmt, n, k, activations=activations), s.repeats + 2)
+            tb = _best(lambda: cpu.linear(xb, w, fmt, n, k, activations=activations), s.repeats)
+            into[fmt] = ComputeRate(t1=w.numel() / t1, batched=batched_tokens * w.numel() / tb)
+            suffix = "" if activations == "int16" else "_int8"
+            raw[fmt] |= {f"t1{suffix}_s": t1, f"t{batched_tokens}{suffix}_s": tb}
+    return rates, rates_int8, raw
 
 
 def measure_overheads(threads: int) -> dict:
@@ -299,7 +307,7 @@ def calibrate(s: Settings, directory: Path, threads: int, progress=lambda msg: N
     progress("memory")
     mem = measure_memory(s)
     progress(f"kernels ({threads} threads)")
-    rates, raw = measure_kernels(s, threads)
+    rates, rates_int8, raw = measure_kernels(s, threads)
     progress("overheads")
     over = measure_overheads(threads)
     meas = {**{k: v for k, v in disk.items() if k.startswith("disk_") and k not in
@@ -313,8 +321,9 @@ def calibrate(s: Settings, directory: Path, threads: int, progress=lambda msg: N
         resident_bytes=int(psutil.virtual_memory().available), host_bytes=0,
         disk_read_direct=disk["disk_read_direct"], disk_read_buffered=disk["disk_read_buffered"],
         disk_latency_s=disk["disk_latency_s"], host_to_device=mem["memcpy"], memcpy=mem["memcpy"],
-        resident_bandwidth=mem["resident_bandwidth"], compute=rates, layer_overhead_s=over["layer_overhead_s"],
-        token_overhead_s=over["token_overhead_s"], source=f"calibrated {meas['date']}", measurements=meas)
+        resident_bandwidth=mem["resident_bandwidth"], compute=rates, compute_int8=rates_int8,
+        layer_overhead_s=over["layer_overhead_s"], token_overhead_s=over["token_overhead_s"],
+        source=f"calibrated {meas['date']}", measurements=meas)
 
 
 def describe_profile(p: HardwareProfile) -> str:
@@ -324,9 +333,11 @@ def describe_profile(p: HardwareProfile) -> str:
              f"   random 4 KiB read {p.disk_latency_s * 1e6:.0f} us",
              f"  memcpy             {format_rate(p.memcpy)}   1-thread RAM read {format_rate(p.resident_bandwidth)}",
              f"  overheads          {p.layer_overhead_s * 1e6:.0f} us/layer, {p.token_overhead_s * 1e6:.0f} us/token",
-             "  linear kernels     weight GB/s at T=1 | token x GB/s at T=32"]
+             "  linear kernels     weight GB/s at T=1 | token x GB/s at T=32   (with cpu_activations int8)"]
     for fmt, r in p.compute.items():
-        lines.append(f"    {fmt:<6} {r.t1 / 1e9:7.2f} | {r.batched / 1e9:7.2f}")
+        r8 = p.compute_int8.get(fmt)
+        int8 = f"   ({r8.t1 / 1e9:7.2f} | {r8.batched / 1e9:7.2f})" if r8 else ""
+        lines.append(f"    {fmt:<6} {r.t1 / 1e9:7.2f} | {r.batched / 1e9:7.2f}{int8}")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ def guarded(fn: Callable[[], T]) -> tuple[int, T | None]:
 
 
 def add_cpu_activations(p) -> None:
-    """--cpu-activations on an argparse parser (engine.generate, engine.serve): overrides the config's
+    """--cpu-activations on an argparse parser (engine.generate, engine.serve, engine.plan): overrides the config's
     `cpu_activations`, validated there (a bad value is one `error:` line naming the field)."""
     from .tiers.config import CPU_ACTIVATIONS
 

@@ -1,4 +1,5 @@
-"""python -m engine.plan [--model PATH | --describe MODEL:MIX] [--config YAML] [--hardware NAME|JSON] [--hybrid auto|off] [--json]
+"""python -m engine.plan [--model PATH | --describe MODEL:MIX] [--config YAML] [--hardware NAME|JSON] [--hybrid auto|off]
+                       [--cpu-activations int16|int8] [--json]
 
 Prints where every layer, the embedding, the output head and the KV cache would live, the staging
 ring, and the predicted per-token time (compute and transfer per tier) -- without loading weights.
@@ -16,7 +17,7 @@ import json
 import os
 import sys
 
-from .cli import guarded
+from .cli import add_cpu_activations, guarded
 from .tiers.config import AUTO, HYBRID, TierConfig, load_config
 from .tiers.footprint import MIXES, ModelFootprint, describe, footprint_from_gguf
 from .tiers.hardware import PRESETS, HardwareProfile, detect_device, load_profile, resolve_profile
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"(default: the config's, else the calibrated one, else defaults)")
     p.add_argument("--hybrid", choices=HYBRID, help="override the config's hybrid_compute: auto lets host-tier "
                                                       "layers compute on the CPU in small passes, off streams them")
+    add_cpu_activations(p)
     p.add_argument("--batch", type=int, default=Workload().batch)
     p.add_argument("--prompt-tokens", type=int, default=Workload().prompt_tokens)
     p.add_argument("--gen-tokens", type=int, default=Workload().gen_tokens)
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> tuple[Plan, Speculation]:
     cfg = load_config(args.config)
     if args.hybrid is not None:
         cfg = dataclasses.replace(cfg, hybrid_compute=args.hybrid)
+    if args.cpu_activations is not None:  # prices CPU compute at the profile's int8 rates where measured
+        cfg = dataclasses.replace(cfg, cpu_activations=args.cpu_activations)
     work = Workload(batch=args.batch, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
     fp = model_footprint(args.model, args.describe, None if args.quantize == "none" else args.quantize)
     hw = hardware_for(cfg, args.hardware)

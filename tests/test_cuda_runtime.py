@@ -8,6 +8,7 @@ torch CUDA / cupy / kvikio / pynvml, and hardware profiles from fake NVML values
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -32,6 +33,7 @@ from engine.gguf_file import GGUFFile
 from engine.model import Model
 from engine.spec import ModelSpec
 from engine.tiers.hardware import (
+    ComputeRate,
     HardwareProfile,
     default_profile,
     load_profile,
@@ -394,7 +396,8 @@ def test_gpu_info_and_profile_from_fake_nvml(monkeypatch, tmp_path):
     assert info.pcie_bytes_per_s == pytest.approx(link) and link == pytest.approx(31.5e9, rel=1e-3)
     assert info.peak_memory_bytes_per_s == pytest.approx(peak) and peak == pytest.approx(1008e9, rel=1e-3)
 
-    host = default_profile("cpu")
+    host8 = {"Q4_K": ComputeRate(3e9, 9e9), "Q6_K": ComputeRate(2e9, 7e9)}  # the CPU's cpu_activations int8 rates
+    host = dataclasses.replace(default_profile("cpu"), compute_int8=host8)
     p = nvml.profile_from_info(info, host)
     base = default_profile("cuda")
     assert (p.device, p.name, p.resident_bytes) == ("cuda", "cuda NVIDIA GeForce RTX 4090", 20 * GiB)
@@ -402,6 +405,9 @@ def test_gpu_info_and_profile_from_fake_nvml(monkeypatch, tmp_path):
     assert p.resident_bandwidth == pytest.approx(0.8 * peak)
     assert all(r.t1 == pytest.approx(0.7 * peak) and r.batched == base.compute[f].batched for f, r in p.compute.items())
     assert (p.host_bytes, p.disk_read_direct, p.memcpy) == (host.resident_bytes, host.disk_read_direct, host.memcpy)
+    assert (p.host_compute, p.host_compute_int8, p.compute_int8) == (host.compute, host8, {})  # beside the GPU
+    assert p.host_rate("Q4_K", "int8") == host8["Q4_K"] and p.host_rate("Q4_K") == host.compute["Q4_K"]
+    assert nvml.profile_from_info(info, p).host_compute_int8 == host8  # a GPU profile as the host: its host's
     assert "predicted" in p.source and "gen4 x16" in p.source
     assert load_profile(save_profile(p, tmp_path / "gpu.json")) == p
 

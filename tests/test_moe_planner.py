@@ -1,17 +1,19 @@
 """Expert-level planning of mixture-of-experts models from descriptions, and router profiles."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 
 import pytest
 
+from engine.cpu import INT8_FORMATS
 from engine.errors import ConfigError, PlanError
 from engine.plan import main as plan_main
 from engine.tiers.config import load_config
 from engine.tiers.footprint import describe
-from engine.tiers.hardware import default_profile
+from engine.tiers.hardware import ComputeRate, default_profile
 from engine.tiers.planner import DISK, RESIDENT, Workload, plan
 from engine.tiers.planner.experts import lru_hits
 from engine.tiers.router_stats import (RouterProfile, find_router_profile, load_router_profile, profile_path,
@@ -126,6 +128,22 @@ def test_everything_fits_means_no_cache_and_no_reads(tmp_path):
     p = plan(describe("qwen3-30b-a3b:Q4_K_M"), default_profile("cpu"), _cfg(tmp_path, "100%"))
     assert all(x.count(RESIDENT) == 128 and x.read_bytes == 0 for x in p.experts)
     assert p.expert_cache == 0 and p.streamed_bytes[DISK] == 0
+
+
+@pytest.mark.parametrize("budget", ["100%", "25%"])
+def test_expert_plans_price_cpu_activations(tmp_path, budget):
+    """cpu_activations int8 prices the experts and dense parts at the profile's int8 rates: the same
+    prediction as int16 on a profile whose int16 rates are those int8 ones, faster than int16."""
+    fp = describe("qwen3-30b-a3b:Q4_K_M")
+    hw = default_profile("cpu")
+    fast = {f: ComputeRate(3 * r.t1, 3 * r.batched) for f, r in hw.compute.items() if f in INT8_FORMATS}
+    hw8 = dataclasses.replace(hw, compute_int8=fast)
+    cfg = _cfg(tmp_path, budget)
+    p16, p8 = plan(fp, hw8, cfg), plan(fp, hw8, _cfg(tmp_path, budget, cpu_activations="int8"))
+    same = plan(fp, dataclasses.replace(hw, compute={**hw.compute, **fast}), cfg)
+    assert p8.experts == same.experts and p8.predicted == same.predicted
+    assert p8.predicted.compute_s < p16.predicted.compute_s / 2
+    assert p16.predicted == plan(fp, hw, cfg).predicted
 
 
 def test_budget_below_the_dense_parts_is_a_plan_error(tmp_path):

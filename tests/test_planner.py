@@ -15,6 +15,7 @@ from gguf import GGUFReader
 
 from engine import plan as plan_cli
 from engine.defaults import default_model_path
+from engine.cpu import INT8_FORMATS
 from engine.errors import ConfigError, PlanError
 from engine.gguf_file import GGUFFile
 from engine.spec import ModelSpec
@@ -470,6 +471,64 @@ def test_llama70b_on_rtx4090_hybrid(llama70b):
     assert "C" in text.split("layer map")[1].splitlines()[1] and "hybrid: passes of <=" in text
 
 
+def test_cpu_int8_rates_price_the_cpu_step():
+    """cpu_activations int8 prices a CPU's compute at the profile's int8 rate of the formats measured with
+    it (Q4_K here, 2x faster); Q6_K, measured only with int16, keeps its rate. Without int8 rates the
+    setting changes nothing but a note."""
+    fp = describe("llama3-8b:Q4_K_M")  # Q4_K and Q6_K matrices
+    t1 = 1.5e9
+    base = cpu_profile(t1=t1)
+    hw = dataclasses.replace(base, compute_int8={"Q4_K": ComputeRate(2 * t1, 200 * t1)})
+    cfg = load_config(CONFIGS / "cpu-default.yaml")
+    int8 = dataclasses.replace(cfg, cpu_activations="int8")
+    p16, p8 = plan(fp, hw, cfg), plan(fp, hw, int8)
+    assert all(lp.tier == "resident" for p in (p16, p8) for lp in p.layers)  # compute-bound: every byte read
+    q4k = sum(t.nbytes for lay in fp.layers for t in lay.tensors if t.fmt == "Q4_K") + (
+        fp.head.nbytes if fp.head.fmt == "Q4_K" else 0)
+    assert q4k > fp.weight_bytes / 2
+    assert p16.predicted.compute_s - p8.predicted.compute_s == pytest.approx(q4k / t1 - q4k / (2 * t1), rel=1e-9)
+    assert p8.predicted.tokens_per_s > 1.5 * p16.predicted.tokens_per_s
+    assert p16.predicted == plan(fp, base, cfg).predicted  # int16 ignores the int8 rates
+    # no int8 rates in the profile: the same prediction, and the plan says why
+    same = plan(fp, base, int8)
+    assert same.predicted == p16.predicted
+    assert any("no 8-bit-activation rates" in n for n in same.notes)
+    assert not any("8-bit" in n for n in p8.notes + p16.notes)
+    tps = re.compile(r"([0-9.]+) tokens/s")
+    assert tps.search(p8.table()).group(1) != tps.search(p16.table()).group(1)
+
+
+def test_hybrid_int8_host_rates_let_the_cpu_take_more(llama70b):
+    """A host CPU twice as fast with int8 activations (its Q4_K/Q5_K/Q6_K rates): the planner prices the
+    CPU's share with them under cpu_activations int8, so the CPU computes larger passes and no fewer
+    host-tier layers, and the step is predicted faster."""
+    hw = PRESETS["rtx4090"]()
+    fast = {f: ComputeRate(2 * r.t1, 2 * r.batched) for f, r in hw.host_compute.items() if f in INT8_FORMATS}
+    hw8 = dataclasses.replace(hw, host_compute_int8=fast)
+    cfg = load_config(CONFIGS / "rtx4090-70b.yaml")
+    p16 = plan(llama70b, hw8, cfg)
+    p8 = plan(llama70b, hw8, dataclasses.replace(cfg, cpu_activations="int8"))
+    _check_consistent(p8, llama70b, hw8)
+    assert p16.predicted == plan(llama70b, hw, cfg).predicted  # int16: the int8 rates unused
+    cpu16, cpu8 = ([lp for lp in p.layers if lp.cpu_decode] for p in (p16, p8))
+    assert len(cpu8) >= len(cpu16) > 0
+    assert p8.predicted.tokens_per_s > p16.predicted.tokens_per_s
+    # the largest pass the CPU computes no slower than PCIe streams its share, priced with the int8 rates
+    tensors = [t for lp in cpu8 for t in llama70b.layers[lp.index].tensors] + (
+        [llama70b.head] if p8.output_cpu_decode else [])
+    nbytes = sum(t.nbytes for t in tensors)
+
+    def cpu_time(rows):  # norms (F32) have no int8 path: their int16 rate
+        return sum((fast.get(t.fmt) or hw.host_compute[t.fmt]).seconds(t.nbytes, rows) for t in tensors)
+
+    assert {"Q4_K", "Q6_K"} <= {t.fmt for t in tensors}
+    assert cpu_time(p8.cpu_max_rows) <= nbytes / hw.host_to_device < cpu_time(p8.cpu_max_rows + 1)
+    assert p8.cpu_max_rows > p16.cpu_max_rows
+    assert not any("8-bit" in n for n in p8.notes)
+    # on a CUDA profile the GPU's rates ignore cpu_activations
+    assert all(hw8.rate(f, "int8") == hw8.rate(f) for f in hw8.compute)
+
+
 def test_hybrid_needs_host_cpu_rates(llama70b):
     hw = dataclasses.replace(PRESETS["rtx4090"](), host_compute={}, host_bandwidth=0.0)
     p = plan(llama70b, hw, load_config(CONFIGS / "rtx4090-70b.yaml"))
@@ -509,6 +568,25 @@ def test_plan_cli(capsys):
     assert plan_cli.main(["--config", "/nonexistent.yaml"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: /nonexistent.yaml")
+
+
+def test_plan_cli_cpu_activations(tmp_path, capsys):
+    """--cpu-activations overrides the config's: a profile with int8 rates predicts the int8 step."""
+    hw = cpu_profile()
+    prof = tmp_path / "hw.json"
+    prof.write_text(json.dumps(dataclasses.replace(hw, compute_int8={
+        f: ComputeRate(2 * r.t1, 2 * r.batched) for f, r in hw.compute.items() if f in INT8_FORMATS}).to_json()))
+    args = ["--describe", "llama3-8b:Q4_K_M", "--config", str(CONFIGS / "cpu-default.yaml"), "--hardware", str(prof),
+            "--json"]
+    speed = {}
+    for act in ("int16", "int8"):
+        assert plan_cli.main([*args, "--cpu-activations", act]) == 0
+        speed[act] = json.loads(capsys.readouterr().out)["predicted"]["tokens_per_s"]
+    assert plan_cli.main(args) == 0  # the config's: int16
+    assert json.loads(capsys.readouterr().out)["predicted"]["tokens_per_s"] == speed["int16"] < speed["int8"] / 1.5
+    assert plan_cli.main([*args, "--cpu-activations", "int4"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cpu_activations" in err
 
 
 @pytest.mark.parametrize("description, gb", [("qwen2.5-72b:Q4_K_M", 47.42), ("qwen3-32b:Q4_K_M", 19.76)])

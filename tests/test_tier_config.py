@@ -156,6 +156,56 @@ def test_profile_roundtrip_and_cache_dir(tmp_path, monkeypatch):
     assert back.rate("Q6_K") == ComputeRate(2e9, 2e10) and back.rate("Q8_0").t1 == 3e9
 
 
+def test_profile_int8_rates(tmp_path):
+    """The 8-bit-activation rates (CPU profiles: compute_int8; beside a GPU: host_compute_int8) round-trip,
+    older profiles without them load with none, and rate/host_rate pick them only for int8."""
+    r16, r8 = ComputeRate(2e9, 2e10), ComputeRate(3e9, 5e10)
+    p = _profile(compute={"Q4_K": r16, "Q8_0": ComputeRate(3e9, 3e10)}, compute_int8={"Q4_K": r8})
+    back = load_profile(save_profile(p, tmp_path / "p.json"))
+    assert back == p and back.compute_int8 == {"Q4_K": r8}
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["compute_int8"] == {"Q4_K": {"t1": 3e9, "batched": 5e10}} and data["host_compute_int8"] == {}
+    assert (back.rate("Q4_K"), back.rate("Q4_K", "int16"), back.rate("Q4_K", "int8")) == (r16, r16, r8)
+    assert back.rate("Q8_0", "int8") == ComputeRate(3e9, 3e10)  # no int8 path: as with int16
+    assert back.rate("Q6_K", "int8") == r16  # not measured: the slowest measured rate
+    for name in ("compute_int8", "host_compute_int8"):
+        del data[name]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = load_profile(tmp_path / "old.json")
+    assert old.compute_int8 == {} == old.host_compute_int8 and old.rate("Q4_K", "int8") == r16
+    with pytest.raises(ConfigError, match="int16") as e:
+        back.rate("Q4_K", "int4")
+    assert e.value.field == "cpu_activations"
+    gpu = PRESETS["rtx4090"]()
+    assert gpu.host_compute_int8 == {} and gpu.host_rate("Q4_K", "int8") == gpu.host_rate("Q4_K")
+    host8 = ComputeRate(9e10, 9e11)
+    g8 = HardwareProfile.from_json({**gpu.to_json(), "host_compute_int8": {"Q5_K": {"t1": 9e10, "batched": 9e11}}})
+    assert (g8.host_rate("Q5_K", "int8"), g8.host_rate("Q5_K")) == (host8, gpu.host_compute["Q5_K"])
+    assert g8.rate("Q5_K", "int8") == gpu.compute["Q5_K"]  # the GPU's kernels do not take it
+    assert g8.host_rate("Q8_0", "int8") == gpu.host_compute["Q8_0"]
+
+
+@pytest.mark.parametrize("over, field, match", [
+    ({"compute_int8": {"Q8_0": ComputeRate(1, 1)}}, "compute_int8", "without an 8-bit-activation path"),
+    ({"compute_int8": {"Q9_9": ComputeRate(1, 1)}}, "compute_int8", "Q9_9"),
+    ({"host_compute_int8": {"Q4_0": ComputeRate(1, 1)}, "host_compute": {"Q4_0": ComputeRate(1, 1)},
+      "host_bandwidth": 1e9}, "host_compute_int8", "Q4_0"),
+    ({"host_compute_int8": {"Q4_K": ComputeRate(1, 1)}}, "host_compute_int8", "needs host_compute"),
+    ({"device": "cuda", "compute_int8": {"Q4_K": ComputeRate(1, 1)}}, "compute_int8", "GPU"),
+])
+def test_profile_int8_errors(tmp_path, over, field, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        _profile(**over)
+    assert e.value.field == field
+    path = tmp_path / "bad.json"  # the same from a file: the file and the field named
+    data = _profile().to_json() | {k: ({f: {"t1": r.t1, "batched": r.batched} for f, r in v.items()}
+                                        if isinstance(v, dict) else v) for k, v in over.items()}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=match) as e:
+        load_profile(path)
+    assert e.value.field == field and str(path) in str(e.value)
+
+
 def test_profile_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -203,7 +253,13 @@ def test_calibrate_quick_writes_a_profile_the_planner_uses(tmp_path, capsys):
     prof = load_profile(out)
     assert prof.source.startswith("calibrated") and prof.device == "cpu"
     assert set(prof.compute) == set(cpu.SUPPORTED)
-    assert all(r.t1 > 0 and r.batched > 0 for r in prof.compute.values())
+    assert set(prof.compute_int8) == cpu.INT8_FORMATS  # measured again with cpu_activations int8
+    assert all(r.t1 > 0 and r.batched > 0 for r in (*prof.compute.values(), *prof.compute_int8.values()))
+    kernels = prof.measurements["kernels"]
+    assert {f for f, raw in kernels.items() if {"t1_int8_s", "t32_int8_s"} <= set(raw)} == cpu.INT8_FORMATS
+    assert not any("t1_int8_s" in raw for f, raw in kernels.items() if f not in cpu.INT8_FORMATS)
+    shown = {line.split()[0]: line for line in calibrate.describe_profile(prof).splitlines()[6:]}
+    assert set(shown) == set(cpu.SUPPORTED) and {f for f, line in shown.items() if "(" in line} == cpu.INT8_FORMATS
     assert prof.disk_read_direct > 0 and prof.disk_read_buffered > 0 and prof.disk_latency_s > 0
     assert prof.measurements["disk_file_bytes"] == 8 << 20 and prof.measurements["compute_threads"] == 1
     assert list((tmp_path / "scratch").iterdir()) == []  # the scratch file is removed

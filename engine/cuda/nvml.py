@@ -136,6 +136,7 @@ def _with_host(host: HardwareProfile | None) -> dict:
     return {"host_bytes": host.resident_bytes, "disk_read_direct": host.disk_read_direct,
             "disk_read_buffered": host.disk_read_buffered, "disk_latency_s": host.disk_latency_s,
             "memcpy": host.memcpy, "host_compute": host.compute if host.device == "cpu" else host.host_compute,
+            "host_compute_int8": host.compute_int8 if host.device == "cpu" else host.host_compute_int8,
             "host_layer_overhead_s": host.layer_overhead_s if host.device == "cpu" else host.host_layer_overhead_s,
             "host_bandwidth": host.resident_bandwidth if host.device == "cpu" else host.host_bandwidth}
 

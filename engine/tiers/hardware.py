@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 
+from ..cpu.launcher import ACTIVATIONS, INT8_FORMATS
 from ..errors import ConfigError
 from ..formats import FORMATS
 
@@ -66,6 +67,11 @@ class HardwareProfile:
     host_compute: Mapping[str, ComputeRate] = field(default_factory=dict)
     host_layer_overhead_s: float = 0.0
     host_bandwidth: float = 0.0
+    # the same CPU's kernels with 8-bit activations (config cpu_activations: int8), for the formats that
+    # have that path (engine.cpu.INT8_FORMATS); empty: not measured, priced at the int16 rates above.
+    # compute_int8 is a CPU profile's own; on a CUDA profile the host CPU's go in host_compute_int8
+    compute_int8: Mapping[str, ComputeRate] = field(default_factory=dict)
+    host_compute_int8: Mapping[str, ComputeRate] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -76,28 +82,32 @@ class HardwareProfile:
                 raise ConfigError(f"must be a positive bandwidth in bytes/s, got {v!r}", field=name)
         if not self.compute:
             raise ConfigError("needs at least one format's compute rate", field="compute")
-        for name in ("compute", "host_compute"):
-            unknown = [f for f in getattr(self, name) if f not in FORMATS]
+        for name, known in (("compute", FORMATS), ("host_compute", FORMATS), ("compute_int8", INT8_FORMATS),
+                            ("host_compute_int8", INT8_FORMATS)):
+            unknown = [f for f in getattr(self, name) if f not in known]
             if unknown:
-                raise ConfigError(f"unknown formats {unknown} (known: {', '.join(FORMATS)})", field=name)
+                what = "unknown formats" if known is FORMATS else "formats without an 8-bit-activation path"
+                raise ConfigError(f"{what} {unknown} (known: {', '.join(sorted(known))})", field=name)
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+        if self.compute_int8 and self.device != "cpu":
+            raise ConfigError("a CUDA profile's compute is the GPU's, whose kernels do not take cpu_activations "
+                              "(the host CPU's int8 rates go in host_compute_int8)", field="compute_int8")
+        if self.host_compute_int8 and not self.host_compute:
+            raise ConfigError("needs host_compute (the same CPU's int16 rates)", field="host_compute_int8")
         if self.host_compute and not self.host_bandwidth > 0:
             raise ConfigError(f"must be a positive bandwidth in bytes/s with host_compute, got {self.host_bandwidth!r}",
                               field="host_bandwidth")
         object.__setattr__(self, "measurements", MappingProxyType(dict(self.measurements)))
 
-    def rate(self, fmt: str) -> ComputeRate:
-        """The format's rate; a format that was not measured gets the slowest measured one."""
-        got = self.compute.get(fmt)
-        if got is None:
-            got = min(self.compute.values(), key=lambda r: r.t1)
-        return got
+    def rate(self, fmt: str, activations: str = "int16") -> ComputeRate:
+        """The computing device's rate for a format; a format that was not measured gets the slowest
+        measured one. On a CPU, `activations` (the config's cpu_activations) "int8" takes the 8-bit rate
+        where one was measured; a CUDA device's kernels do not take it."""
+        return _pick(self.compute, self.compute_int8, fmt, activations)
 
-    def host_rate(self, fmt: str) -> ComputeRate | None:
-        """The host CPU's rate for a format (the slowest known for an unmeasured one); None if unknown."""
-        if not self.host_compute:
-            return None
-        return self.host_compute.get(fmt) or min(self.host_compute.values(), key=lambda r: r.t1)
+    def host_rate(self, fmt: str, activations: str = "int16") -> ComputeRate | None:
+        """The host CPU's rate for a format, as `rate` picks it; None if the host CPU is unknown."""
+        return _pick(self.host_compute, self.host_compute_int8, fmt, activations) if self.host_compute else None
 
     def disk_read(self, io_backend: str) -> float:
         """Bandwidth of the slow tier for a config's io_backend (posix = buffered, others = direct)."""
@@ -106,7 +116,8 @@ class HardwareProfile:
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["compute"] = {k: asdict(v) for k, v in self.compute.items()}
-        d["host_compute"] = {k: asdict(v) for k, v in self.host_compute.items()}
+        for name in ("host_compute", "compute_int8", "host_compute_int8"):
+            d[name] = {k: asdict(v) for k, v in getattr(self, name).items()}
         d["measurements"] = dict(self.measurements)
         return d
 
@@ -115,12 +126,23 @@ class HardwareProfile:
         try:
             d = dict(data)
             d["compute"] = {k: ComputeRate(**v) for k, v in d["compute"].items()}
-            d["host_compute"] = {k: ComputeRate(**v) for k, v in d.get("host_compute", {}).items()}
+            for name in ("host_compute", "compute_int8", "host_compute_int8"):  # absent in older profiles
+                d[name] = {k: ComputeRate(**v) for k, v in d.get(name, {}).items()}
             return cls(**d)
         except ConfigError as e:
             raise ConfigError(str(e).split(": ", 1)[-1], path=path, field=e.field) from None
         except (KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"not a hardware profile ({type(e).__name__}: {e})", path=path) from None
+
+
+def _pick(rates: Mapping[str, ComputeRate], int8: Mapping[str, ComputeRate], fmt: str,
+          activations: str) -> ComputeRate:
+    """A format's rate under `activations`: the int8 one where it was measured (only INT8_FORMATS have
+    that path: the others run as with int16), else the default one, else the slowest measured."""
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"must be one of {', '.join(ACTIVATIONS)}, got {activations!r}", field="cpu_activations")
+    got = (int8.get(fmt) if activations == "int8" else None) or rates.get(fmt)
+    return got or min(rates.values(), key=lambda r: r.t1)
 
 
 def cache_dir() -> Path:

@@ -200,7 +200,7 @@ def _predict(p, fp: ModelFootprint, placements: Sequence[ExpertPlacement], emb_t
     by_layer = {x.layer: x for x in placements}
 
     def cost(tensors, tokens: float, share: float = 1.0) -> float:
-        return sum(hw.rate(t.fmt).seconds(int(t.nbytes * share), max(1, round(tokens))) for t in tensors)
+        return sum(p.rate(t.fmt).seconds(int(t.nbytes * share), max(1, round(tokens))) for t in tensors)
 
     disk_bw = p.disk_bw
     h2d = hw.host_to_device

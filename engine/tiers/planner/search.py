@@ -10,7 +10,7 @@ from types import MappingProxyType
 from ...errors import PlanError
 from ..config import AUTO, TierConfig
 from ..footprint import GROUPS, ModelFootprint, TensorFootprint
-from ..hardware import HardwareProfile
+from ..hardware import ComputeRate, HardwareProfile
 from ..io import kvikio_available
 from ..units import DIRECT_IO_ALIGN, READ_CHUNK, format_size
 from .contract import (
@@ -107,6 +107,10 @@ class _Planner:
         if self.cuda and cfg.hybrid_compute != "off" and not hw.host_compute:
             self.notes.append("hybrid compute off: the hardware profile has no host CPU rates "
                               "(calibrate the CPU: python -m engine.calibrate)")
+        if cfg.cpu_activations == "int8" and (self.hybrid or not self.cuda) \
+                and not (hw.host_compute_int8 if self.cuda else hw.compute_int8):
+            self.notes.append("cpu_activations int8: the hardware profile has no 8-bit-activation rates, so CPU "
+                              "compute is priced at the int16 ones (calibrate: python -m engine.calibrate)")
         self._kv_setup()
         self.workspace = workspace_bytes(fp, work.batch, work.prompt_tokens, self.kv_context)
         self.small = sum(t.nbytes for t in fp.small)
@@ -123,6 +127,14 @@ class _Planner:
                               f"only {depth + 1} buffers are ever in use")
 
     # -- setup ----------------------------------------------------------------------------------------
+    def rate(self, fmt: str) -> ComputeRate:
+        """The computing device's kernel rate for a format, under the config's cpu_activations."""
+        return self.hw.rate(fmt, self.cfg.cpu_activations)
+
+    def host_rate(self, fmt: str) -> ComputeRate:
+        """The host CPU's kernel rate for a format (hybrid), under the config's cpu_activations."""
+        return self.hw.host_rate(fmt, self.cfg.cpu_activations)
+
     def _auto_io_backend(self) -> str:
         """What `auto` opens (engine.tiers.io.open_reader): kvikio on CUDA where it is installed, else
         O_DIRECT reads (on CUDA bounced through pinned host buffers). Model.load plans with the backend
@@ -199,12 +211,12 @@ class _Planner:
         rows = b * self.work.prompt_tokens
 
         def cost(tensors, tokens: int) -> float:
-            return sum(hw.rate(t.fmt).seconds(t.nbytes, tokens) for t in tensors)
+            return sum(self.rate(t.fmt).seconds(t.nbytes, tokens) for t in tensors)
 
         def cpu_cost(tensors) -> float | None:
             if not self.hybrid:
                 return None
-            return sum(hw.host_rate(t.fmt).seconds(t.nbytes, b) for t in tensors) + hw.host_layer_overhead_s
+            return sum(self.host_rate(t.fmt).seconds(t.nbytes, b) for t in tensors) + hw.host_layer_overhead_s
 
         units = []
         for lay in self.fp.layers:
@@ -426,7 +438,7 @@ class _Planner:
         tensors = [t for i in c.cpu for g in units[i].groups.values() for t in g]
         nbytes = sum(t.nbytes for t in tensors)
         rows = 0
-        while rows < MAX_CPU_ROWS and sum(self.hw.host_rate(t.fmt).seconds(t.nbytes, rows + 1) for t in tensors) \
+        while rows < MAX_CPU_ROWS and sum(self.host_rate(t.fmt).seconds(t.nbytes, rows + 1) for t in tensors) \
                 <= nbytes / self.hw.host_to_device:
             rows += 1
         return rows
@@ -517,7 +529,7 @@ class _Planner:
         cpu_rows = self.cpu_max_rows(c) if c.cpu else 0
         if c.cpu:
             gpu = self.predict(dataclasses.replace(c, cpu=frozenset()))
-            rate = self.hw.host_rate(fp.head.fmt)
+            rate = self.host_rate(fp.head.fmt)
             notes.append(f"hybrid: {n_cpu} host-tier layers{' and the head' if lay.n_layers in c.cpu else ''} "
                          f"compute on the CPU (its kernels {rate.t1 / 1e9:.0f} GB/s vs PCIe "
                          f"{self.hw.host_to_device / 1e9:.1f} GB/s) in passes of <= {cpu_rows} rows; larger "
