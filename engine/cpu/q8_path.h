@@ -340,8 +340,8 @@ void q8_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
     for (; n < n_end; ++n) q8_tile<F, 1, TT>(p, n, t0);
 }
 
-constexpr int kQ8RowsT1 = QL_AVX512 ? 4 : 2;   // rows of W per tile, T = 1
-constexpr int kQ8RowsSmallT = 2;               // rows of W per tile, T = 2..3
+constexpr int kQ8RowsT1 = QL_AVX512 ? 4 : 1;   // rows of W per tile, T = 1
+constexpr int kQ8RowsSmallT = QL_AVX512 ? 2 : 1;  // rows of W per tile, T = 2..3
 constexpr int kQ8Rows = QL_AVX512 ? 1 : 2;     // rows of W per tile, T >= 4
 // Rows of x per tile, T >= 4: each decoded super-block serves kQ8Tile rows of x (AVX-512: one row of W
 // against 8 rows of x keeps 8 + 8 accumulators and the decoded block in registers; measured 1.03-1.06x

@@ -1460,8 +1460,12 @@ void int_panel_tile(const QProblem& p, const IntPanel& panel, i64 n0, i64 t0) {
 
 constexpr int kIntPanelRows = 2;               // microkernel tile: rows of W
 constexpr int kIntPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
-constexpr int kIntRowsT1 = QL_AVX512 ? 8 : 2;  // direct path, T = 1
-constexpr int kIntRowsSmallT = 2;              // direct path, T = 2..3
+// The portable build (16 ymm registers) runs T <= 3 one row of W at a time here and in the pair and
+// 8-bit paths: two rows' decoded blocks spilled. Measured on the AVX2 build, one thread, T = 1 (A/B in
+// one process, the same results): Q4_K 1.38x, Q6_K 1.34x, Q4_1 1.20x, Q8_0 1.09x, int8 Q4_K 1.11x;
+// T = 2..3 1.08-1.18x. Its panels stay at 2 rows (1 row: 0.92-1.16x).
+constexpr int kIntRowsT1 = QL_AVX512 ? 8 : 1;  // direct path, T = 1
+constexpr int kIntRowsSmallT = QL_AVX512 ? 2 : 1;  // direct path, T = 2..3
 
 // The integer path: panels of int16 words, d and mins (K / 2 + K / 256 + K / 32 floats a row).
 struct IntPath {
@@ -1741,8 +1745,8 @@ void pair_panel_tile(const PProblem& p, const PairPanel& panel, i64 n0, i64 t0) 
 
 constexpr int kPairPanelRows = 2;               // microkernel tile: rows of W
 constexpr int kPairPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
-constexpr int kPairRowsT1 = QL_AVX512 ? 4 : 2;  // direct path, T = 1
-constexpr int kPairRowsSmallT = 2;              // direct path, T = 2..3
+constexpr int kPairRowsT1 = QL_AVX512 ? 4 : 1;  // direct path, T = 1
+constexpr int kPairRowsSmallT = QL_AVX512 ? 2 : 1;  // direct path, T = 2..3
 
 // The pair path: panels of pair-laid words and each pair's fields (36 floats a pair).
 struct PairPath {
