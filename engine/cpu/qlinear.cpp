@@ -1013,8 +1013,9 @@ void panel_tile(const Problem& p, const float* panel, i64 kpad, i64 n0, i64 t0) 
 
 // Rows [g0 * kRows, g1 * kRows) clipped to N, for each path (a traits struct): for T <= 3 register
 // tiles straight from the weights (Path::direct<F, R, TT>: rows [n, n_end) against all of x), above
-// that Path::kPanelRows rows at a time decoded into a panel (Path::decode<F>) and a microkernel over
-// tiles of Path::kPanelT rows of x (Path::tile<F, R, TT>). No path's arithmetic depends on the tiling.
+// that Path::kPanelRowsOf<F> (<= Path::kPanelRows) rows at a time decoded into a panel
+// (Path::decode<F>) and a microkernel over tiles of Path::kPanelT rows of x (Path::tile<F, R, TT>).
+// No path's arithmetic depends on the tiling.
 template <class Path, class F>
 void run_rows(const typename Path::Prob& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
@@ -1027,13 +1028,14 @@ void run_rows(const typename Path::Prob& p, i64 g0, i64 g1) {
     }
     thread_local Scratch buf;
     const typename Path::Panel panel = Path::panel(p, buf.get(Path::kPanelRows * Path::panel_row_floats(p)));
+    constexpr int kRowsOf = Path::template kPanelRowsOf<F>;  // <= Path::kPanelRows
     const auto rows = [&]<int R>(i64 n0) {
         Path::template decode<F>(p, n0, R, panel);
         i64 t0 = 0;
         for (; t0 + Path::kPanelT <= p.T; t0 += Path::kPanelT) Path::template tile<F, R, Path::kPanelT>(p, panel, n0, t0);
         for (; t0 < p.T; ++t0) Path::template tile<F, R, 1>(p, panel, n0, t0);
     };
-    for (; n + Path::kPanelRows <= n_end; n += Path::kPanelRows) rows.template operator()<Path::kPanelRows>(n);
+    for (; n + kRowsOf <= n_end; n += kRowsOf) rows.template operator()<kRowsOf>(n);
     for (; n < n_end; ++n) rows.template operator()<1>(n);
 }
 
@@ -1045,6 +1047,8 @@ struct FloatPath {
         i64 kpad;
     };
     static constexpr int kRowsT1 = ::kRowsT1, kRowsSmallT = ::kRowsSmallT, kPanelRows = ::kPanelRows, kPanelT = ::kPanelT;
+    template <class F>
+    static constexpr int kPanelRowsOf = kPanelRows;
     static i64 panel_row_floats(const Problem& p) { return (p.K + 31) / 32 * 32; }
     static Panel panel(const Problem& p, float* base) { return {base, panel_row_floats(p)}; }
     template <class F, int R, int TT>
@@ -1473,6 +1477,8 @@ struct IntPath {
     using Panel = IntPanel;
     static constexpr int kRowsT1 = kIntRowsT1, kRowsSmallT = kIntRowsSmallT, kPanelRows = kIntPanelRows,
                          kPanelT = kIntPanelT;
+    template <class F>
+    static constexpr int kPanelRowsOf = kPanelRows;
     static i64 panel_row_floats(const QProblem& p) { return p.K / 2 + p.K / kQBlock + p.K / 32; }
     static IntPanel panel(const QProblem& p, float* base) {
         return {reinterpret_cast<int16_t*>(base), base + kPanelRows * p.K / 2, base + kPanelRows * (p.K / 2 + p.K / kQBlock)};
@@ -1754,6 +1760,10 @@ struct PairPath {
     using Panel = PairPanel;
     static constexpr int kRowsT1 = kPairRowsT1, kRowsSmallT = kPairRowsSmallT, kPanelRows = kPairPanelRows,
                          kPanelT = kPairPanelT;
+    // The portable build's panels of the formats with mins (Q4_1, Q5_1) hold one row: two spilled its
+    // registers (AVX2 build, one thread, T = 16..93: 1.09-1.19x; the other formats 0.93-1.08x, left at 2).
+    template <class F>
+    static constexpr int kPanelRowsOf = QL_AVX512 || !F::kMins ? kPairPanelRows : 1;
     static i64 panel_row_floats(const PProblem& p) { return p.pairs() * 36; }
     static PairPanel panel(const PProblem& p, float* base) {
         return {reinterpret_cast<int16_t*>(base), base + kPanelRows * p.pairs() * 32};
