@@ -1463,7 +1463,8 @@ void int_panel_tile(const QProblem& p, const IntPanel& panel, i64 n0, i64 t0) {
 }
 
 constexpr int kIntPanelRows = 2;               // microkernel tile: rows of W
-constexpr int kIntPanelT = QL_AVX512 ? 4 : 2;  // microkernel tile: rows of x
+constexpr int kIntPanelT = 4;                  // microkernel tile: rows of x (portable build: 2 x 4
+                                               // 1.14-1.24x over 2 x 2, 1.01-1.19x over 1 x 4)
 // The portable build (16 ymm registers) runs T <= 3 one row of W at a time here and in the pair and
 // 8-bit paths: two rows' decoded blocks spilled. Measured on the AVX2 build, one thread, T = 1 (A/B in
 // one process, the same results): Q4_K 1.38x, Q6_K 1.34x, Q4_1 1.20x, Q8_0 1.09x, int8 Q4_K 1.11x;
