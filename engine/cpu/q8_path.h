@@ -36,8 +36,9 @@
 //
 // Work: T <= 3 decodes each super-block into registers once for all rows of x; larger T takes the rows
 // of x in blocks of at most kQ8XBlockBytes of x8 and, per block, runs tiles of kQ8Rows rows of W by
-// kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again. The Q4_K/Q5_K mins take one 8-lane fma per (row of W, row of x, block), their
-// float products made once per decoded block (dmin * m_j) and once per call (cs_j * sx_b).
+// kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again. The
+// Q4_K/Q5_K mins take one 8-lane fma per (row of W, row of x, block), their float products made once
+// per decoded block (dmin * m_j) and once per call (cs_j * sx_b).
 namespace {
 
 // Chunk c of a block goes to slot kQ8Slot[c] of the stored x8 (its own inverse).

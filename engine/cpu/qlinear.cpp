@@ -1468,7 +1468,8 @@ constexpr int kIntPanelT = 4;                  // microkernel tile: rows of x (p
 // The portable build (16 ymm registers) runs T <= 3 one row of W at a time here and in the pair and
 // 8-bit paths: two rows' decoded blocks spilled. Measured on the AVX2 build, one thread, T = 1 (A/B in
 // one process, the same results): Q4_K 1.38x, Q6_K 1.34x, Q4_1 1.20x, Q8_0 1.09x, int8 Q4_K 1.11x;
-// T = 2..3 1.08-1.18x. Its panels stay at 2 rows (1 row: 0.92-1.16x).
+// T = 2..3 1.08-1.18x. Its panels stay at 2 rows (1 row: 0.95-0.97x on Q4_K/Q6_K); the pair path's
+// per format (PairPath::kPanelRowsOf).
 constexpr int kIntRowsT1 = QL_AVX512 ? 8 : 1;  // direct path, T = 1
 constexpr int kIntRowsSmallT = QL_AVX512 ? 2 : 1;  // direct path, T = 2..3
 
