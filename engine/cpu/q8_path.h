@@ -49,8 +49,11 @@ constexpr int kQ8Sub[4][4] = {{0, 1, 4, 5}, {2, 3, 6, 7}, {8, 9, 12, 13}, {10, 1
 struct Q8Problem {
     const int8_t* xq;   // (T, K + kQ8RowPad) x8, chunks of each 256-block in kQ8Slot order
     const int16_t* bs;  // (T, K / 16) sums of x8 per 16 elements
-    const float* xm;    // (T, K / 32) float(cs_j) * sx_b (cs_j: sum of x8 over 32-element chunk j)
-    const float* xs;    // (T, K / 256) sx_b
+    const int16_t* cs;  // (T, K / 32) sums of x8 per 32 elements (cs_j)
+    const float* xm;    // (T, K / 32) float(cs_j) * sx_b
+    const float* xs;    // (K / 256, T) sx_b: block b of every row together
+    const int8_t* xt;   // Q4_K, T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8 rows, 4 bytes)
+    const int16_t* ct;  // with xt: (T / 8, K / 256, 4, 8 rows, 2) words (cs_2q, cs_2q+1)
     const uint8_t* w;   // N rows of row_bytes
     float* out;         // (T, N)
     i64 T, N, K, row_bytes;
@@ -66,30 +69,48 @@ Scratch& q8_scratch() {  // the caller's quantized x
     return buf;
 }
 
-// Floats of scratch for T rows: x8 ((K + kQ8RowPad) / 4 floats' worth a row), bs and xm (K / 32 each),
-// sx (K / 256).
-inline i64 q8_scratch_floats(i64 T, i64 K) { return T * ((K + kQ8RowPad) / 4 + K / 16 + K / kQBlock); }
+// The scratch of T quantized rows: x8 ((K + kQ8RowPad) bytes a row), bs, cs (int16), xm, xs, then
+// xt and ct of the first T / 8 * 8 rows (Q8Problem).
+struct Q8Layout {
+    i64 bs, cs, xm, xs, xt, ct, floats;  // offsets in floats from the base, and the total
+    Q8Layout(i64 T, i64 K)
+        : bs(T * (K + kQ8RowPad) / 4), cs(bs + T * K / 32), xm(cs + T * K / 64), xs(xm + T * K / 32),
+          xt(xs + T * K / kQBlock), ct(xt + T / 8 * 8 * K / 4), floats(ct + T / 8 * 8 * K / 64) {}
+};
 
-// Quantize T rows of x into the scratch `base` (q8_scratch_floats(T, K) floats); the problem's x fields.
+// Quantize T rows of x into the scratch `base` (Q8Layout(T, K).floats floats); the problem's x fields.
 void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
+    const Q8Layout lay(T, K);
     int8_t* xq = reinterpret_cast<int8_t*>(base);
-    const i64 x8_floats = T * (K + kQ8RowPad) / 4;
-    int16_t* bs = reinterpret_cast<int16_t*>(base + x8_floats);
-    float* xm = base + x8_floats + T * K / 32;
-    float* xs = base + x8_floats + T * K / 16;
-    p.xq = xq, p.bs = bs, p.xm = xm, p.xs = xs;
-    const i64 nb = K / kQBlock;
+    int16_t* bs = reinterpret_cast<int16_t*>(base + lay.bs);
+    int16_t* cs = reinterpret_cast<int16_t*>(base + lay.cs);
+    float* xm = base + lay.xm;
+    float* xs = base + lay.xs;
+    int8_t* xt = reinterpret_cast<int8_t*>(base + lay.xt);
+    int16_t* ct = reinterpret_cast<int16_t*>(base + lay.ct);
+    p.xq = xq, p.bs = bs, p.cs = cs, p.xm = xm, p.xs = xs, p.xt = xt, p.ct = ct;
+    const i64 nb = K / kQBlock, lanes = T / 8 * 8;
     for (i64 b = 0; b < T * nb; ++b) {
-        int8_t* dst = xq + (b / nb) * (K + kQ8RowPad) + (b % nb) * kQBlock;
+        const i64 t = b / nb, blk = b % nb;
+        int8_t* dst = xq + t * (K + kQ8RowPad) + blk * kQBlock;
         int8_t q[kQBlock];
-        xs[b] = quantize_block<127>(x + b * kQBlock, kQBlock, q);
+        const float sx = quantize_block<127>(x + b * kQBlock, kQBlock, q);
+        xs[blk * T + t] = sx;
         for (int i = 0; i < 16; ++i) {
             int s = 0;
             for (int l = 0; l < 16; ++l) s += q[16 * i + l];
             bs[b * 16 + i] = int16_t(s);
         }
-        for (int j = 0; j < 8; ++j) xm[b * 8 + j] = float(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]) * xs[b];
+        for (int j = 0; j < 8; ++j) {
+            cs[b * 8 + j] = int16_t(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
+            xm[b * 8 + j] = float(cs[b * 8 + j]) * sx;
+        }
         for (int c = 0; c < 8; ++c) std::memcpy(dst + 32 * kQ8Slot[c], q + 32 * c, 32);
+        if (t < lanes) {
+            const i64 tile = (t / 8 * nb + blk), lane = t % 8;
+            for (int o = 0; o < 64; ++o) std::memcpy(xt + (tile * 64 + o) * 32 + 4 * lane, q + 4 * o, 4);
+            for (int j = 0; j < 8; ++j) ct[(tile * 4 + j / 2) * 16 + 2 * lane + j % 2] = cs[b * 8 + j];
+        }
     }
 }
 
@@ -172,6 +193,8 @@ struct Q8Dec {
     SW ow;    // Q6_K
     M8 mins;  // Q4_K / Q5_K
     float d;
+    float dmin;      // Q4_K
+    int16_t mw[8];   // Q4_K: m_0..7
 };
 
 // Q4_K (kQ5 false) / Q5_K: element 32j + l is nibble j & 1 of qs[32(j >> 1) + l] (Q5_K: plus bit j of
@@ -182,13 +205,19 @@ template <bool kQ5>
 struct Q8Q45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
+    static constexpr bool kOwnContract = !kQ5;  // Q4_K: the contract and kernels of q4k8_run_groups
     static constexpr int kQs = kQ5 ? 48 : 16;
     static void decode(const uint8_t* sb, Q8Dec& o) {
 #if QL_AVX512
         const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
         o.d = _mm_cvtss_f32(dd);
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_broadcastss_ps(_mm_movehdup_ps(dd)));
+        if constexpr (kQ5) {
+            o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_broadcastss_ps(_mm_movehdup_ps(dd)));
+        } else {
+            o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+        }
         const __m512i smb = _mm512_broadcast_i32x4(sm);
         const __m512i m4 = _mm512_set1_epi8(15);
         for (int G = 0; G < 2; ++G) {
@@ -211,9 +240,13 @@ struct Q8Q45_K {
 #else
         o.d = half_at(sb);
         const float dmin = half_at(sb + 2);
+        o.dmin = dmin;
 #if defined(__AVX2__)
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        o.mins = F8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin)));
+        if constexpr (kQ5)
+            o.mins = F8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin)));
+        else
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
         const __m256i smb = _mm256_broadcastsi128_si256(sm);
         const auto scale_words = [&](int c) { return W16(_mm256_shuffle_epi8(smb, _mm256_set1_epi64x(q8_ctrl4(c)))); };
 #else
@@ -222,6 +255,7 @@ struct Q8Q45_K {
             int mn;
             kquant_scale_min(sb + 4, i, sc[i], mn);
             o.mins[i] = dmin * float(mn);
+            o.mw[i] = int16_t(mn);
         }
         const auto scale_words = [&](int c) { return W16{} + int16_t(sc[c]); };
 #endif
@@ -248,6 +282,7 @@ using Q8Q5_K = Q8Q45_K<true>;
 struct Q8Q6_K {
     static constexpr int kBytes = 210;
     static constexpr bool kMins = false;
+    static constexpr bool kOwnContract = false;
     static void decode(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb + 208);
 #if QL_AVX512
@@ -287,15 +322,20 @@ struct Q8Q6_K {
 
 // acc/macc += one super-block of one row of W times block b of one row of x (the contract above).
 // bs: the block's 16 sums of x8 (Q6_K), xm: its 8 xm_b lanes (Q4_K / Q5_K).
+// The I_b lanes (before Q6_K's offsets) of one decoded super-block against block b of x8.
+inline AI q8_int(const Q8Dec& w, const int8_t* x8) {
+#if QL_AVX512
+    return q8_pair(q8_pair(izero(), w.q[0], w.q[1], w.s[0], x8), w.q[2], w.q[3], w.s[1], x8 + 128);
+#else
+    return iadd(iadd(q8_reg(w.q[0], w.s[0], x8), q8_reg(w.q[1], w.s[1], x8 + 64)),
+                iadd(q8_reg(w.q[2], w.s[2], x8 + 128), q8_reg(w.q[3], w.s[3], x8 + 192)));
+#endif
+}
+
 template <bool kMins>
 inline void q8_block(const Q8Dec& w, const int8_t* x8, const int16_t* bs, const float* xm, float sx, V& acc,
                      M8& macc) {
-#if QL_AVX512
-    AI I = q8_pair(q8_pair(izero(), w.q[0], w.q[1], w.s[0], x8), w.q[2], w.q[3], w.s[1], x8 + 128);
-#else
-    AI I = iadd(iadd(q8_reg(w.q[0], w.s[0], x8), q8_reg(w.q[1], w.s[1], x8 + 64)),
-                iadd(q8_reg(w.q[2], w.s[2], x8 + 128), q8_reg(w.q[3], w.s[3], x8 + 192)));
-#endif
+    AI I = q8_int(w, x8);
     if constexpr (kMins)
         macc = m8fma(w.mins, m8load(xm), macc);
     else
@@ -326,7 +366,7 @@ void q8_tile(const Q8Problem& p, i64 n0, i64 t0) {
             for (int t = 0; t < TT; ++t) {
                 const i64 tt = t0 + t;
                 q8_block<F::kMins>(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock, p.bs + (tt * nb + b) * 16, p.xm + (tt * nb + b) * 8,
-                                   p.xs[tt * nb + b], acc[r][t], macc[r][t]);
+                                   p.xs[b * p.T + tt], acc[r][t], macc[r][t]);
             }
         }
     }
@@ -356,8 +396,265 @@ constexpr int kQ8Tile = 8;
 // at K = 28672).
 constexpr i64 kQ8XBlockBytes = 512 << 10;
 
+// ---------------------------------------------------------------------------------------------
+// Q4_K's contract and kernels
+// ---------------------------------------------------------------------------------------------
+// Q4_K keeps no lanes of partial sums: per (row of W, row of x, block b) two exact integers,
+//     I_b = sum_j sc_j * sum_{l < 32} q_{32j+l} x8_{32j+l},   M_b = sum_j m_j * cs_j
+// (|I_b| < 2^25, |M_b| < 2^21: exact in any order of summation), then 8 fp32 accumulators a_0..7 = 0,
+// for b in order with i = b mod 8:
+//     a_i = fma(float(I_b), d_b * sx_b, a_i);   a_i = fma(-float(M_b), dmin_b * sx_b, a_i);
+// and out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7)). (An a_i no block reaches stays
+// +0; an fma of zeros leaves any a_i as it is, since no a_i is ever -0.) So any layout of the work
+// gives the same bits, and the kernels may put rows of x in lanes:
+//   * tiles of 8 rows of x (AVX2, in every x86 build): 32-bit lane t of a register is row 8g + t of x
+//     (xt: its 4 bytes of each group of 4 elements), a row of W's 4 codes are broadcast, and the
+//     16-bit pair sums of vpmaddubsw add up over a whole 32-element chunk (|.| <= 16 * 15 * 127 < 2^15)
+//     before one vpmaddwd applies the chunk's scale: 9 multiplies per chunk, row of W and 8 rows of x
+//     where one row of x per register takes 16, and the float part is 8 rows of x an instruction.
+//     Measured 1.41-1.59x at T = 8..64 (8192 x 8192, 8192 x 28672, 28672 x 8192, one thread, AVX2);
+//   * every other row of x (T < 8, the T % 8 rest) and builds without AVX2: the 8-bit path's registers
+//     above (Q8Q4_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and the float
+//     part is one instruction for the 8 a_i.
+
+// The 8 fp32 accumulators of one output, summed as the contract says.
+inline float q4k8_sum8(const float* a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+
+#if defined(__AVX2__)
+// Lane j: the sum of the 8 int32 lanes of v[j].
+inline __m256i q4k8_reduce8(const __m256i* v) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+// Lane j: the sum of the 4 int32 of block j (v: blocks 2k, 2k + 1 in register k).
+inline __m256i q4k8_reduce4(const __m256i* v) {
+    const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+// The 8 I_b lanes of q8_int, halves added.
+inline __m256i q8_half_sum(AI v) {
+#if QL_AVX512
+    return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+#else
+    return __m256i(v.a + v.b);
+#endif
+}
+#else
+inline int32_t q8_isum(AI v) {
+    const I8 h = v.a + v.b;
+    return ((h[0] + h[1]) + (h[2] + h[3])) + ((h[4] + h[5]) + (h[6] + h[7]));
+}
+#endif
+
+// R rows of W (from n) times rows t0..t0+TT-1 of x, one row of x per register.
+template <int R, int TT>
+void q4k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
+    const i64 nb = p.K / kQBlock;
+    const uint8_t* row0 = p.w + n * p.row_bytes;
+    NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
+#if defined(__AVX2__)
+    __m256 acc[R][TT];
+    alignas(32) int32_t ib[R][TT][8][8], mb[R][TT][8][4];  // a group of 8 blocks: I_b lanes, M_b parts
+    alignas(32) float dd[R][8], dm[R][8], sxb[TT][8];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TT; ++t) acc[r][t] = _mm256_setzero_ps();
+#else
+    float acc[R][TT][8] = {};
+#endif
+    for (i64 b = 0; b < nb; ++b) {
+        pf.step();
+        const int j = int(b & 7);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            Q8Dec w;
+            Q8Q4_K::decode(row0 + r * p.row_bytes + b * Q8Q4_K::kBytes, w);
+#if defined(__AVX2__)
+            dd[r][j] = w.d, dm[r][j] = w.dmin;
+            const __m128i mw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mw));
+#endif
+            for (int t = 0; t < TT; ++t) {
+                const i64 tt = t0 + t;
+                const AI v = q8_int(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock);
+                const int16_t* cs = p.cs + (tt * nb + b) * 8;
+#if defined(__AVX2__)
+                _mm256_store_si256(reinterpret_cast<__m256i*>(ib[r][t][j]), q8_half_sum(v));
+                _mm_store_si128(reinterpret_cast<__m128i*>(mb[r][t][j]),
+                                _mm_madd_epi16(mw, _mm_loadu_si128(reinterpret_cast<const __m128i*>(cs))));
+#else
+                int32_t M = 0;
+                for (int k = 0; k < 8; ++k) M += int32_t(w.mw[k]) * cs[k];
+                const float sx = p.xs[b * p.T + tt];
+                acc[r][t][j] = __builtin_fmaf(float(q8_isum(v)), w.d * sx, acc[r][t][j]);
+                acc[r][t][j] = __builtin_fmaf(-float(M), w.dmin * sx, acc[r][t][j]);
+#endif
+            }
+        }
+#if defined(__AVX2__)
+        for (int t = 0; t < TT; ++t) sxb[t][j] = p.xs[b * p.T + t0 + t];
+        if (j == 7 || b == nb - 1) {
+            for (int k = j + 1; k < 8; ++k) {  // a short last group: zeros (the fma leaves a_k as it is)
+                for (int r = 0; r < R; ++r) {
+                    dd[r][k] = dm[r][k] = 0.0f;
+                    for (int t = 0; t < TT; ++t) {
+                        std::memset(ib[r][t][k], 0, sizeof ib[r][t][k]);
+                        std::memset(mb[r][t][k], 0, sizeof mb[r][t][k]);
+                    }
+                }
+                for (int t = 0; t < TT; ++t) sxb[t][k] = 0.0f;
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m256 d = _mm256_load_ps(dd[r]), dmin = _mm256_load_ps(dm[r]);
+                for (int t = 0; t < TT; ++t) {
+                    const __m256 sx = _mm256_load_ps(sxb[t]);
+                    const __m256i I = q4k8_reduce8(reinterpret_cast<const __m256i*>(ib[r][t]));
+                    const __m256i M = q4k8_reduce4(reinterpret_cast<const __m256i*>(mb[r][t]));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(d, sx), acc[r][t]);
+                    acc[r][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dmin, sx), acc[r][t]);
+                }
+            }
+        }
+#endif
+    }
+    for (int t = 0; t < TT; ++t)
+        for (int r = 0; r < R; ++r) {
+#if defined(__AVX2__)
+            alignas(32) float a[8];
+            _mm256_store_ps(a, acc[r][t]);
+            p.out[(t0 + t) * p.N + n + r] = q4k8_sum8(a);
+#else
+            p.out[(t0 + t) * p.N + n + r] = q4k8_sum8(acc[r][t]);
+#endif
+        }
+}
+
+template <int R, int TT>
+void q4k8_row_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
+    for (; n + R <= n_end; n += R) q4k8_row_tile<R, TT>(p, n, t0);
+    for (; n < n_end; ++n) q4k8_row_tile<1, TT>(p, n, t0);
+}
+
+#if defined(__AVX2__)
+// One super-block of one row of W for the lanes kernel: codes in element order, the chunks' scale
+// words (sc_c, sc_c), the mins' (m_2q, m_2q+1), d and dmin.
+struct Q4KLaneRow {
+    alignas(32) uint8_t q[256];
+    int32_t sc[8], mn[4];
+    float d, dmin;
+};
+
+inline void q4k8_lane_decode(const uint8_t* sb, Q4KLaneRow& o) {
+    const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
+    o.d = _mm_cvtss_f32(dd);
+    o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+    const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
+    const __m128i scw = _mm_cvtepu8_epi16(sm);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc), _mm_unpacklo_epi16(scw, scw));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc + 4), _mm_unpackhi_epi16(scw, scw));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mn), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int i = 0; i < 4; ++i) {  // chunk 2i: low nibbles of qs[32i..32i+31], chunk 2i + 1: high
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * i));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i), _mm256_and_si256(v, m4));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+    }
+}
+
+inline __m256i bcast4(const void* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+
+// R rows of W (from n) times rows 8g..8g+7 of x (lanes).
+template <int R>
+void q4k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
+    const i64 nb = p.K / kQBlock;
+    const uint8_t* row0 = p.w + n * p.row_bytes;
+    const int8_t* xt = p.xt + g * nb * 2048;
+    const int16_t* ct = p.ct + g * nb * 64;
+    __m256 acc[R][8];  // a_0..7 of rows 8g..8g+7 of x
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_setzero_ps();
+    NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
+    for (i64 b = 0; b < nb; ++b) {
+        pf.step();
+        const int j = int(b & 7);
+        Q4KLaneRow w[R];
+        for (int r = 0; r < R; ++r) q4k8_lane_decode(row0 + r * p.row_bytes + b * Q8Q4_K::kBytes, w[r]);
+        __m256i I[R], M[R];
+        for (int r = 0; r < R; ++r) I[r] = M[r] = _mm256_setzero_si256();
+        const int8_t* xb = xt + b * 2048;
+        for (int c = 0; c < 8; ++c) {
+            __m256i s[R];
+            for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+            for (int o = 0; o < 8; ++o) {
+                const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + (8 * c + o) * 32));
+                for (int r = 0; r < R; ++r) {
+                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(bcast4(w[r].q + 32 * c + 4 * o), x));
+                    asm("" : "+x"(s[r]));  // keep the chain: GCC otherwise builds a tree of all 32 products and spills
+                }
+            }
+            for (int r = 0; r < R; ++r) I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s[r], _mm256_set1_epi32(w[r].sc[c])));
+        }
+        for (int q = 0; q < 4; ++q) {
+            const __m256i cs = _mm256_load_si256(reinterpret_cast<const __m256i*>(ct + (b * 4 + q) * 16));
+            for (int r = 0; r < R; ++r) M[r] = _mm256_add_epi32(M[r], _mm256_madd_epi16(_mm256_set1_epi32(w[r].mn[q]), cs));
+        }
+        const __m256 sx = _mm256_loadu_ps(p.xs + b * p.T + 8 * g);
+        for (int r = 0; r < R; ++r) {
+            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].d), sx), acc[r][j]);
+            acc[r][j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].dmin), sx), acc[r][j]);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const __m256* a = acc[r];
+        alignas(32) float v[8];
+        _mm256_store_ps(v, _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+                                         _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]))));
+        for (int t = 0; t < 8; ++t) p.out[(8 * g + t) * p.N + n + r] = v[t];
+    }
+}
+
+constexpr int kQ4KLaneRows = 4;  // rows of W per lanes tile
+#endif
+
+// Rows [g0 * kRows, g1 * kRows) clipped to N. T <= 3: one pass of row tiles. Larger T: rows of x in
+// blocks of at most kQ8XBlockBytes of x8, each against all the rows: 8 rows of x at a time in lanes
+// (AVX2), the rest of the block in row tiles of 4, 2 and 1 rows of x.
+void q4k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
+    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
+    switch (p.T) {
+        case 1: return q4k8_row_range<kQ8RowsT1, 1>(p, n, n_end, 0);
+        case 2: return q4k8_row_range<kQ8RowsSmallT, 2>(p, n, n_end, 0);
+        case 3: return q4k8_row_range<kQ8RowsSmallT, 3>(p, n, n_end, 0);
+        default: break;
+    }
+    const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / 8 * 8;
+    const i64 block = fit > 8 ? fit : 8;
+    for (i64 tb = 0; tb < p.T; tb += block) {
+        const i64 te = tb + block < p.T ? tb + block : p.T;
+        i64 t1 = tb;  // rows of x from t1 on take row tiles
+#if defined(__AVX2__)
+        t1 = tb + (te - tb) / 8 * 8;
+        for (i64 m = n; m < n_end; m += kQ4KLaneRows) {
+            if (m + kQ4KLaneRows <= n_end)
+                for (i64 t0 = tb; t0 < t1; t0 += 8) q4k8_lane_tile<kQ4KLaneRows>(p, m, t0 / 8);
+            else
+                for (i64 r = m; r < n_end; ++r)
+                    for (i64 t0 = tb; t0 < t1; t0 += 8) q4k8_lane_tile<1>(p, r, t0 / 8);
+        }
+#endif
+        for (i64 m = n; m < n_end && t1 < te; m += kQ8Rows) {
+            const i64 m_end = m + kQ8Rows < n_end ? m + kQ8Rows : n_end;
+            i64 t0 = t1;
+            for (; t0 + 8 <= te; t0 += 8) q4k8_row_range<1, 8>(p, m, m_end, t0);
+            if (t0 + 4 <= te) q4k8_row_range<1, 4>(p, m, m_end, t0), t0 += 4;
+            if (t0 + 2 <= te) q4k8_row_range<1, 2>(p, m, m_end, t0), t0 += 2;
+            if (t0 < te) q4k8_row_range<1, 1>(p, m, m_end, t0);
+        }
+    }
+}
+
 template <class F>
 void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
+    if constexpr (F::kOwnContract) return q4k8_run_groups(p, g0, g1);
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
     switch (p.T) {
         case 1: q8_range<F, kQ8RowsT1, 1>(p, n, n_end, 0); return;
