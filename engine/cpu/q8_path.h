@@ -20,8 +20,10 @@
 //     build: vpmaddubsw pairs (|word| <= 2 * 63 * 127), vpmaddwd with the scale words;
 //   * Q6_K: M_b (8 int32 lanes, exact) = ow * bs summed in adjacent pairs; I_b lanes 0..7 -= 32 M_b;
 //     acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) for b in order; out = vsum(acc);
-//   * Q4_K / Q5_K: acc as above, macc (8 fp32 lanes) = fma(mins_b, xm_b, macc) for b in order, xm_b =
-//     float(cs_j) * sx_b (lane j); out = vsum(acc) - sum8(macc) (the pairwise trees of vsum).
+//   * Q5_K: acc as above, macc (8 fp32 lanes) = fma(mins_b, xm_b, macc) for b in order, xm_b =
+//     float(cs_j) * sx_b (lane j); out = vsum(acc) - sum8(macc) (the pairwise trees of vsum);
+//   * Q4_K: no float lanes; its own contract below ("Q4_K's contract and kernels"), from the same x8
+//     and the same integers.
 // |I_b| < 2^25 and |M_b| < 2^21 by the formats' ranges, so every integer sum is exact.
 //
 // x8 is stored once per call with the 32-element chunks of each block in the order kQ8Slot (chunks
@@ -37,8 +39,8 @@
 // Work: T <= 3 decodes each super-block into registers once for all rows of x; larger T takes the rows
 // of x in blocks of at most kQ8XBlockBytes of x8 and, per block, runs tiles of kQ8Rows rows of W by
 // kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again. The
-// Q4_K/Q5_K mins take one 8-lane fma per (row of W, row of x, block), their float products made once
-// per decoded block (dmin * m_j) and once per call (cs_j * sx_b).
+// Q5_K mins take one 8-lane fma per (row of W, row of x, block), their float products made once per
+// decoded block (dmin * m_j) and once per call (cs_j * sx_b). Q4_K: q4k8_run_groups.
 namespace {
 
 // Chunk c of a block goes to slot kQ8Slot[c] of the stored x8 (its own inverse).
