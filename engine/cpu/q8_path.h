@@ -18,12 +18,12 @@
 //     vpdpbusd makes the 4-byte sums D_r (|D| <= 4 * 63 * 127 < 2^15), two registers' D interleave
 //     as words (D_2G low, D_2G+1 << 16 high) and one vpdpwssd applies both scales; the portable
 //     build: vpmaddubsw pairs (|word| <= 2 * 63 * 127), vpmaddwd with the scale words;
-//   * Q6_K: M_b (8 int32 lanes, exact) = ow * bs summed in adjacent pairs; I_b lanes 0..7 -= 32 M_b;
-//     acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) for b in order; out = vsum(acc);
-//   * Q5_K: acc as above, macc (8 fp32 lanes) = fma(mins_b, xm_b, macc) for b in order, xm_b =
+//   * Q6_K: M_b (8 int32 lanes, exact) = ow * bs summed in adjacent pairs; I_b lanes 0..7 -= 32 M_b
+//     (the lanes' total is Q6_K's I_b of the contract below);
+//   * Q5_K: acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) for b in order, macc (8 fp32 lanes) = fma(mins_b, xm_b, macc) for b in order, xm_b =
 //     float(cs_j) * sx_b (lane j); out = vsum(acc) - sum8(macc) (the pairwise trees of vsum);
-//   * Q4_K: no float lanes; its own contract below ("Q4_K's contract and kernels"), from the same x8
-//     and the same integers.
+//   * Q4_K, Q6_K: no float lanes; their own contract below ("Q4_K's and Q6_K's contract and
+//     kernels"), from the same x8 and the same integers.
 // |I_b| < 2^25 and |M_b| < 2^21 by the formats' ranges, so every integer sum is exact.
 //
 // x8 is stored once per call with the 32-element chunks of each block in the order kQ8Slot (chunks
@@ -40,7 +40,7 @@
 // of x in blocks of at most kQ8XBlockBytes of x8 and, per block, runs tiles of kQ8Rows rows of W by
 // kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again. The
 // Q5_K mins take one 8-lane fma per (row of W, row of x, block), their float products made once per
-// decoded block (dmin * m_j) and once per call (cs_j * sx_b). Q4_K: q4k8_run_groups.
+// decoded block (dmin * m_j) and once per call (cs_j * sx_b). Q4_K, Q6_K: k8_run_groups.
 namespace {
 
 // Chunk c of a block goes to slot kQ8Slot[c] of the stored x8 (its own inverse).
@@ -56,6 +56,7 @@ struct Q8Problem {
     const float* xs;    // (K / 256, T) sx_b: block b of every row together
     const int8_t* xt;   // Q4_K, T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8 rows, 4 bytes)
     const int16_t* ct;  // with xt: (T / 8, K / 256, 4, 8 rows, 2) words (cs_2q, cs_2q+1)
+    const int16_t* bt;  // with xt: (T / 8, K / 256, 8, 8 rows, 2) words (bs_2k, bs_2k+1)
     const uint8_t* w;   // N rows of row_bytes
     float* out;         // (T, N)
     i64 T, N, K, row_bytes;
@@ -72,12 +73,14 @@ Scratch& q8_scratch() {  // the caller's quantized x
 }
 
 // The scratch of T quantized rows: x8 ((K + kQ8RowPad) bytes a row), bs, cs (int16), xm, xs, then
-// xt and ct of the first T / 8 * 8 rows (Q8Problem).
+// xt, ct and bt of the first T / 8 * 8 rows (Q8Problem).
 struct Q8Layout {
-    i64 bs, cs, xm, xs, xt, ct, floats;  // offsets in floats from the base, and the total
+    i64 bs, cs, xm, xs, xt, ct, bt, floats;  // offsets in floats from the base (64-byte multiples), the total
+    static i64 up(i64 f) { return (f + 15) / 16 * 16; }
     Q8Layout(i64 T, i64 K)
-        : bs(T * (K + kQ8RowPad) / 4), cs(bs + T * K / 32), xm(cs + T * K / 64), xs(xm + T * K / 32),
-          xt(xs + T * K / kQBlock), ct(xt + T / 8 * 8 * K / 4), floats(ct + T / 8 * 8 * K / 64) {}
+        : bs(up(T * (K + kQ8RowPad) / 4)), cs(up(bs + T * K / 32)), xm(up(cs + T * K / 64)), xs(up(xm + T * K / 32)),
+          xt(up(xs + T * K / kQBlock)), ct(up(xt + T / 8 * 8 * K / 4)), bt(up(ct + T / 8 * 8 * K / 64)),
+          floats(bt + T / 8 * 8 * K / 32) {}
 };
 
 // Quantize T rows of x into the scratch `base` (Q8Layout(T, K).floats floats); the problem's x fields.
@@ -90,7 +93,8 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     float* xs = base + lay.xs;
     int8_t* xt = reinterpret_cast<int8_t*>(base + lay.xt);
     int16_t* ct = reinterpret_cast<int16_t*>(base + lay.ct);
-    p.xq = xq, p.bs = bs, p.cs = cs, p.xm = xm, p.xs = xs, p.xt = xt, p.ct = ct;
+    int16_t* bt = reinterpret_cast<int16_t*>(base + lay.bt);
+    p.xq = xq, p.bs = bs, p.cs = cs, p.xm = xm, p.xs = xs, p.xt = xt, p.ct = ct, p.bt = bt;
     const i64 nb = K / kQBlock, lanes = T / 8 * 8;
     for (i64 b = 0; b < T * nb; ++b) {
         const i64 t = b / nb, blk = b % nb;
@@ -112,6 +116,7 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
             const i64 tile = (t / 8 * nb + blk), lane = t % 8;
             for (int o = 0; o < 64; ++o) std::memcpy(xt + (tile * 64 + o) * 32 + 4 * lane, q + 4 * o, 4);
             for (int j = 0; j < 8; ++j) ct[(tile * 4 + j / 2) * 16 + 2 * lane + j % 2] = cs[b * 8 + j];
+            for (int i = 0; i < 16; ++i) bt[(tile * 8 + i / 2) * 16 + 2 * lane + i % 2] = bs[b * 16 + i];
         }
     }
 }
@@ -207,7 +212,7 @@ template <bool kQ5>
 struct Q8Q45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
-    static constexpr bool kOwnContract = !kQ5;  // Q4_K: the contract and kernels of q4k8_run_groups
+    static constexpr bool kOwnContract = !kQ5;  // Q4_K: the contract and kernels of k8_run_groups
     static constexpr int kQs = kQ5 ? 48 : 16;
     static void decode(const uint8_t* sb, Q8Dec& o) {
 #if QL_AVX512
@@ -284,7 +289,7 @@ using Q8Q5_K = Q8Q45_K<true>;
 struct Q8Q6_K {
     static constexpr int kBytes = 210;
     static constexpr bool kMins = false;
-    static constexpr bool kOwnContract = false;
+    static constexpr bool kOwnContract = true;  // the contract and kernels of k8_run_groups
     static void decode(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb + 208);
 #if QL_AVX512
@@ -399,38 +404,41 @@ constexpr int kQ8Tile = 8;
 constexpr i64 kQ8XBlockBytes = 512 << 10;
 
 // ---------------------------------------------------------------------------------------------
-// Q4_K's contract and kernels
+// Q4_K's and Q6_K's contract and kernels
 // ---------------------------------------------------------------------------------------------
-// Q4_K keeps no lanes of partial sums: per (row of W, row of x, block b) two exact integers,
-//     I_b = sum_j sc_j * sum_{l < 32} q_{32j+l} x8_{32j+l},   M_b = sum_j m_j * cs_j
+// Q4_K and Q6_K keep no lanes of partial sums: per (row of W, row of x, block b) exact integers,
+//     Q4_K: I_b = sum_j sc_j * sum_{l < 32} q_{32j+l} x8_{32j+l},   M_b = sum_j m_j * cs_j
+//     Q6_K: I_b = sum_i sc_i * sum_{l < 16} (q_{16i+l} - 32) x8_{16i+l}   (sc_i signed)
 // (|I_b| < 2^25, |M_b| < 2^21: exact in any order of summation), then 8 fp32 accumulators a_0..7 = 0,
 // for b in order with i = b mod 8:
-//     a_i = fma(float(I_b), d_b * sx_b, a_i);   a_i = fma(-float(M_b), dmin_b * sx_b, a_i);
+//     a_i = fma(float(I_b), d_b * sx_b, a_i);   Q4_K also a_i = fma(-float(M_b), dmin_b * sx_b, a_i);
 // and out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7)). (An a_i no block reaches stays
 // +0; an fma of zeros leaves any a_i as it is, since no a_i is ever -0.) So any layout of the work
 // gives the same bits, and the kernels may put rows of x in lanes:
 //   * tiles of 8 rows of x (AVX2, in every x86 build): 32-bit lane t of a register is row 8g + t of x
-//     (xt: its 4 bytes of each group of 4 elements), a row of W's 4 codes are broadcast, and the
-//     16-bit pair sums of vpmaddubsw add up over a whole 32-element chunk (|.| <= 16 * 15 * 127 < 2^15)
-//     before one vpmaddwd applies the chunk's scale: 9 multiplies per chunk, row of W and 8 rows of x
-//     where one row of x per register takes 16, and the float part is 8 rows of x an instruction.
-//     Measured 1.41-1.59x at T = 8..64 (8192 x 8192, 8192 x 28672, 28672 x 8192, one thread, AVX2);
+//     (xt: its 4 bytes of each group of 4 elements), a row of W's 4 codes are broadcast, and the 16-bit
+//     pair sums of vpmaddubsw add up in words before one vpmaddwd applies a scale: Q4_K over a whole
+//     32-element chunk (|.| <= 16 * 15 * 127 < 2^15; 9 multiplies per chunk, row of W and 8 rows of x
+//     where one row of x per register takes 16), Q6_K over 8 elements (a word holds 4 products,
+//     |.| <= 4 * 63 * 127 < 2^15; 12 multiplies per 32 elements); the float part is 8 rows of x an
+//     instruction. Q4_K measured 1.41-1.59x at T = 8..64 (8192 x 8192, 8192 x 28672, 28672 x 8192, one
+//     thread, AVX2);
 //   * every other row of x (T < 8, the T % 8 rest) and builds without AVX2: the 8-bit path's registers
-//     above (Q8Q4_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and the float
-//     part is one instruction for the 8 a_i.
+//     above (Q8Q4_K / Q8Q6_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and
+//     the float part is one instruction for the 8 a_i.
 
 // The 8 fp32 accumulators of one output, summed as the contract says.
-inline float q4k8_sum8(const float* a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+inline float k8_sum8(const float* a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
 
 #if defined(__AVX2__)
 // Lane j: the sum of the 8 int32 lanes of v[j].
-inline __m256i q4k8_reduce8(const __m256i* v) {
+inline __m256i k8_reduce8(const __m256i* v) {
     const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 // Lane j: the sum of the 4 int32 of block j (v: blocks 2k, 2k + 1 in register k).
-inline __m256i q4k8_reduce4(const __m256i* v) {
+inline __m256i k8_reduce4(const __m256i* v) {
     const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
     return _mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
@@ -449,9 +457,17 @@ inline int32_t q8_isum(AI v) {
 }
 #endif
 
+// The I_b lanes of one decoded super-block against block b of row tt of x (Q6_K: offsets subtracted).
+template <class F>
+inline AI k8_int(const Q8Problem& p, const Q8Dec& w, i64 tt, i64 b) {
+    const AI v = q8_int(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock);
+    if constexpr (F::kMins) return v;
+    else return sub_lo32(v, q8_offsets(w.ow, p.bs + (tt * (p.K / kQBlock) + b) * 16));
+}
+
 // R rows of W (from n) times rows t0..t0+TT-1 of x, one row of x per register.
-template <int R, int TT>
-void q4k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
+template <class F, int R, int TT>
+void k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
     const i64 nb = p.K / kQBlock;
     const uint8_t* row0 = p.w + n * p.row_bytes;
     NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
@@ -470,25 +486,29 @@ void q4k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             Q8Dec w;
-            Q8Q4_K::decode(row0 + r * p.row_bytes + b * Q8Q4_K::kBytes, w);
+            F::decode(row0 + r * p.row_bytes + b * F::kBytes, w);
 #if defined(__AVX2__)
-            dd[r][j] = w.d, dm[r][j] = w.dmin;
-            const __m128i mw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mw));
+            dd[r][j] = w.d;
+            __m128i mw = _mm_setzero_si128();
+            if constexpr (F::kMins) dm[r][j] = w.dmin, mw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mw));
 #endif
             for (int t = 0; t < TT; ++t) {
                 const i64 tt = t0 + t;
-                const AI v = q8_int(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock);
+                const AI v = k8_int<F>(p, w, tt, b);
                 const int16_t* cs = p.cs + (tt * nb + b) * 8;
 #if defined(__AVX2__)
                 _mm256_store_si256(reinterpret_cast<__m256i*>(ib[r][t][j]), q8_half_sum(v));
-                _mm_store_si128(reinterpret_cast<__m128i*>(mb[r][t][j]),
-                                _mm_madd_epi16(mw, _mm_loadu_si128(reinterpret_cast<const __m128i*>(cs))));
+                if constexpr (F::kMins)
+                    _mm_store_si128(reinterpret_cast<__m128i*>(mb[r][t][j]),
+                                    _mm_madd_epi16(mw, _mm_loadu_si128(reinterpret_cast<const __m128i*>(cs))));
 #else
-                int32_t M = 0;
-                for (int k = 0; k < 8; ++k) M += int32_t(w.mw[k]) * cs[k];
                 const float sx = p.xs[b * p.T + tt];
                 acc[r][t][j] = __builtin_fmaf(float(q8_isum(v)), w.d * sx, acc[r][t][j]);
-                acc[r][t][j] = __builtin_fmaf(-float(M), w.dmin * sx, acc[r][t][j]);
+                if constexpr (F::kMins) {
+                    int32_t M = 0;
+                    for (int k = 0; k < 8; ++k) M += int32_t(w.mw[k]) * cs[k];
+                    acc[r][t][j] = __builtin_fmaf(-float(M), w.dmin * sx, acc[r][t][j]);
+                }
 #endif
             }
         }
@@ -506,13 +526,15 @@ void q4k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
                 for (int t = 0; t < TT; ++t) sxb[t][k] = 0.0f;
             }
             for (int r = 0; r < R; ++r) {
-                const __m256 d = _mm256_load_ps(dd[r]), dmin = _mm256_load_ps(dm[r]);
+                const __m256 d = _mm256_load_ps(dd[r]);
                 for (int t = 0; t < TT; ++t) {
                     const __m256 sx = _mm256_load_ps(sxb[t]);
-                    const __m256i I = q4k8_reduce8(reinterpret_cast<const __m256i*>(ib[r][t]));
-                    const __m256i M = q4k8_reduce4(reinterpret_cast<const __m256i*>(mb[r][t]));
+                    const __m256i I = k8_reduce8(reinterpret_cast<const __m256i*>(ib[r][t]));
                     acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I), _mm256_mul_ps(d, sx), acc[r][t]);
-                    acc[r][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(dmin, sx), acc[r][t]);
+                    if constexpr (F::kMins) {
+                        const __m256i M = k8_reduce4(reinterpret_cast<const __m256i*>(mb[r][t]));
+                        acc[r][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M), _mm256_mul_ps(_mm256_load_ps(dm[r]), sx), acc[r][t]);
+                    }
                 }
             }
         }
@@ -523,71 +545,57 @@ void q4k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
 #if defined(__AVX2__)
             alignas(32) float a[8];
             _mm256_store_ps(a, acc[r][t]);
-            p.out[(t0 + t) * p.N + n + r] = q4k8_sum8(a);
+            p.out[(t0 + t) * p.N + n + r] = k8_sum8(a);
 #else
-            p.out[(t0 + t) * p.N + n + r] = q4k8_sum8(acc[r][t]);
+            p.out[(t0 + t) * p.N + n + r] = k8_sum8(acc[r][t]);
 #endif
         }
 }
 
-template <int R, int TT>
-void q4k8_row_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
-    for (; n + R <= n_end; n += R) q4k8_row_tile<R, TT>(p, n, t0);
-    for (; n < n_end; ++n) q4k8_row_tile<1, TT>(p, n, t0);
+template <class F, int R, int TT>
+void k8_row_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
+    for (; n + R <= n_end; n += R) k8_row_tile<F, R, TT>(p, n, t0);
+    for (; n < n_end; ++n) k8_row_tile<F, 1, TT>(p, n, t0);
 }
 
 #if defined(__AVX2__)
-// One super-block of one row of W for the lanes kernel: codes in element order, the chunks' scale
-// words (sc_c, sc_c), the mins' (m_2q, m_2q+1), d and dmin.
-struct Q4KLaneRow {
-    alignas(32) uint8_t q[256];
-    int32_t sc[8], mn[4];
-    float d, dmin;
-};
-
-inline void q4k8_lane_decode(const uint8_t* sb, Q4KLaneRow& o) {
-    const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
-    o.d = _mm_cvtss_f32(dd);
-    o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
-    const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-    const __m128i scw = _mm_cvtepu8_epi16(sm);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc), _mm_unpacklo_epi16(scw, scw));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc + 4), _mm_unpackhi_epi16(scw, scw));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mn), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
-    const __m256i m4 = _mm256_set1_epi8(15);
-    for (int i = 0; i < 4; ++i) {  // chunk 2i: low nibbles of qs[32i..32i+31], chunk 2i + 1: high
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * i));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i), _mm256_and_si256(v, m4));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
-    }
-}
-
 inline __m256i bcast4(const void* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+inline __m256i xt_group(const int8_t* xb, int o) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + o * 32)); }
 
-// R rows of W (from n) times rows 8g..8g+7 of x (lanes).
-template <int R>
-void q4k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
-    const i64 nb = p.K / kQBlock;
-    const uint8_t* row0 = p.w + n * p.row_bytes;
-    const int8_t* xt = p.xt + g * nb * 2048;
-    const int16_t* ct = p.ct + g * nb * 64;
-    __m256 acc[R][8];  // a_0..7 of rows 8g..8g+7 of x
-    for (int r = 0; r < R; ++r)
-        for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_setzero_ps();
-    NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
-    for (i64 b = 0; b < nb; ++b) {
-        pf.step();
-        const int j = int(b & 7);
-        Q4KLaneRow w[R];
-        for (int r = 0; r < R; ++r) q4k8_lane_decode(row0 + r * p.row_bytes + b * Q8Q4_K::kBytes, w[r]);
-        __m256i I[R], M[R];
-        for (int r = 0; r < R; ++r) I[r] = M[r] = _mm256_setzero_si256();
-        const int8_t* xb = xt + b * 2048;
-        for (int c = 0; c < 8; ++c) {
+// The lanes kernel's view of one super-block of one row of W: its codes in element order, broadcast
+// 4 at a time against the 8 rows of x of a tile. dot() adds to I[r] (lanes: rows of x) row r's I_b
+// (before Q6_K's offsets); mins() / offsets() the rest of the contract's integers from ct / bt.
+struct Q4KLanes {
+    struct Row {
+        alignas(32) uint8_t q[256];
+        int32_t sc[8], mn[4];  // words (sc_c, sc_c); (m_2q, m_2q+1)
+        float d, dmin;
+    };
+    static constexpr bool kMins = true;
+    static constexpr int kBytes = Q8Q4_K::kBytes;
+    static void decode(const uint8_t* sb, Row& o) {
+        const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
+        o.d = _mm_cvtss_f32(dd);
+        o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+        const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
+        const __m128i scw = _mm_cvtepu8_epi16(sm);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc), _mm_unpacklo_epi16(scw, scw));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc + 4), _mm_unpackhi_epi16(scw, scw));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mn), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+        const __m256i m4 = _mm256_set1_epi8(15);
+        for (int i = 0; i < 4; ++i) {  // chunk 2i: low nibbles of qs[32i..32i+31], chunk 2i + 1: high
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * i));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i), _mm256_and_si256(v, m4));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+        }
+    }
+    template <int R>
+    static void dot(const Row* w, const int8_t* xb, __m256i* I) {
+        for (int c = 0; c < 8; ++c) {  // chunk c: groups 8c..8c+7 summed in words, then its scale
             __m256i s[R];
             for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
             for (int o = 0; o < 8; ++o) {
-                const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + (8 * c + o) * 32));
+                const __m256i x = xt_group(xb, 8 * c + o);
                 for (int r = 0; r < R; ++r) {
                     s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(bcast4(w[r].q + 32 * c + 4 * o), x));
                     asm("" : "+x"(s[r]));  // keep the chain: GCC otherwise builds a tree of all 32 products and spills
@@ -595,14 +603,99 @@ void q4k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
             }
             for (int r = 0; r < R; ++r) I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s[r], _mm256_set1_epi32(w[r].sc[c])));
         }
+    }
+    template <int R>
+    static void mins(const Row* w, const int16_t* ctb, __m256i* M) {  // M_b
         for (int q = 0; q < 4; ++q) {
-            const __m256i cs = _mm256_load_si256(reinterpret_cast<const __m256i*>(ct + (b * 4 + q) * 16));
+            const __m256i cs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ctb + q * 16));
             for (int r = 0; r < R; ++r) M[r] = _mm256_add_epi32(M[r], _mm256_madd_epi16(_mm256_set1_epi32(w[r].mn[q]), cs));
         }
+    }
+};
+
+struct Q6KLanes {
+    struct Row {
+        alignas(32) uint8_t q[256];
+        int32_t sc[16], sp[8];  // words (sc_i, sc_i); (sc_2k, sc_2k+1)
+        float d, dmin;
+    };
+    static constexpr bool kMins = false;
+    static constexpr int kBytes = Q8Q6_K::kBytes;
+    static void decode(const uint8_t* sb, Row& o) {
+        o.d = half_at(sb + 208);
+        const __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 192)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sp), scw);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_unpacklo_epi16(scw, scw));      // sc 0..3, 8..11
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc + 8), _mm256_unpackhi_epi16(scw, scw));  // sc 4..7, 12..15
+        const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+        for (int h = 0; h < 2; ++h) {  // elements 128h + 32u + l, u = 0..3
+            const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + off)); };
+            const __m256i ql0 = ld(64 * h), ql1 = ld(64 * h + 32), qh = ld(128 + 32 * h);
+            const __m256i q[4] = {_mm256_and_si256(ql0, m4), _mm256_and_si256(ql1, m4),
+                                  _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4)};
+            for (int u = 0; u < 4; ++u) {
+                const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * u), m3);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 128 * h + 32 * u), _mm256_or_si256(q[u], _mm256_slli_epi16(hb, 4)));
+            }
+        }
+    }
+    template <int R>
+    static void dot(const Row* w, const int8_t* xb, __m256i* I) {
+        for (int i = 0; i < 16; ++i) {  // sub-block i: groups 4i..4i+3, summed in words two at a time
+            for (int h = 0; h < 2; ++h) {
+                const __m256i x0 = xt_group(xb, 4 * i + 2 * h), x1 = xt_group(xb, 4 * i + 2 * h + 1);
+                for (int r = 0; r < R; ++r) {
+                    const uint8_t* q = w[r].q + 16 * i + 8 * h;
+                    const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(q), x0), _mm256_maddubs_epi16(bcast4(q + 4), x1));
+                    const int32_t sc = w[r].sc[(i & 3) + ((i >> 2) & 1) * 8 + (i >> 3) * 4];
+                    I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s, _mm256_set1_epi32(sc)));
+                }
+            }
+        }
+    }
+    template <int R>
+    static void offsets(const Row* w, const int16_t* btb, __m256i* I) {  // I_b -= 32 sum_i sc_i bs_i
+        __m256i o[R];
+        for (int r = 0; r < R; ++r) o[r] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+            const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(btb + k * 16));
+            for (int r = 0; r < R; ++r) o[r] = _mm256_add_epi32(o[r], _mm256_madd_epi16(_mm256_set1_epi32(w[r].sp[k]), bs));
+        }
+        for (int r = 0; r < R; ++r) I[r] = _mm256_sub_epi32(I[r], _mm256_slli_epi32(o[r], 5));
+    }
+};
+
+// R rows of W (from n) times rows 8g..8g+7 of x (lanes).
+template <class L, int R>
+void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
+    const i64 nb = p.K / kQBlock;
+    const uint8_t* row0 = p.w + n * p.row_bytes;
+    const int8_t* xt = p.xt + g * nb * 2048;
+    __m256 acc[R][8];  // a_0..7 of rows 8g..8g+7 of x
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 8; ++i) acc[r][i] = _mm256_setzero_ps();
+    NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
+    for (i64 b = 0; b < nb; ++b) {
+        pf.step();
+        const int j = int(b & 7);
+        typename L::Row w[R];
+        for (int r = 0; r < R; ++r) L::decode(row0 + r * p.row_bytes + b * L::kBytes, w[r]);
+        __m256i I[R];
+        for (int r = 0; r < R; ++r) I[r] = _mm256_setzero_si256();
+        L::template dot<R>(w, xt + b * 2048, I);
         const __m256 sx = _mm256_loadu_ps(p.xs + b * p.T + 8 * g);
-        for (int r = 0; r < R; ++r) {
-            acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].d), sx), acc[r][j]);
-            acc[r][j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].dmin), sx), acc[r][j]);
+        if constexpr (L::kMins) {
+            __m256i M[R];
+            for (int r = 0; r < R; ++r) M[r] = _mm256_setzero_si256();
+            L::template mins<R>(w, p.ct + (g * nb + b) * 64, M);
+            for (int r = 0; r < R; ++r) {
+                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].d), sx), acc[r][j]);
+                acc[r][j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(M[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].dmin), sx), acc[r][j]);
+            }
+        } else {
+            L::template offsets<R>(w, p.bt + (g * nb + b) * 128, I);
+            for (int r = 0; r < R; ++r)
+                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I[r]), _mm256_mul_ps(_mm256_set1_ps(w[r].d), sx), acc[r][j]);
         }
     }
     for (int r = 0; r < R; ++r) {
@@ -614,18 +707,23 @@ void q4k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
     }
 }
 
-constexpr int kQ4KLaneRows = 2;  // rows of W per lanes tile (0.96-1.10x over 4, T = 16..32, AVX2 machine)
+template <class F> struct LanesOf;
+template <> struct LanesOf<Q8Q4_K> { using type = Q4KLanes; };
+template <> struct LanesOf<Q8Q6_K> { using type = Q6KLanes; };
+
+constexpr int kK8LaneRows = 2;  // rows of W per lanes tile (Q4_K: 0.96-1.10x over 4, T = 16..32, AVX2 machine)
 #endif
 
 // Rows [g0 * kRows, g1 * kRows) clipped to N. T <= 3: one pass of row tiles. Larger T: rows of x in
 // blocks of at most kQ8XBlockBytes of x8, each against all the rows: 8 rows of x at a time in lanes
 // (AVX2), the rest of the block in row tiles of 4, 2 and 1 rows of x.
-void q4k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
+template <class F>
+void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
     switch (p.T) {
-        case 1: return q4k8_row_range<kQ8RowsT1, 1>(p, n, n_end, 0);
-        case 2: return q4k8_row_range<kQ8RowsSmallT, 2>(p, n, n_end, 0);
-        case 3: return q4k8_row_range<kQ8RowsSmallT, 3>(p, n, n_end, 0);
+        case 1: return k8_row_range<F, kQ8RowsT1, 1>(p, n, n_end, 0);
+        case 2: return k8_row_range<F, kQ8RowsSmallT, 2>(p, n, n_end, 0);
+        case 3: return k8_row_range<F, kQ8RowsSmallT, 3>(p, n, n_end, 0);
         default: break;
     }
     const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / 8 * 8;
@@ -634,29 +732,30 @@ void q4k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
         const i64 te = tb + block < p.T ? tb + block : p.T;
         i64 t1 = tb;  // rows of x from t1 on take row tiles
 #if defined(__AVX2__)
+        using L = typename LanesOf<F>::type;
         t1 = tb + (te - tb) / 8 * 8;
-        for (i64 m = n; m < n_end; m += kQ4KLaneRows) {
-            if (m + kQ4KLaneRows <= n_end)
-                for (i64 t0 = tb; t0 < t1; t0 += 8) q4k8_lane_tile<kQ4KLaneRows>(p, m, t0 / 8);
+        for (i64 m = n; m < n_end; m += kK8LaneRows) {
+            if (m + kK8LaneRows <= n_end)
+                for (i64 t0 = tb; t0 < t1; t0 += 8) k8_lane_tile<L, kK8LaneRows>(p, m, t0 / 8);
             else
                 for (i64 r = m; r < n_end; ++r)
-                    for (i64 t0 = tb; t0 < t1; t0 += 8) q4k8_lane_tile<1>(p, r, t0 / 8);
+                    for (i64 t0 = tb; t0 < t1; t0 += 8) k8_lane_tile<L, 1>(p, r, t0 / 8);
         }
 #endif
         for (i64 m = n; m < n_end && t1 < te; m += kQ8Rows) {
             const i64 m_end = m + kQ8Rows < n_end ? m + kQ8Rows : n_end;
             i64 t0 = t1;
-            for (; t0 + 8 <= te; t0 += 8) q4k8_row_range<1, 8>(p, m, m_end, t0);
-            if (t0 + 4 <= te) q4k8_row_range<1, 4>(p, m, m_end, t0), t0 += 4;
-            if (t0 + 2 <= te) q4k8_row_range<1, 2>(p, m, m_end, t0), t0 += 2;
-            if (t0 < te) q4k8_row_range<1, 1>(p, m, m_end, t0);
+            for (; t0 + 8 <= te; t0 += 8) k8_row_range<F, 1, 8>(p, m, m_end, t0);
+            if (t0 + 4 <= te) k8_row_range<F, 1, 4>(p, m, m_end, t0), t0 += 4;
+            if (t0 + 2 <= te) k8_row_range<F, 1, 2>(p, m, m_end, t0), t0 += 2;
+            if (t0 < te) k8_row_range<F, 1, 1>(p, m, m_end, t0);
         }
     }
 }
 
 template <class F>
 void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
-    if constexpr (F::kOwnContract) return q4k8_run_groups(p, g0, g1);
+    if constexpr (F::kOwnContract) return k8_run_groups<F>(p, g0, g1);
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
     switch (p.T) {
         case 1: q8_range<F, kQ8RowsT1, 1>(p, n, n_end, 0); return;

@@ -2165,7 +2165,7 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.pp = PProblem{pq, pg, ws[i], outs[i], T, ns[i], K, row_bytes};
-        m.q8 = Q8Problem{q8.xq, q8.bs, q8.cs, q8.xm, q8.xs, q8.xt, q8.ct, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.q8 = Q8Problem{q8.xq, q8.bs, q8.cs, q8.xm, q8.xs, q8.xt, q8.ct, q8.bt, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.first = items;
         m.groups = (ns[i] + kRows - 1) / kRows;
         items += m.groups;
