@@ -198,7 +198,7 @@ struct Q8Dec {
     QB q[4];
     WI s[kQ8Scales];
     SW ow;    // Q6_K
-    M8 mins;  // Q4_K / Q5_K
+    M8 mins;  // Q5_K
     float d;
     float dmin;      // Q4_K
     int16_t mw[8];   // Q4_K: m_0..7
@@ -327,8 +327,6 @@ struct Q8Q6_K {
     }
 };
 
-// acc/macc += one super-block of one row of W times block b of one row of x (the contract above).
-// bs: the block's 16 sums of x8 (Q6_K), xm: its 8 xm_b lanes (Q4_K / Q5_K).
 // The I_b lanes (before Q6_K's offsets) of one decoded super-block against block b of x8.
 inline AI q8_int(const Q8Dec& w, const int8_t* x8) {
 #if QL_AVX512
@@ -339,18 +337,14 @@ inline AI q8_int(const Q8Dec& w, const int8_t* x8) {
 #endif
 }
 
-template <bool kMins>
-inline void q8_block(const Q8Dec& w, const int8_t* x8, const int16_t* bs, const float* xm, float sx, V& acc,
-                     M8& macc) {
-    AI I = q8_int(w, x8);
-    if constexpr (kMins)
-        macc = m8fma(w.mins, m8load(xm), macc);
-    else
-        I = sub_lo32(I, q8_offsets(w.ow, bs));
-    acc = vfma(ito_float(I), vbcast(w.d * sx), acc);
+// Q5_K: acc, macc += one super-block of one row of W times block b of one row of x (the contract
+// above); xm: the block's 8 xm_b lanes.
+inline void q8_block(const Q8Dec& w, const int8_t* x8, const float* xm, float sx, V& acc, M8& macc) {
+    macc = m8fma(w.mins, m8load(xm), macc);
+    acc = vfma(ito_float(q8_int(w, x8)), vbcast(w.d * sx), acc);
 }
 
-// R rows of W (from n0) times rows t0..t0+TT-1 of x.
+// Q5_K: R rows of W (from n0) times rows t0..t0+TT-1 of x.
 template <class F, int R, int TT>
 void q8_tile(const Q8Problem& p, i64 n0, i64 t0) {
     V acc[R][TT];
@@ -372,14 +366,14 @@ void q8_tile(const Q8Problem& p, i64 n0, i64 t0) {
             F::decode(sb, w);
             for (int t = 0; t < TT; ++t) {
                 const i64 tt = t0 + t;
-                q8_block<F::kMins>(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock, p.bs + (tt * nb + b) * 16, p.xm + (tt * nb + b) * 8,
-                                   p.xs[b * p.T + tt], acc[r][t], macc[r][t]);
+                q8_block(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock, p.xm + (tt * nb + b) * 8, p.xs[b * p.T + tt],
+                         acc[r][t], macc[r][t]);
             }
         }
     }
     for (int t = 0; t < TT; ++t)
         for (int r = 0; r < R; ++r)
-            p.out[(t0 + t) * p.N + n0 + r] = F::kMins ? vsum(acc[r][t]) - m8sum(macc[r][t]) : vsum(acc[r][t]);
+            p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]) - m8sum(macc[r][t]);
 }
 
 template <class F, int R, int TT>
@@ -753,9 +747,9 @@ void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
     }
 }
 
+// Q5_K's rows [g0 * kRows, g1 * kRows) clipped to N (the lane sums contract).
 template <class F>
-void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
-    if constexpr (F::kOwnContract) return k8_run_groups<F>(p, g0, g1);
+void q8_lane_groups(const Q8Problem& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
     switch (p.T) {
         case 1: q8_range<F, kQ8RowsT1, 1>(p, n, n_end, 0); return;
@@ -780,6 +774,14 @@ void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
             if (t0 < te) q8_range<F, 1, 1>(p, m, m_end, t0);
         }
     }
+}
+
+template <class F>
+void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
+    if constexpr (F::kOwnContract)
+        k8_run_groups<F>(p, g0, g1);
+    else
+        q8_lane_groups<F>(p, g0, g1);
 }
 
 }  // namespace
