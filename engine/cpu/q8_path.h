@@ -20,8 +20,9 @@
 //     build: vpmaddubsw pairs (|word| <= 2 * 63 * 127), vpmaddwd with the scale words;
 //   * Q6_K: M_b (8 int32 lanes, exact) = ow * bs summed in adjacent pairs; I_b lanes 0..7 -= 32 M_b
 //     (the lanes' total is Q6_K's I_b of the contract below);
-//   * Q5_K: acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) for b in order, macc (8 fp32 lanes) = fma(mins_b, xm_b, macc) for b in order, xm_b =
-//     float(cs_j) * sx_b (lane j); out = vsum(acc) - sum8(macc) (the pairwise trees of vsum);
+//   * Q5_K: acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) and macc (8 fp32 lanes) =
+//     fma(mins_b, xm_b, macc) for b in order, xm_b = float(cs_j) * sx_b (lane j);
+//     out = vsum(acc) - sum8(macc) (the pairwise trees of vsum);
 //   * Q4_K, Q6_K: no float lanes; their own contract below ("Q4_K's and Q6_K's contract and
 //     kernels"), from the same x8 and the same integers.
 // |I_b| < 2^25 and |M_b| < 2^21 by the formats' ranges, so every integer sum is exact.
@@ -54,7 +55,7 @@ struct Q8Problem {
     const int16_t* cs;  // (T, K / 32) sums of x8 per 32 elements (cs_j)
     const float* xm;    // (T, K / 32) float(cs_j) * sx_b
     const float* xs;    // (K / 256, T) sx_b: block b of every row together
-    const int8_t* xt;   // Q4_K, T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8 rows, 4 bytes)
+    const int8_t* xt;   // Q4_K / Q6_K, T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8, 4 bytes)
     const int16_t* ct;  // with xt: (T / 8, K / 256, 4, 8 rows, 2) words (cs_2q, cs_2q+1)
     const int16_t* bt;  // with xt: (T / 8, K / 256, 8, 8 rows, 2) words (bs_2k, bs_2k+1)
     const uint8_t* w;   // N rows of row_bytes
@@ -611,7 +612,7 @@ struct Q6KLanes {
     struct Row {
         alignas(32) uint8_t q[256];
         int32_t sc[16], sp[8];  // words (sc_i, sc_i); (sc_2k, sc_2k+1)
-        float d, dmin;
+        float d;
     };
     static constexpr bool kMins = false;
     static constexpr int kBytes = Q8Q6_K::kBytes;

@@ -7,7 +7,7 @@
 //   * pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; "Pair path" below): x rounded to int16 per 32
 //     elements, two blocks per 16-lane register, one fp32 fma per pair of blocks;
 //   * 8-bit path (Q4_K, Q5_K, Q6_K, only when the caller asks for it: mode 2; q8_path.h): x rounded to
-//     int8 per 256 elements as llama.cpp does (Q4_K: exact per-block integers, 8 fp32 accumulators);
+//     int8 per 256 elements as llama.cpp does (Q4_K, Q6_K: exact per-block integers, 8 fp32 accumulators);
 //   * fp32 path (every other format, and every format in mode 1):
 //       - each weight is dequantized to fp32 by one fixed expression per format (d*q, fma(q, d, m), ...);
 //       - each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
