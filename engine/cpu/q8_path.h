@@ -10,38 +10,22 @@
 //     block sx_b = 0; bs_i = sum of x8 over 16-element sub-block i, cs_j over 32-element chunk j;
 //   * a weight super-block gives unsigned codes q (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63, standing for
 //     q - 32), per-element scales (Q4_K/Q5_K sc_j of chunk j, 6 bits; Q6_K sc_i of sub-block i,
-//     signed 8 bits) and the float d; Q4_K/Q5_K also mins_b = dmin * float(m_j) (8 fp32 lanes, one
-//     product each, as the int16 path's decode); Q6_K 16 offset words ow = sc_0..15;
-//   * I_b (16 int32 lanes, exact) = sum over the super-block of sc * q * x8: lane l of each of the
-//     block's 4 registers r (x8 bytes 64r..64r+63 of the stored block, see kQ8Slot) sums the 4
-//     products of its bytes 4l..4l+3 (one scale), times that scale; the 4 registers added. AVX-512:
-//     vpdpbusd makes the 4-byte sums D_r (|D| <= 4 * 63 * 127 < 2^15), two registers' D interleave
-//     as words (D_2G low, D_2G+1 << 16 high) and one vpdpwssd applies both scales; the portable
-//     build: vpmaddubsw pairs (|word| <= 2 * 63 * 127), vpmaddwd with the scale words;
-//   * Q6_K: M_b (8 int32 lanes, exact) = ow * bs summed in adjacent pairs; I_b lanes 0..7 -= 32 M_b
-//     (the lanes' total is Q6_K's I_b of the contract below);
-//   * Q5_K: acc (16 fp32 lanes) = fma(float(I_b), d_b * sx_b, acc) and macc (8 fp32 lanes) =
-//     fma(mins_b, xm_b, macc) for b in order, xm_b = float(cs_j) * sx_b (lane j);
-//     out = vsum(acc) - sum8(macc) (the pairwise trees of vsum);
-//   * Q4_K, Q6_K: no float lanes; their own contract below ("Q4_K's and Q6_K's contract and
-//     kernels"), from the same x8 and the same integers.
-// |I_b| < 2^25 and |M_b| < 2^21 by the formats' ranges, so every integer sum is exact.
+//     signed 8 bits), d, and for Q4_K/Q5_K the mins m_j (6 bits) and dmin;
+//   * the products are exact integers and the float part one fixed sequence: see "The contract and
+//     kernels" below.
 //
-// x8 is stored once per call with the 32-element chunks of each block in the order kQ8Slot (chunks
-// 0, 2, 1, 3, 4, 6, 5, 7): then a 64-byte load of Q4_K/Q5_K quants holds in its low nibbles exactly
-// the chunks of x8 bytes 0..63 (chunks 0 and 2) and in its high nibbles those of bytes 64..127
-// (chunks 1 and 3): no byte shuffles on the weight side. Q6_K broadcasts its 32-byte ql/qh groups
-// (one variable shift per half).
-//
-// AVX-512 takes 6 multiplies a block and row of x (4 vpdpbusd, 2 vpdpwssd) where vpmaddubsw +
-// vpdpwssd per register took 8: 1.07x at T = 1, 1.02x at T = 32 (8192 x 8192 Q4_K, one thread; the
-// same results).
-//
-// Work: T <= 3 decodes each super-block into registers once for all rows of x; larger T takes the rows
-// of x in blocks of at most kQ8XBlockBytes of x8 and, per block, runs tiles of kQ8Rows rows of W by
-// kQ8Tile rows of x (then 4, 2, 1), each decoding the (cache-resident) weights of its rows again. The
-// Q5_K mins take one 8-lane fma per (row of W, row of x, block), their float products made once per
-// decoded block (dmin * m_j) and once per call (cs_j * sx_b). Q4_K, Q6_K: k8_run_groups.
+// The registers of one row of x (T < 8 and the rest of T % 8): x8 is stored once per call with the
+// 32-element chunks of each block in the order kQ8Slot (chunks 0, 2, 1, 3, 4, 6, 5, 7): then a 64-byte
+// load of Q4_K/Q5_K quants holds in its low nibbles exactly the chunks of x8 bytes 0..63 (chunks 0
+// and 2) and in its high nibbles those of bytes 64..127 (chunks 1 and 3): no byte shuffles on the
+// weight side. Q6_K broadcasts its 32-byte ql/qh groups (one variable shift per half). q8_int gives 16
+// int32 lanes summing to the block's integer: lane l of each of the block's 4 registers r (x8 bytes
+// 64r..64r+63) sums the 4 products of its bytes 4l..4l+3 (one scale), times that scale. AVX-512:
+// vpdpbusd makes the 4-byte sums D_r (|D| <= 4 * 63 * 127 < 2^15), two registers' D interleave as
+// words (D_2G low, D_2G+1 << 16 high) and one vpdpwssd applies both scales (6 multiplies a block and
+// row of x where vpmaddubsw + vpdpwssd per register took 8); the portable build: vpmaddubsw pairs
+// (|word| <= 2 * 63 * 127), vpmaddwd with the scale words. Q6_K's offsets: ow * bs summed in adjacent
+// pairs, times 32, off lanes 0..7.
 namespace {
 
 // Chunk c of a block goes to slot kQ8Slot[c] of the stored x8 (its own inverse).
@@ -53,9 +37,8 @@ struct Q8Problem {
     const int8_t* xq;   // (T, K + kQ8RowPad) x8, chunks of each 256-block in kQ8Slot order
     const int16_t* bs;  // (T, K / 16) sums of x8 per 16 elements
     const int16_t* cs;  // (T, K / 32) sums of x8 per 32 elements (cs_j)
-    const float* xm;    // (T, K / 32) float(cs_j) * sx_b
     const float* xs;    // (K / 256, T) sx_b: block b of every row together
-    const int8_t* xt;   // Q4_K / Q6_K, T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8, 4 bytes)
+    const int8_t* xt;   // T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8, 4 bytes)
     const int16_t* ct;  // with xt: (T / 8, K / 256, 4, 8 rows, 2) words (cs_2q, cs_2q+1)
     const int16_t* bt;  // with xt: (T / 8, K / 256, 8, 8 rows, 2) words (bs_2k, bs_2k+1)
     const uint8_t* w;   // N rows of row_bytes
@@ -73,13 +56,13 @@ Scratch& q8_scratch() {  // the caller's quantized x
     return buf;
 }
 
-// The scratch of T quantized rows: x8 ((K + kQ8RowPad) bytes a row), bs, cs (int16), xm, xs, then
+// The scratch of T quantized rows: x8 ((K + kQ8RowPad) bytes a row), bs, cs (int16), xs, then
 // xt, ct and bt of the first T / 8 * 8 rows (Q8Problem).
 struct Q8Layout {
-    i64 bs, cs, xm, xs, xt, ct, bt, floats;  // offsets in floats from the base (64-byte multiples), the total
+    i64 bs, cs, xs, xt, ct, bt, floats;  // offsets in floats from the base (64-byte multiples), the total
     static i64 up(i64 f) { return (f + 15) / 16 * 16; }
     Q8Layout(i64 T, i64 K)
-        : bs(up(T * (K + kQ8RowPad) / 4)), cs(up(bs + T * K / 32)), xm(up(cs + T * K / 64)), xs(up(xm + T * K / 32)),
+        : bs(up(T * (K + kQ8RowPad) / 4)), cs(up(bs + T * K / 32)), xs(up(cs + T * K / 64)),
           xt(up(xs + T * K / kQBlock)), ct(up(xt + T / 8 * 8 * K / 4)), bt(up(ct + T / 8 * 8 * K / 64)),
           floats(bt + T / 8 * 8 * K / 32) {}
 };
@@ -90,12 +73,11 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     int8_t* xq = reinterpret_cast<int8_t*>(base);
     int16_t* bs = reinterpret_cast<int16_t*>(base + lay.bs);
     int16_t* cs = reinterpret_cast<int16_t*>(base + lay.cs);
-    float* xm = base + lay.xm;
     float* xs = base + lay.xs;
     int8_t* xt = reinterpret_cast<int8_t*>(base + lay.xt);
     int16_t* ct = reinterpret_cast<int16_t*>(base + lay.ct);
     int16_t* bt = reinterpret_cast<int16_t*>(base + lay.bt);
-    p.xq = xq, p.bs = bs, p.cs = cs, p.xm = xm, p.xs = xs, p.xt = xt, p.ct = ct, p.bt = bt;
+    p.xq = xq, p.bs = bs, p.cs = cs, p.xs = xs, p.xt = xt, p.ct = ct, p.bt = bt;
     const i64 nb = K / kQBlock, lanes = T / 8 * 8;
     for (i64 b = 0; b < T * nb; ++b) {
         const i64 t = b / nb, blk = b % nb;
@@ -108,10 +90,7 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
             for (int l = 0; l < 16; ++l) s += q[16 * i + l];
             bs[b * 16 + i] = int16_t(s);
         }
-        for (int j = 0; j < 8; ++j) {
-            cs[b * 8 + j] = int16_t(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
-            xm[b * 8 + j] = float(cs[b * 8 + j]) * sx;
-        }
+        for (int j = 0; j < 8; ++j) cs[b * 8 + j] = int16_t(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
         for (int c = 0; c < 8; ++c) std::memcpy(dst + 32 * kQ8Slot[c], q + 32 * c, 32);
         if (t < lanes) {
             const i64 tile = (t / 8 * nb + blk), lane = t % 8;
@@ -198,34 +177,27 @@ inline AI sub_lo32(AI I, M8I m) { return {I.a - (m << 5), I.b}; }
 struct Q8Dec {
     QB q[4];
     WI s[kQ8Scales];
-    SW ow;    // Q6_K
-    M8 mins;  // Q5_K
+    SW ow;           // Q6_K
     float d;
-    float dmin;      // Q4_K
-    int16_t mw[8];   // Q4_K: m_0..7
+    float dmin;      // Q4_K / Q5_K
+    int16_t mw[8];   // Q4_K / Q5_K: m_0..7
 };
 
 // Q4_K (kQ5 false) / Q5_K: element 32j + l is nibble j & 1 of qs[32(j >> 1) + l] (Q5_K: plus bit j of
 // qh[l] as bit 4), scale sc_j, min m_j (6 bits each, packed in 12 bytes at offset 4). Register
 // r = 2G + h holds chunks 4G + h (bytes 0..31 of qs + 64G, nibble h) and 4G + 2 + h (bytes 32..63).
-// mins = dmin * m_j; their x side is Q8Problem::xm.
 template <bool kQ5>
 struct Q8Q45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
-    static constexpr bool kOwnContract = !kQ5;  // Q4_K: the contract and kernels of k8_run_groups
     static constexpr int kQs = kQ5 ? 48 : 16;
     static void decode(const uint8_t* sb, Q8Dec& o) {
 #if QL_AVX512
         const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
         o.d = _mm_cvtss_f32(dd);
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        if constexpr (kQ5) {
-            o.mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_broadcastss_ps(_mm_movehdup_ps(dd)));
-        } else {
-            o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
-        }
+        o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
         const __m512i smb = _mm512_broadcast_i32x4(sm);
         const __m512i m4 = _mm512_set1_epi8(15);
         for (int G = 0; G < 2; ++G) {
@@ -247,14 +219,10 @@ struct Q8Q45_K {
         }
 #else
         o.d = half_at(sb);
-        const float dmin = half_at(sb + 2);
-        o.dmin = dmin;
+        o.dmin = half_at(sb + 2);
 #if defined(__AVX2__)
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        if constexpr (kQ5)
-            o.mins = F8(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin)));
-        else
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
         const __m256i smb = _mm256_broadcastsi128_si256(sm);
         const auto scale_words = [&](int c) { return W16(_mm256_shuffle_epi8(smb, _mm256_set1_epi64x(q8_ctrl4(c)))); };
 #else
@@ -262,7 +230,6 @@ struct Q8Q45_K {
         for (int i = 0; i < 8; ++i) {
             int mn;
             kquant_scale_min(sb + 4, i, sc[i], mn);
-            o.mins[i] = dmin * float(mn);
             o.mw[i] = int16_t(mn);
         }
         const auto scale_words = [&](int c) { return W16{} + int16_t(sc[c]); };
@@ -290,7 +257,6 @@ using Q8Q5_K = Q8Q45_K<true>;
 struct Q8Q6_K {
     static constexpr int kBytes = 210;
     static constexpr bool kMins = false;
-    static constexpr bool kOwnContract = true;  // the contract and kernels of k8_run_groups
     static void decode(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb + 208);
 #if QL_AVX512
@@ -338,59 +304,9 @@ inline AI q8_int(const Q8Dec& w, const int8_t* x8) {
 #endif
 }
 
-// Q5_K: acc, macc += one super-block of one row of W times block b of one row of x (the contract
-// above); xm: the block's 8 xm_b lanes.
-inline void q8_block(const Q8Dec& w, const int8_t* x8, const float* xm, float sx, V& acc, M8& macc) {
-    macc = m8fma(w.mins, m8load(xm), macc);
-    acc = vfma(ito_float(q8_int(w, x8)), vbcast(w.d * sx), acc);
-}
-
-// Q5_K: R rows of W (from n0) times rows t0..t0+TT-1 of x.
-template <class F, int R, int TT>
-void q8_tile(const Q8Problem& p, i64 n0, i64 t0) {
-    V acc[R][TT];
-    M8 macc[R][TT];
-    for (int r = 0; r < R; ++r)
-        for (int t = 0; t < TT; ++t) acc[r][t] = vzero(), macc[r][t] = m8zero();
-    const i64 nb = p.K / kQBlock;
-    const uint8_t* row0 = p.w + n0 * p.row_bytes;
-    // The next tile goes into L2 only: a tile (4 rows of K = 28672: 64 KiB) does not fit in L1 beside
-    // x8. Measured on one thread: +40% against fetching 1-4 KiB ahead in each row's stream
-    // (8192x8192), then L2 rather than L1 +18% (8192x8192) to +75% (8192x28672).
-    NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
-    for (i64 b = 0; b < nb; ++b) {
-        pf.step();
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-            const uint8_t* sb = row0 + r * p.row_bytes + b * F::kBytes;
-            Q8Dec w;
-            F::decode(sb, w);
-            for (int t = 0; t < TT; ++t) {
-                const i64 tt = t0 + t;
-                q8_block(w, p.xq + tt * (p.K + kQ8RowPad) + b * kQBlock, p.xm + (tt * nb + b) * 8, p.xs[b * p.T + tt],
-                         acc[r][t], macc[r][t]);
-            }
-        }
-    }
-    for (int t = 0; t < TT; ++t)
-        for (int r = 0; r < R; ++r)
-            p.out[(t0 + t) * p.N + n0 + r] = vsum(acc[r][t]) - m8sum(macc[r][t]);
-}
-
-template <class F, int R, int TT>
-void q8_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
-    for (; n + R <= n_end; n += R) q8_tile<F, R, TT>(p, n, t0);
-    for (; n < n_end; ++n) q8_tile<F, 1, TT>(p, n, t0);
-}
-
 constexpr int kQ8RowsT1 = QL_AVX512 ? 4 : 1;   // rows of W per tile, T = 1
 constexpr int kQ8RowsSmallT = QL_AVX512 ? 2 : 1;  // rows of W per tile, T = 2..3
-constexpr int kQ8Rows = QL_AVX512 ? 1 : 2;     // rows of W per tile, T >= 4
-// Rows of x per tile, T >= 4: each decoded super-block serves kQ8Tile rows of x (AVX-512: one row of W
-// against 8 rows of x keeps 8 + 8 accumulators and the decoded block in registers; measured 1.03-1.06x
-// over 2 x 4 on 8192x8192 / 28672x8192 at T=32). The portable path decodes a super-block with scalar
-// code and holds it in memory (16 ymm registers), so it amortizes that over 8 rows of x too.
-constexpr int kQ8Tile = 8;
+constexpr int kQ8Rows = QL_AVX512 ? 1 : 2;     // rows of W per group of row tiles, T >= 4
 // x8 bytes a block of rows of x may span: each row of W reads the whole block, which then stays in L2
 // (1 MiB a core here) beside the weights instead of coming from L3 once per row of W (the weights are
 // read once per block: at T = 64 and K = 28672, 4 passes). Measured against no blocks, one thread:
@@ -399,14 +315,14 @@ constexpr int kQ8Tile = 8;
 constexpr i64 kQ8XBlockBytes = 512 << 10;
 
 // ---------------------------------------------------------------------------------------------
-// Q4_K's and Q6_K's contract and kernels
+// The contract and kernels
 // ---------------------------------------------------------------------------------------------
-// Q4_K and Q6_K keep no lanes of partial sums: per (row of W, row of x, block b) exact integers,
-//     Q4_K: I_b = sum_j sc_j * sum_{l < 32} q_{32j+l} x8_{32j+l},   M_b = sum_j m_j * cs_j
+// No lanes of partial sums: per (row of W, row of x, block b) exact integers,
+//     Q4_K, Q5_K: I_b = sum_j sc_j * sum_{l < 32} q_{32j+l} x8_{32j+l},   M_b = sum_j m_j * cs_j
 //     Q6_K: I_b = sum_i sc_i * sum_{l < 16} (q_{16i+l} - 32) x8_{16i+l}   (sc_i signed)
 // (|I_b| < 2^25, |M_b| < 2^21: exact in any order of summation), then 8 fp32 accumulators a_0..7 = 0,
 // for b in order with i = b mod 8:
-//     a_i = fma(float(I_b), d_b * sx_b, a_i);   Q4_K also a_i = fma(-float(M_b), dmin_b * sx_b, a_i);
+//     a_i = fma(float(I_b), d_b * sx_b, a_i);   Q4_K/Q5_K also a_i = fma(-float(M_b), dmin_b * sx_b, a_i);
 // and out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7)). (An a_i no block reaches stays
 // +0; an fma of zeros leaves any a_i as it is, since no a_i is ever -0.) So any layout of the work
 // gives the same bits, and the kernels may put rows of x in lanes:
@@ -414,12 +330,11 @@ constexpr i64 kQ8XBlockBytes = 512 << 10;
 //     (xt: its 4 bytes of each group of 4 elements), a row of W's 4 codes are broadcast, and the 16-bit
 //     pair sums of vpmaddubsw add up in words before one vpmaddwd applies a scale: Q4_K over a whole
 //     32-element chunk (|.| <= 16 * 15 * 127 < 2^15; 9 multiplies per chunk, row of W and 8 rows of x
-//     where one row of x per register takes 16), Q6_K over 8 elements (a word holds 4 products,
-//     |.| <= 4 * 63 * 127 < 2^15; 12 multiplies per 32 elements); the float part is 8 rows of x an
-//     instruction. Q4_K measured 1.41-1.59x at T = 8..64 (8192 x 8192, 8192 x 28672, 28672 x 8192, one
-//     thread, AVX2);
+//     where one row of x per register takes 16), Q5_K over 16 elements (8 * 31 * 127; 10), Q6_K over
+//     8 (4 * 63 * 127; 12); the float part is 8 rows of x an instruction. Measured at T = 8..64 (8192 x
+//     8192, 8192 x 28672, 28672 x 8192, one thread, AVX2): Q4_K 1.41-1.59x, Q6_K 1.34-1.45x;
 //   * every other row of x (T < 8, the T % 8 rest) and builds without AVX2: the 8-bit path's registers
-//     above (Q8Q4_K / Q8Q6_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and
+//     above (Q8Q45_K / Q8Q6_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and
 //     the float part is one instruction for the 8 a_i.
 
 // The 8 fp32 accumulators of one output, summed as the contract says.
@@ -560,14 +475,17 @@ inline __m256i xt_group(const int8_t* xb, int o) { return _mm256_loadu_si256(rei
 // The lanes kernel's view of one super-block of one row of W: its codes in element order, broadcast
 // 4 at a time against the 8 rows of x of a tile. dot() adds to I[r] (lanes: rows of x) row r's I_b
 // (before Q6_K's offsets); mins() / offsets() the rest of the contract's integers from ct / bt.
-struct Q4KLanes {
+template <bool kQ5>
+struct Q45KLanes {
     struct Row {
         alignas(32) uint8_t q[256];
         int32_t sc[8], mn[4];  // words (sc_c, sc_c); (m_2q, m_2q+1)
         float d, dmin;
     };
     static constexpr bool kMins = true;
-    static constexpr int kBytes = Q8Q4_K::kBytes;
+    static constexpr int kBytes = Q8Q45_K<kQ5>::kBytes, kQs = Q8Q45_K<kQ5>::kQs;
+    // Word sums of this many groups of 4 elements stay in int16: 2 * 15 * 127 * 8, 2 * 31 * 127 * 4.
+    static constexpr int kRun = kQ5 ? 4 : 8;
     static void decode(const uint8_t* sb, Row& o) {
         const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
         o.d = _mm_cvtss_f32(dd);
@@ -577,26 +495,34 @@ struct Q4KLanes {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc), _mm_unpacklo_epi16(scw, scw));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc + 4), _mm_unpackhi_epi16(scw, scw));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mn), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
-        const __m256i m4 = _mm256_set1_epi8(15);
+        const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16));  // Q5_K: bit j of qh[l]
         for (int i = 0; i < 4; ++i) {  // chunk 2i: low nibbles of qs[32i..32i+31], chunk 2i + 1: high
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16 + 32 * i));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i), _mm256_and_si256(v, m4));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kQs + 32 * i));
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if constexpr (kQ5) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), one), 4));
+                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * i + 1), one), 4));
+            }
+            _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i), lo);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(o.q + 64 * i + 32), hi);
         }
     }
     template <int R>
     static void dot(const Row* w, const int8_t* xb, __m256i* I) {
-        for (int c = 0; c < 8; ++c) {  // chunk c: groups 8c..8c+7 summed in words, then its scale
-            __m256i s[R];
-            for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
-            for (int o = 0; o < 8; ++o) {
-                const __m256i x = xt_group(xb, 8 * c + o);
-                for (int r = 0; r < R; ++r) {
-                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(bcast4(w[r].q + 32 * c + 4 * o), x));
-                    asm("" : "+x"(s[r]));  // keep the chain: GCC otherwise builds a tree of all 32 products and spills
+        for (int c = 0; c < 8; ++c) {  // chunk c: groups 8c..8c+7, kRun at a time summed in words, then its scale
+            for (int o0 = 0; o0 < 8; o0 += kRun) {
+                __m256i s[R];
+                for (int r = 0; r < R; ++r) s[r] = _mm256_setzero_si256();
+                for (int o = o0; o < o0 + kRun; ++o) {
+                    const __m256i x = xt_group(xb, 8 * c + o);
+                    for (int r = 0; r < R; ++r) {
+                        s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(bcast4(w[r].q + 32 * c + 4 * o), x));
+                        asm("" : "+x"(s[r]));  // keep the chain: GCC otherwise builds a tree of all 32 products and spills
+                    }
                 }
+                for (int r = 0; r < R; ++r) I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s[r], _mm256_set1_epi32(w[r].sc[c])));
             }
-            for (int r = 0; r < R; ++r) I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s[r], _mm256_set1_epi32(w[r].sc[c])));
         }
     }
     template <int R>
@@ -703,7 +629,7 @@ void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
 }
 
 template <class F> struct LanesOf;
-template <> struct LanesOf<Q8Q4_K> { using type = Q4KLanes; };
+template <bool kQ5> struct LanesOf<Q8Q45_K<kQ5>> { using type = Q45KLanes<kQ5>; };
 template <> struct LanesOf<Q8Q6_K> { using type = Q6KLanes; };
 
 constexpr int kK8LaneRows = 2;  // rows of W per lanes tile (Q4_K: 0.96-1.10x over 4, T = 16..32, AVX2 machine)
@@ -748,41 +674,7 @@ void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
     }
 }
 
-// Q5_K's rows [g0 * kRows, g1 * kRows) clipped to N (the lane sums contract).
 template <class F>
-void q8_lane_groups(const Q8Problem& p, i64 g0, i64 g1) {
-    const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
-    switch (p.T) {
-        case 1: q8_range<F, kQ8RowsT1, 1>(p, n, n_end, 0); return;
-        case 2: q8_range<F, kQ8RowsSmallT, 2>(p, n, n_end, 0); return;
-        case 3: q8_range<F, kQ8RowsSmallT, 3>(p, n, n_end, 0); return;
-        default: break;
-    }
-    // Rows of x in blocks of at most kQ8XBlockBytes of x8 (a multiple of kQ8Tile rows), each block
-    // against all the rows of W: kQ8Rows rows at a time, in tiles of kQ8Tile rows of x (those rows'
-    // weights stay in cache across the tiles), the rest of the block in tiles of 4, 2 and 1 of one row
-    // of W each (portable build, 2 rows there: 0.85-0.89x at T = 5..13).
-    const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / kQ8Tile * kQ8Tile;
-    const i64 block = fit > kQ8Tile ? fit : kQ8Tile;
-    for (i64 tb = 0; tb < p.T; tb += block) {
-        const i64 te = tb + block < p.T ? tb + block : p.T;
-        for (i64 m = n; m < n_end; m += kQ8Rows) {
-            const i64 m_end = m + kQ8Rows < n_end ? m + kQ8Rows : n_end;
-            i64 t0 = tb;
-            for (; t0 + kQ8Tile <= te; t0 += kQ8Tile) q8_range<F, kQ8Rows, kQ8Tile>(p, m, m_end, t0);
-            if (t0 + 4 <= te) q8_range<F, 1, 4>(p, m, m_end, t0), t0 += 4;
-            if (t0 + 2 <= te) q8_range<F, 1, 2>(p, m, m_end, t0), t0 += 2;
-            if (t0 < te) q8_range<F, 1, 1>(p, m, m_end, t0);
-        }
-    }
-}
-
-template <class F>
-void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
-    if constexpr (F::kOwnContract)
-        k8_run_groups<F>(p, g0, g1);
-    else
-        q8_lane_groups<F>(p, g0, g1);
-}
+void q8_run_groups(const Q8Problem& p, i64 g0, i64 g1) { k8_run_groups<F>(p, g0, g1); }
 
 }  // namespace

@@ -7,7 +7,7 @@
 //   * pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; "Pair path" below): x rounded to int16 per 32
 //     elements, two blocks per 16-lane register, one fp32 fma per pair of blocks;
 //   * 8-bit path (Q4_K, Q5_K, Q6_K, only when the caller asks for it: mode 2; q8_path.h): x rounded to
-//     int8 per 256 elements as llama.cpp does (Q4_K, Q6_K: exact per-block integers, 8 fp32 accumulators);
+//     int8 per 256 elements as llama.cpp does, exact per-block integers and 8 fp32 accumulators;
 //   * fp32 path (every other format, and every format in mode 1):
 //       - each weight is dequantized to fp32 by one fixed expression per format (d*q, fma(q, d, m), ...);
 //       - each output element owns one 16-lane fp32 accumulator; for every 32-element chunk of K, in
@@ -2165,7 +2165,7 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
         m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.pp = PProblem{pq, pg, ws[i], outs[i], T, ns[i], K, row_bytes};
-        m.q8 = Q8Problem{q8.xq, q8.bs, q8.cs, q8.xm, q8.xs, q8.xt, q8.ct, q8.bt, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.q8 = Q8Problem{q8.xq, q8.bs, q8.cs, q8.xs, q8.xt, q8.ct, q8.bt, ws[i], outs[i], T, ns[i], K, row_bytes};
         m.first = items;
         m.groups = (ns[i] + kRows - 1) / kRows;
         items += m.groups;
