@@ -308,10 +308,10 @@ constexpr int kQ8RowsT1 = QL_AVX512 ? 4 : 1;   // rows of W per tile, T = 1
 constexpr int kQ8RowsSmallT = QL_AVX512 ? 2 : 1;  // rows of W per tile, T = 2..3
 constexpr int kQ8Rows = QL_AVX512 ? 1 : 2;     // rows of W per group of row tiles, T >= 4
 // x8 bytes a block of rows of x may span: each row of W reads the whole block, which then stays in L2
-// (1 MiB a core on the AVX-512 machine; on the AVX2 one, 512 KiB, 256 KiB blocks measured 0.87-1.04x)
-// beside the weights instead of coming from L3 once per row of W (the weights are read once per block: at T = 64 and K = 28672, 4 passes). Measured against no blocks, one thread:
-// 8192 x 28672 1.14x at T = 32, 1.25x at T = 64; 8192 x 8192 1.02x at T = 64 (256 KiB: 1.08x less
-// at K = 28672).
+// beside the weights instead of coming from L3 once per row of W (the weights are read once per block:
+// at T = 64 and K = 28672, 4 passes). Measured against no blocks, one thread, on the AVX-512 machine
+// (1 MiB L2 a core): 8192 x 28672 1.14x at T = 32, 1.25x at T = 64; 8192 x 8192 1.02x at T = 64
+// (256 KiB: 1.08x less at K = 28672). On the AVX2 machine (512 KiB L2) 256 KiB measured 0.87-1.04x.
 constexpr i64 kQ8XBlockBytes = 512 << 10;
 
 // ---------------------------------------------------------------------------------------------
