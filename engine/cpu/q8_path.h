@@ -56,15 +56,25 @@ Scratch& q8_scratch() {  // the caller's quantized x
     return buf;
 }
 
+// Rows of x the lanes kernel takes (tiles of 8; AVX2 builds only): they also get xt, ct and bt.
+inline i64 q8_lane_rows(i64 T) {
+#if defined(__AVX2__)
+    return T / 8 * 8;
+#else
+    (void)T;
+    return 0;
+#endif
+}
+
 // The scratch of T quantized rows: x8 ((K + kQ8RowPad) bytes a row), bs, cs (int16), xs, then
-// xt, ct and bt of the first T / 8 * 8 rows (Q8Problem).
+// xt, ct and bt of the q8_lane_rows(T) rows (Q8Problem).
 struct Q8Layout {
     i64 bs, cs, xs, xt, ct, bt, floats;  // offsets in floats from the base (64-byte multiples), the total
     static i64 up(i64 f) { return (f + 15) / 16 * 16; }
     Q8Layout(i64 T, i64 K)
         : bs(up(T * (K + kQ8RowPad) / 4)), cs(up(bs + T * K / 32)), xs(up(cs + T * K / 64)),
-          xt(up(xs + T * K / kQBlock)), ct(up(xt + T / 8 * 8 * K / 4)), bt(up(ct + T / 8 * 8 * K / 64)),
-          floats(bt + T / 8 * 8 * K / 32) {}
+          xt(up(xs + T * K / kQBlock)), ct(up(xt + q8_lane_rows(T) * K / 4)),
+          bt(up(ct + q8_lane_rows(T) * K / 64)), floats(bt + q8_lane_rows(T) * K / 32) {}
 };
 
 // Quantize T rows of x into the scratch `base` (Q8Layout(T, K).floats floats); the problem's x fields.
@@ -78,7 +88,7 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     int16_t* ct = reinterpret_cast<int16_t*>(base + lay.ct);
     int16_t* bt = reinterpret_cast<int16_t*>(base + lay.bt);
     p.xq = xq, p.bs = bs, p.cs = cs, p.xs = xs, p.xt = xt, p.ct = ct, p.bt = bt;
-    const i64 nb = K / kQBlock, lanes = T / 8 * 8;
+    const i64 nb = K / kQBlock, lanes = q8_lane_rows(T);
     for (i64 b = 0; b < T * nb; ++b) {
         const i64 t = b / nb, blk = b % nb;
         int8_t* dst = xq + t * (K + kQ8RowPad) + blk * kQBlock;
@@ -332,7 +342,7 @@ constexpr i64 kQ8XBlockBytes = 512 << 10;
 //     32-element chunk (|.| <= 16 * 15 * 127 < 2^15; 9 multiplies per chunk, row of W and 8 rows of x
 //     where one row of x per register takes 16), Q5_K over 16 elements (8 * 31 * 127; 10), Q6_K over
 //     8 (4 * 63 * 127; 12); the float part is 8 rows of x an instruction. Measured at T = 8..64 (8192 x
-//     8192, 8192 x 28672, 28672 x 8192, one thread, AVX2): Q4_K 1.41-1.59x, Q6_K 1.34-1.45x;
+//     8192, 8192 x 28672, 28672 x 8192, one thread, AVX2): Q4_K 1.41-1.59x, Q5_K 1.62-1.72x, Q6_K 1.34-1.45x;
 //   * every other row of x (T < 8, the T % 8 rest) and builds without AVX2: the 8-bit path's registers
 //     above (Q8Q45_K / Q8Q6_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and
 //     the float part is one instruction for the 8 a_i.
@@ -469,7 +479,7 @@ void k8_row_range(const Q8Problem& p, i64 n, i64 n_end, i64 t0) {
 }
 
 #if defined(__AVX2__)
-inline __m256i bcast4(const void* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+inline __m256i bcast4(const uint8_t* p) { return _mm256_set1_epi32(int(load_u32(p))); }
 inline __m256i xt_group(const int8_t* xb, int o) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + o * 32)); }
 
 // The lanes kernel's view of one super-block of one row of W: its codes in element order, broadcast
@@ -496,11 +506,11 @@ struct Q45KLanes {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc + 4), _mm_unpackhi_epi16(scw, scw));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mn), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
         const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16));  // Q5_K: bit j of qh[l]
         for (int i = 0; i < 4; ++i) {  // chunk 2i: low nibbles of qs[32i..32i+31], chunk 2i + 1: high
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kQs + 32 * i));
             __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            if constexpr (kQ5) {
+            if constexpr (kQ5) {  // bit j of qh[l] is bit 4 of element 32j + l
+                const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16));
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * i), one), 4));
                 hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * i + 1), one), 4));
             }
@@ -546,8 +556,9 @@ struct Q6KLanes {
         o.d = half_at(sb + 208);
         const __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 192)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sp), scw);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_unpacklo_epi16(scw, scw));      // sc 0..3, 8..11
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc + 8), _mm256_unpackhi_epi16(scw, scw));  // sc 4..7, 12..15
+        const __m256i sco = _mm256_permute4x64_epi64(scw, 0xD8);  // words 0..3, 8..11 | 4..7, 12..15
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_unpacklo_epi16(sco, sco));      // sc 0..7
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc + 8), _mm256_unpackhi_epi16(sco, sco));  // sc 8..15
         const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
         for (int h = 0; h < 2; ++h) {  // elements 128h + 32u + l, u = 0..3
             const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + off)); };
@@ -568,8 +579,7 @@ struct Q6KLanes {
                 for (int r = 0; r < R; ++r) {
                     const uint8_t* q = w[r].q + 16 * i + 8 * h;
                     const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(q), x0), _mm256_maddubs_epi16(bcast4(q + 4), x1));
-                    const int32_t sc = w[r].sc[(i & 3) + ((i >> 2) & 1) * 8 + (i >> 3) * 4];
-                    I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s, _mm256_set1_epi32(sc)));
+                    I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s, _mm256_set1_epi32(w[r].sc[i])));
                 }
             }
         }
@@ -654,7 +664,7 @@ void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
         i64 t1 = tb;  // rows of x from t1 on take row tiles
 #if defined(__AVX2__)
         using L = typename LanesOf<F>::type;
-        t1 = tb + (te - tb) / 8 * 8;
+        t1 = tb + q8_lane_rows(te - tb);  // (tb is a multiple of 8)
         for (i64 m = n; m < n_end; m += kK8LaneRows) {
             if (m + kK8LaneRows <= n_end)
                 for (i64 t0 = tb; t0 < t1; t0 += 8) k8_lane_tile<L, kK8LaneRows>(p, m, t0 / 8);

@@ -1582,7 +1582,7 @@ inline __m256i two_u128(const uint8_t* a, const uint8_t* b) {
              : _mm256_zextsi128_si256(lo);
 }
 #endif
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#if QL_AVX512 || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
 // (AVX2 builds too: the scalar F4 below takes ~20 scalar instructions a pair; SSE here measured
 // 1.04-1.16x on Q4_1 / Q5_1 / Q8_0 at T = 1..2, AVX2 machine, one thread; the same results.)
 using F4 = __m128;
