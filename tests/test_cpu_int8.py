@@ -92,13 +92,15 @@ def test_other_formats_ignore_int8():
 
 
 def test_int8_portable_build_is_bit_identical_to_native():
+    """Every tiling of both builds (q8_path.h): row tiles (T < 8 and rests), lanes tiles of 8 rows
+    (AVX2) and of 16 (AVX-512 VNNI, a last tile of 8..15 rows padded), with rests of each."""
     native = Kernels(build(BuildSpec.default()), 2)
     portable = Kernels(build(BuildSpec.default(ISA_FLAGS["avx2"])), 2)
     rng = np.random.default_rng(4)
     for fmt in INT8:
         n, k = 37, 512
         raw = make_weight(fmt, n, k, rng)
-        for t in (1, 2, 3, 6):
+        for t in (1, 2, 3, 6, 8, 9, 13, 16, 17, 24, 37):
             x = rng.standard_normal((t, k)).astype(np.float32)
             assert np.array_equal(run8(x, raw, fmt, n, k, native).view(np.uint32),
                                   run8(x, raw, fmt, n, k, portable).view(np.uint32)), (fmt, t)

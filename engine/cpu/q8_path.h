@@ -38,9 +38,9 @@ struct Q8Problem {
     const int16_t* bs;  // (T, K / 16) sums of x8 per 16 elements
     const int16_t* cs;  // (T, K / 32) sums of x8 per 32 elements (cs_j)
     const float* xs;    // (K / 256, T) sx_b: block b of every row together
-    const int8_t* xt;   // T >= 8: x8 of rows 8g..8g+7 as lanes, (T / 8, K / 256, 64, 8, 4 bytes)
-    const int16_t* ct;  // with xt: (T / 8, K / 256, 4, 8 rows, 2) words (cs_2q, cs_2q+1)
-    const int16_t* bt;  // with xt: (T / 8, K / 256, 8, 8 rows, 2) words (bs_2k, bs_2k+1)
+    const int8_t* xt;   // x8 of rows kLanes g.. as lanes, (q8_lane_rows(T) / kLanes, K / 256, 64, kLanes, 4 bytes)
+    const int16_t* ct;  // with xt: (., K / 256, 4, kLanes rows, 2) words (cs_2q, cs_2q+1)
+    const int16_t* bt;  // with xt: (., K / 256, 8, kLanes rows, 2) words (bs_2k, bs_2k+1)
     const uint8_t* w;   // N rows of row_bytes
     float* out;         // (T, N)
     i64 T, N, K, row_bytes;
@@ -56,14 +56,24 @@ Scratch& q8_scratch() {  // the caller's quantized x
     return buf;
 }
 
-// Rows of x the lanes kernel takes (tiles of 8; AVX2 builds only): they also get xt, ct and bt.
-inline i64 q8_lane_rows(i64 T) {
-#if defined(__AVX2__)
-    return T / 8 * 8;
+// Rows of x per lanes tile: 16 in the int32 lanes of a zmm register (AVX-512 VNNI), 8 in a ymm (AVX2).
+#if QL_AVX512 && defined(__AVX512VNNI__)
+#define kLANES_ZMM 1
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+#define kLANES_ZMM 0
+constexpr int kLanes = 8;
 #else
-    (void)T;
-    return 0;
+#define kLANES_ZMM 0
+constexpr int kLanes = 0;  // no lanes kernel
 #endif
+
+// Rows of x the lanes kernel takes (tiles of kLanes; a last tile of 8..15 rows is padded with zero
+// rows): they also get xt, ct and bt. 0 on builds without AVX2.
+inline i64 q8_lane_rows(i64 T) {
+    if constexpr (kLanes == 0) return 0;
+    const i64 full = T / (kLanes ? kLanes : 1) * kLanes;
+    return T - full >= 8 ? full + kLanes : full;
 }
 
 // The scratch of T quantized rows: x8 ((K + kQ8RowPad) bytes a row), bs, cs (int16), xs, then
@@ -89,6 +99,12 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     int16_t* bt = reinterpret_cast<int16_t*>(base + lay.bt);
     p.xq = xq, p.bs = bs, p.cs = cs, p.xs = xs, p.xt = xt, p.ct = ct, p.bt = bt;
     const i64 nb = K / kQBlock, lanes = q8_lane_rows(T);
+    if (lanes > T) {  // the padding rows of the last tile: zeros
+        const i64 g = lanes / kLanes - 1;
+        std::memset(xt + g * nb * 256 * kLanes, 0, size_t(nb * 256 * kLanes));
+        std::memset(ct + g * nb * 8 * kLanes, 0, size_t(nb * 8 * kLanes) * sizeof(int16_t));
+        std::memset(bt + g * nb * 16 * kLanes, 0, size_t(nb * 16 * kLanes) * sizeof(int16_t));
+    }
     for (i64 b = 0; b < T * nb; ++b) {
         const i64 t = b / nb, blk = b % nb;
         int8_t* dst = xq + t * (K + kQ8RowPad) + blk * kQBlock;
@@ -103,10 +119,10 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
         for (int j = 0; j < 8; ++j) cs[b * 8 + j] = int16_t(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
         for (int c = 0; c < 8; ++c) std::memcpy(dst + 32 * kQ8Slot[c], q + 32 * c, 32);
         if (t < lanes) {
-            const i64 tile = (t / 8 * nb + blk), lane = t % 8;
-            for (int o = 0; o < 64; ++o) std::memcpy(xt + (tile * 64 + o) * 32 + 4 * lane, q + 4 * o, 4);
-            for (int j = 0; j < 8; ++j) ct[(tile * 4 + j / 2) * 16 + 2 * lane + j % 2] = cs[b * 8 + j];
-            for (int i = 0; i < 16; ++i) bt[(tile * 8 + i / 2) * 16 + 2 * lane + i % 2] = bs[b * 16 + i];
+            const i64 tile = (t / kLanes * nb + blk), lane = t % kLanes;
+            for (int o = 0; o < 64; ++o) std::memcpy(xt + (tile * 64 + o) * 4 * kLanes + 4 * lane, q + 4 * o, 4);
+            for (int j = 0; j < 8; ++j) ct[(tile * 4 + j / 2) * 2 * kLanes + 2 * lane + j % 2] = cs[b * 8 + j];
+            for (int i = 0; i < 16; ++i) bt[(tile * 8 + i / 2) * 2 * kLanes + 2 * lane + i % 2] = bs[b * 16 + i];
         }
     }
 }
@@ -488,11 +504,12 @@ inline __m256i xt_group(const int8_t* xb, int o) { return _mm256_loadu_si256(rei
 template <bool kQ5>
 struct Q45KLanes {
     struct Row {
-        alignas(32) uint8_t q[256];
-        int32_t sc[8], mn[4];  // words (sc_c, sc_c); (m_2q, m_2q+1)
+        alignas(64) uint8_t q[256];
+        int32_t sc[8], mn[4];  // sc_c; words (m_2q, m_2q+1)
         float d, dmin;
     };
     static constexpr bool kMins = true;
+    static constexpr int kGroups = 8;  // groups of 4 elements per scale
     static constexpr int kBytes = Q8Q45_K<kQ5>::kBytes, kQs = Q8Q45_K<kQ5>::kQs;
     // Word sums of this many groups of 4 elements stay in int16: 2 * 15 * 127 * 8, 2 * 31 * 127 * 4.
     static constexpr int kRun = kQ5 ? 4 : 8;
@@ -501,9 +518,7 @@ struct Q45KLanes {
         o.d = _mm_cvtss_f32(dd);
         o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
         const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
-        const __m128i scw = _mm_cvtepu8_epi16(sm);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc), _mm_unpacklo_epi16(scw, scw));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o.sc + 4), _mm_unpackhi_epi16(scw, scw));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_cvtepu8_epi32(sm));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mn), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
         const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi8(1);
         for (int i = 0; i < 4; ++i) {  // chunk 2i: low nibbles of qs[32i..32i+31], chunk 2i + 1: high
@@ -531,7 +546,7 @@ struct Q45KLanes {
                         asm("" : "+x"(s[r]));  // keep the chain: GCC otherwise builds a tree of all 32 products and spills
                     }
                 }
-                for (int r = 0; r < R; ++r) I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s[r], _mm256_set1_epi32(w[r].sc[c])));
+                for (int r = 0; r < R; ++r) I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s[r], _mm256_set1_epi16(short(w[r].sc[c]))));
             }
         }
     }
@@ -546,19 +561,19 @@ struct Q45KLanes {
 
 struct Q6KLanes {
     struct Row {
-        alignas(32) uint8_t q[256];
-        int32_t sc[16], sp[8];  // words (sc_i, sc_i); (sc_2k, sc_2k+1)
+        alignas(64) uint8_t q[256];
+        int32_t sc[16], sp[8];  // sc_i; words (sc_2k, sc_2k+1)
         float d;
     };
     static constexpr bool kMins = false;
+    static constexpr int kGroups = 4;  // groups of 4 elements per scale
     static constexpr int kBytes = Q8Q6_K::kBytes;
     static void decode(const uint8_t* sb, Row& o) {
         o.d = half_at(sb + 208);
         const __m256i scw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 192)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sp), scw);
-        const __m256i sco = _mm256_permute4x64_epi64(scw, 0xD8);  // words 0..3, 8..11 | 4..7, 12..15
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_unpacklo_epi16(sco, sco));      // sc 0..7
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc + 8), _mm256_unpackhi_epi16(sco, sco));  // sc 8..15
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(scw)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o.sc + 8), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(scw, 1)));
         const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
         for (int h = 0; h < 2; ++h) {  // elements 128h + 32u + l, u = 0..3
             const auto ld = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + off)); };
@@ -579,7 +594,7 @@ struct Q6KLanes {
                 for (int r = 0; r < R; ++r) {
                     const uint8_t* q = w[r].q + 16 * i + 8 * h;
                     const __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(bcast4(q), x0), _mm256_maddubs_epi16(bcast4(q + 4), x1));
-                    I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s, _mm256_set1_epi32(w[r].sc[i])));
+                    I[r] = _mm256_add_epi32(I[r], _mm256_madd_epi16(s, _mm256_set1_epi16(short(w[r].sc[i]))));
                 }
             }
         }
@@ -596,6 +611,77 @@ struct Q6KLanes {
     }
 };
 
+#if kLANES_ZMM
+// R rows of W (from n) times rows 16g..16g+15 of x (lanes; rows past T are zeros, not stored). Per
+// scale group (Q4_K/Q5_K a chunk of 32 elements, Q6_K 16) vpdpbusd adds the 4 products of a row of W's
+// broadcast codes and each row of x's 4 bytes into its lane, then one vpmulld applies the scale
+// (|sum| <= 32 * 63 * 127 < 2^18).
+template <class L, int R>
+void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
+    const i64 nb = p.K / kQBlock, t0 = g * kLanes;
+    const i64 valid = p.T - t0 < kLanes ? p.T - t0 : kLanes;
+    const __mmask16 vm = __mmask16((1u << valid) - 1);
+    const uint8_t* row0 = p.w + n * p.row_bytes;
+    const int8_t* xt = p.xt + g * nb * 256 * kLanes;
+    __m512 acc[R][8];  // a_0..7 of rows 16g..16g+15 of x
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 8; ++i) acc[r][i] = _mm512_setzero_ps();
+    NextTilePrefetch<1> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
+    constexpr int kG = L::kGroups;
+    for (i64 b = 0; b < nb; ++b) {
+        pf.step();
+        const int j = int(b & 7);
+        typename L::Row w[R];
+        for (int r = 0; r < R; ++r) L::decode(row0 + r * p.row_bytes + b * L::kBytes, w[r]);
+        const int8_t* xb = xt + b * 256 * kLanes;
+        __m512i I[R];
+        for (int r = 0; r < R; ++r) I[r] = _mm512_setzero_si512();
+        for (int s = 0; s < 64 / kG; ++s) {
+            __m512i S[R];
+            for (int r = 0; r < R; ++r) S[r] = _mm512_setzero_si512();
+            for (int o = s * kG; o < s * kG + kG; ++o) {
+                const __m512i x = _mm512_loadu_si512(xb + o * 64);
+                for (int r = 0; r < R; ++r)
+                    S[r] = _mm512_dpbusd_epi32(S[r], _mm512_set1_epi32(int(load_u32(w[r].q + 4 * o))), x);
+            }
+            for (int r = 0; r < R; ++r) I[r] = _mm512_add_epi32(I[r], _mm512_mullo_epi32(S[r], _mm512_set1_epi32(w[r].sc[s])));
+        }
+        const __m512 sx = _mm512_maskz_loadu_ps(vm, p.xs + b * p.T + t0);
+        if constexpr (L::kMins) {  // M_b = sum_q (m_2q, m_2q+1) . (cs_2q, cs_2q+1)
+            const int16_t* ctb = p.ct + (g * nb + b) * 8 * kLanes;
+            __m512i M[R];
+            for (int r = 0; r < R; ++r) M[r] = _mm512_setzero_si512();
+            for (int q = 0; q < 4; ++q) {
+                const __m512i cs = _mm512_loadu_si512(ctb + q * 2 * kLanes);
+                for (int r = 0; r < R; ++r) M[r] = _mm512_dpwssd_epi32(M[r], _mm512_set1_epi32(w[r].mn[q]), cs);
+            }
+            for (int r = 0; r < R; ++r) {
+                acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[r]), _mm512_mul_ps(_mm512_set1_ps(w[r].d), sx), acc[r][j]);
+                acc[r][j] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(M[r]), _mm512_mul_ps(_mm512_set1_ps(w[r].dmin), sx), acc[r][j]);
+            }
+        } else {  // I_b -= 32 sum_k (sc_2k, sc_2k+1) . (bs_2k, bs_2k+1)
+            const int16_t* btb = p.bt + (g * nb + b) * 16 * kLanes;
+            __m512i O[R];
+            for (int r = 0; r < R; ++r) O[r] = _mm512_setzero_si512();
+            for (int k = 0; k < 8; ++k) {
+                const __m512i bs = _mm512_loadu_si512(btb + k * 2 * kLanes);
+                for (int r = 0; r < R; ++r) O[r] = _mm512_dpwssd_epi32(O[r], _mm512_set1_epi32(w[r].sp[k]), bs);
+            }
+            for (int r = 0; r < R; ++r) {
+                I[r] = _mm512_sub_epi32(I[r], _mm512_slli_epi32(O[r], 5));
+                acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(I[r]), _mm512_mul_ps(_mm512_set1_ps(w[r].d), sx), acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        const __m512* a = acc[r];
+        alignas(64) float v[16];
+        _mm512_store_ps(v, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                                         _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]))));
+        for (i64 t = 0; t < valid; ++t) p.out[(t0 + t) * p.N + n + r] = v[t];
+    }
+}
+#else
 // R rows of W (from n) times rows 8g..8g+7 of x (lanes).
 template <class L, int R>
 void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
@@ -637,6 +723,7 @@ void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
         for (int t = 0; t < 8; ++t) p.out[(8 * g + t) * p.N + n + r] = v[t];
     }
 }
+#endif
 
 template <class F> struct LanesOf;
 template <bool kQ5> struct LanesOf<Q8Q45_K<kQ5>> { using type = Q45KLanes<kQ5>; };
@@ -657,20 +744,21 @@ void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
         case 3: return k8_row_range<F, kQ8RowsSmallT, 3>(p, n, n_end, 0);
         default: break;
     }
-    const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / 8 * 8;
-    const i64 block = fit > 8 ? fit : 8;
+    constexpr i64 kTile = kLanes ? kLanes : 8;  // blocks of rows of x: whole lanes tiles
+    const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / kTile * kTile;
+    const i64 block = fit > kTile ? fit : kTile;
     for (i64 tb = 0; tb < p.T; tb += block) {
         const i64 te = tb + block < p.T ? tb + block : p.T;
         i64 t1 = tb;  // rows of x from t1 on take row tiles
 #if defined(__AVX2__)
         using L = typename LanesOf<F>::type;
-        t1 = tb + q8_lane_rows(te - tb);  // (tb is a multiple of 8)
+        t1 = tb + q8_lane_rows(te - tb);  // (tb is a multiple of kLanes; past te when the last tile is padded)
         for (i64 m = n; m < n_end; m += kK8LaneRows) {
             if (m + kK8LaneRows <= n_end)
-                for (i64 t0 = tb; t0 < t1; t0 += 8) k8_lane_tile<L, kK8LaneRows>(p, m, t0 / 8);
+                for (i64 t0 = tb; t0 < t1; t0 += kLanes) k8_lane_tile<L, kK8LaneRows>(p, m, t0 / kLanes);
             else
                 for (i64 r = m; r < n_end; ++r)
-                    for (i64 t0 = tb; t0 < t1; t0 += 8) k8_lane_tile<L, 1>(p, r, t0 / 8);
+                    for (i64 t0 = tb; t0 < t1; t0 += kLanes) k8_lane_tile<L, 1>(p, r, t0 / kLanes);
         }
 #endif
         for (i64 m = n; m < n_end && t1 < te; m += kQ8Rows) {
