@@ -21,8 +21,8 @@
 // weight side. Q6_K broadcasts its 32-byte ql/qh groups (one variable shift per half). q8_int gives 16
 // int32 lanes summing to the block's integer: lane l of each of the block's 4 registers r (x8 bytes
 // 64r..64r+63) sums the 4 products of its bytes 4l..4l+3 (one scale), times that scale. AVX-512:
-// vpdpbusd makes the 4-byte sums D_r (|D| <= 4 * 63 * 127 < 2^15), two registers' D interleave as
-// words (D_2G low, D_2G+1 << 16 high) and one vpdpwssd applies both scales (6 multiplies a block and
+// vpdpbusd makes the 4-byte sums D_r (|D| <= 4 * 63 * 127 < 2^15), one vpackssdw packs two registers'
+// D into words and one vpdpwssd applies both scales (6 multiplies a block and
 // row of x where vpmaddubsw + vpdpwssd per register took 8); the portable build: vpmaddubsw pairs
 // (|word| <= 2 * 63 * 127), vpmaddwd with the scale words. Q6_K's offsets: ow * bs summed in adjacent
 // pairs, times 32, off lanes 0..7.
@@ -129,8 +129,6 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
 
 // A vpshufb control making 4 words of byte b each (high bytes zero).
 constexpr long long q8_ctrl4(int b) { return 0x8000800080008000ll | 0x0001000100010001ll * b; }
-// A vpshufb control making words of bytes a, b, a, b (high bytes zero).
-constexpr long long q8_ctrl2(int a, int b) { return 0x8000800080008000ll | 0x0000000100000001ll * (a | b << 16); }
 
 // One decoded super-block: codes q[r] (pairing with x8 bytes 64r..64r+63), scale words s (AVX-512: s[G]
 // for registers 2G and 2G + 1, interleaved; portable: s[r]), Q6_K's offset words ow or Q4_K/Q5_K's
@@ -148,10 +146,11 @@ inline __m512i q8_lanes(QB q, const int8_t* x8) {
     return _mm512_madd_epi16(_mm512_maddubs_epi16(q, _mm512_loadu_si512(x8)), _mm512_set1_epi16(1));
 #endif
 }
-// acc + the I_b lanes of one pair of registers (q0 against x8, q1 against x8 + 64; s: their scale
-// words interleaved, word 2l of q0's lane l, 2l + 1 of q1's).
+// acc + the I_b lanes of one pair of registers (q0 against x8, q1 against x8 + 64), their D packed
+// into words (vpackssdw, exact: |D| < 2^15): 128-bit lane k holds q0's lanes 4k..4k+3 then q1's; s:
+// the scale word of each.
 inline AI q8_pair(AI acc, QB q0, QB q1, WI s, const int8_t* x8) {
-    const __m512i p = _mm512_mask_blend_epi16(0xAAAAAAAAu, q8_lanes(q0, x8), _mm512_slli_epi32(q8_lanes(q1, x8 + 64), 16));
+    const __m512i p = _mm512_packs_epi32(q8_lanes(q0, x8), q8_lanes(q1, x8 + 64));
 #if defined(__AVX512VNNI__)
     return _mm512_dpwssd_epi32(acc, p, s);
 #else
@@ -231,8 +230,8 @@ struct Q8Q45_K {
             o.q[2 * G] = _mm512_and_si512(v, m4);
             o.q[2 * G + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
             // registers 2G, 2G + 1 hold chunks 4G, 4G + 1 in 128-bit lanes 0, 1 and 4G + 2, 4G + 3 in 2, 3
-            const long long a = q8_ctrl2(4 * G, 4 * G + 1), b = q8_ctrl2(4 * G + 2, 4 * G + 3);
-            o.s[G] = _mm512_shuffle_epi8(smb, _mm512_set_epi64(b, b, b, b, a, a, a, a));
+            const long long a0 = q8_ctrl4(4 * G), a1 = q8_ctrl4(4 * G + 1), b0 = q8_ctrl4(4 * G + 2), b1 = q8_ctrl4(4 * G + 3);
+            o.s[G] = _mm512_shuffle_epi8(smb, _mm512_set_epi64(b1, b0, b1, b0, a1, a0, a1, a0));
         }
         if constexpr (kQ5) {
             const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16)));
@@ -298,10 +297,11 @@ struct Q8Q6_K {
             const __m512i hb = _mm512_slli_epi16(_mm512_srlv_epi16(bcast32(sb + 128 + 32 * h), hsh), 4);
             o.q[r] = _mm512_ternarylogic_epi32(lo, hb, _mm512_set1_epi8(0x30), 0xF8);  // lo | (hb & 0x30)
         }
-        for (int G = 0; G < 2; ++G) {  // 128-bit lane k: words sc of kQ8Sub[2G][k], kQ8Sub[2G + 1][k] alternating
-            long long w[4];
-            for (int k = 0; k < 4; ++k) w[k] = 0x0000000100000001ll * (kQ8Sub[2 * G][k] | kQ8Sub[2 * G + 1][k] << 16);
-            o.s[G] = _mm512_permutexvar_epi16(_mm512_set_epi64(w[3], w[3], w[2], w[2], w[1], w[1], w[0], w[0]),
+        for (int G = 0; G < 2; ++G) {  // 128-bit lane k: 4 words sc of kQ8Sub[2G][k], then 4 of kQ8Sub[2G + 1][k]
+            long long w[8];
+            for (int k = 0; k < 4; ++k)
+                for (int h = 0; h < 2; ++h) w[2 * k + h] = 0x0001000100010001ll * kQ8Sub[2 * G + h][k];
+            o.s[G] = _mm512_permutexvar_epi16(_mm512_set_epi64(w[7], w[6], w[5], w[4], w[3], w[2], w[1], w[0]),
                                               _mm512_castsi256_si512(o.ow));
         }
 #else
