@@ -1018,7 +1018,8 @@ void panel_tile(const Problem& p, const float* panel, i64 kpad, i64 n0, i64 t0) 
 }
 
 // Rows [g0 * kRows, g1 * kRows) clipped to N, for each path (a traits struct): for T <= 3 register
-// tiles straight from the weights (Path::direct<F, R, TT>: rows [n, n_end) against all of x), above
+// tiles straight from the weights (Path::direct<F, R, TT>: rows [n, n_end) against all of x; R =
+// Path::kRowsT1Of<F> at T = 1, Path::kRowsSmallT at T = 2..3), above
 // that Path::kPanelRowsOf<F> (<= Path::kPanelRows) rows at a time decoded into a panel
 // (Path::decode<F>) and a microkernel over tiles of Path::kPanelT rows of x (Path::tile<F, R, TT>).
 // No path's arithmetic depends on the tiling.
@@ -1027,7 +1028,7 @@ void run_rows(const typename Path::Prob& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N;
     i64 n = g0 * kRows;
     switch (p.T) {
-        case 1: Path::template direct<F, Path::kRowsT1, 1>(p, n, n_end); return;
+        case 1: Path::template direct<F, Path::template kRowsT1Of<F>, 1>(p, n, n_end); return;
         case 2: Path::template direct<F, Path::kRowsSmallT, 2>(p, n, n_end); return;
         case 3: Path::template direct<F, Path::kRowsSmallT, 3>(p, n, n_end); return;
         default: break;
@@ -1052,7 +1053,9 @@ struct FloatPath {
         float* w;
         i64 kpad;
     };
-    static constexpr int kRowsT1 = ::kRowsT1, kRowsSmallT = ::kRowsSmallT, kPanelRows = ::kPanelRows, kPanelT = ::kPanelT;
+    static constexpr int kRowsSmallT = ::kRowsSmallT, kPanelRows = ::kPanelRows, kPanelT = ::kPanelT;
+    template <class F>
+    static constexpr int kRowsT1Of = ::kRowsT1;
     template <class F>
     static constexpr int kPanelRowsOf = kPanelRows;
     static i64 panel_row_floats(const Problem& p) { return (p.K + 31) / 32 * 32; }
@@ -1492,15 +1495,20 @@ constexpr int kIntPanelT = 4;                  // microkernel tile: rows of x (p
 // one process, the same results): Q4_K 1.38x, Q6_K 1.34x, Q4_1 1.20x, Q8_0 1.09x, int8 Q4_K 1.11x;
 // T = 2..3 1.08-1.18x. Its panels stay at 2 rows (1 row: 0.95-0.97x on Q4_K/Q6_K); the pair path's
 // per format (PairPath::kPanelRowsOf).
-constexpr int kIntRowsT1 = QL_AVX512 ? 8 : 1;  // direct path, T = 1
+// Direct path, T = 1, AVX-512: Q4_K / Q5_K 4 rows of W (over 8: 1.14-1.37x in cache, 1.16-1.70x
+// streaming from memory, one and two threads, Zen 5; 8 rows of their decoded blocks spilled), Q6_K 8 (4:
+// 0.69x).
+template <class F>
+constexpr int kIntRowsT1 = QL_AVX512 ? (F::kMins ? 4 : 8) : 1;
 constexpr int kIntRowsSmallT = QL_AVX512 ? 2 : 1;  // direct path, T = 2..3
 
 // The integer path: panels of int16 words, d and mins (K / 2 + K / 256 + K / 32 floats a row).
 struct IntPath {
     using Prob = QProblem;
     using Panel = IntPanel;
-    static constexpr int kRowsT1 = kIntRowsT1, kRowsSmallT = kIntRowsSmallT, kPanelRows = kIntPanelRows,
-                         kPanelT = kIntPanelT;
+    static constexpr int kRowsSmallT = kIntRowsSmallT, kPanelRows = kIntPanelRows, kPanelT = kIntPanelT;
+    template <class F>
+    static constexpr int kRowsT1Of = kIntRowsT1<F>;
     template <class F>
     static constexpr int kPanelRowsOf = kPanelRows;
     static i64 panel_row_floats(const QProblem& p) { return p.K / 2 + p.K / kQBlock + p.K / 32; }
@@ -1790,7 +1798,9 @@ constexpr int kPairRowsSmallT = QL_AVX512 ? 2 : 1;  // direct path, T = 2..3
 struct PairPath {
     using Prob = PProblem;
     using Panel = PairPanel;
-    static constexpr int kRowsT1 = kPairRowsT1, kRowsSmallT = kPairRowsSmallT, kPanelRows = kPairPanelRows,
+    template <class F>
+    static constexpr int kRowsT1Of = kPairRowsT1;
+    static constexpr int kRowsSmallT = kPairRowsSmallT, kPanelRows = kPairPanelRows,
                          kPanelT = kPairPanelT;
     // The portable build's panels of the formats with mins (Q4_1, Q5_1) hold one row: two spilled its
     // registers (AVX2 build, one thread, T = 16..93: 1.09-1.19x; the other formats 0.93-1.08x, left at 2).
