@@ -1040,6 +1040,8 @@ void run_rows(const typename Path::Prob& p, i64 g0, i64 g1) {
         Path::template decode<F>(p, n0, R, panel);
         i64 t0 = 0;
         for (; t0 + Path::kPanelT <= p.T; t0 += Path::kPanelT) Path::template tile<F, R, Path::kPanelT>(p, panel, n0, t0);
+        if constexpr (Path::kPanelT > 4)
+            if (t0 + 4 <= p.T) Path::template tile<F, R, 4>(p, panel, n0, t0), t0 += 4;
         for (; t0 < p.T; ++t0) Path::template tile<F, R, 1>(p, panel, n0, t0);
     };
     for (; n + kRowsOf <= n_end; n += kRowsOf) rows.template operator()<kRowsOf>(n);
@@ -1488,8 +1490,9 @@ void int_panel_tile(const QProblem& p, const IntPanel& panel, i64 n0, i64 t0) {
 }
 
 constexpr int kIntPanelRows = 2;               // microkernel tile: rows of W
-constexpr int kIntPanelT = 4;                  // microkernel tile: rows of x (portable build: 2 x 4
-                                               // 1.14-1.24x over 2 x 2, 1.01-1.19x over 1 x 4)
+constexpr int kIntPanelT = QL_AVX512 ? 8 : 4;  // microkernel tile: rows of x (portable build: 2 x 4
+                                               // 1.14-1.24x over 2 x 2, 1.01-1.19x over 1 x 4; AVX-512:
+                                               // 2 x 8 1.03-1.15x over 2 x 4 at T = 12..64, Zen 5)
 // The portable build (16 ymm registers) runs T <= 3 one row of W at a time here and in the pair and
 // 8-bit paths: two rows' decoded blocks spilled. Measured on the AVX2 build, one thread, T = 1 (A/B in
 // one process, the same results): Q4_K 1.38x, Q6_K 1.34x, Q4_1 1.20x, Q8_0 1.09x, int8 Q4_K 1.11x;
