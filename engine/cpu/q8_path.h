@@ -70,9 +70,10 @@ constexpr int kLanes = 0;  // no lanes kernel
 
 // Rows of x the lanes kernel takes (tiles of kLanes; a last tile of 8..15 rows is padded with zero
 // rows): they also get xt, ct and bt. 0 on builds without AVX2.
+constexpr i64 kTileRows = kLanes ? kLanes : 8;  // kLanes, or 8 (a divisor) where there are none
 inline i64 q8_lane_rows(i64 T) {
     if constexpr (kLanes == 0) return 0;
-    const i64 full = T / (kLanes ? kLanes : 1) * kLanes;
+    const i64 full = T / kTileRows * kTileRows;
     return T - full >= 8 ? full + kLanes : full;
 }
 
@@ -100,7 +101,7 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
     p.xq = xq, p.bs = bs, p.cs = cs, p.xs = xs, p.xt = xt, p.ct = ct, p.bt = bt;
     const i64 nb = K / kQBlock, lanes = q8_lane_rows(T);
     if (lanes > T) {  // the padding rows of the last tile: zeros
-        const i64 g = lanes / kLanes - 1;
+        const i64 g = lanes / kTileRows - 1;
         std::memset(xt + g * nb * 256 * kLanes, 0, size_t(nb * 256 * kLanes));
         std::memset(ct + g * nb * 8 * kLanes, 0, size_t(nb * 8 * kLanes) * sizeof(int16_t));
         std::memset(bt + g * nb * 16 * kLanes, 0, size_t(nb * 16 * kLanes) * sizeof(int16_t));
@@ -119,7 +120,7 @@ void q8_quantize_x(const float* x, i64 T, i64 K, float* base, Q8Problem& p) {
         for (int j = 0; j < 8; ++j) cs[b * 8 + j] = int16_t(bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
         for (int c = 0; c < 8; ++c) std::memcpy(dst + 32 * kQ8Slot[c], q + 32 * c, 32);
         if (t < lanes) {
-            const i64 tile = (t / kLanes * nb + blk), lane = t % kLanes;
+            const i64 tile = (t / kTileRows * nb + blk), lane = t % kTileRows;
             for (int o = 0; o < 64; ++o) std::memcpy(xt + (tile * 64 + o) * 4 * kLanes + 4 * lane, q + 4 * o, 4);
             for (int j = 0; j < 8; ++j) ct[(tile * 4 + j / 2) * 2 * kLanes + 2 * lane + j % 2] = cs[b * 8 + j];
             for (int i = 0; i < 16; ++i) bt[(tile * 8 + i / 2) * 2 * kLanes + 2 * lane + i % 2] = bs[b * 16 + i];
@@ -744,9 +745,8 @@ void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
         case 3: return k8_row_range<F, kQ8RowsSmallT, 3>(p, n, n_end, 0);
         default: break;
     }
-    constexpr i64 kTile = kLanes ? kLanes : 8;  // blocks of rows of x: whole lanes tiles
-    const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / kTile * kTile;
-    const i64 block = fit > kTile ? fit : kTile;
+    const i64 fit = kQ8XBlockBytes / (p.K + kQ8RowPad) / kTileRows * kTileRows;  // whole lanes tiles
+    const i64 block = fit > kTileRows ? fit : kTileRows;
     for (i64 tb = 0; tb < p.T; tb += block) {
         const i64 te = tb + block < p.T ? tb + block : p.T;
         i64 t1 = tb;  // rows of x from t1 on take row tiles

@@ -2,7 +2,7 @@
 //
 // Four numeric paths, each identical in every code path (so results never depend on T tiling,
 // thread count, which thread computed what, or the AVX-512 vs portable build):
-//   * integer path (Q4_K, Q5_K, Q6_K; "Integer path" below): x rounded to int16 per 256 elements,
+//   * integer path (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; "Integer path" below): x rounded to int16 per 256 elements,
 //     exact integer dot products, one fp32 fma per super-block;
 //   * pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; "Pair path" below): x rounded to int16 per 32
 //     elements, two blocks per 16-lane register, one fp32 fma per pair of blocks;
@@ -1086,14 +1086,15 @@ const float* permute_x(const float* x, i64 T, i64 K) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Integer path (Q4_K, Q5_K, Q6_K): the formats whose weights are small integers times per-sub-block
-// integer scales. Numerics (again identical in every code path, so results never depend on the
+// Integer path (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS): the formats whose weights are small integers times
+// per-sub-block integer scales. Numerics (again identical in every code path, so results never depend on the
 // tiling, the thread count or T):
 //   * each row of x is quantized per 256-element block b: sx_b = amax_b / 32767 and
 //     x16 = rint(x * (32767 / amax_b)) (int16; error <= 0.5 sx_b per element, ~1e-5 relative
 //     in a dot product); a block holding a NaN or an infinity gets sx_b = NaN (the result is NaN);
 //   * a weight super-block is decoded to 256 int16 words w = q * sc (Q4_K: q 0..15, Q5_K: q 0..31,
-//     sc 6 bits; Q6_K: (q - 32) * sc, sc signed 8 bits), with its float factor d (and the mins);
+//     sc 6 bits; Q6_K: (q - 32) * sc, sc signed 8 bits; Q3_K: q -4..3, sc - 32 6 bits; IQ4_XS: q a
+//     level in -127..113, sc - 32 6 bits), with its float factor d (and the mins);
 //   * I_b = sum of w * x16 over the super-block, exactly, in 16 int32 lanes: lane l holds the
 //     products of elements 32j + 2l, 32j + 2l + 1 (j = 0..7); |lane| < 2^31 by the formats' ranges;
 //   * acc (16 fp32 lanes) = fma(float(I_b) * sx_b, d_b, acc) for b in order; Q4_K/Q5_K mins go to an
@@ -1264,6 +1265,10 @@ struct IntQ45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
     static constexpr int kQs = kQ5 ? 48 : 16;  // offset of qs (Q5_K's qh sits at 16)
+    // AVX-512 rows of W per T = 1 tile: over 8, 1.14-1.37x in cache and 1.16-1.70x streaming from memory
+    // (one and two threads, Zen 5; 8 rows of decoded blocks spilled). The same measure put Q6_K and Q3_K
+    // at 8 (4: 0.69x, 0.80x), IQ4_XS at 4 (1.19x over 8).
+    static constexpr int kRowsT1 = 4;
 #if QL_AVX512 && defined(__AVX512VBMI__)
     static constexpr bool kBytewise = !kQ5;  // decode_direct exists
     // Q4_K: decode()'s words without widening. qs bytes 64G..64G+63 hold chunks 4G + h (bytes 0..31)
@@ -1347,6 +1352,7 @@ struct IntQ6_K {
     static constexpr int kBytes = 210;
     static constexpr bool kMins = false;
     static constexpr bool kBytewise = false;
+    static constexpr int kRowsT1 = 8;
     // Chunk c = 4h + cc: q = low nibble of ql[64h + 32(cc & 1) + l] (nibble cc >> 1) | bits 2cc..2cc+1
     // of qh[32h + l] << 4; scale sc[8h + 2cc] for l < 16, sc[8h + 2cc + 1] above.
     static void decode(const uint8_t* sb, WI w[8], float& d, M8&) {
@@ -1382,6 +1388,99 @@ struct IntQ6_K {
             w[c].b = half(16, int8_t(sb[192 + 8 * h + 2 * cc + 1]));
         }
 #endif
+    }
+};
+
+// Q3_K: {hmask[32], qs[64], 12 packed scale bytes, fp16 d}, 110 bytes. Element 128n + 32j + l
+// (l < 32) is q = ((qs[32n + l] >> 2j) & 3) + 4 * ((hmask[l] >> (4n + j)) & 1) - 4 in [-4, 3]; sub-block
+// i = element / 16 has the 6-bit scale sc_i - 32 (as FmtQ3_K): chunk c = 4n + j, words q * (sc - 32)
+// (|w| <= 128).
+struct IntQ3_K {
+    static constexpr int kBytes = 110;
+    static constexpr bool kMins = false;
+    static constexpr bool kBytewise = false;
+    static constexpr int kRowsT1 = 8;
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8&) {
+        d = half_at(sb + 108);
+        const uint8_t* packed = sb + 96;
+#if QL_AVX512
+        uint64_t low8;
+        std::memcpy(&low8, packed, 8);
+        const __m512i low = _mm512_and_si512(
+            _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(int64_t(low8))),
+                              _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)),
+            _mm512_set1_epi32(15));
+        const __m512i high = _mm512_and_si512(
+            _mm512_srlv_epi32(_mm512_set1_epi32(int(load_u32(packed + 8))),
+                              _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30)),
+            _mm512_set1_epi32(3));
+        const __m512i scw = _mm512_castsi256_si512(  // words sc_0..15 - 32
+            _mm512_cvtepi32_epi16(_mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32))));
+        const __m512i hm = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+        for (int n = 0; n < 2; ++n) {
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 32 + 32 * n)));
+            for (int j = 0; j < 4; ++j) {
+                const int c = 4 * n + j;
+                const __m512i lo = _mm512_and_si512(_mm512_srli_epi16(v, 2 * j), _mm512_set1_epi16(3));
+                const __m512i hb = _mm512_and_si512(_mm512_srli_epi16(hm, c), _mm512_set1_epi16(1));
+                const __m512i q = _mm512_sub_epi16(_mm512_or_si512(lo, _mm512_slli_epi16(hb, 2)), _mm512_set1_epi16(4));
+                const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi16(short(2 * c)), _mm256_set1_epi16(short(2 * c + 1)), 1);
+                w[c] = _mm512_mullo_epi16(q, _mm512_permutexvar_epi16(idx, scw));
+            }
+        }
+#else
+        int sc[16];
+        for (int i = 0; i < 16; ++i) {
+            const int low = (packed[i & 7] >> (i & 8 ? 4 : 0)) & 15;
+            const int high = (packed[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
+            sc[i] = (low | high << 4) - 32;
+        }
+        for (int c = 0; c < 8; ++c) {
+            const int n = c >> 2, j = c & 3;
+            for (int h = 0; h < 2; ++h) {
+                const W16 v = u8_words(sb + 32 + 32 * n + 16 * h), hm = u8_words(sb + 16 * h);
+                const W16 q = (((v >> (2 * j)) & 3) | (((hm >> c) & 1) << 2)) - 4;
+                (h ? w[c].b : w[c].a) = q * int16_t(sc[2 * c + h]);
+            }
+        }
+#endif
+    }
+};
+
+// IQ4_XS (as FmtIQ4_XS): chunk j's 16 code bytes at 8 + 16j, low nibbles elements 0..15, high 16..31,
+// each naming a level of kIQ4Levels (integers in [-127, 113]); scale ls_j - 32 (6 bits). Words level *
+// (ls_j - 32) (|w| <= 127 * 32 = 4064: a lane's 16 products stay below 2^31 with |x16| <= 32767).
+struct IntIQ4_XS {
+    static constexpr int kBytes = 136;
+    static constexpr bool kMins = false;
+    static constexpr bool kBytewise = false;
+    static constexpr int kRowsT1 = 4;
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8&) {
+        d = half_at(sb);
+        const int high = load_u16(sb + 2);
+        for (int j = 0; j < 8; ++j) {
+            const int sc = (((sb[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | ((high >> (2 * j)) & 3) << 4) - 32;
+            const uint8_t* codes = sb + 8 + 16 * j;
+#if defined(__AVX2__)
+            const __m128i levels = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), m4 = _mm_set1_epi8(15);
+            const __m128i lo = _mm_shuffle_epi8(levels, _mm_and_si128(v, m4));
+            const __m128i hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+#if QL_AVX512
+            const __m512i words = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+            w[j] = _mm512_mullo_epi16(words, _mm512_set1_epi16(short(sc)));
+#else
+            w[j] = {W16(_mm256_cvtepi8_epi16(lo)) * int16_t(sc), W16(_mm256_cvtepi8_epi16(hi)) * int16_t(sc)};
+#endif
+#else
+            W16 a, b;
+            for (int l = 0; l < 16; ++l) {
+                a[l] = int16_t(int(kIQ4Levels[codes[l] & 15]) * sc);
+                b[l] = int16_t(int(kIQ4Levels[codes[l] >> 4]) * sc);
+            }
+            w[j] = {a, b};
+#endif
+        }
     }
 };
 
@@ -1498,11 +1597,9 @@ constexpr int kIntPanelT = QL_AVX512 ? 8 : 4;  // microkernel tile: rows of x (p
 // one process, the same results): Q4_K 1.38x, Q6_K 1.34x, Q4_1 1.20x, Q8_0 1.09x, int8 Q4_K 1.11x;
 // T = 2..3 1.08-1.18x. Its panels stay at 2 rows (1 row: 0.95-0.97x on Q4_K/Q6_K); the pair path's
 // per format (PairPath::kPanelRowsOf).
-// Direct path, T = 1, AVX-512: Q4_K / Q5_K 4 rows of W (over 8: 1.14-1.37x in cache, 1.16-1.70x
-// streaming from memory, one and two threads, Zen 5; 8 rows of their decoded blocks spilled), Q6_K 8 (4:
-// 0.69x).
+// Direct path, T = 1: rows of W per tile, AVX-512 F::kRowsT1 (see the decoders).
 template <class F>
-constexpr int kIntRowsT1 = QL_AVX512 ? (F::kMins ? 4 : 8) : 1;
+constexpr int kIntRowsT1 = QL_AVX512 ? F::kRowsT1 : 1;
 constexpr int kIntRowsSmallT = QL_AVX512 ? 2 : 1;  // direct path, T = 2..3
 
 // The integer path: panels of int16 words, d and mins (K / 2 + K / 256 + K / 32 floats a row).
@@ -2043,8 +2140,8 @@ const FormatEntry* find_format(int type) {
     static const FormatEntry table[] = {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry_pair<FmtQ8_0, PairQ8_0>(kQ8_0),
         entry_pair<FmtQ4_0, PairQ4_0>(kQ4_0), entry_pair<FmtQ4_1, PairQ4_1>(kQ4_1), entry_pair<FmtQ5_0, PairQ5_0>(kQ5_0), entry_pair<FmtQ5_1, PairQ5_1>(kQ5_1),
-        entry<FmtQ2_K>(kQ2_K), entry<FmtQ3_K>(kQ3_K), entry_q8<FmtQ4_K, IntQ4_K, Q8Q4_K>(kQ4_K), entry_q8<FmtQ5_K, IntQ5_K, Q8Q5_K>(kQ5_K),
-        entry_q8<FmtQ6_K, IntQ6_K, Q8Q6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry<FmtIQ4_XS>(kIQ4_XS),
+        entry<FmtQ2_K>(kQ2_K), entry_int<FmtQ3_K, IntQ3_K>(kQ3_K), entry_q8<FmtQ4_K, IntQ4_K, Q8Q4_K>(kQ4_K), entry_q8<FmtQ5_K, IntQ5_K, Q8Q5_K>(kQ5_K),
+        entry_q8<FmtQ6_K, IntQ6_K, Q8Q6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry_int<FmtIQ4_XS, IntIQ4_XS>(kIQ4_XS),
     };
     for (const auto& e : table)
         if (e.type == type) return &e;
