@@ -19,8 +19,9 @@ from .build import BuildSpec, build, load_library
 FORMAT_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                 "IQ4_NL", "IQ4_XS")
 # Formats with an integer path: activations quantized to int16 per block of the weights' scales
-# (256 elements for the K-quants, 32 for the legacy formats).
-INT16_FORMATS = frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
+# (256 elements for the K-quants and IQ4_XS, 32 for the legacy formats and IQ4_NL).
+INT16_FORMATS = frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                           "IQ4_NL"})
 # How the integer paths round x (the `mode` argument of ql_linear / ql_linear_many): "int16", the
 # default (relative error ~1e-5), or "int8": formats in INT8_FORMATS round x to int8 per 256 elements,
 # as llama.cpp does (engine/cpu/q8_path.h; ~1e-2 relative on logits, faster); the others as "int16".

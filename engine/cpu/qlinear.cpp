@@ -4,7 +4,7 @@
 // thread count, which thread computed what, or the AVX-512 vs portable build):
 //   * integer path (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS; "Integer path" below): x rounded to int16 per 256 elements,
 //     exact integer dot products, one fp32 fma per super-block;
-//   * pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; "Pair path" below): x rounded to int16 per 32
+//   * pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL; "Pair path" below): x rounded to int16 per 32
 //     elements, two blocks per 16-lane register, one fp32 fma per pair of blocks;
 //   * 8-bit path (Q4_K, Q5_K, Q6_K, only when the caller asks for it: mode 2; q8_path.h): x rounded to
 //     int8 per 256 elements as llama.cpp does, exact per-block integers and 8 fp32 accumulators;
@@ -1624,14 +1624,14 @@ struct IntPath {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): integer dot products on the legacy 32-element blocks.
+// Pair path (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL): integer dot products on the 32-element blocks.
 // Numerics (again identical in every code path):
 //   * each row of x is quantized per 32-element chunk c as quantize_x does per 256: sx_c =
 //     amax_c / 32767, x16 = rint(x * (32767 / amax_c)); a chunk holding a NaN or an infinity gets
 //     sx_c = NaN; xsum_c = float(sum of x16 over the chunk) * sx_c;
 //   * chunks go in pairs (a, b) = (2p, 2p + 1). A pair's 64 words are [a's elements 0..15, b's
 //     0..15, a's 16..31, b's 16..31], for x16 and for the weights' integer codes (Q4_0: q - 8,
-//     Q5_0: q - 16, Q4_1/Q5_1/Q8_0: q); an odd last chunk pairs with zeros;
+//     Q5_0: q - 16, Q4_1/Q5_1/Q8_0: q, IQ4_NL: its level); an odd last chunk pairs with zeros;
 //   * I (16 int32 lanes) = the pair's word products summed two by two, exactly: lanes 0..7 chunk
 //     a (elements 2l, 2l + 1, 16 + 2l, 17 + 2l), lanes 8..15 chunk b;
 //   * f = the blocks' fp16 fields [d_a, m_a, d_b, m_b] as floats (only Q4_1/Q5_1 use m);
@@ -1789,6 +1789,44 @@ struct PairQ8_0 {
 #else
         lo = {s8_words(a + 2), b ? s8_words(b + 2) : W16{}};
         hi = {s8_words(a + 18), b ? s8_words(b + 18) : W16{}};
+#endif
+    }
+};
+
+// IQ4_NL: {fp16 d; codes[16]} (as FmtIQ4_NL): low nibbles elements 0..15, high 16..31, each naming a
+// level of kIQ4Levels (integers in [-127, 113]); the word is the level.
+struct PairIQ4_NL {
+    static constexpr int kBytes = 18;
+    static constexpr bool kMins = false;
+#if defined(__AVX2__)
+    static __m128i levels(__m128i codes) {  // the levels of 16 codes (bytes 0..15) as int8
+        return _mm_shuffle_epi8(_mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), codes);
+    }
+#endif
+    static void decode(const uint8_t* a, const uint8_t* b, WI& lo, WI& hi) {
+#if defined(__AVX2__)
+        const __m128i m4 = _mm_set1_epi8(15), z = _mm_setzero_si128();
+        const auto half = [&](const uint8_t* blk, int shift) {  // levels of one nibble of 16 codes (zeros for no block)
+            if (!blk) return z;
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
+            return levels(_mm_and_si128(shift ? _mm_srli_epi16(v, 4) : v, m4));
+        };
+        const __m128i la = half(a, 0), ua = half(a, 4), lb = half(b, 0), ub = half(b, 4);
+#if QL_AVX512
+        lo = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(la), lb, 1));
+        hi = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(ua), ub, 1));
+#else
+        lo = {W16(_mm256_cvtepi8_epi16(la)), W16(_mm256_cvtepi8_epi16(lb))};
+        hi = {W16(_mm256_cvtepi8_epi16(ua)), W16(_mm256_cvtepi8_epi16(ub))};
+#endif
+#else
+        W16 la, ua, lb{}, ub{};
+        for (int l = 0; l < 16; ++l) {
+            la[l] = int16_t(kIQ4Levels[a[2 + l] & 15]), ua[l] = int16_t(kIQ4Levels[a[2 + l] >> 4]);
+            if (b) lb[l] = int16_t(kIQ4Levels[b[2 + l] & 15]), ub[l] = int16_t(kIQ4Levels[b[2 + l] >> 4]);
+        }
+        lo = {la, lb};
+        hi = {ua, ub};
 #endif
     }
 };
@@ -2141,7 +2179,7 @@ const FormatEntry* find_format(int type) {
         entry<FmtF32>(kF32),   entry<FmtF16>(kF16),   entry<FmtBF16>(kBF16), entry_pair<FmtQ8_0, PairQ8_0>(kQ8_0),
         entry_pair<FmtQ4_0, PairQ4_0>(kQ4_0), entry_pair<FmtQ4_1, PairQ4_1>(kQ4_1), entry_pair<FmtQ5_0, PairQ5_0>(kQ5_0), entry_pair<FmtQ5_1, PairQ5_1>(kQ5_1),
         entry<FmtQ2_K>(kQ2_K), entry_int<FmtQ3_K, IntQ3_K>(kQ3_K), entry_q8<FmtQ4_K, IntQ4_K, Q8Q4_K>(kQ4_K), entry_q8<FmtQ5_K, IntQ5_K, Q8Q5_K>(kQ5_K),
-        entry_q8<FmtQ6_K, IntQ6_K, Q8Q6_K>(kQ6_K), entry<FmtIQ4_NL>(kIQ4_NL), entry_int<FmtIQ4_XS, IntIQ4_XS>(kIQ4_XS),
+        entry_q8<FmtQ6_K, IntQ6_K, Q8Q6_K>(kQ6_K), entry_pair<FmtIQ4_NL, PairIQ4_NL>(kIQ4_NL), entry_int<FmtIQ4_XS, IntIQ4_XS>(kIQ4_XS),
     };
     for (const auto& e : table)
         if (e.type == type) return &e;
