@@ -57,7 +57,13 @@ enum TypeId : int {
 };
 
 // The 16 levels of the IQ4_NL / IQ4_XS codes (llama.cpp's kvalues_iq4nl).
-constexpr float kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+alignas(16) constexpr int8_t kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+#if defined(__SSSE3__)
+// The levels of 16 codes (bytes, each 0..15), as int8.
+inline __m128i iq4_levels(__m128i codes) {
+    return _mm_shuffle_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4Levels)), codes);
+}
+#endif
 
 // Lane order of the 4-bit/5-bit/6-bit formats: lane L of a 16-element half holds element
 // kSigma[L] (a 4x4 transpose, what a 128-bit broadcast plus per-lane shifts yields; see Formats).
@@ -749,12 +755,13 @@ struct FmtQ3_K {
 // kIQ4Levels; w = level * scale (one rounding, as gguf-py).
 inline void iq4_decode(const uint8_t* codes, float scale, V& lo, V& hi) {
 #if QL_AVX512
-    const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(kIQ4Levels), _mm512_set1_ps(scale));
+    const __m512 table = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4Levels)))),
+                                       _mm512_set1_ps(scale));
     lo = lookup4(codes, 0, table);
     hi = lookup4(codes, 4, table);
 #else
     float t[16];
-    for (int i = 0; i < 16; ++i) t[i] = kIQ4Levels[i] * scale;
+    for (int i = 0; i < 16; ++i) t[i] = float(kIQ4Levels[i]) * scale;
     const VI q = sigma_u8_lanes(codes);
     lo = lookup_lanes(t, q & 15);
     hi = lookup_lanes(t, q >> 4);
@@ -1462,10 +1469,8 @@ struct IntIQ4_XS {
             const int sc = (((sb[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | ((high >> (2 * j)) & 3) << 4) - 32;
             const uint8_t* codes = sb + 8 + 16 * j;
 #if defined(__AVX2__)
-            const __m128i levels = _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
             const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), m4 = _mm_set1_epi8(15);
-            const __m128i lo = _mm_shuffle_epi8(levels, _mm_and_si128(v, m4));
-            const __m128i hi = _mm_shuffle_epi8(levels, _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+            const __m128i lo = iq4_levels(_mm_and_si128(v, m4)), hi = iq4_levels(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
 #if QL_AVX512
             const __m512i words = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
             w[j] = _mm512_mullo_epi16(words, _mm512_set1_epi16(short(sc)));
@@ -1798,18 +1803,13 @@ struct PairQ8_0 {
 struct PairIQ4_NL {
     static constexpr int kBytes = 18;
     static constexpr bool kMins = false;
-#if defined(__AVX2__)
-    static __m128i levels(__m128i codes) {  // the levels of 16 codes (bytes 0..15) as int8
-        return _mm_shuffle_epi8(_mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113), codes);
-    }
-#endif
     static void decode(const uint8_t* a, const uint8_t* b, WI& lo, WI& hi) {
 #if defined(__AVX2__)
         const __m128i m4 = _mm_set1_epi8(15), z = _mm_setzero_si128();
         const auto half = [&](const uint8_t* blk, int shift) {  // levels of one nibble of 16 codes (zeros for no block)
             if (!blk) return z;
             const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-            return levels(_mm_and_si128(shift ? _mm_srli_epi16(v, 4) : v, m4));
+            return iq4_levels(_mm_and_si128(shift ? _mm_srli_epi16(v, 4) : v, m4));
         };
         const __m128i la = half(a, 0), ua = half(a, 4), lb = half(b, 0), ub = half(b, 4);
 #if QL_AVX512
