@@ -1499,16 +1499,18 @@ void int_direct_tile(const QProblem& p, i64 n0) {
         for (int t = 0; t < TT; ++t) acc[r][t] = vzero(), macc[r][t] = m8zero();
     const i64 nb = p.K / kQBlock;
     const uint8_t* row0 = p.w + n0 * p.row_bytes;
-    // Weights stream from memory. Tiles of up to 4 rows prefetch the next tile (streaming, one thread:
-    // Q4_K 1.15x over the per-row prefetch below, Zen 5); 8-row tiles (Q6_K, Q3_K) fetch ~1 KiB ahead in
-    // each row stream (the tile prefetch: Q6_K 0.86-0.92x).
-    NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, R <= 4 ? nb : 0);
+    // Weights stream from memory. AVX-512 tiles of 2 to 4 rows prefetch the next tile (streaming, one
+    // thread: Q4_K 1.15x over the per-row prefetch below, Zen 5); the others fetch ~1 KiB ahead in each
+    // row stream (the tile prefetch measured Q6_K's 8-row tiles 0.86-0.92x, the AVX2 build's 1-row
+    // tiles 0.78-0.98x).
+    constexpr bool kTilePf = QL_AVX512 && R > 1 && R <= 4;
+    NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, kTilePf ? nb : 0);
     for (i64 b = 0; b < nb; ++b) {
-        if constexpr (R <= 4) pf.step();
+        if constexpr (kTilePf) pf.step();
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const uint8_t* sb = row0 + r * p.row_bytes + b * F::kBytes;
-            if constexpr (R > 4)
+            if constexpr (!kTilePf)
                 for (int o = 0; o < F::kBytes; o += 64) __builtin_prefetch(sb + 1024 + o);
             WI w[8];
             float d;
