@@ -694,6 +694,29 @@ struct FmtQ2_K {
 // in Q2_K, high bit = bit j of hmask[l]; q3 = low | high << 2 (0..7) stands for q3 - 4, so
 // w = fma(q3, d * sc, -4 * d * sc) (the offset is exact). Sub-block scale i (0..15): nibble i of
 // bytes 0..7 (low nibbles first), bits 4-5 from bit pair i / 4 of byte 8 + i % 4, minus 32.
+// Q3_K's 16 sub-block scales: 6 bits each (low 4 in nibbles of packed[0..7], high 2 in bit pairs of
+// packed[8..11]), stored plus 32. q3k_scale: scale i minus 32; q3k_scales: all 16 as int32 lanes.
+inline int q3k_scale(const uint8_t* packed, int i) {
+    const int low = (packed[i & 7] >> (i & 8 ? 4 : 0)) & 15;
+    const int high = (packed[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
+    return (low | high << 4) - 32;
+}
+#if QL_AVX512
+inline __m512i q3k_scales(const uint8_t* packed) {
+    uint64_t low8;
+    std::memcpy(&low8, packed, 8);
+    const __m512i low = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(int64_t(low8))),
+                          _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)),
+        _mm512_set1_epi32(15));
+    const __m512i high = _mm512_and_si512(
+        _mm512_srlv_epi32(_mm512_set1_epi32(int(load_u32(packed + 8))),
+                          _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30)),
+        _mm512_set1_epi32(3));
+    return _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
+}
+#endif
+
 struct FmtQ3_K {
     static constexpr int kBlock = 256, kBytes = 110, kScales = 4;
     static constexpr bool kPermuted = true;
@@ -704,25 +727,12 @@ struct FmtQ3_K {
             const float d = half_at(sb + 108);
             float* o = s + 32 * b;
 #if QL_AVX512
-            uint64_t low8;
-            std::memcpy(&low8, packed, 8);
-            const __m512i low = _mm512_and_si512(
-                _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(int64_t(low8))),
-                                  _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)),
-                _mm512_set1_epi32(15));
-            const __m512i high = _mm512_and_si512(
-                _mm512_srlv_epi32(_mm512_set1_epi32(int(load_u32(packed + 8))),
-                                  _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30)),
-                _mm512_set1_epi32(3));
-            const __m512i sc = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32));
-            const __m512 ds = _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(d));
+            const __m512 ds = _mm512_mul_ps(_mm512_cvtepi32_ps(q3k_scales(packed)), _mm512_set1_ps(d));
             store_scale_pairs(o, ds, _mm512_mul_ps(ds, _mm512_set1_ps(-4.0f)));
 #else
             for (int i = 0; i < 16; ++i) {
-                const int low = (packed[i & 7] >> (i & 8 ? 4 : 0)) & 15;
-                const int high = (packed[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
                 const int j = i >> 1, k = i & 1;
-                o[4 * j + k] = d * float((low | high << 4) - 32);
+                o[4 * j + k] = d * float(q3k_scale(packed, i));
                 o[4 * j + 2 + k] = o[4 * j + k] * -4.0f;
             }
 #endif
@@ -779,7 +789,10 @@ struct FmtIQ4_NL {
 };
 
 // IQ4_XS: {fp16 d; u16 scales_h; u8 scales_l[4]; u8 codes[128]}, 136 bytes. Chunk j = sub-block j:
-// codes bytes 16j..16j+15, scale d * ((nibble j of scales_l | bit pair j of scales_h << 4) - 32).
+// codes bytes 16j..16j+15, scale d * iq4xs_scale(sb, j).
+inline int iq4xs_scale(const uint8_t* sb, int j) {  // (nibble j of scales_l | bit pair j of scales_h << 4) - 32
+    return (((sb[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | ((load_u16(sb + 2) >> (2 * j)) & 3) << 4) - 32;
+}
 struct FmtIQ4_XS {
     static constexpr int kBlock = 256, kBytes = 136, kScales = 1;
     static constexpr bool kPermuted = true;
@@ -787,11 +800,7 @@ struct FmtIQ4_XS {
         for (i64 b = 0; b < chunks / 8; ++b) {
             const uint8_t* sb = row + b * kBytes;
             const float d = half_at(sb);
-            const int high = load_u16(sb + 2);
-            for (int j = 0; j < 8; ++j) {
-                const int low = (sb[4 + (j >> 1)] >> (4 * (j & 1))) & 15;
-                s[8 * b + j] = d * float((low | ((high >> (2 * j)) & 3) << 4) - 32);
-            }
+            for (int j = 0; j < 8; ++j) s[8 * b + j] = d * float(iq4xs_scale(sb, j));
         }
     }
     static void decode(const uint8_t* row, const float* s, i64 c, V& lo, V& hi) {
@@ -1411,18 +1420,7 @@ struct IntQ3_K {
         d = half_at(sb + 108);
         const uint8_t* packed = sb + 96;
 #if QL_AVX512
-        uint64_t low8;
-        std::memcpy(&low8, packed, 8);
-        const __m512i low = _mm512_and_si512(
-            _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_set1_epi64x(int64_t(low8))),
-                              _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4)),
-            _mm512_set1_epi32(15));
-        const __m512i high = _mm512_and_si512(
-            _mm512_srlv_epi32(_mm512_set1_epi32(int(load_u32(packed + 8))),
-                              _mm512_setr_epi32(0, 8, 16, 24, 2, 10, 18, 26, 4, 12, 20, 28, 6, 14, 22, 30)),
-            _mm512_set1_epi32(3));
-        const __m512i scw = _mm512_castsi256_si512(  // words sc_0..15 - 32
-            _mm512_cvtepi32_epi16(_mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32))));
+        const __m512i scw = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(q3k_scales(packed)));  // words sc_0..15 - 32
         const __m512i hm = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
         for (int n = 0; n < 2; ++n) {
             const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 32 + 32 * n)));
@@ -1437,11 +1435,7 @@ struct IntQ3_K {
         }
 #else
         int sc[16];
-        for (int i = 0; i < 16; ++i) {
-            const int low = (packed[i & 7] >> (i & 8 ? 4 : 0)) & 15;
-            const int high = (packed[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
-            sc[i] = (low | high << 4) - 32;
-        }
+        for (int i = 0; i < 16; ++i) sc[i] = q3k_scale(packed, i);
         for (int c = 0; c < 8; ++c) {
             const int n = c >> 2, j = c & 3;
             for (int h = 0; h < 2; ++h) {
@@ -1464,9 +1458,8 @@ struct IntIQ4_XS {
     static constexpr int kRowsT1 = 4;
     static void decode(const uint8_t* sb, WI w[8], float& d, M8&) {
         d = half_at(sb);
-        const int high = load_u16(sb + 2);
         for (int j = 0; j < 8; ++j) {
-            const int sc = (((sb[4 + (j >> 1)] >> (4 * (j & 1))) & 15) | ((high >> (2 * j)) & 3) << 4) - 32;
+            const int sc = iq4xs_scale(sb, j);
             const uint8_t* codes = sb + 8 + 16 * j;
 #if defined(__AVX2__)
             const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), m4 = _mm_set1_epi8(15);
