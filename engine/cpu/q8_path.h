@@ -353,14 +353,18 @@ constexpr i64 kQ8XBlockBytes = 512 << 10;
 // and out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7)). (An a_i no block reaches stays
 // +0; an fma of zeros leaves any a_i as it is, since no a_i is ever -0.) So any layout of the work
 // gives the same bits, and the kernels may put rows of x in lanes:
-//   * tiles of 8 rows of x (AVX2, in every x86 build): 32-bit lane t of a register is row 8g + t of x
+//   * tiles of 16 rows of x (AVX-512 VNNI builds; a last tile of 8..15 rows padded with zero rows):
+//     lane t of a zmm is row 16g + t, one vpdpbusd per 4 elements of a row of W (broadcast) against
+//     16 rows of x, one vpmulld per scale group (k8_lane_tile below; 1.92-2.05x the AVX2 kernel at
+//     T = 16..32, one thread, Zen 5);
+//   * tiles of 8 rows of x (AVX2, the other x86 builds): 32-bit lane t of a register is row 8g + t of x
 //     (xt: its 4 bytes of each group of 4 elements), a row of W's 4 codes are broadcast, and the 16-bit
 //     pair sums of vpmaddubsw add up in words before one vpmaddwd applies a scale: Q4_K over a whole
 //     32-element chunk (|.| <= 16 * 15 * 127 < 2^15; 9 multiplies per chunk, row of W and 8 rows of x
 //     where one row of x per register takes 16), Q5_K over 16 elements (8 * 31 * 127; 10), Q6_K over
 //     8 (4 * 63 * 127; 12); the float part is 8 rows of x an instruction. Measured at T = 8..64 (8192 x
 //     8192, 8192 x 28672, 28672 x 8192, one thread, AVX2): Q4_K 1.41-1.59x, Q5_K 1.62-1.72x, Q6_K 1.34-1.45x;
-//   * every other row of x (T < 8, the T % 8 rest) and builds without AVX2: the 8-bit path's registers
+//   * every other row of x (T < 8, the rest of T past the tiles) and builds without AVX2: the 8-bit path's registers
 //     above (Q8Q45_K / Q8Q6_K, q8_int); per 8 blocks their lanes are summed 8 at a time (vphaddd) and
 //     the float part is one instruction for the 8 a_i.
 
@@ -736,8 +740,8 @@ constexpr int kK8LaneRows = 2;  // rows of W per lanes tile (Q4_K: 0.96-1.10x ov
 #endif
 
 // Rows [g0 * kRows, g1 * kRows) clipped to N. T <= 3: one pass of row tiles. Larger T: rows of x in
-// blocks of at most kQ8XBlockBytes of x8, each against all the rows: 8 rows of x at a time in lanes
-// (AVX2), the rest of the block in row tiles of 4, 2 and 1 rows of x.
+// blocks of at most kQ8XBlockBytes of x8, each against all the rows: kLanes rows of x at a time in
+// lanes (AVX2 / AVX-512 VNNI), the rest of the block in row tiles of 8, 4, 2 and 1 rows of x.
 template <class F>
 void k8_run_groups(const Q8Problem& p, i64 g0, i64 g1) {
     const i64 n_end = g1 * kRows < p.N ? g1 * kRows : p.N, n = g0 * kRows;
