@@ -219,9 +219,15 @@ struct Q8Q45_K {
     static constexpr int kQs = kQ5 ? 48 : 16;
     static void decode(const uint8_t* sb, Q8Dec& o) {
 #if QL_AVX512
+        decode_sm(sb, kquant_scale_min_bytes(sb + 4), o);
+#else
+        decode_sm(sb, o);
+#endif
+    }
+#if QL_AVX512
+    static void decode_sm(const uint8_t* sb, __m128i sm, Q8Dec& o) {  // sm: kquant_scale_min_bytes(sb + 4)
         const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
         o.d = _mm_cvtss_f32(dd);
-        const __m128i sm = kquant_scale_min_bytes(sb + 4);  // bytes sc_0..7, m_0..7
         o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(o.mw), _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8)));
         const __m512i smb = _mm512_broadcast_i32x4(sm);
@@ -243,7 +249,9 @@ struct Q8Q45_K {
                 o.q[r] = _mm512_ternarylogic_epi32(o.q[r], hb, _mm512_set1_epi8(16), 0xF8);  // q | (hb & 16)
             }
         }
+    }
 #else
+    static void decode_sm(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb);
         o.dmin = half_at(sb + 2);
 #if defined(__AVX2__)
@@ -271,8 +279,8 @@ struct Q8Q45_K {
             }
             o.s[r] = {scale_words(c0), scale_words(c0 + 2)};
         }
-#endif
     }
+#endif
 };
 using Q8Q4_K = Q8Q45_K<false>;
 using Q8Q5_K = Q8Q45_K<true>;
@@ -423,13 +431,23 @@ void k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
 #else
     float acc[R][TT][8] = {};
 #endif
+    // AVX-512, Q4_K / Q5_K, 4 rows of W: their scale bytes unpacked together
+    constexpr bool kScales4 = QL_AVX512 && F::kMins && R == 4;
     for (i64 b = 0; b < nb; ++b) {
         pf.step();
         const int j = int(b & 7);
+#if QL_AVX512
+        alignas(64) __m128i sm[4];
+        if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(row0 + b * F::kBytes + 4, p.row_bytes));
+#endif
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             Q8Dec w;
-            F::decode(row0 + r * p.row_bytes + b * F::kBytes, w);
+#if QL_AVX512
+            if constexpr (kScales4) F::decode_sm(row0 + r * p.row_bytes + b * F::kBytes, _mm_load_si128(sm + r), w);
+            else
+#endif
+                F::decode(row0 + r * p.row_bytes + b * F::kBytes, w);
 #if defined(__AVX2__)
             dd[r][j] = w.d;
             __m128i mw = _mm_setzero_si128();

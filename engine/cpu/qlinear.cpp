@@ -1179,6 +1179,23 @@ inline __m128i kquant_scale_min_bytes(const uint8_t* packed) {
     return _mm_or_si128(low_bits, high_bits);
 }
 #endif
+#if QL_AVX512
+// kquant_scale_min_bytes of 4 super-blocks' packed bytes (at packed + r * stride) in 128-bit lanes r:
+// one unpack for a tile of 4 rows of W.
+inline __m512i kquant_scale_min_bytes4(const uint8_t* packed, i64 stride) {
+    const auto raw = [&](int r) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + r * stride)); };
+    __m512i v = _mm512_castsi128_si512(raw(0));
+    v = _mm512_inserti32x4(v, raw(1), 1);
+    v = _mm512_inserti32x4(v, raw(2), 2);
+    v = _mm512_inserti32x4(v, raw(3), 3);
+    const auto lanes = [](__m128i c) { return _mm512_broadcast_i32x4(c); };
+    const __m512i a = _mm512_shuffle_epi8(v, lanes(_mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11)));
+    const __m512i hb = _mm512_shuffle_epi8(v, lanes(_mm_setr_epi8(-1, -1, -1, -1, 0, 1, 2, 3, -1, -1, -1, -1, 4, 5, 6, 7)));
+    const __m512i lo = _mm512_mask_blend_epi8(0xF000F000F000F000ull, a, _mm512_srli_epi16(a, 4));  // mins 4..7: high nibbles
+    const __m512i low_bits = _mm512_and_si512(lo, lanes(_mm_setr_epi8(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15)));
+    return _mm512_ternarylogic_epi32(low_bits, _mm512_srli_epi16(hb, 2), _mm512_set1_epi8(0x30), 0xF8);  // | (hb >> 2) & 0x30
+}
+#endif
 
 #if QL_AVX512
 using WI = __m512i;  // 32 int16 words: one 32-element chunk
@@ -1292,9 +1309,11 @@ struct IntQ45_K {
     // byte 32e + i), then vpmaddubsw of the nibbles with [sc, 0, sc, 0, ...] (e = 0) or
     // [0, sc, 0, sc, ...] (e = 1) gives chunk 4G + 2e + h's words q * sc in natural order.
     static void decode_direct(const uint8_t* sb, WI w[8], float& d, M8& mins) {
+        decode_direct(sb, kquant_scale_min_bytes(sb + 4), w, d, mins);
+    }
+    static void decode_direct(const uint8_t* sb, __m128i sm, WI w[8], float& d, M8& mins) {  // sm: of sb + 4
         d = half_at(sb);
         const float dmin = half_at(sb + 2);
-        const __m128i sm = kquant_scale_min_bytes(sb + 4);
         mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
         const __m512i smb = _mm512_broadcast_i32x4(sm);
         const __m512i m4 = _mm512_set1_epi8(15);
@@ -1314,11 +1333,11 @@ struct IntQ45_K {
 #else
     static constexpr bool kBytewise = false;
 #endif
-    static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
+#if QL_AVX512
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) { decode(sb, kquant_scale_min_bytes(sb + 4), w, d, mins); }
+    static void decode(const uint8_t* sb, __m128i sm, WI w[8], float& d, M8& mins) {  // sm: of sb + 4
         d = half_at(sb);
         const float dmin = half_at(sb + 2);
-#if QL_AVX512
-        const __m128i sm = kquant_scale_min_bytes(sb + 4);
         mins = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))), _mm256_set1_ps(dmin));
         const __m512i scw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(sm));  // words sc_0..7, m_0..7
         const __m512i qh = kQ5 ? _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 16)))
@@ -1337,7 +1356,11 @@ struct IntQ45_K {
             w[2 * g] = _mm512_mullo_epi16(lo, _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g)), scw));
             w[2 * g + 1] = _mm512_mullo_epi16(hi, _mm512_permutexvar_epi16(_mm512_set1_epi16(short(2 * g + 1)), scw));
         }
+    }
 #else
+    static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) {
+        d = half_at(sb);
+        const float dmin = half_at(sb + 2);
         int sc[8];
         for (int j = 0; j < 8; ++j) {
             int mn;
@@ -1358,8 +1381,8 @@ struct IntQ45_K {
                 (h ? w[2 * g + 1].b : w[2 * g + 1].a) = hi * int16_t(sc[2 * g + 1]);
             }
         }
-#endif
     }
+#endif
 };
 using IntQ4_K = IntQ45_K<false>;
 using IntQ5_K = IntQ45_K<true>;
@@ -1498,8 +1521,13 @@ void int_direct_tile(const QProblem& p, i64 n0) {
     // tiles 0.78-0.98x).
     constexpr bool kTilePf = QL_AVX512 && R > 1 && R <= 4;
     NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, kTilePf ? nb : 0);
+    constexpr bool kScales4 = QL_AVX512 && F::kMins && R == 4;  // Q4_K / Q5_K: 4 rows' scale bytes in one unpack
     for (i64 b = 0; b < nb; ++b) {
         if constexpr (kTilePf) pf.step();
+#if QL_AVX512
+        alignas(64) __m128i sm[4];
+        if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(row0 + b * F::kBytes + 4, p.row_bytes));
+#endif
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const uint8_t* sb = row0 + r * p.row_bytes + b * F::kBytes;
@@ -1508,6 +1536,13 @@ void int_direct_tile(const QProblem& p, i64 n0) {
             WI w[8];
             float d;
             M8 mins;
+#if QL_AVX512
+            if constexpr (kScales4 && F::kBytewise)
+                F::decode_direct(sb, _mm_load_si128(sm + r), w, d, mins);
+            else if constexpr (kScales4)
+                F::decode(sb, _mm_load_si128(sm + r), w, d, mins);
+            else
+#endif
             if constexpr (F::kBytewise)
                 F::decode_direct(sb, w, d, mins);
             else
