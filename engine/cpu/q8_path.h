@@ -217,15 +217,9 @@ struct Q8Q45_K {
     static constexpr int kBytes = kQ5 ? 176 : 144;
     static constexpr bool kMins = true;
     static constexpr int kQs = kQ5 ? 48 : 16;
-    static void decode(const uint8_t* sb, Q8Dec& o) {
 #if QL_AVX512
-        decode_sm(sb, kquant_scale_min_bytes(sb + 4), o);
-#else
-        decode_sm(sb, o);
-#endif
-    }
-#if QL_AVX512
-    static void decode_sm(const uint8_t* sb, __m128i sm, Q8Dec& o) {  // sm: kquant_scale_min_bytes(sb + 4)
+    static void decode(const uint8_t* sb, Q8Dec& o) { decode(sb, kquant_scale_min_bytes(sb + 4), o); }
+    static void decode(const uint8_t* sb, __m128i sm, Q8Dec& o) {  // sm: kquant_scale_min_bytes(sb + 4)
         const __m128 dd = _mm_cvtph_ps(_mm_cvtsi32_si128(int(load_u32(sb))));  // d, dmin
         o.d = _mm_cvtss_f32(dd);
         o.dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
@@ -251,7 +245,7 @@ struct Q8Q45_K {
         }
     }
 #else
-    static void decode_sm(const uint8_t* sb, Q8Dec& o) {
+    static void decode(const uint8_t* sb, Q8Dec& o) {
         o.d = half_at(sb);
         o.dmin = half_at(sb + 2);
 #if defined(__AVX2__)
@@ -444,7 +438,7 @@ void k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
         for (int r = 0; r < R; ++r) {
             Q8Dec w;
 #if QL_AVX512
-            if constexpr (kScales4) F::decode_sm(row0 + r * p.row_bytes + b * F::kBytes, _mm_load_si128(sm + r), w);
+            if constexpr (kScales4) F::decode(row0 + r * p.row_bytes + b * F::kBytes, _mm_load_si128(sm + r), w);
             else
 #endif
                 F::decode(row0 + r * p.row_bytes + b * F::kBytes, w);

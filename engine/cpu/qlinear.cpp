@@ -63,6 +63,12 @@ alignas(16) constexpr int8_t kIQ4Levels[16] = {-127, -104, -83, -65, -49, -35, -
 inline __m128i iq4_levels(__m128i codes) {
     return _mm_shuffle_epi8(_mm_load_si128(reinterpret_cast<const __m128i*>(kIQ4Levels)), codes);
 }
+// The levels of 16 code bytes' low nibbles (elements 0..15) and high nibbles (16..31), as int8.
+inline void iq4_nibble_levels(const uint8_t* codes, __m128i& lo, __m128i& hi) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), m4 = _mm_set1_epi8(15);
+    lo = iq4_levels(_mm_and_si128(v, m4));
+    hi = iq4_levels(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
+}
 #endif
 
 // Lane order of the 4-bit/5-bit/6-bit formats: lane L of a 16-element half holds element
@@ -690,12 +696,8 @@ struct FmtQ2_K {
     }
 };
 
-// Q3_K: {u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d}, 110 bytes. Element 32j + l: low 2 bits as
-// in Q2_K, high bit = bit j of hmask[l]; q3 = low | high << 2 (0..7) stands for q3 - 4, so
-// w = fma(q3, d * sc, -4 * d * sc) (the offset is exact). Sub-block scale i (0..15): nibble i of
-// bytes 0..7 (low nibbles first), bits 4-5 from bit pair i / 4 of byte 8 + i % 4, minus 32.
-// Q3_K's 16 sub-block scales: 6 bits each (low 4 in nibbles of packed[0..7], high 2 in bit pairs of
-// packed[8..11]), stored plus 32. q3k_scale: scale i minus 32; q3k_scales: all 16 as int32 lanes.
+// Q3_K's 16 sub-block scales (layout: FmtQ3_K below): q3k_scale, scale i minus 32; q3k_scales, all
+// 16 as int32 lanes.
 inline int q3k_scale(const uint8_t* packed, int i) {
     const int low = (packed[i & 7] >> (i & 8 ? 4 : 0)) & 15;
     const int high = (packed[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
@@ -717,6 +719,10 @@ inline __m512i q3k_scales(const uint8_t* packed) {
 }
 #endif
 
+// Q3_K: {u8 hmask[32]; u8 qs[64]; u8 scales[12]; fp16 d}, 110 bytes. Element 32j + l: low 2 bits as
+// in Q2_K, high bit = bit j of hmask[l]; q3 = low | high << 2 (0..7) stands for q3 - 4, so
+// w = fma(q3, d * sc, -4 * d * sc) (the offset is exact). Sub-block scale i (0..15): nibble i of
+// bytes 0..7 (low nibbles first), bits 4-5 from bit pair i / 4 of byte 8 + i % 4, minus 32.
 struct FmtQ3_K {
     static constexpr int kBlock = 256, kBytes = 110, kScales = 4;
     static constexpr bool kPermuted = true;
@@ -1335,6 +1341,13 @@ struct IntQ45_K {
 #endif
 #if QL_AVX512
     static void decode(const uint8_t* sb, WI w[8], float& d, M8& mins) { decode(sb, kquant_scale_min_bytes(sb + 4), w, d, mins); }
+    // decode_direct where there is one (Q4_K with VBMI), else decode; sm: kquant_scale_min_bytes(sb + 4)
+    static void decode_with(const uint8_t* sb, __m128i sm, WI w[8], float& d, M8& mins) {
+#if defined(__AVX512VBMI__)
+        if constexpr (kBytewise) return decode_direct(sb, sm, w, d, mins);
+#endif
+        decode(sb, sm, w, d, mins);
+    }
     static void decode(const uint8_t* sb, __m128i sm, WI w[8], float& d, M8& mins) {  // sm: of sb + 4
         d = half_at(sb);
         const float dmin = half_at(sb + 2);
@@ -1485,8 +1498,8 @@ struct IntIQ4_XS {
             const int sc = iq4xs_scale(sb, j);
             const uint8_t* codes = sb + 8 + 16 * j;
 #if defined(__AVX2__)
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)), m4 = _mm_set1_epi8(15);
-            const __m128i lo = iq4_levels(_mm_and_si128(v, m4)), hi = iq4_levels(_mm_and_si128(_mm_srli_epi16(v, 4), m4));
+            __m128i lo, hi;
+            iq4_nibble_levels(codes, lo, hi);
 #if QL_AVX512
             const __m512i words = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
             w[j] = _mm512_mullo_epi16(words, _mm512_set1_epi16(short(sc)));
@@ -1537,10 +1550,8 @@ void int_direct_tile(const QProblem& p, i64 n0) {
             float d;
             M8 mins;
 #if QL_AVX512
-            if constexpr (kScales4 && F::kBytewise)
-                F::decode_direct(sb, _mm_load_si128(sm + r), w, d, mins);
-            else if constexpr (kScales4)
-                F::decode(sb, _mm_load_si128(sm + r), w, d, mins);
+            if constexpr (kScales4)
+                F::decode_with(sb, _mm_load_si128(sm + r), w, d, mins);
             else
 #endif
             if constexpr (F::kBytewise)
@@ -1840,13 +1851,9 @@ struct PairIQ4_NL {
     static constexpr bool kMins = false;
     static void decode(const uint8_t* a, const uint8_t* b, WI& lo, WI& hi) {
 #if defined(__AVX2__)
-        const __m128i m4 = _mm_set1_epi8(15), z = _mm_setzero_si128();
-        const auto half = [&](const uint8_t* blk, int shift) {  // levels of one nibble of 16 codes (zeros for no block)
-            if (!blk) return z;
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2));
-            return iq4_levels(_mm_and_si128(shift ? _mm_srli_epi16(v, 4) : v, m4));
-        };
-        const __m128i la = half(a, 0), ua = half(a, 4), lb = half(b, 0), ub = half(b, 4);
+        __m128i la, ua, lb = _mm_setzero_si128(), ub = lb;  // (zeros for a missing b)
+        iq4_nibble_levels(a + 2, la, ua);
+        if (b) iq4_nibble_levels(b + 2, lb, ub);
 #if QL_AVX512
         lo = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(la), lb, 1));
         hi = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(ua), ub, 1));
