@@ -13,6 +13,8 @@
                                         # a ragged batch's rows in one call; ends: start + 1 of each row
                                         # on the device when every row is a decode row (else None)
         def prepare(formats: Iterable[str])  # at load: make the kernels of the model's matrix formats ready
+        def row_interleave(info: TensorInfo) -> int  # rows per group in which the resident store lays out
+                                        # a matrix this device computes (QWeight.interleave; 1: the file's rows)
 
 `select_device` imports engine.cuda only when CUDA is requested or `auto` may find it: the CPU path
 never loads the CUDA package.
@@ -30,6 +32,7 @@ from . import cpu as cpu_kernels
 from .attention import AttnMask, AttnRow, attend, attend_each, matmul_kernel
 from .cpu import DecodeLayer
 from .errors import ConfigError, KernelError
+from .gguf_file import TensorInfo
 from .weights import LayerWeights, QWeight
 
 log = logging.getLogger("engine.device")
@@ -49,6 +52,7 @@ class Device(Protocol):
     def attention(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: AttnMask) -> torch.Tensor: ...
     def attention_rows(self, q: torch.Tensor, rows: Sequence[AttnRow], ends: torch.Tensor | None) -> torch.Tensor: ...
     def prepare(self, formats: Iterable[str]) -> None: ...
+    def row_interleave(self, info: TensorInfo) -> int: ...
 
 
 def kv_dtype_of(name: str, default: torch.dtype) -> torch.dtype:
@@ -96,12 +100,21 @@ class CpuDevice:
     def prepare(self, formats: Iterable[str]) -> None:
         """Nothing to do: the native kernels were built (or refused) at construction, for every format."""
 
+    def row_interleave(self, info: TensorInfo) -> int:
+        """ROW_GROUP for the matrices whose rows the kernels read faster interleaved (ql_row_interleave:
+        the formats of INTERLEAVE_FORMATS on AVX-512 builds), else 1."""
+        if (not self.kernels or len(info.shape) != 2 or info.fmt.name not in cpu_kernels.INTERLEAVE_FORMATS
+                or info.shape[0] % cpu_kernels.ROW_GROUP):
+            return 1
+        return cpu_kernels.row_interleave(info.fmt.name)
+
     def linear(self, x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) fp32 -> (..., N) = x @ W^T, W read from its GGUF bytes."""
         n, k = w.shape
         x2 = x.reshape(-1, k)  # (T, K)
         if self.kernels and w.fmt.name in cpu_kernels.SUPPORTED:
-            y = cpu_kernels.linear(x2.contiguous(), w.data, w.fmt.name, n, k, out, activations=self.activations)
+            y = cpu_kernels.linear(x2.contiguous(), w.data, w.fmt.name, n, k, out, activations=self.activations,
+                                   interleave=w.interleave)
         else:
             y = torch.matmul(x2, w.dequantize().T, out=out)
         return y.view(*x.shape[:-1], n)
@@ -113,8 +126,8 @@ class CpuDevice:
         x2 = x.reshape(-1, k)  # (T, K)
         if self.kernels and len(ws) <= cpu_kernels.MAX_MANY and all(
                 w.shape[1] == k and w.fmt.name in cpu_kernels.SUPPORTED for w in ws):
-            ys = cpu_kernels.linear_many(x2.contiguous(), [(w.data, w.fmt.name, w.shape[0]) for w in ws], k,
-                                         activations=self.activations)
+            ys = cpu_kernels.linear_many(x2.contiguous(), [(w.data, w.fmt.name, w.shape[0], w.interleave) for w in ws],
+                                         k, activations=self.activations)
             return [y.view(*x.shape[:-1], w.shape[0]) for y, w in zip(ys, ws)]
         return [self.linear(x, w) for w in ws]
 
@@ -188,7 +201,8 @@ def _decode_layer(w: LayerWeights, spec, kv_dtype: torch.dtype, mode: int) -> De
     lay.bias[:] = [ptr(w.attn_q_bias), ptr(w.attn_k_bias), ptr(w.attn_v_bias)]
     lay.qk_norm[:] = [ptr(w.attn_q_norm), ptr(w.attn_k_norm)]
     lay.w[:] = [m.data.data_ptr() for m, _ in mats]
-    lay.type[:] = [cpu_kernels.FORMATS[m.fmt.name].type_id for m, _ in mats]
+    lay.type[:] = [cpu_kernels.type_word(cpu_kernels.FORMATS[m.fmt.name], m.fmt.name, m.shape[0], m.interleave)
+                   for m, _ in mats]
     return lay
 
 

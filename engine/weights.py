@@ -19,27 +19,70 @@ from .gguf_file import GGUFFile, TensorInfo
 from .spec import ModelSpec
 
 
+View = Callable[[TensorInfo], torch.Tensor]  # a tensor's raw uint8 bytes, wherever they live
+Layout = Callable[[TensorInfo], int]  # rows per interleaved group of a matrix's bytes (1: the file's rows)
+
+
+def plain_rows(info: TensorInfo) -> int:
+    """The Layout of bytes as the file has them."""
+    return 1
+
+
+def _grouped(data: torch.Tensor, fmt: QuantFormat, shape: tuple[int, int], group: int) -> torch.Tensor:
+    """data's bytes as (N / group, blocks per row, group, bytes per block): the interleaved layout."""
+    n, k = shape
+    return data.view(n // group, k // fmt.block_size, group, fmt.type_size)
+
+
+def interleave_rows(data: torch.Tensor, fmt: QuantFormat, shape: tuple[int, int], group: int,
+                    chunk_bytes: int = 16 << 20) -> None:
+    """Lay the raw bytes of an (N, K) matrix out in place in groups of `group` rows (N a multiple of it):
+    group g's bytes are block 0 of its rows 0..group-1, then block 1 of them, and so on (the CPU kernels'
+    row_at, engine/cpu/qlinear.cpp), so that a tile of a group's rows reads one stream. At most
+    `chunk_bytes` (rounded up to a group) are copied aside at a time."""
+    n, k = shape
+    plain = data.view(n // group, group, k // fmt.block_size, fmt.type_size)  # (groups, group, blocks, bytes)
+    out = _grouped(data, fmt, shape, group)
+    step = max(1, chunk_bytes // (group * fmt.row_nbytes(k)))
+    for g in range(0, n // group, step):
+        out[g:g + step] = plain[g:g + step].clone().transpose(1, 2)
+
+
 @dataclass(frozen=True, slots=True)
 class QWeight:
-    """A (N, K) matrix in its file format: `data` holds N rows of fmt.row_nbytes(K) raw bytes."""
+    """A (N, K) matrix in its file format: `data` holds N rows of fmt.row_nbytes(K) raw bytes, plain
+    (interleave 1, as in the file) or interleaved in groups of `interleave` rows (interleave_rows: the
+    resident store's layout for the CPU kernels)."""
 
     name: str
     fmt: QuantFormat
     shape: tuple[int, int]  # (N out features, K in features)
     data: torch.Tensor  # uint8, contiguous
+    interleave: int = 1
 
     @classmethod
-    def of(cls, info: TensorInfo, data: torch.Tensor) -> QWeight:
+    def of(cls, info: TensorInfo, data: torch.Tensor, interleave: int = 1) -> QWeight:
         """The matrix `info` describes, bound over its raw bytes `data` wherever they live."""
-        return cls(info.name, info.fmt, info.shape, data)
+        return cls(info.name, info.fmt, info.shape, data, interleave)
+
+    def plain(self) -> torch.Tensor:
+        """The raw bytes as (N, bytes per row) in the file's row order (a copy if interleaved)."""
+        n, k = self.shape
+        if self.interleave == 1:
+            return self.data.view(n, self.fmt.row_nbytes(k))
+        return _grouped(self.data, self.fmt, self.shape, self.interleave).transpose(1, 2).reshape(n, -1)
 
     def dequantize(self) -> torch.Tensor:
-        return self.fmt.dequantize(self.data, self.shape)  # (N, K) float32
+        return self.fmt.dequantize(self.plain(), self.shape)  # (N, K) float32
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantize only the given rows (embedding lookup)."""
-        row_bytes = self.fmt.row_nbytes(self.shape[1])
-        raw = self.data.view(self.shape[0], row_bytes).index_select(0, ids.reshape(-1).to(self.data.device))
+        ids = ids.reshape(-1).to(self.data.device)
+        if self.interleave == 1:
+            raw = self.data.view(self.shape[0], self.fmt.row_nbytes(self.shape[1])).index_select(0, ids)
+        else:
+            g = self.interleave
+            raw = _grouped(self.data, self.fmt, self.shape, g)[ids // g, :, ids % g].reshape(len(ids), -1)
         return self.fmt.dequantize(raw, (raw.shape[0], self.shape[1]))  # (len(ids), K)
 
 
@@ -194,15 +237,16 @@ class LayerLayout:
     def nbytes(self) -> int:
         return sum(n for _, n in self.runs)
 
-    def bind(self, view: Callable[[TensorInfo], torch.Tensor]) -> LayerWeights:
-        """Build LayerWeights; `view(info)` returns the tensor's raw uint8 bytes wherever they live."""
+    def bind(self, view: View, layout: Layout = plain_rows) -> LayerWeights:
+        """Build LayerWeights; `view(info)` returns the tensor's raw uint8 bytes wherever they live,
+        `layout(info)` the rows per group they are interleaved in (1 for stacked experts and vectors)."""
         parts, stacked = {}, {}
         for role, info in self.tensors:
             raw = view(info)
             if role in EXPERT_ROLES:
                 stacked[role] = (info, raw)
             else:
-                parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight.of(info, raw)
+                parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight.of(info, raw, layout(info))
         if stacked:
             infos, raws = zip(*(stacked[r] for r in EXPERT_ROLES))
             parts["experts"] = ExpertSource(infos, raws)

@@ -32,7 +32,7 @@ def model_file(tmp_path_factory):
     for u, size in enumerate(SIZES):
         a = size // 3
         ts = (TensorInfo(f"u{u}.a", FMT, (a // 4,), off, a), TensorInfo(f"u{u}.b", FMT, (1,), off + a + 100, size - a))
-        units.append(Unit(f"unit{u}", ts, lambda view, ts=ts: {t.name: view(t) for t in ts}))
+        units.append(Unit(f"unit{u}", ts, lambda view, layout, ts=ts: {t.name: view(t) for t in ts}))
         off += size + 100 + 1000
     data = rng.integers(0, 256, size=off + 4096, dtype=np.uint8)
     path.write_bytes(data.tobytes())

@@ -28,7 +28,10 @@ INT16_FORMATS = frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q4
 ACTIVATIONS = {"int16": 0, "int8": 2}
 INT8_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K"})
 _EXACT_MODE = 1  # the fp32 path
-ABI_VERSION = 6
+ABI_VERSION = 7
+# Rows per group of a matrix whose rows are interleaved (row_at in qlinear.cpp: the resident store's
+# layout for the formats of INTERLEAVE_FORMATS when ql_row_interleave asks for it); 1 = the file's rows.
+ROW_GROUP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,9 @@ FORMATS: dict[str, FormatInfo] = {
     for name in FORMAT_NAMES
 }
 
+# The formats whose rows can be interleaved: those with the integer path on 256-element super-blocks.
+INTERLEAVE_FORMATS = frozenset(f for f in INT16_FORMATS if FORMATS[f].block == 256)
+
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 MAX_MANY = 16  # matrices per linear_many call (kMaxParts in qlinear.cpp)
 _RETURN_CODES = {1: "format unknown to the library", 2: "shape rejected by the library",
@@ -62,6 +68,7 @@ class Kernels:
             ("ql_abi_version", _int, ()),
             ("ql_isa", _int, ()),
             ("ql_format_info", _int, (_int, ctypes.POINTER(_int), ctypes.POINTER(_int))),
+            ("ql_row_interleave", _int, (_int,)),
             ("ql_pool_new", _vp, (_int,)),
             ("ql_pool_free", None, (_vp,)),
             ("ql_pool_set_threads", None, (_vp, _int)),
@@ -110,37 +117,47 @@ class Kernels:
             raise KernelError(f"thread count must be an int in [1, {MAX_THREADS}], got {n!r}", field="n")
         self._lib.ql_pool_set_threads(self._pool, n)
 
+    def row_interleave(self, fmt: str) -> int:
+        """Rows per group in which a resident `fmt` matrix computed by this build is best laid out
+        (ROW_GROUP, or 1 for the file's plain rows)."""
+        info = FORMATS.get(fmt)
+        return self._lib.ql_row_interleave(info.type_id) if info else 1
+
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
-               out: torch.Tensor | None = None, exact: bool = False, activations: str = "int16") -> torch.Tensor:
+               out: torch.Tensor | None = None, exact: bool = False, activations: str = "int16",
+               interleave: int = 1) -> torch.Tensor:
         """out (T, N) = x (T, K) @ W^T. Formats in INT16_FORMATS round x to int16 per block
         (256 or 32 elements; relative error ~1e-5) unless `exact`, which takes the fp32 path (slower);
-        activations="int8" rounds x to int8 for INT8_FORMATS (see ACTIVATIONS)."""
+        activations="int8" rounds x to int8 for INT8_FORMATS (see ACTIVATIONS). `interleave`: W's rows
+        are plain (1) or interleaved in groups of ROW_GROUP (engine.weights.interleave_rows)."""
         mode = _EXACT_MODE if exact else activations_mode(activations)
         info, t, out = _checked(x, w, fmt, n, k, out)
         if t:
-            rc = self._call(self._pool, info.type_id, mode, x.data_ptr(), w.data_ptr(), out.data_ptr(), t, n, k)
+            rc = self._call(self._pool, type_word(info, fmt, n, interleave), mode, x.data_ptr(), w.data_ptr(),
+                            out.data_ptr(), t, n, k)
             if rc:
                 raise KernelError(f"{fmt} ({n}, {k}) x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
         return out
 
     def linear_many(self, x: torch.Tensor, mats, k: int, exact: bool = False,
                     activations: str = "int16") -> list[torch.Tensor]:
-        """[x @ W_i^T for (W_i, fmt_i, n_i) in mats]: matrices sharing x (T, K) (q/k/v, gate/up) in one
-        call and one pool job. Each output is bit-identical to linear() of that matrix alone."""
+        """[x @ W_i^T for (W_i, fmt_i, n_i) or (W_i, fmt_i, n_i, interleave_i) in mats]: matrices sharing
+        x (T, K) (q/k/v, gate/up) in one call and one pool job. Each output is bit-identical to linear() of
+        that matrix alone."""
         mode = _EXACT_MODE if exact else activations_mode(activations)
         count = len(mats)
         if not 0 < count <= MAX_MANY:
             raise KernelError(f"expected 1 to {MAX_MANY} matrices, got {count}", field="mats")
         outs, types, ws, ns = [], (_int * count)(), (_vp * count)(), (_i64 * count)()
-        for i, (w, fmt, n) in enumerate(mats):
+        for i, (w, fmt, n, *il) in enumerate(mats):
             info, t, out = _checked(x, w, fmt, n, k, None)
             outs.append(out)
-            types[i], ws[i], ns[i] = info.type_id, w.data_ptr(), n
+            types[i], ws[i], ns[i] = type_word(info, fmt, n, *il), w.data_ptr(), n
         if t:
             po = (_vp * count)(*(o.data_ptr() for o in outs))
             rc = self._many(self._pool, count, types, mode, x.data_ptr(), ws, po, t, ns, k)
             if rc:
-                shapes = ", ".join(f"{fmt} ({n}, {k})" for _, fmt, n in mats)
+                shapes = ", ".join(f"{m[1]} ({m[2]}, {k})" for m in mats)
                 raise KernelError(f"{shapes} x ({t}, {k}): {_RETURN_CODES.get(rc, f'error code {rc}')}")
         return outs
 
@@ -173,6 +190,17 @@ def activations_mode(activations: str) -> int:
     if mode is None:
         raise KernelError(f"expected one of {', '.join(ACTIVATIONS)}, got {activations!r}", field="activations")
     return mode
+
+
+def type_word(info: FormatInfo, fmt: str, n: int, interleave: int = 1) -> int:
+    """The kernels' `type` argument for a matrix: its GGML type id, plus ROW_GROUP << 8 when its rows are
+    interleaved (qlinear.cpp, ql_linear_many)."""
+    if interleave == 1:
+        return info.type_id
+    if interleave != ROW_GROUP or fmt not in INTERLEAVE_FORMATS or n % ROW_GROUP:
+        raise KernelError(f"{fmt} ({n} rows): rows interleaved by {interleave!r}; only {sorted(INTERLEAVE_FORMATS)} "
+                          f"matrices with a multiple of {ROW_GROUP} rows can be, by {ROW_GROUP}", field="interleave")
+    return info.type_id | ROW_GROUP << 8
 
 
 def _checked(x, w, fmt, n, k, out):

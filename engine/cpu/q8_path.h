@@ -41,9 +41,9 @@ struct Q8Problem {
     const int8_t* xt;   // x8 of rows kLanes g.. as lanes, (q8_lane_rows(T) / kLanes, K / 256, 64, kLanes, 4 bytes)
     const int16_t* ct;  // with xt: (., K / 256, 4, kLanes rows, 2) words (cs_2q, cs_2q+1)
     const int16_t* bt;  // with xt: (., K / 256, 8, kLanes rows, 2) words (bs_2k, bs_2k+1)
-    const uint8_t* w;   // N rows of row_bytes
+    const uint8_t* w;   // N rows of row_bytes (see row_at)
     float* out;         // (T, N)
-    i64 T, N, K, row_bytes;
+    i64 T, N, K, row_bytes, il;
 };
 
 // Bytes after each row of x8. Rows exactly K bytes apart put the same block of every row of a tile
@@ -412,7 +412,10 @@ inline AI k8_int(const Q8Problem& p, const Q8Dec& w, i64 tt, i64 b) {
 template <class F, int R, int TT>
 void k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
     const i64 nb = p.K / kQBlock;
-    const uint8_t* row0 = p.w + n * p.row_bytes;
+    const uint8_t* row0 = p.w + n * p.row_bytes;  // the tile's bytes start here (row_at)
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = row_at<F::kBytes>(p, n + r);
+    const i64 bstep = block_step<F::kBytes>(p);
     // into L1 (prefetcht0): over L2 only, 1.11-1.23x at T = 1 streaming from memory on Q4_K / Q5_K / Q6_K
     // (one thread; two threads 0.99-1.15x), 1.02x in cache, 0.99x at T = 2..3 (Zen 5)
     NextTilePrefetch<3> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, nb);
@@ -432,16 +435,16 @@ void k8_row_tile(const Q8Problem& p, i64 n, i64 t0) {
         const int j = int(b & 7);
 #if QL_AVX512
         alignas(64) __m128i sm[4];
-        if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(row0 + b * F::kBytes + 4, p.row_bytes));
+        if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(rows[0] + b * bstep + 4, row_step<F::kBytes>(p)));
 #endif
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             Q8Dec w;
 #if QL_AVX512
-            if constexpr (kScales4) F::decode(row0 + r * p.row_bytes + b * F::kBytes, _mm_load_si128(sm + r), w);
+            if constexpr (kScales4) F::decode(rows[r] + b * bstep, _mm_load_si128(sm + r), w);
             else
 #endif
-                F::decode(row0 + r * p.row_bytes + b * F::kBytes, w);
+                F::decode(rows[r] + b * bstep, w);
 #if defined(__AVX2__)
             dd[r][j] = w.d;
             __m128i mw = _mm_setzero_si128();
@@ -640,7 +643,10 @@ void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
     const i64 nb = p.K / kQBlock, t0 = g * kLanes;
     const i64 valid = p.T - t0 < kLanes ? p.T - t0 : kLanes;
     const __mmask16 vm = __mmask16((1u << valid) - 1);
-    const uint8_t* row0 = p.w + n * p.row_bytes;
+    const uint8_t* row0 = p.w + n * p.row_bytes;  // the tile's bytes start here (row_at)
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = row_at<L::kBytes>(p, n + r);
+    const i64 bstep = block_step<L::kBytes>(p);
     const int8_t* xt = p.xt + g * nb * 256 * kLanes;
     __m512 acc[R][8];  // a_0..7 of rows 16g..16g+15 of x
     for (int r = 0; r < R; ++r)
@@ -651,7 +657,7 @@ void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
         pf.step();
         const int j = int(b & 7);
         typename L::Row w[R];
-        for (int r = 0; r < R; ++r) L::decode(row0 + r * p.row_bytes + b * L::kBytes, w[r]);
+        for (int r = 0; r < R; ++r) L::decode(rows[r] + b * bstep, w[r]);
         const int8_t* xb = xt + b * 256 * kLanes;
         __m512i I[R];
         for (int r = 0; r < R; ++r) I[r] = _mm512_setzero_si512();
@@ -705,7 +711,10 @@ void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
 template <class L, int R>
 void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
     const i64 nb = p.K / kQBlock;
-    const uint8_t* row0 = p.w + n * p.row_bytes;
+    const uint8_t* row0 = p.w + n * p.row_bytes;  // the tile's bytes start here (row_at)
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = row_at<L::kBytes>(p, n + r);
+    const i64 bstep = block_step<L::kBytes>(p);
     const int8_t* xt = p.xt + g * nb * 2048;
     __m256 acc[R][8];  // a_0..7 of rows 8g..8g+7 of x
     for (int r = 0; r < R; ++r)
@@ -715,7 +724,7 @@ void k8_lane_tile(const Q8Problem& p, i64 n, i64 g) {
         pf.step();
         const int j = int(b & 7);
         typename L::Row w[R];
-        for (int r = 0; r < R; ++r) L::decode(row0 + r * p.row_bytes + b * L::kBytes, w[r]);
+        for (int r = 0; r < R; ++r) L::decode(rows[r] + b * bstep, w[r]);
         __m256i I[R];
         for (int r = 0; r < R; ++r) I[r] = _mm256_setzero_si256();
         L::template dot<R>(w, xt + b * 2048, I);

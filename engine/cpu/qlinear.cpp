@@ -819,10 +819,30 @@ struct FmtIQ4_XS {
 // ---------------------------------------------------------------------------------------------
 struct Problem {
     const float* x;    // (T, K), kSigma-permuted within each 16-group for kPermuted formats
-    const uint8_t* w;  // N rows of row_bytes
+    const uint8_t* w;  // N rows of row_bytes (see row_at)
     float* out;        // (T, N)
-    i64 T, N, K, row_bytes;
+    i64 T, N, K, row_bytes, il;
 };
+
+// Where the rows of W are; every path's problem has w, row_bytes and il. The file's layout is plain
+// rows (il = 1: row n at w + n * row_bytes). The resident store lays the formats ql_row_interleave
+// names out in groups of il = kInterleave rows: group g fills bytes [g il row_bytes, (g + 1) il
+// row_bytes) with its blocks in the order (block 0 of rows 0..il-1), (block 1 of rows 0..il-1), ...
+// so that a tile of the group's rows reads one stream front to back instead of il (measured below,
+// at ql_row_interleave). Block b of row n is at row_at(p, n) + b * block_step(p); row_step(p) goes
+// from a block to the same block of the next row in its group. A tile of il rows starting at a
+// multiple of il (every tile of il or 2 il rows: work items start at multiples of kRows) still
+// covers bytes [n0 row_bytes, (n0 + R) row_bytes), which is what the prefetchers fetch.
+constexpr int kInterleave = 4;
+template <int kBlockBytes, class P>
+inline const uint8_t* row_at(const P& p, i64 n) {
+    const i64 r = n % p.il;
+    return p.w + (n - r) * p.row_bytes + r * kBlockBytes;
+}
+template <int kBlockBytes, class P>
+inline i64 block_step(const P& p) { return p.il * kBlockBytes; }
+template <int kBlockBytes, class P>
+inline i64 row_step(const P& p) { return p.il > 1 ? kBlockBytes : p.row_bytes; }
 
 constexpr int kRows = 8;  // rows of W per work item
 // Tile shapes, chosen by measurement on AVX-512 (32 vector registers); the portable path holds a
@@ -1129,9 +1149,9 @@ struct QProblem {
     const int16_t* xq;   // (T, K) quantized x
     const float* xs;     // (T, K / 256) block scales sx_b
     const float* xm;     // (T, K / 32) float(sum of x16 over each 32-chunk) * sx_b
-    const uint8_t* w;    // N rows of row_bytes
+    const uint8_t* w;    // N rows of row_bytes (see row_at)
     float* out;          // (T, N)
-    i64 T, N, K, row_bytes;
+    i64 T, N, K, row_bytes, il;
 };
 
 // Round one block of n activations to integers in [-kMax, kMax] on the block's own scale: returns
@@ -1527,7 +1547,10 @@ void int_direct_tile(const QProblem& p, i64 n0) {
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < TT; ++t) acc[r][t] = vzero(), macc[r][t] = m8zero();
     const i64 nb = p.K / kQBlock;
-    const uint8_t* row0 = p.w + n0 * p.row_bytes;
+    const uint8_t* row0 = p.w + n0 * p.row_bytes;  // the tile's bytes start here (row_at)
+    const uint8_t* rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = row_at<F::kBytes>(p, n0 + r);
+    const i64 bstep = block_step<F::kBytes>(p);
     // Weights stream from memory. AVX-512 tiles of 2 to 4 rows prefetch the next tile (streaming, one
     // thread: Q4_K 1.15x over the per-row prefetch below, Zen 5); the others fetch ~1 KiB ahead in each
     // row stream (the tile prefetch measured Q6_K's 8-row tiles 0.86-0.92x, the AVX2 build's 1-row
@@ -1539,11 +1562,11 @@ void int_direct_tile(const QProblem& p, i64 n0) {
         if constexpr (kTilePf) pf.step();
 #if QL_AVX512
         alignas(64) __m128i sm[4];
-        if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(row0 + b * F::kBytes + 4, p.row_bytes));
+        if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(rows[0] + b * bstep + 4, row_step<F::kBytes>(p)));
 #endif
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
-            const uint8_t* sb = row0 + r * p.row_bytes + b * F::kBytes;
+            const uint8_t* sb = rows[r] + b * bstep;
             if constexpr (!kTilePf)
                 for (int o = 0; o < F::kBytes; o += 64) __builtin_prefetch(sb + 1024 + o);
             WI w[8];
@@ -1591,11 +1614,12 @@ template <class F>
 void int_decode_rows(const QProblem& p, i64 n0, int nrows, const IntPanel& panel) {
     const i64 nb = p.K / kQBlock;
     for (int r = 0; r < nrows; ++r) {
-        const uint8_t* row = p.w + (n0 + r) * p.row_bytes;
+        const uint8_t* row = row_at<F::kBytes>(p, n0 + r);
+        const i64 bstep = block_step<F::kBytes>(p);
         for (i64 b = 0; b < nb; ++b) {
             WI w[8];
             M8 mins = m8zero();
-            F::decode(row + b * F::kBytes, w, panel.d[r * nb + b], mins);
+            F::decode(row + b * bstep, w, panel.d[r * nb + b], mins);
             for (int j = 0; j < 8; ++j) wstore(panel.w + r * p.K + b * kQBlock + 32 * j, w[j]);
             m8store(panel.m + r * (p.K / 32) + 8 * b, mins);
         }
@@ -1702,9 +1726,9 @@ Scratch& pair_scratch() {  // the caller's quantized x for the pair path
 struct PProblem {
     const int16_t* xq;  // (T, pairs * 64) words in pair layout
     const float* xg;    // (T, pairs * 4) [sx_a, xsum_a, sx_b, xsum_b] (zeros for a missing b)
-    const uint8_t* w;   // N rows of row_bytes
+    const uint8_t* w;   // N rows of row_bytes (plain: il = 1)
     float* out;         // (T, N)
-    i64 T, N, K, row_bytes;
+    i64 T, N, K, row_bytes, il;
     i64 chunks() const { return K / 32; }
     i64 pairs() const { return (K / 32 + 1) / 2; }
 };
@@ -2190,9 +2214,28 @@ void guarded(const void* ctx, i64 g0, i64 g1) {
     }
 }
 
+// The fp32 path reads plain rows: the rows of a work item held interleaved (exact mode on the resident
+// store's layout) are copied out plain first.
+template <class F>
+void run_float(const Problem& p, i64 g0, i64 g1) {
+    if (p.il == 1) return run_rows<FloatPath, F>(p, g0, g1);
+    const i64 n0 = g0 * kRows, n1 = g1 * kRows < p.N ? g1 * kRows : p.N, nb = p.row_bytes / F::kBytes;
+    thread_local Scratch buf;
+    uint8_t* dst = reinterpret_cast<uint8_t*>(buf.get(((n1 - n0) * p.row_bytes + 3) / 4));
+    for (i64 n = n0; n < n1; ++n) {
+        const uint8_t* src = row_at<F::kBytes>(p, n);
+        for (i64 b = 0; b < nb; ++b)
+            std::memcpy(dst + (n - n0) * p.row_bytes + b * F::kBytes, src + b * block_step<F::kBytes>(p), F::kBytes);
+    }
+    Problem q = p;  // row n (n0 <= n < n1) at dst + (n - n0) * row_bytes
+    q.w = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(dst) - uintptr_t(n0 * p.row_bytes));
+    q.il = 1;
+    run_rows<FloatPath, F>(q, g0, g1);
+}
+
 template <class F>
 FormatEntry entry(int type) {
-    return {type, F::kBlock, F::kBytes, F::kPermuted, guarded<Problem, run_rows<FloatPath, F>>, nullptr, nullptr, nullptr};
+    return {type, F::kBlock, F::kBytes, F::kPermuted, guarded<Problem, run_float<F>>, nullptr, nullptr, nullptr};
 }
 
 template <class F, class I>
@@ -2279,7 +2322,7 @@ void run_many(const void* ctx, i64 g0, i64 g1) {
 // C ABI (ctypes). Return codes: 0 ok, 1 unknown type, 2 bad shape, 3 out of memory.
 // Pointers are not checked here; the Python launcher validates dtypes, shapes and sizes.
 // ---------------------------------------------------------------------------------------------
-QL_EXPORT int ql_abi_version() { return 6; }
+QL_EXPORT int ql_abi_version() { return 7; }
 
 QL_EXPORT int ql_isa() { return QL_AVX512 ? 512 : 0; }
 
@@ -2292,6 +2335,16 @@ QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
     return 1;
 }
 
+// Rows per interleaved group (row_at) in which the resident store should lay out a matrix of this
+// GGML type for this build, 1 for plain rows. The formats with an integer path (256-element super-blocks)
+// on AVX-512 builds: one token's matrices of 4 Llama-70B-shaped Q4_K blocks, streamed from memory,
+// ran 1.09-1.19x (8-bit activations) and 1.07-1.09x (int16) at two threads, 1.09x / 1.01x at one, with
+// the same bits (Zen 5).
+QL_EXPORT int ql_row_interleave(int type) {
+    const FormatEntry* e = find_format(type);
+    return QL_AVX512 && e && e->run_int ? kInterleave : 1;
+}
+
 QL_EXPORT void* ql_pool_new(int threads) { return new (std::nothrow) Pool(threads < 1 ? 1 : threads); }
 QL_EXPORT void ql_pool_free(void* pool) { delete static_cast<Pool*>(pool); }
 QL_EXPORT void ql_pool_set_threads(void* pool, int threads) { static_cast<Pool*>(pool)->set_threads(threads < 1 ? 1 : threads); }
@@ -2299,6 +2352,8 @@ QL_EXPORT int ql_pool_threads(void* pool) { return static_cast<Pool*>(pool)->thr
 
 // mode: 0 = each format's fastest path (integer where it has one), 1 = the fp32 path, 2 = 8-bit
 // activations (q8_path.h) for the formats that have that path, mode 0's path for the others.
+// types[i]: the GGML type id of W_i, plus (il << 8) where its rows are interleaved in groups of
+// il = kInterleave (row_at; formats with an integer path, ns[i] a multiple of il).
 // outs[i] (T, ns[i]) = x (T, K) @ W_i (ns[i], K)^T for `count` matrices sharing x, in one pool job
 // (x is quantized or permuted once). Every output element is computed exactly as by a call with
 // that matrix alone.
@@ -2308,10 +2363,12 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
     if (count < 1 || count > kMaxParts || T < 0 || K < 1 || mode < 0 || mode > 2) return 2;
     ManyPart parts[kMaxParts];
     bool need_q = false, need_pair = false, need_perm = false, need_q8 = false;
+    i64 il[kMaxParts];
     for (int i = 0; i < count; ++i) {
-        const FormatEntry* e = find_format(types[i]);
-        if (!e) return 1;
-        if (ns[i] < 1 || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
+        const FormatEntry* e = find_format(types[i] & 0xff);
+        il[i] = types[i] >> 8 ? types[i] >> 8 : 1;
+        if (!e || (il[i] != 1 && (il[i] != kInterleave || !e->run_int))) return 1;
+        if (ns[i] < 1 || ns[i] % il[i] || K % e->block != 0 || (e->block > 1 && K % 32 != 0)) return 2;
         parts[i].e = e;
         parts[i].path = mode == 1                  ? Path::kFloat
                         : mode == 2 && e->run_q8 ? Path::kQ8
@@ -2358,10 +2415,10 @@ QL_EXPORT int ql_linear_many(void* pool_handle, int count, const int* types, int
     for (int i = 0; i < count; ++i) {
         ManyPart& m = parts[i];
         const i64 row_bytes = K / m.e->block * m.e->bytes;
-        m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes};
-        m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes};
-        m.pp = PProblem{pq, pg, ws[i], outs[i], T, ns[i], K, row_bytes};
-        m.q8 = Q8Problem{q8.xq, q8.bs, q8.cs, q8.xs, q8.xt, q8.ct, q8.bt, ws[i], outs[i], T, ns[i], K, row_bytes};
+        m.fp = Problem{m.e->permuted ? xp : x, ws[i], outs[i], T, ns[i], K, row_bytes, il[i]};
+        m.qp = QProblem{xq, xs, xm, ws[i], outs[i], T, ns[i], K, row_bytes, il[i]};
+        m.pp = PProblem{pq, pg, ws[i], outs[i], T, ns[i], K, row_bytes, il[i]};
+        m.q8 = Q8Problem{q8.xq, q8.bs, q8.cs, q8.xs, q8.xt, q8.ct, q8.bt, ws[i], outs[i], T, ns[i], K, row_bytes, il[i]};
         m.first = items;
         m.groups = (ns[i] + kRows - 1) / kRows;
         items += m.groups;

@@ -63,6 +63,10 @@ class CudaDevice:
         if fmts:
             self.kernels.prepare(self.device.index or 0, fmts)
 
+    def row_interleave(self, info) -> int:
+        """1: the CUDA kernels read the file's rows (QWeight.interleave 1)."""
+        return 1
+
     def _bind(self, w: QWeight) -> BoundWeight:
         """w's bytes checked once as a matrix for the kernels (device, shape, alignment): the provider
         hands the same QWeight for a resident unit or a ring slot every pass; launches then check only
@@ -72,6 +76,9 @@ class CudaDevice:
             if w.data.device != self.device:
                 raise KernelError(f"{w.name} is on {w.data.device}, not {self.name}: stage weights with "
                                   "Staging.upload or to_resident first", field="w")
+            if w.interleave != 1:
+                raise KernelError(f"{w.name}: rows interleaved by {w.interleave} (the CPU layout); the CUDA "
+                                  "kernels read the file's rows", field="w")
             if len(self._bound) >= BIND_CACHE_MAX:
                 self._bound.clear()
             n, k = w.shape

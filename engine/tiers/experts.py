@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..gguf_file import TensorInfo, coalesce
-from ..weights import ExpertWeights, QWeight
+from ..weights import ExpertWeights, Layout, QWeight, View, plain_rows
 
 RESIDENT, HOST, DISK = "resident", "host", "disk"
 
@@ -103,7 +103,7 @@ class ExpertStore:
         for key, ts in slices.items():
             t = self.tiers[key]
             if t == RESIDENT:
-                self._fixed[key] = _bind(ts, resident.view)
+                self._fixed[key] = _bind(ts, resident.view, resident.layout)
             elif t == HOST and not staging.separate:  # the CPU computes from the host store in place
                 self._fixed[key] = _bind(ts, lambda info, key=key: host.view(region_name(*key), info))
         self.host = host
@@ -319,8 +319,8 @@ class ExpertStore:
         return sum(n for _, n, _, _ in self.plans[key].spans)
 
 
-def _bind(ts: Sequence[TensorInfo], view) -> ExpertWeights:
-    return ExpertWeights(*(QWeight.of(t, view(t)) for t in ts))
+def _bind(ts: Sequence[TensorInfo], view: View, layout: Layout = plain_rows) -> ExpertWeights:
+    return ExpertWeights(*(QWeight.of(t, view(t), layout(t)) for t in ts))
 
 
 class _Routed(Mapping):

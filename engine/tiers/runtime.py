@@ -146,7 +146,7 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
     tiers = {key: exp_tiers[key[0]][key[1]] for key in slices}
     for r0, r1 in placement.head_rows:
         t = head_rows_info(head, r0, r1, f.path)
-        units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, t=t: QWeight.of(t, view(t))))
+        units.append(Unit(f"output[{r0}:{r1}]", (t,), lambda view, layout, t=t: QWeight.of(t, view(t), layout(t))))
     if len(placement.streamed) != len(units):
         raise PlanError(f"the placement has {len(placement.streamed)} units, the model {len(units)}", field="streamed")
     resident = [t for u, s in zip(units, placement.streamed) for t in u.tensors if t.name not in s]
@@ -160,7 +160,9 @@ def build_weights(f: GGUFFile, spec: ModelSpec, layouts: Sequence[LayerLayout], 
             resident.append(embd)
         elif placement.embedding_tier == HOST:
             regions[embd.name] = [embd]
-    store = ResidentStore(reader, resident, staging)
+    # the device's layout for the matrices it computes, never for the embedding (its rows are looked up)
+    store = ResidentStore(reader, resident, staging,
+                          layout=lambda t: 1 if t.name == embd.name else device.row_interleave(t))
     host = HostStore(reader, regions, staging)
     glob = global_weights(f, spec)
     if embd in store:  # embedding rows from the resident copy, else the host store, else read from the file

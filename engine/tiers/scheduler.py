@@ -34,6 +34,7 @@ import torch
 
 from ..errors import PlanError
 from ..gguf_file import TensorInfo, coalesce
+from ..weights import Layout, View, interleave_rows, plain_rows
 from .io import FileReader, ReadPlan, Ticket
 from .staging import Upload
 
@@ -42,11 +43,12 @@ BOUNCE_BYTES = 64 << 20  # pinned bounce buffer for loading the resident store o
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """A group of tensors loaded together (a block, or the output head) and how to bind them."""
+    """A group of tensors loaded together (a block, or the output head) and how to bind them: bind(view,
+    layout) over where their bytes are and how their rows are laid out (engine.weights View, Layout)."""
 
     name: str
     tensors: tuple[TensorInfo, ...]
-    bind: Callable[[Callable[[TensorInfo], torch.Tensor]], Any]
+    bind: Callable[[View, Layout], Any]
 
 
 def _runs(tensors) -> tuple[tuple[int, int], ...]:
@@ -57,16 +59,24 @@ class ResidentStore:
     """Tensors copied into compute-device memory at load, read through the same reader (O_DIRECT when
     possible). On a separate device the bytes pass through two pinned bounce buffers of at most
     `bounce` bytes (or go straight to the device with GPUDirect reads): the whole store is never
-    pinned."""
+    pinned. In host memory (the CPU computes from it) each matrix is then laid out in place as
+    `layout(t)` asks (engine.weights.interleave_rows; the device's row_interleave): `layout` says how
+    each of its tensors ended up."""
 
     def __init__(self, reader: FileReader, tensors: Sequence[TensorInfo], staging, label: str = "resident weights",
-                 bounce: int = BOUNCE_BYTES):
+                 bounce: int = BOUNCE_BYTES, layout: Layout = plain_rows):
         self.plan: ReadPlan = reader.plan(_runs(tensors))
+        self._groups: dict[str, int] = {}
         if not tensors:
             self.buf = torch.empty(0, dtype=torch.uint8)
         elif not staging.separate:
             self.buf = staging.alloc_host(self.plan.size, reader.align)
             reader.submit(self.plan, self.buf, label).wait()
+            for t in tensors:
+                if (g := layout(t)) != 1:
+                    at = self.plan.where(t.offset)
+                    interleave_rows(self.buf[at:at + t.nbytes], t.fmt, t.shape, g)
+                    self._groups[t.name] = g
         else:
             self.buf = staging.alloc_device(self.plan.size)
             if getattr(reader, "device_reads", False):
@@ -81,6 +91,9 @@ class ResidentStore:
 
     def view(self, t: TensorInfo) -> torch.Tensor:
         return self._views[t.name]
+
+    def layout(self, t: TensorInfo) -> int:
+        return self._groups.get(t.name, 1)
 
     def __contains__(self, t: TensorInfo) -> bool:
         return t.name in self._views
@@ -161,7 +174,7 @@ class TieredWeights:
                           reader.plan(_runs(t for t in units[i].tensors if t.name in s)))
                       for i, s in self.streamed_names.items()}
         self._bound: dict[tuple[int, int], Any] = {}
-        self.fixed = {i: u.bind(resident.view) for i, u in enumerate(units) if not streamed[i]}
+        self.fixed = {i: u.bind(resident.view, resident.layout) for i, u in enumerate(units) if not streamed[i]}
         on_host = {i for i in self.streamed_names if self.sources[i] == "host"}
         self.host_bound = {i: self._bind(i, lambda t, i=i: host.view(units[i].name, t)) for i in on_host
                            if not staging.separate or i in self.cpu_units}
@@ -343,7 +356,8 @@ class TieredWeights:
     # -- the ring ------------------------------------------------------------------------------------
     def _bind(self, i: int, streamed_view: Callable[[TensorInfo], torch.Tensor]):
         names = self.streamed_names.get(i, frozenset())
-        return self.units[i].bind(lambda t: streamed_view(t) if t.name in names else self.resident.view(t))
+        return self.units[i].bind(lambda t: streamed_view(t) if t.name in names else self.resident.view(t),
+                                  lambda t: 1 if t.name in names else self.resident.layout(t))
 
     def _pump(self) -> None:
         """Issue what can be issued without blocking, in occurrence order: reads into free host slots
