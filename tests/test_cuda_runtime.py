@@ -29,7 +29,7 @@ from engine.cuda.staging import CudaStaging, TorchCudaOps
 from engine.device import CpuDevice, select_device
 from engine.errors import KernelError, WeightIOError
 from engine.formats import FORMATS as QFORMATS
-from engine.gguf_file import GGUFFile
+from engine.gguf_file import GGUFFile, TensorInfo
 from engine.model import Model
 from engine.spec import ModelSpec
 from engine.tiers.hardware import (
@@ -231,6 +231,17 @@ def test_cuda_linear_on_shim_kernels(shim, fmt):
         assert relative_error(y, rounded(x, torch.float16), w64) < tol, (shape, path)
         if path == "gemv":  # activations really were rounded to fp16 first
             assert relative_error(y, x.double().numpy(), w64) > 1e-6
+
+
+def test_cuda_device_reads_the_files_rows_only(shim):
+    """The CUDA kernels read plain rows: the device asks the resident store for none other, and a matrix
+    interleaved for the CPU (QWeight.interleave) is refused, not computed wrong."""
+    w, _ = quantized("Q6_K", 8, 256, seed=4)
+    dev = shim_device(shim)
+    assert dev.row_interleave(TensorInfo(w.name, w.fmt, w.shape, 0, w.data.numel())) == 1
+    with pytest.raises(KernelError, match="interleaved") as e:
+        dev.linear(torch.randn(1, 256), dataclasses.replace(w, interleave=4))
+    assert e.value.field == "w"
 
 
 def test_cuda_linear_bf16_and_reference(shim):

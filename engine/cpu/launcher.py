@@ -195,6 +195,8 @@ def activations_mode(activations: str) -> int:
 def type_word(info: FormatInfo, fmt: str, n: int, interleave: int = 1) -> int:
     """The kernels' `type` argument for a matrix: its GGML type id, plus ROW_GROUP << 8 when its rows are
     interleaved (qlinear.cpp, ql_linear_many)."""
+    if type(interleave) is not int:
+        raise KernelError(f"rows interleaved by {interleave!r}: expected an int", field="interleave")
     if interleave == 1:
         return info.type_id
     if interleave != ROW_GROUP or fmt not in INTERLEAVE_FORMATS or n % ROW_GROUP:
