@@ -1551,15 +1551,19 @@ void int_direct_tile(const QProblem& p, i64 n0) {
     const uint8_t* rows[R];
     for (int r = 0; r < R; ++r) rows[r] = row_at<F::kBytes>(p, n0 + r);
     const i64 bstep = block_step<F::kBytes>(p);
-    // Weights stream from memory. AVX-512 tiles of 2 to 4 rows prefetch the next tile (streaming, one
-    // thread: Q4_K 1.15x over the per-row prefetch below, Zen 5); the others fetch ~1 KiB ahead in each
-    // row stream (the tile prefetch measured Q6_K's 8-row tiles 0.86-0.92x, the AVX2 build's 1-row
-    // tiles 0.78-0.98x).
+    // Weights stream from memory. AVX-512 tiles of 2 to 4 rows and tiles of interleaved rows prefetch
+    // the next tile (streaming, one thread: Q4_K 1.15x over the per-row prefetch below, Zen 5); the
+    // others fetch ~1 KiB ahead in each row stream (the tile prefetch measured Q6_K's 8-row tiles of
+    // plain rows 0.86-0.92x, the AVX2 build's 1-row tiles 0.78-0.98x). Q6_K's and Q3_K's 8-row tiles on
+    // interleaved rows, over their plain rows: two threads 1.06-1.21x with the tile prefetch, 0.90-0.94x
+    // with the per-row one (1 or 4 KiB ahead), 0.63-0.89x fetching each group's stream 8-64 KiB ahead;
+    // one thread Q6_K 0.94-0.95x (compute-bound).
     constexpr bool kTilePf = QL_AVX512 && R > 1 && R <= 4;
-    NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, kTilePf ? nb : 0);
+    const bool tile_pf = kTilePf || p.il > 1;
+    NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, tile_pf ? nb : 0);
     constexpr bool kScales4 = QL_AVX512 && F::kMins && R == 4;  // Q4_K / Q5_K: 4 rows' scale bytes in one unpack
     for (i64 b = 0; b < nb; ++b) {
-        if constexpr (kTilePf) pf.step();
+        if (tile_pf) pf.step();
 #if QL_AVX512
         alignas(64) __m128i sm[4];
         if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(rows[0] + b * bstep + 4, row_step<F::kBytes>(p)));
@@ -1567,7 +1571,7 @@ void int_direct_tile(const QProblem& p, i64 n0) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const uint8_t* sb = rows[r] + b * bstep;
-            if constexpr (!kTilePf)
+            if (!tile_pf)
                 for (int o = 0; o < F::kBytes; o += 64) __builtin_prefetch(sb + 1024 + o);
             WI w[8];
             float d;
