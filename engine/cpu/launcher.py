@@ -89,6 +89,9 @@ class Kernels:
                     or (block.value, nbytes.value) != (info.block, info.nbytes):
                 raise KernelError(f"{lib_path}: format {name} layout disagrees with gguf "
                                   f"({block.value}, {nbytes.value}) != ({info.block}, {info.nbytes})")
+        if lib.ql_row_interleave(FORMATS["Q4_K"].type_id) not in (1, ROW_GROUP):
+            raise KernelError(f"{lib_path}: rows interleaved by {lib.ql_row_interleave(FORMATS['Q4_K'].type_id)}, "
+                              f"expected {ROW_GROUP} (ROW_GROUP) or 1")
         if lib.ql_decode_layer_size() != ctypes.sizeof(DecodeLayer):
             raise KernelError(f"{lib_path}: DecodeLayer is {lib.ql_decode_layer_size()} bytes, expected "
                               f"{ctypes.sizeof(DecodeLayer)}")
