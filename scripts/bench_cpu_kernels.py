@@ -17,7 +17,13 @@ ratio columns are the meaningful numbers on a shared machine. Also printed:
     and T=64, the default integer path against exact=True (fp32), as wall GB/s and as GB/s per CPU
     second of the process (the kernel's own speed, robust to other processes sharing the cores).
 
-    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick] [--big]
+  * --layout FMT [FMT ...]: one decode token of 2 Llama-70B-shaped blocks in FMT (q/k/v, o, gate/up, down:
+    linear_many calls as the model makes them, ~1 GB, from memory) on the file's plain rows and on rows
+    interleaved as the CPU resident store lays them out (engine.weights.interleave_rows), alternated token
+    by token, int16 and 8-bit activations: GB/s of weights and their share of a torch-sum read measured
+    in the same rounds; outputs checked bit-identical.
+
+    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick] [--big | --layout Q4_K Q6_K]
 """
 from __future__ import annotations
 
@@ -175,12 +181,61 @@ def big_layers(kern, rounds: int, rng) -> list[dict]:
     return records
 
 
+def layout_token(kern, fmt: str, rounds: int, rng, blocks: int = 2) -> dict:
+    """Plain vs interleaved rows of one decode token's matrices (see --layout), alternated per token."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_synthetic_model import random_kquant
+
+    from engine.cpu import INT8_FORMATS, ROW_GROUP
+    from engine.formats.registry import FORMATS
+    from engine.tiers.io import aligned_empty
+    from engine.weights import interleave_rows
+
+    d, ff, kv = 8192, 28672, 1024
+    groups = (((d, d), (kv, d), (kv, d)), ((d, d),), ((ff, d), (ff, d)), ((d, ff),))  # q/k/v, o, gate/up, down
+    protos = {nk: torch.from_numpy(random_kquant(rng, nk, fmt).reshape(-1)) for g in groups for nk in g}
+
+    def placed(w: torch.Tensor, nk, group: int) -> torch.Tensor:
+        buf = aligned_empty(w.numel())  # as the resident store holds weights: 2 MiB pages
+        buf.copy_(w)
+        if group > 1:
+            interleave_rows(buf, FORMATS[fmt], nk, group)
+        return buf
+
+    mats = {g: [(nks[0][1], [(placed(protos[nk], nk, g), fmt, nk[0], g) for nk in nks]) for _ in range(blocks)
+                for nks in groups] for g in (1, ROW_GROUP)}  # per call: (K, linear_many's matrices)
+    xs = {d: torch.randn(1, d), ff: torch.randn(1, ff)}
+    nbytes = sum(w.numel() for _, grp in mats[1] for w, *_ in grp)
+    big = torch.ones(512 << 20)  # 2 GiB read by torch.sum
+
+    def token(g: int, act: str) -> list[torch.Tensor]:
+        return [y for k, grp in mats[g] for y in kern.linear_many(xs[k], grp, k, activations=act)]
+
+    rec = {"fmt": fmt, "weight_bytes": nbytes}
+    for act in ("int16", "int8") if fmt in INT8_FORMATS else ("int16",):
+        same = all(torch.equal(a, b) for a, b in zip(token(1, act), token(ROW_GROUP, act)))
+        t = {"plain": [], "interleaved": [], "read": []}
+        for _ in range(rounds):
+            for name, fn in (("plain", lambda: token(1, act)), ("interleaved", lambda: token(ROW_GROUP, act)),
+                             ("read", big.sum)):
+                t0 = time.perf_counter()
+                fn()
+                t[name].append(time.perf_counter() - t0)
+        read = big.numel() * 4 / statistics.median(t["read"]) / 1e9
+        rec[act] = {"plain_GBps": nbytes / statistics.median(t["plain"]) / 1e9,
+                    "interleaved_GBps": nbytes / statistics.median(t["interleaved"]) / 1e9, "read_GBps": read,
+                    "same_bits": same}
+    return rec
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter timings")
     ap.add_argument("--big", action="store_true", help="only the 70B-shaped integer-path vs exact comparison")
+    ap.add_argument("--layout", nargs="+", choices=("Q4_K", "Q6_K"), metavar="FMT",
+                    help="only a 70B-shaped token on plain vs interleaved rows (Q4_K, Q6_K)")
     args = ap.parse_args(argv)
 
     kern = default_kernels()
@@ -193,6 +248,22 @@ def main(argv=None) -> int:
     print(f"threads={args.threads} isa={kern.isa} torch={torch.__version__}  memory: copy "
           f"{bw['copy_GBps']:.1f} GB/s (read+write), sum {bw['read_GBps']:.1f} GB/s (read), 256 MiB; "
           f"load average {os.getloadavg()[0]:.1f}")
+    if args.layout:
+        records = [layout_token(kern, fmt, 4 * rounds, rng) for fmt in args.layout]
+        print(f"{'fmt':6s} {'activations':11s} | {'plain GB/s':>10s} {'/ read':>6s} | {'interleaved GB/s':>16s} "
+              f"{'/ read':>6s} | {'ratio':>5s} {'read GB/s':>9s} bits")
+        for r in records:
+            for act in ("int16", "int8"):
+                if act in r:
+                    a = r[act]
+                    print(f"{r['fmt']:6s} {act:11s} | {a['plain_GBps']:10.1f} {a['plain_GBps'] / a['read_GBps']:6.2f} | "
+                          f"{a['interleaved_GBps']:16.1f} {a['interleaved_GBps'] / a['read_GBps']:6.2f} | "
+                          f"{a['interleaved_GBps'] / a['plain_GBps']:5.2f} {a['read_GBps']:9.1f} "
+                          f"{'same' if a['same_bits'] else 'DIFFER'}")
+        if args.json:
+            text = json.dumps({"threads": args.threads, "isa": kern.isa, "layout": records}, indent=2)
+            print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+        return 0
     if args.big:
         records = big_layers(kern, rounds, rng)
         print(f"{'matrix':12s} {'N x K':>12s} {'fmt':5s} {'T':>3s} | {'int16 GB/s':>10s} {'/cpu s':>7s} "
