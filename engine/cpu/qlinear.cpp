@@ -2341,9 +2341,11 @@ QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
 
 // Rows per interleaved group (row_at) in which the resident store should lay out a matrix of this
 // GGML type for this build, 1 for plain rows. The formats with an integer path (256-element super-blocks)
-// on AVX-512 builds: one token's matrices of 4 Llama-70B-shaped Q4_K blocks, streamed from memory,
-// ran 1.09-1.19x (8-bit activations) and 1.07-1.09x (int16) at two threads, 1.09x / 1.01x at one, with
-// the same bits (Zen 5).
+// on AVX-512 builds: a decode token's matrices of 2-4 Llama-70B-shaped blocks, streamed from memory
+// (scripts/bench_cpu_kernels.py --layout), at two threads Q4_K int16 1.08-1.33x, 8-bit 1.10-1.55x, Q5_K
+// 1.09-1.20x / 1.11-1.36x, Q6_K 0.98-1.17x / 1.11-1.28x, Q3_K and IQ4_XS (int16) 1.16-1.21x; at one
+// thread 0.94-1.01x int16 (compute-bound), 1.04-1.09x 8-bit (Zen 5). The AVX2 build's 1-row T = 1 tiles
+// measured 0.83x (8-bit) and 0.95x (int16) at one thread: it keeps the file's rows.
 QL_EXPORT int ql_row_interleave(int type) {
     const FormatEntry* e = find_format(type);
     return QL_AVX512 && e && e->run_int ? kInterleave : 1;
