@@ -101,12 +101,12 @@ class CpuDevice:
         """Nothing to do: the native kernels were built (or refused) at construction, for every format."""
 
     def row_interleave(self, info: TensorInfo) -> int:
-        """ROW_GROUP for the matrices whose rows the kernels read faster interleaved (ql_row_interleave:
-        the formats of INTERLEAVE_FORMATS on AVX-512 builds), else 1."""
+        """ROW_GROUP for the matrices whose rows the kernels read faster interleaved with this device's
+        activations (ql_row_interleave: the 8-bit path's formats on AVX-512 builds), else 1."""
         if (not self.kernels or len(info.shape) != 2 or info.fmt.name not in cpu_kernels.INTERLEAVE_FORMATS
                 or info.shape[0] % cpu_kernels.ROW_GROUP):
             return 1
-        return cpu_kernels.row_interleave(info.fmt.name)
+        return cpu_kernels.row_interleave(info.fmt.name, self.activations)
 
     def linear(self, x: torch.Tensor, w: QWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) fp32 -> (..., N) = x @ W^T, W read from its GGUF bytes."""

@@ -20,8 +20,9 @@ ratio columns are the meaningful numbers on a shared machine. Also printed:
   * --layout FMT [FMT ...]: one decode token of 2 Llama-70B-shaped blocks in FMT (q/k/v, o, gate/up, down:
     linear_many calls as the model makes them, ~1 GB, from memory) on the file's plain rows and on rows
     interleaved as the CPU resident store lays them out (engine.weights.interleave_rows), alternated token
-    by token, int16 and 8-bit activations: GB/s of weights and their share of a torch-sum read measured
-    in the same rounds; outputs checked bit-identical.
+    by token in ABBA order (the ratio: the median of each round's), int16 and 8-bit activations: GB/s of
+    weights and their share of a torch-sum read measured after the tokens (torch's threads spin on after a
+    parallel op, slowing what runs next); outputs checked bit-identical.
 
     python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick] [--big | --layout Q4_K Q6_K]
 """
@@ -183,17 +184,16 @@ def big_layers(kern, rounds: int, rng) -> list[dict]:
 
 def layout_token(kern, fmt: str, rounds: int, rng, blocks: int = 2) -> dict:
     """Plain vs interleaved rows of one decode token's matrices (see --layout), alternated per token."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_synthetic_model import random_kquant
-
     from engine.cpu import INT8_FORMATS, ROW_GROUP
     from engine.formats.registry import FORMATS
+    from engine.synthetic import random_quantized
     from engine.tiers.io import aligned_empty
     from engine.weights import interleave_rows
 
     d, ff, kv = 8192, 28672, 1024
     groups = (((d, d), (kv, d), (kv, d)), ((d, d),), ((ff, d), (ff, d)), ((d, ff),))  # q/k/v, o, gate/up, down
-    protos = {nk: torch.from_numpy(random_kquant(rng, nk, fmt).reshape(-1)) for g in groups for nk in g}
+    protos = {nk: torch.from_numpy(random_quantized(rng, nk, FORMATS[fmt], lambda nb, nf: [rng.uniform(1e-3, 3e-3, nb)] * nf)
+                                   .reshape(-1)) for g in groups for nk in g}  # (the speed does not depend on the values)
 
     def placed(w: torch.Tensor, nk, group: int) -> torch.Tensor:
         buf = aligned_empty(w.numel())  # as the resident store holds weights: 2 MiB pages
@@ -214,16 +214,21 @@ def layout_token(kern, fmt: str, rounds: int, rng, blocks: int = 2) -> dict:
     rec = {"fmt": fmt, "weight_bytes": nbytes}
     for act in ("int16", "int8") if fmt in INT8_FORMATS else ("int16",):
         same = all(torch.equal(a, b) for a, b in zip(token(1, act), token(ROW_GROUP, act)))
-        t = {"plain": [], "interleaved": [], "read": []}
-        for _ in range(rounds):
-            for name, fn in (("plain", lambda: token(1, act)), ("interleaved", lambda: token(ROW_GROUP, act)),
-                             ("read", big.sum)):
+        read: list[float] = []
+        t = {"plain": [], "interleaved": []}
+        for r in range(rounds):  # ABBA: neither layout always follows the other
+            for name in ("plain", "interleaved") if r % 2 == 0 else ("interleaved", "plain"):
                 t0 = time.perf_counter()
-                fn()
+                token(1 if name == "plain" else ROW_GROUP, act)
                 t[name].append(time.perf_counter() - t0)
-        read = big.numel() * 4 / statistics.median(t["read"]) / 1e9
+        for _ in range(3):  # after the tokens: torch's threads spin a while after a parallel op
+            t0 = time.perf_counter()
+            big.sum()
+            read.append(time.perf_counter() - t0)
+        ratios = [a / b for a, b in zip(t["plain"], t["interleaved"])]
         rec[act] = {"plain_GBps": nbytes / statistics.median(t["plain"]) / 1e9,
-                    "interleaved_GBps": nbytes / statistics.median(t["interleaved"]) / 1e9, "read_GBps": read,
+                    "interleaved_GBps": nbytes / statistics.median(t["interleaved"]) / 1e9,
+                    "ratio": statistics.median(ratios), "read_GBps": big.numel() * 4 / min(read) / 1e9,
                     "same_bits": same}
     return rec
 
@@ -234,8 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter timings")
     ap.add_argument("--big", action="store_true", help="only the 70B-shaped integer-path vs exact comparison")
-    ap.add_argument("--layout", nargs="+", choices=("Q4_K", "Q6_K"), metavar="FMT",
-                    help="only a 70B-shaped token on plain vs interleaved rows (Q4_K, Q6_K)")
+    ap.add_argument("--layout", nargs="+", choices=("Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), metavar="FMT",
+                    help="only a 70B-shaped token on plain vs interleaved rows (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS)")
     args = ap.parse_args(argv)
 
     kern = default_kernels()
@@ -258,7 +263,7 @@ def main(argv=None) -> int:
                     a = r[act]
                     print(f"{r['fmt']:6s} {act:11s} | {a['plain_GBps']:10.1f} {a['plain_GBps'] / a['read_GBps']:6.2f} | "
                           f"{a['interleaved_GBps']:16.1f} {a['interleaved_GBps'] / a['read_GBps']:6.2f} | "
-                          f"{a['interleaved_GBps'] / a['plain_GBps']:5.2f} {a['read_GBps']:9.1f} "
+                          f"{a['ratio']:5.2f} {a['read_GBps']:9.1f} "
                           f"{'same' if a['same_bits'] else 'DIFFER'}")
         if args.json:
             text = json.dumps({"threads": args.threads, "isa": kern.isa, "layout": records}, indent=2)

@@ -78,6 +78,29 @@ def test_kernels_give_the_same_bits_on_interleaved_rows(isa):
                     assert torch.equal(a.view(torch.int32), y.view(torch.int32)), (fmt, t, kw)
 
 
+def test_which_matrices_are_interleaved():
+    """The policy (ql_row_interleave, CpuDevice.row_interleave): the 8-bit path's formats with 8-bit
+    activations on AVX-512 builds; never with int16 activations, on the AVX2 build, for a format without
+    the 8-bit path, a stacked or vector tensor, rows not a multiple of the group, or without the kernels."""
+    from engine.device import CpuDevice
+    from engine.gguf_file import TensorInfo
+
+    native, avx2 = cpu.default_kernels(), Kernels(build(BuildSpec.default(ISA_FLAGS["avx2"])), 1)
+    on = G if native.isa == "avx512" else 1
+    for fmt in IL:
+        assert native.row_interleave(fmt, "int8") == (on if fmt in cpu.INT8_FORMATS else 1), fmt
+        assert native.row_interleave(fmt, "int16") == 1 and avx2.row_interleave(fmt, "int8") == 1, fmt
+    assert native.row_interleave("Q8_0", "int8") == 1 and native.row_interleave("nope", "int8") == 1
+
+    def info(fmt: str, shape: tuple[int, ...]) -> TensorInfo:
+        return TensorInfo("t", FORMATS[fmt], shape, 0, FORMATS[fmt].nbytes(shape))
+
+    dev8, dev16 = CpuDevice(1, activations="int8"), CpuDevice(1, activations="int16")
+    assert dev8.row_interleave(info("Q4_K", (8, 256))) == on and dev16.row_interleave(info("Q4_K", (8, 256))) == 1
+    assert dev8.row_interleave(info("Q3_K", (8, 256))) == 1 and dev8.row_interleave(info("Q4_K", (6, 256))) == 1
+    assert dev8.row_interleave(info("Q4_K", (2, 8, 256))) == 1 and dev8.row_interleave(info("F32", (8,))) == 1
+
+
 @pytest.mark.parametrize("fmt, n, il", [("Q4_K", 4, 2), ("Q4_K", 6, 4), ("Q8_0", 4, 4), ("F32", 4, 4),
                                         ("Q4_K", 4, 0), ("Q4_K", 4, True)])
 def test_bad_layouts_are_refused(fmt, n, il):
@@ -128,7 +151,7 @@ def model_logits(path, group: int, monkeypatch, activations: str) -> tuple[set, 
     `group` rows per group."""
     import engine
 
-    monkeypatch.setattr(cpu, "row_interleave", lambda fmt: group)
+    monkeypatch.setattr(cpu, "row_interleave", lambda fmt, activations="int16": group)
     with engine.load(path, config={"device": "cpu", "cpu_activations": activations}) as m:
         layer = m.weights.fixed[0]
         mats = [getattr(layer, f) for f in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",

@@ -65,9 +65,10 @@ def decode_block(layer: DecodeLayer, x: torch.Tensor, out: torch.Tensor, rot: to
     default_kernels().decode_block(layer, x, out, rot, keys, vals, starts)
 
 
-def row_interleave(fmt: str) -> int:
-    """Rows per group in which the loaded kernels want a resident `fmt` matrix (ROW_GROUP or 1)."""
-    return default_kernels().row_interleave(fmt)
+def row_interleave(fmt: str, activations: str = "int16") -> int:
+    """Rows per group in which the loaded kernels want a resident `fmt` matrix computed with these
+    activations (ROW_GROUP or 1)."""
+    return default_kernels().row_interleave(fmt, activations)
 
 
 def set_num_threads(n: int) -> None:

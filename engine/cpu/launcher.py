@@ -68,7 +68,7 @@ class Kernels:
             ("ql_abi_version", _int, ()),
             ("ql_isa", _int, ()),
             ("ql_format_info", _int, (_int, ctypes.POINTER(_int), ctypes.POINTER(_int))),
-            ("ql_row_interleave", _int, (_int,)),
+            ("ql_row_interleave", _int, (_int, _int)),
             ("ql_pool_new", _vp, (_int,)),
             ("ql_pool_free", None, (_vp,)),
             ("ql_pool_set_threads", None, (_vp, _int)),
@@ -89,9 +89,8 @@ class Kernels:
                     or (block.value, nbytes.value) != (info.block, info.nbytes):
                 raise KernelError(f"{lib_path}: format {name} layout disagrees with gguf "
                                   f"({block.value}, {nbytes.value}) != ({info.block}, {info.nbytes})")
-        if lib.ql_row_interleave(FORMATS["Q4_K"].type_id) not in (1, ROW_GROUP):
-            raise KernelError(f"{lib_path}: rows interleaved by {lib.ql_row_interleave(FORMATS['Q4_K'].type_id)}, "
-                              f"expected {ROW_GROUP} (ROW_GROUP) or 1")
+        if (got := lib.ql_row_interleave(FORMATS["Q4_K"].type_id, ACTIVATIONS["int8"])) not in (1, ROW_GROUP):
+            raise KernelError(f"{lib_path}: rows interleaved by {got}, expected {ROW_GROUP} (ROW_GROUP) or 1")
         if lib.ql_decode_layer_size() != ctypes.sizeof(DecodeLayer):
             raise KernelError(f"{lib_path}: DecodeLayer is {lib.ql_decode_layer_size()} bytes, expected "
                               f"{ctypes.sizeof(DecodeLayer)}")
@@ -120,11 +119,11 @@ class Kernels:
             raise KernelError(f"thread count must be an int in [1, {MAX_THREADS}], got {n!r}", field="n")
         self._lib.ql_pool_set_threads(self._pool, n)
 
-    def row_interleave(self, fmt: str) -> int:
-        """Rows per group in which a resident `fmt` matrix computed by this build is best laid out
-        (ROW_GROUP, or 1 for the file's plain rows)."""
+    def row_interleave(self, fmt: str, activations: str = "int16") -> int:
+        """Rows per group in which a resident `fmt` matrix computed by this build with these activations is
+        best laid out (ROW_GROUP, or 1 for the file's plain rows; ql_row_interleave)."""
         info = FORMATS.get(fmt)
-        return self._lib.ql_row_interleave(info.type_id) if info else 1
+        return self._lib.ql_row_interleave(info.type_id, activations_mode(activations)) if info else 1
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, fmt: str, n: int, k: int,
                out: torch.Tensor | None = None, exact: bool = False, activations: str = "int16",
