@@ -1551,15 +1551,18 @@ void int_direct_tile(const QProblem& p, i64 n0) {
     const uint8_t* rows[R];
     for (int r = 0; r < R; ++r) rows[r] = row_at<F::kBytes>(p, n0 + r);
     const i64 bstep = block_step<F::kBytes>(p);
-    // Weights stream from memory. AVX-512 tiles of 2 to 4 rows prefetch the next tile (streaming, one
-    // thread: Q4_K 1.15x over the per-row prefetch below, Zen 5); the others fetch ~1 KiB ahead in each
-    // row stream (the tile prefetch measured Q6_K's 8-row tiles 0.86-0.92x, the AVX2 build's 1-row
-    // tiles 0.78-0.98x).
+    // Weights stream from memory. AVX-512 tiles of 2 to 4 rows, and tiles of interleaved rows, prefetch
+    // the next tile (streaming, one thread: Q4_K 1.15x over the per-row prefetch below, Zen 5); the
+    // others fetch ~1 KiB ahead in each row stream (the tile prefetch measured Q6_K's 8-row tiles of
+    // plain rows 0.86-0.92x, the AVX2 build's 1-row tiles 0.78-0.98x). On interleaved rows 1 KiB is 4x
+    // closer in a group's stream: Q6_K's 8-row tiles ran 0.68-0.71x their plain rows with it, 0.93x
+    // (one thread) and 1.00x (two) with the tile prefetch.
     constexpr bool kTilePf = QL_AVX512 && R > 1 && R <= 4;
-    NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, kTilePf ? nb : 0);
+    const bool tile_pf = kTilePf || p.il > 1;
+    NextTilePrefetch<> pf(row0, R * p.row_bytes, p.w + p.N * p.row_bytes, tile_pf ? nb : 0);
     constexpr bool kScales4 = QL_AVX512 && F::kMins && R == 4;  // Q4_K / Q5_K: 4 rows' scale bytes in one unpack
     for (i64 b = 0; b < nb; ++b) {
-        if constexpr (kTilePf) pf.step();
+        if (tile_pf) pf.step();
 #if QL_AVX512
         alignas(64) __m128i sm[4];
         if constexpr (kScales4) _mm512_store_si512(sm, kquant_scale_min_bytes4(rows[0] + b * bstep + 4, row_step<F::kBytes>(p)));
@@ -1567,7 +1570,7 @@ void int_direct_tile(const QProblem& p, i64 n0) {
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             const uint8_t* sb = rows[r] + b * bstep;
-            if constexpr (!kTilePf)
+            if (!tile_pf)
                 for (int o = 0; o < F::kBytes; o += 64) __builtin_prefetch(sb + 1024 + o);
             WI w[8];
             float d;
@@ -2341,9 +2344,8 @@ QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
 // streamed from memory, layouts alternated ABBA (scripts/bench_cpu_kernels.py --layout, Zen 5), over the
 // file's rows: 8-bit activations 1.02x (Q4_K, Q6_K; memory at ~52 GB/s) to 1.04-1.08x (Q4_K, Q5_K, Q6_K;
 // ~81 GB/s) at two threads, 1.00-1.06x at one; in the 70B-shaped model 1.04x (one thread) and 1.05x (two);
-// int16 0.97-1.00x for Q4_K / Q5_K, and Q6_K's 8-row tiles, whose per-row prefetch runs too close in a
-// group's stream, 0.68-0.71x: the int16 path keeps the file's rows. The AVX2 build's 1-row T = 1 tiles:
-// 0.83x (8-bit) / 0.95x (int16) at one thread.
+// int16 0.97-1.00x for Q4_K / Q5_K, 0.93-1.00x for Q6_K's 8-row tiles (int_direct_tile): the int16 path
+// keeps the file's rows. The AVX2 build's 1-row T = 1 tiles: 0.83x (8-bit) / 0.95x (int16) at one thread.
 QL_EXPORT int ql_row_interleave(int type, int mode) {
     const FormatEntry* e = find_format(type);
     return QL_AVX512 && mode == 2 && e && e->run_q8 ? kInterleave : 1;
