@@ -103,8 +103,8 @@ class CpuDevice:
     def row_interleave(self, info: TensorInfo) -> int:
         """ROW_GROUP for the matrices whose rows the kernels read faster interleaved with this device's
         activations (ql_row_interleave: the 8-bit path's formats on AVX-512 builds), else 1."""
-        if (not self.kernels or len(info.shape) != 2 or info.fmt.name not in cpu_kernels.INTERLEAVE_FORMATS
-                or info.shape[0] % cpu_kernels.ROW_GROUP):
+        if (not self.kernels or len(info.shape) not in (2, 3) or info.fmt.name not in cpu_kernels.INTERLEAVE_FORMATS
+                or info.shape[-2] % cpu_kernels.ROW_GROUP):  # a matrix, or stacked experts: each expert's rows
             return 1
         return cpu_kernels.row_interleave(info.fmt.name, self.activations)
 

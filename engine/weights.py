@@ -6,6 +6,7 @@ a resident copy or a streamed staging buffer.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,20 +29,20 @@ def plain_rows(info: TensorInfo) -> int:
     return 1
 
 
-def _grouped(data: torch.Tensor, fmt: QuantFormat, shape: tuple[int, int], group: int) -> torch.Tensor:
-    """data's bytes as (N / group, blocks per row, group, bytes per block): the interleaved layout."""
-    n, k = shape
+def _grouped(data: torch.Tensor, fmt: QuantFormat, shape: tuple[int, ...], group: int) -> torch.Tensor:
+    """data's bytes as (rows / group, blocks per row, group, bytes per block): the interleaved layout."""
+    n, k = math.prod(shape[:-1]), shape[-1]
     return data.view(n // group, k // fmt.block_size, group, fmt.type_size)
 
 
-def interleave_rows(data: torch.Tensor, fmt: QuantFormat, shape: tuple[int, int], group: int,
+def interleave_rows(data: torch.Tensor, fmt: QuantFormat, shape: tuple[int, ...], group: int,
                     chunk_bytes: int = 512 << 10) -> None:
-    """Lay the raw bytes of an (N, K) matrix out in place in groups of `group` rows (N a multiple of it):
-    group g's bytes are block 0 of its rows 0..group-1, then block 1 of them, and so on (the CPU kernels'
-    row_at, engine/cpu/qlinear.cpp), so that a tile of a group's rows reads one stream. At most
-    `chunk_bytes` (rounded up to a group) are copied aside at a time: 512 KiB stays in L2 (13-16 GB/s
-    on the 70B-shaped matrices, one thread; 16 MiB chunks ran 3 GB/s)."""
-    n, k = shape
+    """Lay the raw bytes of an (N, K) matrix (or a stack of them, (E, N, K) as rows of (E N, K)) out in place
+    in groups of `group` rows (N a multiple of it): group g's bytes are block 0 of its rows 0..group-1, then
+    block 1 of them, and so on (the CPU kernels' row_at, engine/cpu/qlinear.cpp), so that a tile of a
+    group's rows reads one stream. At most `chunk_bytes` (rounded up to a group) are copied aside at a
+    time: 512 KiB stays in L2 (13-16 GB/s on the 70B-shaped matrices, one thread; 16 MiB chunks ran 3 GB/s)."""
+    n, k = math.prod(shape[:-1]), shape[-1]
     plain = data.view(n // group, group, k // fmt.block_size, fmt.type_size)  # (groups, group, blocks, bytes)
     out = _grouped(data, fmt, shape, group)
     step = max(1, chunk_bytes // (group * fmt.row_nbytes(k)))
@@ -149,6 +150,7 @@ class ExpertSource:
 
     infos: tuple[TensorInfo, TensorInfo, TensorInfo]  # ffn_gate_exps, ffn_up_exps, ffn_down_exps
     raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # their uint8 bytes
+    interleave: tuple[int, int, int] = (1, 1, 1)  # rows per group of each (QWeight.interleave of every expert)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -159,10 +161,10 @@ class ExpertSource:
         got = self._cache.get(e)
         if got is None:
             parts = []
-            for info, raw in zip(self.infos, self.raw):
+            for info, raw, group in zip(self.infos, self.raw, self.interleave):
                 t = expert_slice(info, e)
                 at = t.offset - info.offset
-                parts.append(QWeight.of(t, raw[at:at + t.nbytes]))
+                parts.append(QWeight.of(t, raw[at:at + t.nbytes], group))
             got = self._cache[e] = ExpertWeights(*parts)
         return got
 
@@ -240,17 +242,17 @@ class LayerLayout:
 
     def bind(self, view: View, layout: Layout = plain_rows) -> LayerWeights:
         """Build LayerWeights; `view(info)` returns the tensor's raw uint8 bytes wherever they live,
-        `layout(info)` the rows per group they are interleaved in (1 for stacked experts and vectors)."""
+        `layout(info)` the rows per group they are interleaved in (of each expert, for stacked experts)."""
         parts, stacked = {}, {}
         for role, info in self.tensors:
             raw = view(info)
             if role in EXPERT_ROLES:
-                stacked[role] = (info, raw)
+                stacked[role] = (info, raw, layout(info))
             else:
                 parts[role] = _vector(info, raw) if len(info.shape) == 1 else QWeight.of(info, raw, layout(info))
         if stacked:
-            infos, raws = zip(*(stacked[r] for r in EXPERT_ROLES))
-            parts["experts"] = ExpertSource(infos, raws)
+            infos, raws, groups = zip(*(stacked[r] for r in EXPERT_ROLES))
+            parts["experts"] = ExpertSource(infos, raws, groups)
         return LayerWeights(**parts)
 
 

@@ -80,8 +80,8 @@ def test_kernels_give_the_same_bits_on_interleaved_rows(isa):
 
 def test_which_matrices_are_interleaved():
     """The policy (ql_row_interleave, CpuDevice.row_interleave): the 8-bit path's formats with 8-bit
-    activations on AVX-512 builds; never with int16 activations, on the AVX2 build, for a format without
-    the 8-bit path, a stacked or vector tensor, rows not a multiple of the group, or without the kernels."""
+    activations on AVX-512 builds, matrices and stacked experts; never with int16 activations, on the AVX2
+    build, for a format without the 8-bit path, a vector, or rows (an expert's) not a multiple of the group."""
     from engine.device import CpuDevice
     from engine.gguf_file import TensorInfo
 
@@ -98,7 +98,8 @@ def test_which_matrices_are_interleaved():
     dev8, dev16 = CpuDevice(1, activations="int8"), CpuDevice(1, activations="int16")
     assert dev8.row_interleave(info("Q4_K", (8, 256))) == on and dev16.row_interleave(info("Q4_K", (8, 256))) == 1
     assert dev8.row_interleave(info("Q3_K", (8, 256))) == 1 and dev8.row_interleave(info("Q4_K", (6, 256))) == 1
-    assert dev8.row_interleave(info("Q4_K", (2, 8, 256))) == 1 and dev8.row_interleave(info("F32", (8,))) == 1
+    assert dev8.row_interleave(info("Q4_K", (2, 8, 256))) == on  # stacked experts: each expert's 8 rows
+    assert dev8.row_interleave(info("Q4_K", (4, 6, 256))) == 1 and dev8.row_interleave(info("F32", (8,))) == 1
 
 
 @pytest.mark.parametrize("fmt, n, il", [("Q4_K", 4, 2), ("Q4_K", 6, 4), ("Q8_0", 4, 4), ("F32", 4, 4),
@@ -175,3 +176,41 @@ def test_model_on_interleaved_rows_matches_the_files_rows(tiny_kquant, monkeypat
     assert {il for _, il in seen_plain} == {1}
     assert ("Q4_K", G) in seen and all(il == (G if f in cpu.INTERLEAVE_FORMATS else 1) for f, il in seen)
     assert torch.equal(plain, inter)
+
+
+def test_moe_model_on_interleaved_rows_matches_the_files_rows(tmp_path, monkeypatch):
+    """A tiny Mixtral-style llama (4 Q4_K/Q6_K experts a block), 8-bit activations: with whole layers
+    resident its stacked expert tensors are interleaved (each expert's rows in groups of 4), with the
+    planner's placement its experts are units of their own (2-D slices, interleaved each); both give the
+    logits of the file's rows."""
+    from tiny_llama import TinyConfig, write_tiny_llama
+
+    from engine.gguf_file import GGUFFile
+    from engine.model import Model
+    from engine.spec import ModelSpec
+    from engine.tiers.runtime import Placement, head_info
+    from engine.weights import layer_layout
+
+    path = write_tiny_llama(tmp_path / "moe.gguf", TinyConfig(n_heads=8, n_kv_heads=2, n_experts=4,
+                                                              fmt=(QT.Q4_K, QT.Q6_K), seed=3))
+    f = GGUFFile(path)
+    spec = ModelSpec.from_gguf(f)
+    whole = Placement.uniform([layer_layout(f, spec, i) for i in range(spec.n_layers)], head_info(f, spec),
+                              stream=False)
+
+    def logits(group: int, placement) -> tuple[object, torch.Tensor]:
+        monkeypatch.setattr(cpu, "row_interleave", lambda fmt, activations="int16": group)
+        with Model.load(path, placement=placement, cpu_activations="int8") as m:
+            experts = m.weights.fixed[0].experts
+            seen = experts.interleave if experts is not None else \
+                {w.interleave for w in m.weights.experts(0, (0, 1, 2, 3), 1).values() for w in (w.gate, w.up, w.down)}
+            with m.open_sequence() as seq:
+                out = [m.step([(seq, PROMPT)])[0]] + [m.step([(seq, [t])])[0] for t in TOKENS]
+        return seen, torch.cat(out)
+
+    plain = logits(1, whole)
+    for placement, expect in ((whole, (G, G, G)), (None, {G})):
+        seen, got = logits(G, placement)
+        assert seen == expect
+        assert torch.equal(plain[1], got)
+    assert plain[0] == (1, 1, 1)
