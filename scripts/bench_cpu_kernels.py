@@ -24,7 +24,12 @@ ratio columns are the meaningful numbers on a shared machine. Also printed:
     weights and their share of a torch-sum read measured after the tokens (torch's threads spin on after a
     parallel op, slowing what runs next); outputs checked bit-identical.
 
-    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick] [--big | --layout Q4_K Q6_K]
+  * --layout-model N: the same question in the model: scripts/bench_decode.py's N Llama-70B-shaped blocks
+    loaded twice in one process, once with the resident matrices interleaved as the CPU device asks and
+    once on the file's rows, decoding 4 tokens each in turn (ABBA), with --activations (default int8).
+
+    python scripts/bench_cpu_kernels.py [--threads 2] [--json out.json] [--quick]
+                                        [--big | --layout Q4_K Q6_K | --layout-model 4 [--activations int16]]
 """
 from __future__ import annotations
 
@@ -233,12 +238,59 @@ def layout_token(kern, fmt: str, rounds: int, rng, blocks: int = 2) -> dict:
     return rec
 
 
+def layout_model(n_layers: int, threads: int, activations: str, rounds: int) -> dict:
+    """Decode tok/s of one model loaded with interleaved resident rows and with the file's rows, in turn."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_decode import big_layer_model
+
+    import engine.cpu
+    from engine import load
+
+    path = big_layer_model(n_layers)
+    ask = engine.cpu.row_interleave
+    models = {}
+    for name, policy in (("interleaved", lambda fmt, act="int16": ask(fmt, act)), ("file's rows", lambda *a: 1)):
+        engine.cpu.row_interleave = policy
+        try:
+            m = load(path, threads=threads, cpu_activations=activations)
+        finally:
+            engine.cpu.row_interleave = ask
+        groups = {w.interleave for w in vars_of(m.weights.fixed[0])}
+        ids = [600 + 7 * i % 3000 for i in range(32)]  # ordinary tokens of the synthetic vocab
+        m.forward(torch.tensor([ids]), 0, last_only=True)
+        models[name] = [m, len(ids), groups]
+    tps: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds):  # ABBA
+        for name in list(models) if r % 2 == 0 else list(models)[::-1]:
+            m, pos, _ = models[name]
+            t0 = time.perf_counter()
+            for _ in range(4):
+                m.forward(torch.tensor([[5]]), pos, last_only=True)
+                pos += 1
+            tps[name].append(4 / (time.perf_counter() - t0))
+            models[name][1] = pos
+    ratios = [a / b for a, b in zip(tps["interleaved"], tps["file's rows"])]
+    return {"model": path, "activations": activations, "threads": threads,
+            "groups": {k: sorted(v[2]) for k, v in models.items()},
+            "decode_tps": {k: statistics.median(v) for k, v in tps.items()}, "ratio": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)]}
+
+
+def vars_of(layer) -> list:
+    """A layer's quantized matrices."""
+    from engine.weights import QWeight
+
+    return [getattr(layer, f) for f in layer.__slots__ if isinstance(getattr(layer, f), QWeight)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter timings")
     ap.add_argument("--big", action="store_true", help="only the 70B-shaped integer-path vs exact comparison")
+    ap.add_argument("--layout-model", type=int, metavar="N", help="only N 70B-shaped blocks decoded on both layouts")
+    ap.add_argument("--activations", default="int8", choices=("int16", "int8"), help="for --layout-model")
     ap.add_argument("--layout", nargs="+", choices=("Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"), metavar="FMT",
                     help="only a 70B-shaped token on plain vs interleaved rows (Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS)")
     args = ap.parse_args(argv)
@@ -253,6 +305,16 @@ def main(argv=None) -> int:
     print(f"threads={args.threads} isa={kern.isa} torch={torch.__version__}  memory: copy "
           f"{bw['copy_GBps']:.1f} GB/s (read+write), sum {bw['read_GBps']:.1f} GB/s (read), 256 MiB; "
           f"load average {os.getloadavg()[0]:.1f}")
+    if args.layout_model:
+        r = layout_model(args.layout_model, args.threads, args.activations, 6 if args.quick else 12)
+        inter, plain = r["decode_tps"]["interleaved"], r["decode_tps"]["file's rows"]
+        print(f"{r['model']}: {args.activations}, {args.threads} thread(s), rows per group {r['groups']}: decode "
+              f"interleaved {inter:.2f} tok/s, file's rows {plain:.2f}; ratio (median of rounds) {r['ratio']:.3f} "
+              f"({r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f})")
+        if args.json:
+            text = json.dumps(r, indent=2)
+            print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+        return 0
     if args.layout:
         records = [layout_token(kern, fmt, 4 * rounds, rng) for fmt in args.layout]
         print(f"{'fmt':6s} {'activations':11s} | {'plain GB/s':>10s} {'/ read':>6s} | {'interleaved GB/s':>16s} "

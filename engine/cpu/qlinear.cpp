@@ -2343,9 +2343,10 @@ QL_EXPORT int ql_format_info(int type, int* block, int* bytes) {
 // path's formats in mode 2 on AVX-512 builds. Measured on a decode token of 2 Llama-70B-shaped blocks
 // streamed from memory, layouts alternated ABBA (scripts/bench_cpu_kernels.py --layout, Zen 5), over the
 // file's rows: 8-bit activations 1.02x (Q4_K, Q6_K; memory at ~52 GB/s) to 1.04-1.08x (Q4_K, Q5_K, Q6_K;
-// ~81 GB/s) at two threads, 1.00-1.06x at one; in the 70B-shaped model 1.04x (one thread) and 1.05x (two);
-// int16 0.97-1.00x for Q4_K / Q5_K, 0.93-1.00x for Q6_K's 8-row tiles (int_direct_tile): the int16 path
-// keeps the file's rows. The AVX2 build's 1-row T = 1 tiles: 0.83x (8-bit) / 0.95x (int16) at one thread.
+// ~81 GB/s) at two threads, 1.00-1.06x at one; in the 70B-shaped model (--layout-model) 1.03x at one
+// thread, 1.00-1.05x at two; int16 0.97-1.00x for Q4_K / Q5_K, 0.93-1.00x for Q6_K's 8-row tiles
+// (int_direct_tile): the int16 path keeps the file's rows. The AVX2 build's 1-row T = 1 tiles: 0.83x
+// (8-bit) / 0.95x (int16) at one thread.
 QL_EXPORT int ql_row_interleave(int type, int mode) {
     const FormatEntry* e = find_format(type);
     return QL_AVX512 && mode == 2 && e && e->run_q8 ? kInterleave : 1;
