@@ -249,7 +249,7 @@ def layout_model(n_layers: int, threads: int, activations: str, rounds: int) -> 
     path = big_layer_model(n_layers)
     ask = engine.cpu.row_interleave
     models = {}
-    for name, policy in (("interleaved", lambda fmt, act="int16": ask(fmt, act)), ("file's rows", lambda *a: 1)):
+    for name, policy in (("interleaved", ask), ("file's rows", lambda *a: 1)):
         engine.cpu.row_interleave = policy
         try:
             m = load(path, threads=threads, cpu_activations=activations)

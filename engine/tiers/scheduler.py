@@ -354,7 +354,7 @@ class TieredWeights:
             self.expert_store.close()
 
     # -- the ring ------------------------------------------------------------------------------------
-    def _bind(self, i: int, streamed_view: Callable[[TensorInfo], torch.Tensor]):
+    def _bind(self, i: int, streamed_view: View):
         names = self.streamed_names.get(i, frozenset())
         return self.units[i].bind(lambda t: streamed_view(t) if t.name in names else self.resident.view(t),
                                   lambda t: 1 if t.name in names else self.resident.layout(t))
